@@ -1,0 +1,105 @@
+"""Messages between the server (asyncio side) and the engine thread. Torch-free.
+
+The server submits a `SpeechJob`; the engine answers through a sink callable, called on the
+engine thread, with `AudioChunk`s then exactly one `Finished` or `Failed`.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Union
+
+import numpy as np
+
+
+class Mode(str, enum.Enum):
+    ZERO_SHOT = "zero_shot"  # API fast_replication
+    CROSS_LINGUAL = "cross_lingual"  # API cross_lingual_replication
+    INSTRUCT = "instruct"  # API natural_language_replication (instruct2 layout)
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """Prompt features of one reference voice, computed once at upload."""
+
+    speech_tokens: np.ndarray  # int32 [P], 25 Hz S3 tokens, aligned so mel has 2P frames
+    embedding: np.ndarray  # float32 [192], campplus x-vector (not normalised)
+    mel: np.ndarray  # float32 [2P, 80], 24 kHz log-mel of the prompt
+    text: str  # transcript as uploaded (normalised by the frontend at synthesis time)
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    request_id: str
+    mode: Mode
+    voice: VoicePrompt
+    text: str | None  # whole text; None means it arrives piecewise (JobControl.push_text)
+    instruct: str | None = None  # natural-language instruction (instruct mode only)
+    speed: float = 1.0  # 0.5 .. 2.0, pitch kept (mel time-stretch in the engine)
+    stream: bool = True  # False: one AudioChunk with the whole utterance
+    seed: int | None = None  # per-request sampling seed (deterministic when set)
+    fixed_tokens: int | None = None  # bench only: ignore EOS, emit exactly this many tokens
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkMetrics:
+    generate_time_s: float  # model time spent on this chunk (LLM share + flow + vocoder)
+    llm_tokens: int  # speech tokens this chunk covers
+    flow_batch: int = 1  # requests in the flow batch that produced it
+    vocoder_batch: int = 1
+    detail: dict[str, float] = field(default_factory=dict)  # debug: per-stage seconds
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    request_id: str
+    pcm: np.ndarray  # float32 mono at 24 kHz, in [-1, 1] (cross-fade may slightly exceed)
+    metrics: ChunkMetrics
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    total_samples: int
+    llm_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    code: str  # PascalCase, e.g. "InternalError", "Overloaded", "Cancelled", "InvalidParameter"
+    message: str
+
+
+EngineEvent = Union[AudioChunk, Finished, Failed]
+EventSink = Callable[[EngineEvent], None]
+
+
+class JobControl(Protocol):
+    def push_text(self, text: str) -> None: ...  # duplex: more text for a job with text=None
+    def finish_text(self) -> None: ...  # duplex: no more text
+    def cancel(self) -> None: ...  # stop at the next step, free the KV slot, no more events
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_total_tokens: int
+    last_decode_batch: int
+    last_flow_batch: int
+    last_vocoder_batch: int
+    steps: int
+
+
+class EngineProtocol(Protocol):
+    """What the server needs from an engine (the real one lives in kernels/engine.py)."""
+
+    sample_rate: int  # 24000
+
+    def submit(self, job: SpeechJob, sink: EventSink) -> JobControl: ...
+    def stats(self) -> EngineStats: ...
+    def can_admit(self) -> bool: ...  # False when the waiting queue is full (server answers 429/503)
+    def shutdown(self, deadline_s: float) -> None: ...
