@@ -1,0 +1,92 @@
+"""Server configuration: one frozen dataclass, filled from CLI flags over COSYSERVE_* env vars."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = pick a free port (tests)
+    data_dir: Path = Path("./data")
+    tokens: tuple[str, ...] = ()
+    model_dir: Path | None = None  # None -> <data_dir>/tiny-model (random weights, loud warning)
+    # Limits. Uploads are <= 30 s of audio: a 30 s 48 kHz stereo 24-bit WAV is ~8.6 MB, so 16 MiB is ample.
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024  # total request-head size; h11 refuses beyond it (431)
+    max_text_chars: int = 5000  # per request / per WS task (sum of continue-task pieces)
+    max_ws_message_bytes: int = 1024 * 1024  # a continue-task text frame; larger -> close 1009
+    header_timeout_s: float = 10.0  # slowloris guard: full request head must arrive within this
+    idle_timeout_s: float = 30.0  # keep-alive connection with no request in flight is closed after this
+    max_inflight: int = 256  # concurrent synthesis requests (HTTP + WS tasks) before 503
+    shutdown_deadline_s: float = 10.0  # graceful drain: in-flight work gets this long, then is cancelled
+    workers: int = 4  # thread pool for encoding, upload decoding and feature extraction
+    voice_cache_size: int = 256  # VoicePrompts kept in memory
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port out of range: {self.port}")
+        for name in ("max_body_bytes", "max_header_bytes", "max_text_chars", "max_ws_message_bytes",
+                     "max_inflight", "workers", "voice_cache_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("header_timeout_s", "idle_timeout_s", "shutdown_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if any(not t for t in self.tokens):
+            raise ValueError("empty token")
+
+
+_ENV_PREFIX = "COSYSERVE_"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="CosyVoice2 speech server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--token", action="append", help="bearer token (repeatable); env COSYSERVE_TOKENS=a,b")
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--max-text-chars", type=int)
+    p.add_argument("--max-inflight", type=int)
+    p.add_argument("--header-timeout-s", type=float)
+    p.add_argument("--idle-timeout-s", type=float)
+    p.add_argument("--shutdown-deadline-s", type=float)
+    p.add_argument("--workers", type=int)
+    return p
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """CLI flags win over env vars (COSYSERVE_HOST, COSYSERVE_PORT, ..., COSYSERVE_TOKENS comma-separated)."""
+    env = os.environ if env is None else env
+    args = vars(_build_parser().parse_args(argv))
+    types = {f.name: f.type for f in fields(ServerConfig)}
+    values: dict[str, object] = {}
+    for f in fields(ServerConfig):
+        if f.name == "tokens":
+            continue
+        raw = env.get(_ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _coerce(str(types[f.name]), raw)
+        if args.get(f.name) is not None:
+            values[f.name] = args[f.name]
+    tokens = args.get("token") or [t for t in env.get(_ENV_PREFIX + "TOKENS", "").split(",") if t]
+    if not tokens:
+        raise SystemExit("at least one --token (or COSYSERVE_TOKENS) is required")
+    return ServerConfig(tokens=tuple(tokens), **values)  # type: ignore[arg-type]
+
+
+def _coerce(type_name: str, raw: str) -> object:
+    if "Path" in type_name:
+        return Path(raw)
+    if type_name.startswith("int"):
+        return int(raw)
+    if type_name.startswith("float"):
+        return float(raw)
+    return raw

@@ -1,0 +1,84 @@
+"""Server metrics, rendered as Prometheus text at GET /metrics.
+
+Plain counters/histograms updated on the event loop only (no locks needed); engine
+numbers come from `EngineProtocol.stats()` at scrape time.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+from scheduler.jobs import EngineStats
+
+_LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def render(self, name: str) -> list[str]:
+        lines, running = [f"# TYPE {name} histogram"], 0
+        for bound, count in zip(self.buckets, self.counts):
+            running += count
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
+        lines += [f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
+        self.errors: Counter[str] = Counter()  # by error code
+        self.inflight = 0  # synthesis jobs (HTTP + WS) currently submitted to the engine
+        self.connections = 0
+        self.first_packet_s = Histogram(_LATENCY_BUCKETS_S)
+        self.rtf = Histogram(_RTF_BUCKETS)
+
+    def request_done(self, route: str, status: int) -> None:
+        self.requests[(route, status)] += 1
+
+    def error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def render(self, stats: EngineStats | None) -> str:
+        lines = ["# TYPE cosyserve_requests_total counter"]
+        for (route, status), n in sorted(self.requests.items()):
+            lines.append(f'cosyserve_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines.append("# TYPE cosyserve_errors_total counter")
+        for code, n in sorted(self.errors.items()):
+            lines.append(f'cosyserve_errors_total{{code="{code}"}} {n}')
+        lines += ["# TYPE cosyserve_inflight gauge", f"cosyserve_inflight {self.inflight}",
+                  "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self.connections}"]
+        lines += self.first_packet_s.render("cosyserve_first_packet_seconds")
+        lines += self.rtf.render("cosyserve_rtf")
+        if stats is not None:
+            lines += _engine_lines(stats)
+        return "\n".join(lines) + "\n"
+
+
+def _engine_lines(s: EngineStats) -> list[str]:
+    gauges = {
+        "running": s.running, "waiting": s.waiting, "kv_used_tokens": s.kv_used_tokens,
+        "kv_total_tokens": s.kv_total_tokens, "decode_batch": s.last_decode_batch,
+        "flow_batch": s.last_flow_batch, "vocoder_batch": s.last_vocoder_batch,
+    }
+    lines = []
+    for key, value in gauges.items():
+        lines += [f"# TYPE cosyserve_engine_{key} gauge", f"cosyserve_engine_{key} {value}"]
+    lines += ["# TYPE cosyserve_engine_steps_total counter", f"cosyserve_engine_steps_total {s.steps}"]
+    return lines

@@ -1,0 +1,142 @@
+"""Reference-audio store: a data folder (audio + prompt features) and SQLite metadata.
+
+Visibility is the database row. An upload writes the audio and the features under
+temporary names, fsyncs them, renames them into place, fsyncs the folder, and only
+then inserts the row; a crash at any point leaves either nothing visible or a
+complete voice. Files without a row (a crash between rename and insert) and
+temporary files are swept at start-up. Delete removes the row first, then the
+files; a synthesis already holding the in-memory VoicePrompt is unaffected.
+Blocking (fsync, SQLite): call from a worker thread, not the event loop.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.jobs import VoicePrompt
+
+_TMP_PREFIX = ".tmp-"
+_SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL)"""
+
+
+@dataclass(frozen=True)
+class VoiceRecord:
+    id: str
+    filename: str
+    bytes: int
+    created_at: int
+    text: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class VoiceStore:
+    def __init__(self, data_dir: Path) -> None:
+        self._dir = Path(data_dir) / "voices"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(Path(data_dir) / "voices.sqlite3"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._sweep()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- queries -------------------------------------------------------------------------------
+    def get(self, voice_id: str) -> VoiceRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, filename, bytes, created_at, text FROM voices WHERE id=?",
+                                   (voice_id,)).fetchone()
+        return VoiceRecord(*row) if row else None
+
+    def list(self, limit: int, order: str) -> list[VoiceRecord]:
+        direction = "ASC" if order == "asc" else "DESC"  # never interpolate user text
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, filename, bytes, created_at, text FROM voices "
+                f"ORDER BY created_at {direction}, id {direction} LIMIT ?", (limit,)).fetchall()
+        return [VoiceRecord(*r) for r in rows]
+
+    def load_prompt(self, voice_id: str) -> VoicePrompt | None:
+        if self.get(voice_id) is None:
+            return None
+        try:
+            with np.load(self._dir / f"{voice_id}.npz") as z:
+                return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
+                                   embedding=z["embedding"].astype(np.float32),
+                                   mel=z["mel"].astype(np.float32), text=str(z["text"]))
+        except FileNotFoundError:  # deleted between the row check and the read
+            return None
+
+    # -- mutations -----------------------------------------------------------------------------
+    def add(self, filename: str, audio: bytes, text: str, prompt: VoicePrompt) -> VoiceRecord:
+        voice_id = str(uuid.uuid4())
+        ext = _safe_ext(filename)
+        feats = io.BytesIO()
+        np.savez(feats, speech_tokens=prompt.speech_tokens, embedding=prompt.embedding, mel=prompt.mel,
+                 text=np.array(prompt.text))
+        audio_path = self._dir / f"{voice_id}{ext}"
+        feat_path = self._dir / f"{voice_id}.npz"
+        self._write_atomic(audio_path, audio)
+        self._write_atomic(feat_path, feats.getvalue())
+        _fsync_dir(self._dir)
+        record = VoiceRecord(voice_id, filename, len(audio), int(time.time()), text)
+        with self._lock:
+            self._db.execute("INSERT INTO voices VALUES (?,?,?,?,?,?)",
+                             (record.id, record.filename, record.bytes, record.created_at, record.text, ext))
+        return record
+
+    def delete(self, voice_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT audio_ext FROM voices WHERE id=?", (voice_id,)).fetchone()
+            if row is None:
+                return False
+            self._db.execute("DELETE FROM voices WHERE id=?", (voice_id,))
+        for path in (self._dir / f"{voice_id}{row[0]}", self._dir / f"{voice_id}.npz"):
+            path.unlink(missing_ok=True)
+        return True
+
+    def _write_atomic(self, final: Path, data: bytes) -> None:
+        tmp = final.with_name(_TMP_PREFIX + final.name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def _sweep(self) -> None:
+        """Remove temp files and files whose row never got written (crash mid-upload)."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT id FROM voices")}
+        for path in self._dir.iterdir():
+            if path.name.startswith(_TMP_PREFIX) or path.name.split(".", 1)[0] not in known:
+                path.unlink(missing_ok=True)
+
+
+def _safe_ext(filename: str) -> str:
+    """Storage never uses the client's name, only a whitelisted extension."""
+    ext = os.path.splitext(filename)[1].lower()
+    return ext if ext in (".wav", ".mp3", ".pcm") else ".bin"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

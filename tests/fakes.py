@@ -1,0 +1,152 @@
+"""Small fakes for server tests: an engine that speaks sine waves, a prompt extractor.
+
+FakeEngine: each job runs on its own thread; every text character becomes
+`SAMPLES_PER_CHAR / speed` samples of a 220 Hz sine at amplitude 0.5 (so duration is
+exact and RMS is known), emitted in chunks of at most `chunk_chars` characters, with
+`delay_s` of "model time" per chunk. Honours cancel (no event after it), push_text /
+finish_text for duplex jobs, stream=False (one chunk), and a `fail_after_chunks` hook.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.jobs import (AudioChunk, ChunkMetrics, EngineStats, EventSink, Failed, Finished, SpeechJob,
+                            VoicePrompt)
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_CHAR = 1200  # 50 ms of audio per character at speed 1.0
+AMPLITUDE = 0.5
+
+
+class _FakeJob:
+    def __init__(self, engine: "FakeEngine", job: SpeechJob, sink: EventSink) -> None:
+        self.engine, self.job, self.sink = engine, job, sink
+        self._cond = threading.Condition()
+        self._pending = job.text or ""
+        self._text_done = job.text is not None
+        self.cancelled = threading.Event()
+        self._phase = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    # JobControl
+    def push_text(self, text: str) -> None:
+        with self._cond:
+            self._pending += text
+            self._cond.notify()
+
+    def finish_text(self) -> None:
+        with self._cond:
+            self._text_done = True
+            self._cond.notify()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._cond:
+            self._cond.notify()
+
+    def _take(self) -> str | None:
+        """Next piece of text, '' when finished, None when cancelled."""
+        with self._cond:
+            while not self._pending and not self._text_done and not self.cancelled.is_set():
+                self._cond.wait(0.05)
+            if self.cancelled.is_set():
+                return None
+            n = len(self._pending) if not self.job.stream else self.engine.chunk_chars
+            piece, self._pending = self._pending[:n], self._pending[n:]
+            return piece
+
+    def _sine(self, chars: int) -> np.ndarray:
+        n = int(round(chars * SAMPLES_PER_CHAR / self.job.speed))
+        t = self._phase + np.arange(n) * (2 * np.pi * 220.0 / SAMPLE_RATE)
+        self._phase = float(t[-1] + 2 * np.pi * 220.0 / SAMPLE_RATE) if n else self._phase
+        return (AMPLITUDE * np.sin(t)).astype(np.float32)
+
+    def _run(self) -> None:
+        total, chunks = 0, 0
+        try:
+            while True:
+                piece = self._take()
+                if piece is None:
+                    return
+                if not piece:
+                    break
+                time.sleep(self.engine.delay_s)
+                if self.cancelled.is_set():
+                    return
+                if self.engine.fail_after_chunks is not None and chunks >= self.engine.fail_after_chunks:
+                    self.sink(Failed(self.job.request_id, "InternalError", "fake engine failure"))
+                    return
+                pcm = self._sine(len(piece))
+                total += len(pcm)
+                chunks += 1
+                self.sink(AudioChunk(self.job.request_id, pcm, ChunkMetrics(
+                    generate_time_s=self.engine.delay_s, llm_tokens=len(piece),
+                    detail={"llm_s": self.engine.delay_s / 2} if self.job.debug else {})))
+            self.sink(Finished(self.job.request_id, total_samples=total, llm_tokens=total // 960))
+        finally:
+            self.engine._job_ended(self)
+
+
+class FakeEngine:
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, delay_s: float = 0.0, chunk_chars: int = 8, admit: bool = True,
+                 fail_after_chunks: int | None = None) -> None:
+        self.delay_s = delay_s
+        self.chunk_chars = chunk_chars
+        self.admit = admit
+        self.fail_after_chunks = fail_after_chunks
+        self.jobs: list[SpeechJob] = []
+        self._running: set[_FakeJob] = set()
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    def submit(self, job: SpeechJob, sink: EventSink) -> _FakeJob:
+        fake = _FakeJob(self, job, sink)
+        with self._lock:
+            self.jobs.append(job)
+            self._running.add(fake)
+        fake.thread.start()
+        return fake
+
+    def _job_ended(self, fake: _FakeJob) -> None:
+        with self._lock:
+            self._running.discard(fake)
+            self.steps += 1
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def stats(self) -> EngineStats:
+        n = self.running
+        return EngineStats(running=n, waiting=0, kv_used_tokens=n * 100, kv_total_tokens=10000,
+                           last_decode_batch=n, last_flow_batch=1, last_vocoder_batch=1, steps=self.steps)
+
+    def can_admit(self) -> bool:
+        return self.admit
+
+    def shutdown(self, deadline_s: float) -> None:
+        with self._lock:
+            jobs = list(self._running)
+        for fake in jobs:
+            fake.cancel()
+
+
+@dataclass
+class FakeExtractor:
+    """extract(wav, sr, text) -> VoicePrompt derived deterministically from the audio length."""
+
+    calls: int = 0
+
+    def __call__(self, wav: np.ndarray, sample_rate: int, text: str) -> VoicePrompt:
+        self.calls += 1
+        tokens = max(1, int(len(wav) / sample_rate * 25))
+        return VoicePrompt(speech_tokens=np.arange(tokens, dtype=np.int32) % 6561,
+                           embedding=np.full(192, 0.1, np.float32),
+                           mel=np.zeros((2 * tokens, 80), np.float32), text=text)
