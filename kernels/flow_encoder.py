@@ -1,0 +1,236 @@
+"""Flow token encoder (`UpsampleConformerEncoder`, spec §6.3), batched with right padding.
+
+Pipeline on embedded tokens `(B, T, 512)`:
+  embed (Linear + LN + sqrt(d)) -> pre-lookahead conv (3 tokens of right context) -> conformer layers
+  (ESPnet rel-pos MHA) -> nearest x2 upsample + causal conv -> up_embed -> up conformer layers -> after_norm.
+
+Batch invariance: everything is causal or masked except the pre-lookahead conv, which reads 3 frames to the
+right. Each row's frames past its own context are zeroed right before that conv, so a padded row sees exactly
+what it would see alone (zeros when finalizing, its own 3 look-ahead tokens otherwise).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.config import EncoderConfig
+
+UPSAMPLE_STRIDE = 2  # hard-coded upstream
+ATTN_MASKED = -1e30  # finite: a fully masked row must not create NaN that leaks through 0-weights
+
+
+# ---------------------------------------------------------------- masks and position tables
+
+
+def length_mask(lengths: Tensor, size: int) -> Tensor:
+    """`(B, size)` bool, True on valid frames."""
+    return torch.arange(size, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def attention_mask(lengths: Tensor, size: int, chunk: int) -> Tensor:
+    """Bool mask `(B, 1, 1|size, size)`: key j valid for query i.
+
+    chunk > 0: chunk-causal, query i sees keys j < (i // chunk + 1) * chunk (chunks counted from frame 0);
+    chunk == 0: key padding only (broadcast over queries).
+    """
+    keys = length_mask(lengths, size)[:, None, None, :]
+    if chunk <= 0:
+        return keys
+    pos = torch.arange(size, device=lengths.device)
+    limit = (torch.div(pos, chunk, rounding_mode="floor") + 1) * chunk
+    return keys & (pos.unsqueeze(0) < limit.unsqueeze(1))[None, None]
+
+
+_PE_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
+
+
+def rel_pos_table(size: int, d_model: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """ESPnet rel-pos sinusoids `(1, 2*size-1, d)` for r = size-1 ... -(size-1).
+
+    Values depend only on r, so one table for the largest size seen is kept and sliced (cached per
+    d/device/dtype, grown on demand like upstream's `extend_pe`).
+    """
+    key = (d_model, str(device), dtype)
+    table = _PE_CACHE.get(key)
+    if table is None or table.size(1) < 2 * size - 1:
+        n = max(size, 1500)
+        if table is not None:
+            n = max(n, (table.size(1) + 1) // 2 * 2)
+        table = _build_rel_pos(n, d_model).to(device=device, dtype=dtype)
+        _PE_CACHE[key] = table
+    center = (table.size(1) - 1) // 2
+    return table[:, center - size + 1 : center + size]
+
+
+def _build_rel_pos(n: int, d_model: int) -> Tensor:
+    # Same float32 arithmetic as upstream (position * div_term, then sin/cos) so values match bitwise.
+    position = torch.arange(0, n, dtype=torch.float32).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / d_model))
+    pos = torch.zeros(n, d_model)
+    neg = torch.zeros(n, d_model)
+    pos[:, 0::2] = torch.sin(position * div_term)
+    pos[:, 1::2] = torch.cos(position * div_term)
+    neg[:, 0::2] = torch.sin(-1 * position * div_term)
+    neg[:, 1::2] = torch.cos(-1 * position * div_term)
+    return torch.cat([torch.flip(pos, [0]), neg[1:]], dim=0).unsqueeze(0)
+
+
+def rel_shift(bd: Tensor) -> Tensor:
+    """`(..., T, 2T-1)` -> `(..., T, T)` with out[i, j] = bd[i, T-1-i+j] (a strided view, no copy)."""
+    bd = bd.contiguous()
+    t = bd.size(-2)
+    width = bd.size(-1)
+    size = (*bd.shape[:-2], t, t)
+    stride = (*bd.stride()[:-2], width - 1, 1)
+    return bd.as_strided(size, stride, bd.storage_offset() + t - 1)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class LinearEmbed(nn.Module):
+    """`LinearNoSubsampling`: Linear -> LayerNorm(1e-5) -> x sqrt(d). Keys `out.0`, `out.1`."""
+
+    def __init__(self, idim: int, odim: int) -> None:
+        super().__init__()
+        self.out = nn.Sequential(nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5))
+        self.xscale = math.sqrt(odim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(x) * self.xscale
+
+
+class RelPositionAttention(nn.Module):
+    """ESPnet "new" rel-pos MHA: scores = ((q+u)k + rel_shift((q+v)p)) / sqrt(d_k)."""
+
+    def __init__(self, n_head: int, n_feat: int) -> None:
+        super().__init__()
+        self.h = n_head
+        self.d_k = n_feat // n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)
+
+    def forward(self, x: Tensor, mask: Tensor, pos_emb: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.linear_q(x).view(b, t, self.h, self.d_k)
+        k = self._heads(self.linear_k(x))
+        v = self._heads(self.linear_v(x))
+        p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)  # (1, H, 2T-1, d_k)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        scale = 1.0 / math.sqrt(self.d_k)
+        bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (B, H, T, T)
+        bias = (bd * scale).masked_fill(~mask, ATTN_MASKED)
+        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias, scale=scale)
+        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
+
+
+class ConformerFeedForward(nn.Module):
+    def __init__(self, d: int, units: int) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d, units)
+        self.w_2 = nn.Linear(units, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_2(F.silu(self.w_1(x)))
+
+
+class ConformerLayer(nn.Module):
+    """Pre-norm layer without macaron/conv module; LayerNorm eps 1e-12 as upstream."""
+
+    def __init__(self, d: int, heads: int, units: int) -> None:
+        super().__init__()
+        self.self_attn = RelPositionAttention(heads, d)
+        self.feed_forward = ConformerFeedForward(d, units)
+        self.norm_ff = nn.LayerNorm(d, eps=1e-12)
+        self.norm_mha = nn.LayerNorm(d, eps=1e-12)
+
+    def forward(self, x: Tensor, mask: Tensor, pos_emb: Tensor) -> Tensor:
+        x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
+        return x + self.feed_forward(self.norm_ff(x))
+
+
+class PreLookaheadLayer(nn.Module):
+    """conv(k=lookahead+1, reads right) -> LeakyReLU -> causal conv(k=3) -> + residual, on (B, T, C)."""
+
+    def __init__(self, channels: int, lookahead: int) -> None:
+        super().__init__()
+        self.lookahead = lookahead
+        self.conv1 = nn.Conv1d(channels, channels, lookahead + 1)
+        self.conv2 = nn.Conv1d(channels, channels, 3)
+
+    def forward(self, x: Tensor, right: Tensor) -> Tensor:
+        """x `(B, T, C)`; right `(B, T+lookahead, C)`: x's frames plus each row's right context, zeros beyond."""
+        out = F.leaky_relu(self.conv1(right.transpose(1, 2)), 0.01)
+        out = self.conv2(F.pad(out, (self.conv2.kernel_size[0] - 1, 0)))
+        return out.transpose(1, 2) + x
+
+
+class Upsample1D(nn.Module):
+    """Nearest x2 in time -> left-pad 4 -> conv(k=5): causal upsampling, on (B, C, T)."""
+
+    def __init__(self, channels: int, stride: int = UPSAMPLE_STRIDE) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv1d(channels, channels, stride * 2 + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.repeat_interleave(x, self.stride, dim=2)
+        return self.conv(F.pad(x, (self.stride * 2, 0)))
+
+
+class UpsampleConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, input_size: int, lookahead: int) -> None:
+        super().__init__()
+        d = cfg.output_size
+        self.cfg = cfg
+        self.embed = LinearEmbed(input_size, d)
+        self.pre_lookahead_layer = PreLookaheadLayer(d, lookahead)
+        self.encoders = nn.ModuleList(
+            ConformerLayer(d, cfg.attention_heads, cfg.linear_units) for _ in range(cfg.num_blocks)
+        )
+        self.up_layer = Upsample1D(d)
+        self.up_embed = LinearEmbed(d, d)
+        self.up_encoders = nn.ModuleList(
+            ConformerLayer(d, cfg.attention_heads, cfg.linear_units) for _ in range(cfg.num_up_blocks)
+        )
+        self.after_norm = nn.LayerNorm(d, eps=1e-5)
+
+    def forward(self, tokens_emb: Tensor, visible_lens: Tensor, enc_lens: Tensor, streaming: bool) -> Tensor:
+        """tokens_emb `(B, L, C)` embedded tokens; visible_lens: tokens per row incl. look-ahead context;
+        enc_lens: tokens per row that produce output (visible - lookahead when not finalizing).
+        Returns h `(B, 2*max(enc_lens), d)`; row b is valid on its first 2*enc_lens[b] frames."""
+        look = self.pre_lookahead_layer.lookahead
+        x = self.embed(tokens_emb)
+        t_enc = int(enc_lens.max())
+        # Zero everything after each row's context (what batch-1 upstream sees: zeros or its own context).
+        right = x * length_mask(visible_lens, x.size(1)).unsqueeze(-1).to(x.dtype)
+        right = F.pad(right, (0, 0, 0, max(0, t_enc + look - right.size(1))))[:, : t_enc + look]
+        x = self.pre_lookahead_layer(x[:, :t_enc], right)
+        chunk = self.cfg.static_chunk_size if streaming else 0
+        x = self._layers(self.encoders, x, enc_lens, chunk)
+
+        x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)
+        x = self.up_embed(x)
+        x = self._layers(self.up_encoders, x, enc_lens * UPSAMPLE_STRIDE, chunk * UPSAMPLE_STRIDE)
+        return self.after_norm(x)
+
+    @staticmethod
+    def _layers(layers: nn.ModuleList, x: Tensor, lens: Tensor, chunk: int) -> Tensor:
+        t = x.size(1)
+        mask = attention_mask(lens, t, chunk)
+        pos_emb = rel_pos_table(t, x.size(2), x.device, x.dtype)
+        for layer in layers:
+            x = layer(x, mask, pos_emb)
+        return x
