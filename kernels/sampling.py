@@ -1,0 +1,92 @@
+"""Repetition-aware sampling (RAS, §5.2/§5.3), vectorised over a batch of requests.
+
+Per row, equivalent to upstream `ras_sampling`:
+1. while `ignore_eos` (step < min_len) only the eos id is masked (-inf);
+2. nucleus + top-k: sort p = softmax(logp) descending (stable), keep sorted element i while the
+   exclusive cumulative mass before it is < top_p and i < top_k; draw among the kept;
+3. if the drawn id occurs >= W * tau_r times in the last W generated ids, mask it and draw
+   from the full renormalised distribution instead.
+
+Draws use inverse-CDF sampling on uniforms (two per row per step, always both, so a request's
+random stream depends only on its own generator and step count, never on batch composition or
+on which branch ran). No host sync: the result stays on the device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def length_limits(n_text_tokens: int, min_ratio: float = 2.0, max_ratio: float = 20.0) -> tuple[int, int]:
+    """(min_len, max_len) of generated speech tokens for a text of n tokens (prompt text excluded)."""
+    return int(n_text_tokens * min_ratio), int(n_text_tokens * max_ratio)
+
+
+def draw_uniforms(
+    batch: int,
+    device: torch.device,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """[B, 2] uniforms in [0, 1): row b from generator[b] when a list is given."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(batch, 2, device=device, generator=generator)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    return torch.stack([torch.rand(2, device=device, generator=g) for g in generator])
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of non-negative `weights` [B, N] (unnormalised) with uniform u [B].
+    Never returns a zero-weight index (rounding at the top end is clamped to the last positive one)."""
+    cdf = weights.cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    ar = torch.arange(weights.shape[-1], device=weights.device)
+    last_positive = torch.where(weights > 0, ar, -1).amax(-1)
+    return torch.minimum(idx, last_positive)
+
+
+def ras_sample(
+    logp: torch.Tensor,
+    recent: torch.Tensor,
+    ignore_eos: torch.Tensor,
+    eos_id: int,
+    top_p: float = 0.8,
+    top_k: int = 25,
+    tau_r: float = 0.1,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logp [B, V] log-probs; recent [B, W] last W generated ids (-1 padded); ignore_eos [B] bool.
+    Returns LongTensor [B]. `uniforms` [B, 2] may be given instead of generators (e.g. drawn
+    ahead of a CUDA-graph replay)."""
+    b, vocab = logp.shape
+    if uniforms is None:
+        uniforms = draw_uniforms(b, logp.device, generator)
+    logp = logp.float().clone()
+    logp[:, eos_id] = torch.where(ignore_eos.to(logp.device), NEG_INF, logp[:, eos_id])
+
+    probs = logp.softmax(-1)
+    sorted_p, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)
+    k = min(top_k, vocab)
+    sorted_p, sorted_idx = sorted_p[:, :k], sorted_idx[:, :k]
+    # exclusive cumsum as a running sum (same additions, same order as the upstream loop)
+    before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], dim=-1)
+    kept = torch.where(before < top_p, sorted_p, 0.0)
+    kept[:, 0] = sorted_p[:, 0]  # the top token is always a candidate
+    top = sorted_idx.gather(1, _inverse_cdf(kept, uniforms[:, 0]).unsqueeze(-1)).squeeze(-1)
+
+    window = recent.shape[1]
+    repeats = (recent == top.unsqueeze(-1)).sum(-1)
+    hit = repeats >= window * tau_r
+    masked = logp.scatter(1, top.unsqueeze(-1), NEG_INF)
+    fallback = _inverse_cdf(masked.softmax(-1), uniforms[:, 1])
+    return torch.where(hit, fallback, top)
+
+
+def push_recent(recent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Shift each row's window left by one and append `tokens` [B] (returns a new tensor)."""
+    return torch.cat([recent[:, 1:], tokens.to(recent.dtype).unsqueeze(-1)], dim=-1)
