@@ -182,3 +182,17 @@ def test_parity_against_upstream_fixtures() -> None:
     results = run(TINY, TINY.parent / "cases")
     failed = [r for r in results if not r.passed]
     assert len(results) >= 19 and not failed, failed
+
+
+MANIFEST = TINY.parent / "manifest-0.5b.json"
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="manifest absent")
+def test_full_size_keys_match_release_manifest() -> None:
+    import json
+
+    keys = json.loads(MANIFEST.read_text())["files"]["hift.pt"]["keys"]
+    with torch.device("meta"):
+        released = fold_weight_norm({k: torch.empty(v["shape"]) for k, v in keys.items()})
+        ours = HiFTGenerator(HiftConfig()).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in released.items()}
