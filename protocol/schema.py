@@ -130,7 +130,7 @@ def _choice(value: str, choices: Mapping[str, Any] | tuple[str, ...], field: str
 
 def _json_type(value: Any) -> str:
     names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-             dict: "object"}
+             dict: "object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
