@@ -131,6 +131,12 @@ class SourceModule(nn.Module):
         self.l_linear = nn.Linear(num_harmonics, 1)
 
 
+def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """N(0,1) drawn on the generator's device (a CPU generator may feed a GPU model)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
 # ---------------------------------------------------------------- the generator
 
 
@@ -206,8 +212,7 @@ class HiFTGenerator(nn.Module):
         uv = uv.unsqueeze(1)  # [B, 1, L]
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
         if noise is None:
-            noise_ch_first = torch.randn(batch, self.num_harmonics, length, generator=generator,
-                                         dtype=f0.dtype, device=f0.device)
+            noise_ch_first = draw_normal((batch, self.num_harmonics, length), generator, f0)
         else:
             if noise.shape != (batch, length, self.num_harmonics):
                 raise ValueError(f"noise shape {tuple(noise.shape)} != {(batch, length, self.num_harmonics)}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.hift import HiFTGenerator
+from kernels.hift import HiFTGenerator, draw_normal
 
 MEL_CACHE_FRAMES = 8
 SOURCE_CACHE_SAMPLES = 3840  # 8 frames × 480 samples
@@ -56,7 +56,8 @@ def cross_fade(wav: Tensor, prev_tail: Tensor) -> Tensor:
     n = SOURCE_CACHE_SAMPLES
     out = wav.clone()
     # float64 window promotes the blend to float64, then it is stored back as float32.
-    out[:n] = wav[:n] * _SPEECH_WINDOW[:n] + prev_tail[-n:] * _SPEECH_WINDOW[n:]
+    window = _SPEECH_WINDOW.to(wav.device)
+    out[:n] = wav[:n] * window[:n] + prev_tail[-n:] * window[n:]
     return out
 
 
@@ -74,9 +75,8 @@ def _group_by_length(mels: list[Tensor]) -> dict[int, list[int]]:
 def _draw_sources(hift: HiFTGenerator, f0: Tensor, states: list[VocoderState]) -> Tensor:
     """NSF source for a batch, each row's noise from that request's own generator."""
     length = f0.shape[1] * hift.upsample_scale
-    noise = torch.stack([
-        torch.randn(hift.num_harmonics, length, generator=st.generator, dtype=f0.dtype) for st in states
-    ]).transpose(1, 2)
+    noise = torch.stack([draw_normal((hift.num_harmonics, length), st.generator, f0) for st in states])
+    noise = noise.transpose(1, 2)
     return hift.source(f0, noise=noise)
 
 
