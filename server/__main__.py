@@ -1,0 +1,19 @@
+"""`python -m server --host H --port P --data-dir D --token T [--token T2] [--model-dir M]`."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from server.app import create_app, run
+from server.config import load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(sys.argv[1:] if argv is None else argv)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    run(create_app(config))
+
+
+if __name__ == "__main__":
+    main()

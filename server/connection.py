@@ -1,0 +1,264 @@
+"""One asyncio.Protocol per TCP connection: bytes <-> protocol.http, one handler task at a time.
+
+Timers (loop.call_later, one at a time):
+- idle: no request in progress -> close after `idle_timeout_s` (keep-alive reaper);
+- header: the first byte of a request starts `header_timeout_s` for its head (slowloris);
+  once more than `max_header_bytes` arrived without an h11 error the head is complete, and
+  each further body chunk re-arms the idle timeout instead (a slow but steady upload lives).
+While a handler runs, reading continues (so a client that goes away is seen at once and
+its task cancelled) until `max_header_bytes` of pipelined input piles up; then it pauses.
+A WebSocket upgrade hands the socket to `server.ws.WsConnection`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from protocol.errors import ApiError, InternalError, NotFound, Overloaded, Unauthorized, error_body
+from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
+from protocol.websocket import WebSocketSession
+from server.app import App, new_request_id
+from server.auth import authorized
+from server.flow_control import FlowControl
+from server.routes import WS_SPEECH, Ctx, resolve, route_name
+
+log = logging.getLogger("server.connection")
+
+
+class ClientGone(Exception):
+    """The peer closed the connection: stop producing."""
+
+
+class _Responder:
+    def __init__(self, proto: "HttpProtocol") -> None:
+        self._proto = proto
+        self.started = False
+        self.status = 0
+
+    async def _write(self, data: bytes) -> None:
+        if self._proto.closed:
+            raise ClientGone()
+        self._proto.write(data)
+        await self._proto.flow.drain()
+        if self._proto.closed:
+            raise ClientGone()
+
+    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.started, self.status = True, status
+        await self._write(self._proto.conn.send_response(status, headers, body))
+
+    async def error(self, err: ApiError, request_id: str) -> None:
+        self.started, self.status = True, err.status
+        await self._write(self._proto.conn.send_error(err, request_id))
+
+    async def start_stream(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.started, self.status = True, status
+        await self._write(self._proto.conn.start_stream(status, headers))
+
+    async def send_chunk(self, data: bytes) -> None:
+        await self._write(self._proto.conn.send_chunk(data))
+
+    async def end_stream(self) -> None:
+        await self._write(self._proto.conn.end_stream())
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config
+        self.conn = HttpConnection(max_header_bytes=cfg.max_header_bytes, max_body_bytes=cfg.max_body_bytes)
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl
+        self.task: asyncio.Task[None] | None = None
+        self.ws: Any = None  # server.ws.WsConnection after an upgrade
+        self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._request_bytes = 0  # bytes of the request being read (0 = idle between requests)
+        self._backlog = 0  # bytes received while a handler runs
+
+    # ---- asyncio.Protocol ----
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
+        self.flow = FlowControl(self.transport)
+        self.app.connections.add(self)
+        self.app.metrics.connections += 1
+        self._arm(self.app.config.idle_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._disarm()
+        self.flow.release()
+        self.app.connections.discard(self)
+        self.app.metrics.connections -= 1
+        if self.task is not None:
+            self.task.cancel()  # frees the engine job at once (EngineStream.close)
+        if self.ws is not None:
+            self.ws.connection_lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        self.conn.receive_data(data)
+        if self.task is not None:
+            self._backlog += len(data)
+            if self._backlog > self.app.config.max_header_bytes:
+                self.flow.pause_reading()
+            return
+        self._note_request_progress(len(data))
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: HTTP clients half-closing have gone away
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
+    # ---- helpers used by responders / ws ----
+    def write(self, data: bytes) -> None:
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.ws is not None:
+            self.ws.shutdown()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> None:
+        if self.task is None and self.ws is None:
+            self.close()
+
+    # ---- timers ----
+    def _arm(self, delay_s: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay_s, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _note_request_progress(self, n: int) -> None:
+        first = self._request_bytes == 0
+        self._request_bytes += n
+        if first:
+            self._arm(self.app.config.header_timeout_s)
+        elif self._request_bytes > self.app.config.max_header_bytes:
+            self._arm(self.app.config.idle_timeout_s)  # head done; the body keeps flowing
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.task is not None or self.ws is not None:
+            return
+        if self._request_bytes:
+            err = ApiError("request not received in time", status=408, code="RequestTimeout")
+            self.write(self.conn.send_error(err, new_request_id()))
+        self.close()
+
+    # ---- request loop ----
+    def _pump(self) -> None:
+        while self.task is None and self.ws is None and not self.closed:
+            try:
+                event = self.conn.next_request()
+            except ApiError as err:
+                self._refuse(err)
+                return
+            if isinstance(event, NeedData):
+                self.write(event.to_send)
+                return
+            if isinstance(event, ConnectionClosed):
+                self.close()
+                return
+            self._disarm()
+            self._request_bytes = 0
+            if isinstance(event, Upgrade):
+                self._upgrade(event)
+                return
+            self.task = self.loop.create_task(self._handle(event))
+            self.app.tasks.add(self.task)
+
+    def _refuse(self, err: ApiError) -> None:
+        """Malformed / oversized input: answer once and close (the request cannot be trusted further)."""
+        self.app.metrics.request_done("unknown", err.status)
+        self.app.metrics.error(err.code)
+        self.write(self.conn.send_error(err, new_request_id()))
+        self.close()
+
+    async def _handle(self, req: HttpRequest) -> None:
+        rid = new_request_id()
+        out = _Responder(self)
+        ctx = Ctx(self.app, req, rid, out, self.loop.time())
+        try:
+            await resolve(ctx)(ctx)
+        except ApiError as err:
+            await self._error(out, err, rid)
+        except (ClientGone, asyncio.CancelledError):
+            pass  # the client went away; its engine job was cancelled on the way out
+        except Exception:
+            log.exception("internal error in %s %s (request %s)", req.method, req.path, rid)
+            await self._error(out, InternalError(), rid)
+        finally:
+            self.app.metrics.request_done(route_name(req.path), out.status or 499)
+            self.app.tasks.discard(self.task)  # type: ignore[arg-type]
+            self.task = None
+        self._next_cycle()
+
+    async def _error(self, out: _Responder, err: ApiError, rid: str) -> None:
+        self.app.metrics.error(err.code)
+        if out.started:  # mid-stream failure without its own framing: all we can do is close
+            self.close()
+            return
+        try:
+            await out.error(err, rid)
+        except ClientGone:
+            pass
+
+    def _next_cycle(self) -> None:
+        if self.closed:
+            return
+        if self.app.draining or not self.conn.start_next_cycle():
+            self.close()
+            return
+        self._backlog = 0
+        self.flow.resume_reading()
+        self._arm(self.app.config.idle_timeout_s)
+        self._pump()  # a pipelined request may already be buffered
+
+    # ---- WebSocket ----
+    def _upgrade(self, upgrade: Upgrade) -> None:
+        from server.ws import WsConnection
+        session = WebSocketSession(upgrade, self.app.config.max_ws_message_bytes)
+        req, rid = upgrade.request, new_request_id()
+        err: ApiError | None = None
+        if req.path.rstrip("/") != WS_SPEECH:
+            err = NotFound(f"no WebSocket route for {req.path}")
+        elif not authorized(req.headers, self.app.config.tokens):
+            err = Unauthorized()
+        elif self.app.draining:
+            err = Overloaded("server is shutting down")
+        if err is None:
+            try:
+                accept = session.accept_bytes()
+            except ApiError as exc:
+                err = exc
+        self.app.metrics.request_done("ws_speech", err.status if err else 101)
+        if err is not None:
+            self.app.metrics.error(err.code)
+            self.write(session.reject_bytes(err.status, error_body(err, rid)))
+            self.close()
+            return
+        self.write(accept)
+        self.ws = WsConnection(self.app, session, self)
+        self.ws.data_received(b"")  # frames that arrived with the upgrade request

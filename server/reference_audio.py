@@ -1,0 +1,81 @@
+"""Reference-audio routes: upload (decode + features off the loop), list, get, delete."""
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.errors import InvalidParameter, NotFound
+from protocol.schema import parse_list_query
+from server.routes import REFERENCE, Ctx
+from server.store import VoiceRecord
+
+
+async def upload(ctx: Ctx) -> None:
+    from protocol.audio_in import decode_upload
+    from protocol.multipart import parse_multipart
+    app = ctx.app
+    fields, files = parse_multipart(ctx.req.body, ctx.req.headers.get("content-type", ""),
+                                    app.config.max_body_bytes)
+    filename, data = _file_part(files)
+    text = fields.get("text")
+    if text is None or not str(text).strip():
+        raise InvalidParameter("'text' is required and must not be empty")
+    text = str(text)
+    if len(text) > app.config.max_text_chars:
+        raise InvalidParameter(f"'text' is too long: at most {app.config.max_text_chars} characters")
+    pcm_rate = _pcm_rate(fields.get("sample_rate"))
+    wav, sr = await app.run_blocking(decode_upload, data, filename, pcm_rate)
+    prompt = await app.run_blocking(app.extract_prompt, wav, sr, text)
+    record: VoiceRecord = await app.run_blocking(app.store.add, filename, data, text, prompt)
+    app.voices.put(record.id, prompt)
+    await ctx.json(record.to_json())
+
+
+async def list_voices(ctx: Ctx) -> None:
+    limit, order = parse_list_query(ctx.req.query)
+    records = await ctx.app.run_blocking(ctx.app.store.list, limit, order)
+    await ctx.json([r.to_json() for r in records])
+
+
+async def get_voice(ctx: Ctx) -> None:
+    voice_id = _voice_id(ctx)
+    record = await ctx.app.run_blocking(ctx.app.store.get, voice_id)
+    if record is None:
+        raise NotFound(f"reference audio not found: {voice_id}")
+    await ctx.json(record.to_json())
+
+
+async def delete_voice(ctx: Ctx) -> None:
+    voice_id = _voice_id(ctx)
+    if not await ctx.app.run_blocking(ctx.app.store.delete, voice_id):
+        raise NotFound(f"reference audio not found: {voice_id}")
+    ctx.app.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
+    await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
+
+
+def _voice_id(ctx: Ctx) -> str:
+    return ctx.req.path.rstrip("/")[len(REFERENCE) + 1:]
+
+
+def _file_part(files: Any) -> tuple[str, bytes]:
+    part = files.get("file") if isinstance(files, dict) else None
+    if part is None:
+        raise InvalidParameter("'file' is required (multipart/form-data field 'file')")
+    filename = getattr(part, "filename", None) or "upload"
+    data = getattr(part, "data", None)
+    if data is None:
+        data = getattr(part, "content", b"")
+    if not data:
+        raise InvalidParameter("'file' is empty")
+    return str(filename), bytes(data)
+
+
+def _pcm_rate(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        rate = int(str(raw))
+    except ValueError:
+        raise InvalidParameter(f"'sample_rate' must be an integer; got {raw!r}") from None
+    if not 8000 <= rate <= 48000:
+        raise InvalidParameter(f"'sample_rate' must be between 8000 and 48000; got {rate}")
+    return rate

@@ -1,0 +1,166 @@
+"""WebSocket duplex at /api-ws/v1/audio/speech: WsTaskMachine actions carried out on the loop.
+
+One runner task per synthesis task: it looks up the voice, submits the job, says
+task-started, forwards text queued before admission, then streams result-generated
+events (awaiting drain: a slow reader stalls only itself) until task-finished. Several
+tasks run one after another on one connection. A close or lost connection cancels the
+running job at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import TYPE_CHECKING
+
+from protocol.errors import ApiError
+from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsClosed, WsMessage, WsSend
+from protocol.ws_tasks import (Action, CancelTask, FinishText, PushText, SendEvent, StartTask, WsTaskMachine)
+from protocol.schema import SpeechParams
+from server.app import App, new_request_id
+from server.synthesis import EngineFailed, Synthesis
+
+if TYPE_CHECKING:
+    from server.connection import HttpProtocol
+
+log = logging.getLogger("server.ws")
+CLOSE_GOING_AWAY = 1001
+
+
+class _Task:
+    """Bookkeeping for the active synthesis task: text that arrived before the job existed."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.synth: Synthesis | None = None
+        self.pending: list[str] = []
+        self.finish = False
+        self.got_text = False
+        self.runner: asyncio.Task[None] | None = None
+
+    def push(self, text: str) -> None:
+        if self.synth is None:
+            self.pending.append(text)
+            return
+        if not self.got_text:
+            self.synth.restart_clock()
+        self.got_text = True
+        self.synth.stream.push_text(text)
+
+    def finish_text(self) -> None:
+        self.finish = True
+        if self.synth is not None:
+            self.synth.stream.finish_text()
+
+    def attach(self, synth: Synthesis) -> None:
+        self.synth = synth
+        for text in self.pending:
+            self.push(text)
+        self.pending = []
+        if self.finish:
+            synth.stream.finish_text()
+
+    def cancel(self) -> None:
+        if self.runner is not None:
+            self.runner.cancel()
+        if self.synth is not None:
+            self.synth.close()
+
+
+class WsConnection:
+    def __init__(self, app: App, session: WebSocketSession, proto: "HttpProtocol") -> None:
+        self.app = app
+        self.session = session
+        self.proto = proto
+        self.machine = WsTaskMachine(app.config.max_text_chars)
+        self.task: _Task | None = None
+        self.closed = False
+
+    # ---- socket side ----
+    def data_received(self, data: bytes) -> None:
+        for event in self.session.receive_data(data):
+            if isinstance(event, WsSend):
+                self.proto.write(event.data)
+            elif isinstance(event, WsMessage):
+                self._do(self.machine.handle_client_message(event.text))
+            elif isinstance(event, WsClosed):
+                self._end()
+                self.proto.close()
+
+    def connection_lost(self) -> None:
+        self._end()
+
+    def shutdown(self) -> None:
+        """Server drain deadline passed: close politely, cancelling any work."""
+        self._end()
+        self.proto.write(self.session.send_close(CLOSE_GOING_AWAY, "server shutting down"))
+
+    def _end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._do(self.machine.connection_lost())
+        if self.task is not None:  # cancel even if the machine already forgot it
+            self.task.cancel()
+            self.task = None
+
+    # ---- actions ----
+    def _do(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendEvent):
+                self.proto.write(self.session.send_text(action.to_text()))
+            elif isinstance(action, StartTask):
+                self._start(action.task_id, action.params)
+            elif self.task is None or self.task.task_id != action.task_id:
+                continue
+            elif isinstance(action, PushText):
+                self.task.push(action.text)
+            elif isinstance(action, FinishText):
+                self.task.finish_text()
+            elif isinstance(action, CancelTask):
+                self.task.cancel()
+                self.task = None
+
+    def _start(self, task_id: str, params: SpeechParams) -> None:
+        task = _Task(task_id)
+        self.task = task
+        task.runner = asyncio.get_running_loop().create_task(self._run(task, params))
+        self.app.tasks.add(task.runner)
+        task.runner.add_done_callback(self.app.tasks.discard)
+
+    async def _send(self, actions: list[Action]) -> None:
+        self._do(actions)
+        await self.proto.flow.drain()
+
+    async def _run(self, task: _Task, params: SpeechParams) -> None:
+        tid = task.task_id
+        try:
+            voice = await self.app.voice(params.reference_audio_id)
+            synth = Synthesis(self.app, new_request_id(), params, voice, asyncio.get_running_loop().time())
+            task.attach(synth)
+            await self._send(self.machine.started(tid))
+            async for chunk in synth.chunks():
+                if chunk.data:
+                    b64 = base64.b64encode(chunk.data).decode("ascii")
+                    await self._send(self.machine.audio(tid, b64, chunk.metrics))
+            await self._send(self.machine.finished(tid))
+        except ApiError as err:
+            self.app.metrics.error(err.code)
+            self._do(self.machine.failed(tid, err.code, err.message))
+        except EngineFailed as exc:
+            self.app.metrics.error(exc.code)
+            self._do(self.machine.failed(tid, exc.code, exc.message))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("WebSocket task %s failed", tid)
+            self._do(self.machine.failed(tid, "InternalError", "internal error"))
+        finally:
+            if task.synth is not None:
+                task.synth.close()
+            if self.task is task:
+                self.task = None
+            self.app.metrics.request_done("ws_task", 200)
+
+    def close_normally(self) -> None:
+        self.proto.write(self.session.send_close(CLOSE_NORMAL, ""))
