@@ -48,7 +48,7 @@ def fold_weight_norm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        name = key[len("generator."):] if key.startswith("generator.") else key
+        name = key.removeprefix("generator.")
         split = _split_weight_norm_key(name)
         if split is None:
             out[name] = value
