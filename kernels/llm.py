@@ -172,7 +172,7 @@ def load_qwen2lm(
         lm = Qwen2LM(cfg)
     lm = lm.to_empty(device=device)
     lm.load_state_dict(state, strict=True)
-    return lm.to(dtype).eval()
+    return lm.to(dtype).eval().requires_grad_(False)  # inference only: no autograd graphs
 
 
 # ---------------------------------------------------------------------- reference generation loop
