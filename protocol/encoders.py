@@ -88,6 +88,9 @@ class Mp3Encoder:
         self._lame = lameenc.Encoder()
         self._lame.set_channels(1)
         self._lame.set_in_sample_rate(sample_rate)
+        # Pin the output rate: at low bit rates LAME would otherwise resample (48 kHz @ 16k -> 16 kHz),
+        # and the client asked for this rate. LAME raises the bit rate to the format's minimum instead.
+        self._lame.set_out_sample_rate(sample_rate)
         self._lame.set_bit_rate(min(bit_rate_kbps, MP3_MAX_KBPS))  # LAME clamps per MPEG version
         self._lame.set_quality(MP3_QUALITY)
 
