@@ -1,0 +1,217 @@
+"""Text frontend: tokenizer ids and specials, normalisation (zh/en/markup/numbers), splitting, LLM layouts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from frontend.numbers import number_to_words, spell_out_digits
+from frontend.prompt import LLMPromptIds, instruct_with_endofprompt, llm_prompt_for
+from frontend.split import ZH_ENDERS, cut_sentences, merge_sentences, split_paragraph
+from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
+from frontend.tokenizer import COSYVOICE2_SPECIALS
+from scheduler.jobs import Mode, VoicePrompt
+
+TINY = Path("/work/shared/reference/tiny")
+CASES = Path("/work/shared/reference/cases")
+needs_tiny = pytest.mark.skipif(not (TINY / "CosyVoice-BlankEN").is_dir(), reason="reference model absent")
+
+
+@pytest.fixture(scope="module")
+def tf() -> TextFrontend:
+    if not (TINY / "CosyVoice-BlankEN").is_dir():
+        pytest.skip("reference model absent")
+    return TextFrontend(TINY, use_wetext=False)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_special_ids_match_tiny_info(tf: TextFrontend) -> None:
+    info = json.loads((TINY / "tiny_info.json").read_text())
+    assert tf.special_ids == info["special_token_ids"]
+    assert tf.endofprompt_id == 643
+    ids = [tf.special_ids[name] for name in COSYVOICE2_SPECIALS]
+    assert ids == list(range(643, 660))
+
+
+def test_specials_are_single_ids_inside_text(tf: TextFrontend) -> None:
+    ids = tf.encode("[breath]你好<|endofprompt|>[laughter]")
+    assert ids[0] == tf.special_ids["[breath]"]
+    assert ids[-2:] == [tf.endofprompt_id, tf.special_ids["[laughter]"]]
+
+
+def test_encode_matches_fixture_and_round_trips(tf: TextFrontend) -> None:
+    spec = json.loads((CASES / "frontend.json").read_text())
+    for text, ids in spec["tokenizer_encode"].items():
+        assert tf.encode(text) == ids
+        assert tf.decode(ids) == text
+
+
+def test_digits_are_single_tokens(tf: TextFrontend) -> None:
+    # Qwen2 pre-tokenizer splits numbers into single digits.
+    assert tf.encode("2025") == [tf.encode(d)[0] for d in "2025"]
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def test_fixture_cases_builtin_rules(tf: TextFrontend) -> None:
+    spec = json.loads((CASES / "frontend.json").read_text())
+    for raw, expected in spec["text_normalize_split_true"].items():
+        assert tf.normalize(raw) == expected, raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("价格是 25 元 - 便宜", "价格是25元-便宜"),  # blanks next to CJK go first, so " - " is gone
+        ("你好 a - b 好", "你好a，b好"),  # ASCII on both sides keeps the " - " -> "，"
+        ("面积 3m² 体积 2m³", "面积3m平方体积2m立方"),
+        ("【重要】（注意）`代码`——结束", "重要注意代码 结束"),
+        ("好的，，、", "好的。"),
+        ("第一行\n第二行.", "第一行第二行。"),
+        ("Hello world 你好", "Hello world你好"),
+    ],
+)
+def test_zh_rules(raw: str, expected: str) -> None:
+    assert zh_rules(raw) == expected
+
+
+def test_replace_blank_edges() -> None:
+    assert replace_blank(" a b ") == "a b"
+    assert replace_blank("中 文") == "中文"
+    assert replace_blank("a  b") == "ab"  # a space beside another space is dropped
+
+
+def test_en_path_spells_numbers(tf: TextFrontend) -> None:
+    assert tf.normalize("I paid 1234 dollars in 2024!") == [
+        "I paid one thousand, two hundred and thirty-four dollars in two thousand and twenty-four!"
+    ]
+    assert tf.normalize("Room 101") == ["Room one hundred and one."]
+
+
+@pytest.mark.parametrize(
+    ("digits", "words"),
+    [
+        ("0", "zero"), ("007", "seven"), ("13", "thirteen"), ("40", "forty"), ("99", "ninety-nine"),
+        ("100", "one hundred"), ("110", "one hundred and ten"), ("1000", "one thousand"),
+        ("1001", "one thousand and one"), ("1100", "one thousand, one hundred"),
+        ("2000000", "two million"), ("1000020", "one million and twenty"),
+        ("1000000000", "one billion"),
+    ],
+)
+def test_number_to_words(digits: str, words: str) -> None:
+    assert number_to_words(digits) == words
+
+
+def test_spell_out_digits_runs() -> None:
+    assert spell_out_digits("a1b22c") == "aonebtwenty-twoc"
+    assert spell_out_digits("３") == "three"  # full-width digits too
+    assert number_to_words("1" * 40) == " ".join(["one"] * 40)  # beyond decillions: digit by digit
+
+
+def test_markup_skips_normalisation(tf: TextFrontend) -> None:
+    text = " 25 元<|endofprompt|> "
+    assert tf.normalize(text) == [text]
+    assert tf.normalize(text, split=False) == [text]
+
+
+def test_blank_and_punctuation_only(tf: TextFrontend) -> None:
+    assert tf.normalize("") == []
+    assert tf.normalize("   ") == []
+    assert tf.normalize("...") == []
+    assert tf.normalize("?!") == []
+    assert is_only_punctuation("。！…「」$+")
+    assert not is_only_punctuation("a.")
+
+
+def test_split_false_is_one_piece(tf: TextFrontend) -> None:
+    text = "第一句。" * 40
+    assert tf.normalize(text, split=False) == [text]
+    assert tf.normalize_one(" 你好 世界 ") == "你好世界"
+    assert len(tf.normalize(text)) > 1
+
+
+def test_zh_splitting_respects_limits(tf: TextFrontend) -> None:
+    sentence = "这是一个用于测试切分的句子。"  # 14 characters
+    pieces = tf.normalize(sentence * 20)
+    assert "".join(pieces) == sentence * 20
+    # each piece closes once it is over 60 and the next sentence would pass 80
+    assert all(60 < len(p) <= 80 for p in pieces[:-1])
+
+
+def test_short_tail_merges_into_previous() -> None:
+    # the 18-character tail joins the previous piece even though that passes 80
+    pieces = merge_sentences(["a" * 70 + "。", "b" * 15 + "。", "c。"], len)
+    assert pieces == ["a" * 70 + "。" + "b" * 15 + "。c。"]
+    pieces = merge_sentences(["a" * 70 + "。", "b" * 30 + "。", "c。"], len)
+    assert pieces == ["a" * 70 + "。", "b" * 30 + "。c。"]
+    pieces = merge_sentences(["a" * 61 + "。", "b" * 30 + "。"], len)
+    assert pieces == ["a" * 61 + "。", "b" * 30 + "。"]
+
+
+def test_closing_quote_sticks_to_sentence() -> None:
+    assert cut_sentences("他说：“好。”然后走了。", ZH_ENDERS) == ["他说：", "“好。”", "然后走了。"]
+
+
+def test_en_split_counts_tokens(tf: TextFrontend) -> None:
+    text = " ".join(["This is sentence number one."] * 30)
+    pieces = tf.normalize(text)
+    assert len(pieces) > 1
+    assert all(len(tf.encode(p)) <= 80 for p in pieces)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.text(alphabet="你好世界abc", min_size=1, max_size=30),
+                          st.sampled_from(sorted(ZH_ENDERS))), min_size=1, max_size=12))
+def test_split_keeps_every_character(parts: list[tuple[str, str]]) -> None:
+    text = "".join(body + ender for body, ender in parts)
+    assert "".join(split_paragraph(text, "zh", len)) == text
+
+
+def test_wetext_path_when_available() -> None:
+    pytest.importorskip("wetext")
+    if not (TINY / "CosyVoice-BlankEN").is_dir():
+        pytest.skip("reference model absent")
+    frontend = TextFrontend(TINY, use_wetext=True)
+    if not frontend.use_wetext:
+        pytest.skip("wetext failed to load")
+    assert frontend.normalize("价格是25元") == ["价格是二十五元。"]
+
+
+# ---------------------------------------------------------------- LLM prompt layouts
+
+
+def _voice(text: str = "希望你以后能够做的比我还好呦。") -> VoicePrompt:
+    return VoicePrompt(np.arange(5, dtype=np.int32), np.zeros(192, np.float32), np.zeros((10, 80), np.float32), text)
+
+
+def test_zero_shot_layout(tf: TextFrontend) -> None:
+    voice = _voice(" 希望你 以后.")
+    ids = llm_prompt_for(Mode.ZERO_SHOT, voice, tf, None)
+    assert ids == LLMPromptIds(tf.encode("希望你以后。"), [0, 1, 2, 3, 4])
+
+
+def test_cross_lingual_layout_is_empty(tf: TextFrontend) -> None:
+    assert llm_prompt_for(Mode.CROSS_LINGUAL, _voice(), tf, "ignored") == LLMPromptIds([], [])
+
+
+def test_instruct_layout_appends_endofprompt_once(tf: TextFrontend) -> None:
+    plain = llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "用四川话说这句话")
+    marked = llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "用四川话说这句话<|endofprompt|>")
+    assert plain == marked
+    assert plain.prompt_text_ids[-1] == tf.endofprompt_id
+    assert plain.prompt_speech_tokens == []
+    assert instruct_with_endofprompt("x 25.") == "x 25.<|endofprompt|>"  # not normalised
+
+
+def test_instruct_requires_text(tf: TextFrontend) -> None:
+    with pytest.raises(ValueError):
+        llm_prompt_for(Mode.INSTRUCT, _voice(), tf, None)
+    with pytest.raises(ValueError):
+        llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "  ")
