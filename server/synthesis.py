@@ -82,22 +82,28 @@ class Synthesis:
         try:
             async for event in self.stream.events():
                 if isinstance(event, AudioChunk):
+                    before = self._pipeline.samples_out
                     data = await self._app.run_blocking(self._pipeline.feed, event.pcm)
-                    yield EncodedChunk(data, self._metrics(event), last=False)
+                    yield EncodedChunk(data, self._metrics(event, self._out_s(before, data)), last=False)
                 elif isinstance(event, Failed):
                     raise EngineFailed(event)
                 else:
                     before = self._pipeline.samples_out
                     tail = await self._app.run_blocking(self._pipeline.finish)
-                    tail_s = (self._pipeline.samples_out - before) / self._params.sample_rate
-                    yield EncodedChunk(tail, self._tail_metrics(tail_s, bool(tail)), last=True)
+                    yield EncodedChunk(tail, self._tail_metrics(self._out_s(before, tail)), last=True)
                     self._observe_rtf()
         finally:
             self.close()
 
-    def _metrics(self, chunk: AudioChunk) -> dict[str, Any]:
+    def _out_s(self, samples_before: int, data: bytes) -> float:
+        """Seconds of output audio this chunk added (at the asked rate, after the resampler's delay),
+        so the chunks' speech_len sum to the file's duration. A chunk with bytes but no new samples
+        (the resampler/MP3 encoder flushing earlier audio) reports 1 ms: clients divide by it."""
+        seconds = (self._pipeline.samples_out - samples_before) / self._params.sample_rate
+        return max(seconds, 1e-3) if data else seconds
+
+    def _metrics(self, chunk: AudioChunk, speech_len: float) -> dict[str, Any]:
         now = self._loop.time()
-        speech_len = len(chunk.pcm) / self._app.engine.sample_rate
         self._speech_s += speech_len
         first = now - self._arrived_s if self._first else None
         if first is not None:
@@ -112,12 +118,8 @@ class Synthesis:
         self._last_s = now
         return metrics
 
-    def _tail_metrics(self, tail_s: float, has_bytes: bool) -> dict[str, Any]:
-        # The encoder tail (resampler flush, MP3 last frames) is audio already counted in
-        # earlier chunks' speech_len except for the resampler's delay; keep it > 0 when it
-        # carries bytes so clients dividing by speech_len never divide by zero.
+    def _tail_metrics(self, speech_len: float) -> dict[str, Any]:
         now = self._loop.time()
-        speech_len = max(tail_s, 1e-3) if has_bytes else tail_s
         metrics = chunk_metrics(speech_len, now - self._last_s, 0.0)
         self._last_s = now
         return metrics
