@@ -1,1 +1,1 @@
-
+"""Torch-free continuous-batching scheduler: decides what the runner (kernels/) executes."""

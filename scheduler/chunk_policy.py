@@ -1,0 +1,89 @@
+"""When a request's next flow+vocoder chunk is ready, what it covers, and which chunks go first.
+
+Streaming hop schedule per request (spec §8.2, kept per request unlike upstream's shared
+attribute): first hop = first_hop + pad with pad = ceil(P/25)*25 - P so that P + hop lands on
+the 25-token chunk grid of the flow, then hop *= growth up to max_hop (25+pad, 50, 100, 100...).
+A non-final chunk needs hop + lookahead generated tokens beyond the offset. After the LLM ends,
+upstream keeps emitting full hops while enough tokens remain, then one final chunk with the rest
+(`drain_in_hops`; chunk boundaries change the audio, so this is kept for parity).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from scheduler.plan import ChunkItem
+from scheduler.request import Request
+
+
+@dataclass(frozen=True)
+class ChunkPolicyConfig:
+    first_hop: int = 25  # token_hop_len
+    growth: int = 2  # stream_scale_factor
+    max_hop: int = 100  # token_max_hop_len
+    lookahead: int = 3  # flow pre_lookahead_len
+    grid: int = 25  # flow encoder chunk size in tokens
+    drain_in_hops: bool = True  # after LLM end: full hops first, then the final chunk (upstream)
+    max_chunks_per_step: int = 8
+    samples_per_token: int = 960  # 24 kHz / 25 Hz, for the audio margin
+    sample_rate: int = 24000
+
+    def __post_init__(self) -> None:
+        if min(self.first_hop, self.growth, self.grid, self.max_chunks_per_step) < 1:
+            raise ValueError("first_hop, growth, grid, max_chunks_per_step must be >= 1")
+        if self.max_hop < self.first_hop or self.lookahead < 0:
+            raise ValueError("need max_hop >= first_hop and lookahead >= 0")
+
+
+class ChunkPolicy:
+    def __init__(self, config: ChunkPolicyConfig) -> None:
+        self.config = config
+
+    def hop(self, chunk_index: int, flow_prompt_len: int) -> int:
+        """Tokens the chunk_index-th non-final chunk advances (25+pad, 50, 100, 100, ...)."""
+        cfg = self.config
+        if chunk_index == 0:
+            pad = math.ceil(flow_prompt_len / cfg.grid) * cfg.grid - flow_prompt_len
+            return cfg.first_hop + pad
+        return min(cfg.max_hop, cfg.first_hop * cfg.growth ** min(chunk_index, 32))
+
+    def next_chunk(self, req: Request) -> ChunkItem | None:
+        """The chunk `req` can run now, or None."""
+        if req.is_finished:
+            return None
+        n = len(req.speech_ids)
+        if not req.stream:
+            return self._final(req, n) if req.llm_done else None
+        hop, look = self.hop(req.chunks_done, req.flow_prompt_len), self.config.lookahead
+        if n - req.token_offset >= hop + look and (not req.llm_done or self.config.drain_in_hops):
+            return self._make(req, req.token_offset + hop + look, final=False)
+        return self._final(req, n) if req.llm_done else None
+
+    def _final(self, req: Request, n: int) -> ChunkItem | None:
+        if n == 0:
+            return None  # nothing generated: the scheduler finishes the request without audio
+        return self._make(req, n, final=True)
+
+    def _make(self, req: Request, end: int, final: bool) -> ChunkItem:
+        return ChunkItem(
+            request_id=req.request_id,
+            token_ids=tuple(req.speech_ids[:end]),
+            token_offset=req.token_offset,
+            token_end=end,
+            finalize=final,
+            streaming=not final,  # upstream's final chunk runs with full attention
+            is_first=req.chunks_done == 0,
+            is_last=final,
+        )
+
+    def margin_s(self, req: Request, now_s: float) -> float:
+        """Seconds of audio emitted minus seconds since the first chunk: how long until a stall."""
+        if req.first_chunk_s is None:
+            return -math.inf
+        return req.samples_emitted / self.config.sample_rate - (now_s - req.first_chunk_s)
+
+    def pick(self, ready: Iterable[tuple[Request, ChunkItem]], now_s: float) -> list[ChunkItem]:
+        """At most max_chunks_per_step chunks, the ones needed soonest first."""
+        ordered = sorted(ready, key=lambda rc: (self.margin_s(rc[0], now_s), rc[0].arrival_s))
+        return [chunk for _, chunk in ordered[: self.config.max_chunks_per_step]]

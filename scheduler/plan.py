@@ -1,0 +1,121 @@
+"""The contract between the scheduler (decides) and the model runner (executes). Torch-free.
+
+One engine step: `Scheduler.schedule() -> StepPlan`, the runner executes it and answers a
+`StepResult`, then `Scheduler.update(plan, result)`. The runner takes no decisions: every
+position, input token, sampling flag, forced token and chunk boundary is spelled out here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, NamedTuple
+
+SegmentKind = Literal["sos", "text", "task", "speech"]
+
+
+class Segment(NamedTuple):
+    """A run of LLM input positions; the runner turns it into embeddings.
+
+    sos / task: one row of `llm_embedding` (row 0 / row 1), `ids` empty.
+    text: Qwen `embed_tokens(ids)`.  speech: `speech_embedding(ids)`.
+    """
+
+    kind: SegmentKind
+    ids: tuple[int, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return len(self.ids) if self.kind in ("text", "speech") else 1
+
+
+SOS = Segment("sos")
+TASK = Segment("task")
+
+
+def text_segment(ids: tuple[int, ...] | list[int]) -> Segment:
+    return Segment("text", tuple(ids))
+
+
+def speech_segment(ids: tuple[int, ...] | list[int]) -> Segment:
+    return Segment("speech", tuple(ids))
+
+
+def segments_length(segments: tuple[Segment, ...]) -> int:
+    return sum(s.length for s in segments)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How the runner picks the one token sampled after a prefill or a decode (spec §5.2)."""
+
+    ignore_eos: bool  # mask eos (6561) only, as upstream does during min_len / bistream text phase
+    recent_ids: tuple[int, ...]  # last `win_size` generated ids (fills included) for the RAS check
+    forced_token: int | None = None  # bistream: run the forward (KV write) but output this id
+    seed: int | None = None  # per-request RNG; None: the runner's global generator
+    step: int = 0  # index of the token being sampled (RNG counter for seeded requests)
+    ignore_all_stops: bool = False  # bench `fixed_tokens`: mask every stop id, never end early
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    """Feed `segments` at positions [start_pos, start_pos + length) of `slot`, sample from the last."""
+
+    request_id: str
+    slot: int
+    start_pos: int
+    segments: tuple[Segment, ...]
+    sample: SampleSpec
+
+    @property
+    def num_tokens(self) -> int:
+        return segments_length(self.segments)
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    """Feed speech token `token_id` at `position` of `slot`, sample the next token."""
+
+    request_id: str
+    slot: int
+    position: int
+    token_id: int
+    sample: SampleSpec
+
+
+@dataclass(frozen=True)
+class ChunkItem:
+    """Run flow + vocoder for speech tokens [0, token_end) keeping the audio of [token_offset, ...).
+
+    Non-final: token_end includes the look-ahead tokens (audio up to token_end - lookahead).
+    Final: finalize=True, streaming=False (upstream runs the last chunk with full attention).
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]  # speech tokens [0, token_end), prompt tokens not included
+    token_offset: int
+    token_end: int
+    finalize: bool
+    streaming: bool
+    is_first: bool
+    is_last: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    prefills: tuple[PrefillItem, ...] = ()
+    decodes: tuple[DecodeItem, ...] = ()
+    chunks: tuple[ChunkItem, ...] = ()
+    released: tuple[str, ...] = ()  # requests that ended since the last plan: drop runner-side state
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.prefills or self.decodes or self.chunks)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner did. Missing entries for planned items fail those requests (only)."""
+
+    sampled: Mapping[str, int] = field(default_factory=dict)  # one token per prefill and per decode
+    chunk_samples: Mapping[str, int] = field(default_factory=dict)  # samples emitted per chunk
+    failed: Mapping[str, str] = field(default_factory=dict)  # request id -> reason
