@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from kernels.config import EncoderConfig
 
 UPSAMPLE_STRIDE = 2  # hard-coded upstream
-ATTN_MASKED = -1e30  # finite: a fully masked row must not create NaN that leaks through 0-weights
 
 
 # ---------------------------------------------------------------- masks and position tables
@@ -42,6 +41,16 @@ def attention_mask(lengths: Tensor, size: int, chunk: int) -> Tensor:
     pos = torch.arange(size, device=lengths.device)
     limit = (torch.div(pos, chunk, rounding_mode="floor") + 1) * chunk
     return keys & (pos.unsqueeze(0) < limit.unsqueeze(1))[None, None]
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool keep-mask -> additive bias (0 / most negative finite value).
+
+    Finite rather than -inf: a fully masked (padding) row then stays finite instead of NaN, and NaN
+    would leak into valid frames through zero attention weights. Float masks are also ~2x faster
+    than bool ones in CPU SDPA (no per-call conversion).
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 _PE_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
@@ -131,7 +140,7 @@ class RelPositionAttention(nn.Module):
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         scale = 1.0 / math.sqrt(self.d_k)
         bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (B, H, T, T)
-        bias = (bd * scale).masked_fill(~mask, ATTN_MASKED)
+        bias = (bd * scale).masked_fill(~mask, torch.finfo(bd.dtype).min)
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias, scale=scale)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.config import EstimatorConfig
-from kernels.flow_encoder import attention_mask
+from kernels.flow_encoder import additive_mask, attention_mask
 
 TIME_SCALE = 1000.0  # SinusoidalPosEmb scale
 
@@ -140,7 +140,7 @@ class EstimatorInputs:
 
     static: Tensor  # (R, 240, M)
     mask: Tensor  # (R, 1, M) float
-    attn_mask: Tensor | None  # bool (R, 1, 1|M, M); None when nothing is masked
+    attn_mask: Tensor | None  # additive (R, 1, 1|M, M); None when nothing is masked
 
 
 def _transformers(cfg: EstimatorConfig, dim: int) -> nn.ModuleList:
@@ -174,7 +174,7 @@ class CausalConditionalDecoder(nn.Module):
         chunk = self.cfg.static_chunk_size if streaming else 0
         attn = None
         if chunk > 0 or bool((lens < m).any()):
-            attn = attention_mask(lens, m, chunk)
+            attn = additive_mask(attention_mask(lens, m, chunk), mu.dtype)
         return EstimatorInputs(static, mask, attn)
 
     def step(self, x: Tensor, t: Tensor, inp: EstimatorInputs) -> Tensor:
