@@ -1,0 +1,131 @@
+"""Chunk policy: hop schedule 25+pad, 50, 100..., full coverage, non-stream, urgency order."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scheduler.chunk_policy import ChunkPolicy, ChunkPolicyConfig
+from scheduler.config import SchedulerConfig
+from scheduler.plan import ChunkItem
+from scheduler.request import Request, RequestStatus
+from scheduler.scheduler import Scheduler
+from scheduler.testing import FakeClock, run_until_idle, step
+
+
+def sched(clock: FakeClock | None = None, **chunk_kw: object) -> Scheduler:
+    cfg = SchedulerConfig(num_slots=8, slot_len=4096, max_running=8, chunk=ChunkPolicyConfig(**chunk_kw))
+    return Scheduler(cfg, clock or FakeClock())
+
+
+def chunks_of(plans: list, rid: str) -> list[ChunkItem]:
+    return [c for p in plans for c in p.chunks if c.request_id == rid]
+
+
+@pytest.mark.parametrize("p, first", [(0, 25), (71, 29), (75, 25), (76, 49), (100, 25), (1, 49)])
+def test_first_hop_aligns_prompt_to_25_grid(p: int, first: int) -> None:
+    policy = ChunkPolicy(ChunkPolicyConfig())
+    assert policy.hop(0, p) == first and (p + first) % 25 == 0
+    assert [policy.hop(i, p) for i in (1, 2, 3, 9)] == [50, 100, 100, 100]
+
+
+def test_stream_schedule_boundaries_and_total_coverage() -> None:
+    s = sched()
+    r = Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71)
+    s.add_request(r)
+    plans = run_until_idle(s)
+    got = [(c.token_offset, c.token_end, c.finalize, c.streaming, c.is_first, c.is_last) for c in chunks_of(plans, "a")]
+    assert got == [
+        (0, 32, False, True, True, False),  # hop 29 (=25+4) + 3 look-ahead
+        (29, 82, False, True, False, False),  # hop 50
+        (79, 182, False, True, False, False),  # hop 100
+        (179, 282, False, True, False, False),
+        (279, 300, True, False, False, True),  # final: the rest, full attention
+    ]
+    # a chunk is planned the step after its tokens exist: never needs a token not yet sampled
+    for plan in plans:
+        for c in plan.chunks:
+            assert c.token_ids == tuple(r.speech_ids[: c.token_end])
+    assert r.token_offset == 300 and r.mel_frames_vocoded == 600
+    assert r.samples_emitted == 960 * 300 and r.status is RequestStatus.FINISHED_STOPPED
+
+
+def test_first_chunk_waits_for_hop_plus_lookahead() -> None:
+    s = sched()
+    r = Request("a", text_ids=[1], fixed_tokens=100, flow_prompt_len=0)
+    s.add_request(r)
+    n_at_first_chunk = None
+    while n_at_first_chunk is None:
+        n_before = len(r.speech_ids)
+        plan, _ = step(s)
+        if plan.chunks:
+            n_at_first_chunk = n_before
+    assert n_at_first_chunk == 28  # 25 + 3 (spec §8.2 timing)
+
+
+def test_llm_end_drains_full_hops_then_final_like_upstream() -> None:
+    policy = ChunkPolicy(ChunkPolicyConfig())
+    r = Request("a", text_ids=[1], flow_prompt_len=0, speech_ids=list(range(300)), llm_done=True)
+    c = policy.next_chunk(r)
+    assert c is not None and (c.token_offset, c.token_end, c.finalize) == (0, 28, False)
+    r.token_offset, r.chunks_done = 25, 1
+    r.speech_ids = r.speech_ids[:60]  # 35 left < 50 + 3: the final chunk takes everything
+    c = policy.next_chunk(r)
+    assert c is not None and (c.token_offset, c.token_end, c.finalize) == (25, 60, True)
+    one_shot = ChunkPolicy(ChunkPolicyConfig(drain_in_hops=False))
+    r2 = Request("b", text_ids=[1], speech_ids=list(range(300)), llm_done=True)
+    c2 = one_shot.next_chunk(r2)
+    assert c2 is not None and (c2.token_offset, c2.token_end, c2.finalize) == (0, 300, True)
+
+
+@pytest.mark.parametrize("n_tokens, p", [(1, 0), (27, 0), (28, 0), (53, 71), (1000, 3), (250, 25)])
+def test_coverage_is_exact_for_any_length(n_tokens: int, p: int) -> None:
+    s = sched()
+    r = Request("a", text_ids=[1], fixed_tokens=n_tokens, flow_prompt_len=p)
+    s.add_request(r)
+    chunks = chunks_of(run_until_idle(s), "a")
+    assert chunks[-1].is_last and chunks[-1].token_end == n_tokens and sum(c.is_last for c in chunks) == 1
+    for prev, nxt in zip(chunks, chunks[1:]):
+        assert nxt.token_offset == prev.token_end - 3  # contiguous: audio of [offset, end-3)
+    assert r.samples_emitted == 960 * n_tokens
+
+
+def test_non_stream_gets_one_final_chunk_after_llm() -> None:
+    s = sched()
+    r = Request("a", text_ids=[1], fixed_tokens=120, flow_prompt_len=71, stream=False)
+    s.add_request(r)
+    plans = run_until_idle(s)
+    (c,) = chunks_of(plans, "a")
+    assert (c.token_offset, c.token_end, c.finalize, c.streaming, c.is_first, c.is_last) == (0, 120, True, False, True, True)
+    assert r.samples_emitted == 960 * 120
+
+
+def test_chunk_order_by_margin_then_arrival() -> None:
+    policy = ChunkPolicy(ChunkPolicyConfig(max_chunks_per_step=3))
+    now = 10.0
+    ahead = Request("ahead", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 5)  # +3 s
+    behind = Request("behind", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 2)  # 0 s
+    new_late = Request("new_late", text_ids=[1], arrival_s=5.0)
+    new_early = Request("new_early", text_ids=[1], arrival_s=1.0)
+    assert policy.margin_s(behind, now) == pytest.approx(0.0) and policy.margin_s(new_late, now) == -math.inf
+    reqs = [ahead, behind, new_late, new_early]
+    ready = [(r, ChunkItem(r.request_id, (), 0, 0, False, True, False, False)) for r in reqs]
+    assert [c.request_id for c in policy.pick(ready, now)] == ["new_early", "new_late", "behind"]
+
+
+def test_scheduler_caps_chunks_per_step_and_serves_urgent_first() -> None:
+    clock = FakeClock()
+    s = sched(clock, max_chunks_per_step=1)
+    a = Request("a", text_ids=[1], fixed_tokens=200, arrival_s=0.0)
+    b = Request("b", text_ids=[1], fixed_tokens=200, arrival_s=1.0)
+    s.add_request(a)
+    s.add_request(b)
+    order = []
+    while s.has_work():
+        clock.now += 0.02  # one decode step = 20 ms: both streams outrun real time
+        plan, _ = step(s)
+        assert len(plan.chunks) <= 1
+        order += [c.request_id for c in plan.chunks]
+    # both get their first chunk before either gets a second (no audio yet = most urgent)
+    assert order[:2] == ["a", "b"]
+    assert a.samples_emitted == b.samples_emitted == 960 * 200
