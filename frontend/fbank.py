@@ -5,6 +5,7 @@ with every other option at its default (25 ms Povey window, 10 ms shift, snip_ed
 pre-emphasis 0.97, 512-point power spectrum, kaldi mel scale 20 Hz .. Nyquist, log floored at
 float eps), float32 throughout like torchaudio, so it matches far tighter than kaldi-native-fbank.
 """
+
 from __future__ import annotations
 
 import functools

@@ -7,6 +7,7 @@
 * `flow_prompt_mel`: Matcha `mel_spectrogram` with CosyVoice2's 24 kHz settings (fmax 8000,
   center=False after a manual reflect pad), the flow's prompt feature.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,9 @@ def mel_to_hz(mel: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def slaney_mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def slaney_mel_filters(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """[n_mels, n_fft//2 + 1] float32 triangular filters, area-normalised (librosa defaults)."""
     fmax = sr / 2.0 if fmax is None else fmax
     fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sr)
@@ -112,10 +115,21 @@ def flow_prompt_mel(wav24k: np.ndarray | torch.Tensor, cfg: FlowMelConfig = FLOW
     if audio.shape[-1] <= pad:
         raise ValueError(f"audio too short for the prompt mel: {audio.shape[-1]} samples")
     audio = torch.nn.functional.pad(audio.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-    spec = torch.stft(audio, cfg.n_fft, hop_length=cfg.hop, win_length=cfg.win, window=_hann(cfg.win),
-                      center=False, normalized=False, onesided=True, return_complex=True)
+    spec = torch.stft(
+        audio,
+        cfg.n_fft,
+        hop_length=cfg.hop,
+        win_length=cfg.win,
+        window=_hann(cfg.win),
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
     spec = torch.view_as_real(spec)
     magnitude = torch.sqrt(spec.pow(2).sum(-1) + 1e-9)
-    basis = torch.from_numpy(slaney_mel_filters(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax).copy())
+    basis = torch.from_numpy(
+        slaney_mel_filters(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax).copy()
+    )
     mel = torch.log(torch.clamp(basis @ magnitude, min=1e-5))
     return mel.transpose(1, 2).contiguous()

@@ -3,13 +3,46 @@
 Written here instead of importing inflect (3-4 s import). Style: "one thousand, two hundred and
 thirty-four", "one thousand and one", "one hundred", "zero"; leading zeros are ignored.
 """
+
 from __future__ import annotations
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = ("", " thousand", " million", " billion", " trillion", " quadrillion", " quintillion",
-           " sextillion", " septillion", " octillion", " nonillion", " decillion")
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_SCALES = (
+    "",
+    " thousand",
+    " million",
+    " billion",
+    " trillion",
+    " quadrillion",
+    " quintillion",
+    " sextillion",
+    " septillion",
+    " octillion",
+    " nonillion",
+    " decillion",
+)
 
 
 def _below_hundred(n: int) -> str:

@@ -7,6 +7,7 @@ Inputs are passed by position (as upstream does), output 0 is read. The real tok
 layout is not pinned down ([B,T'] or [B,1,T'], int32 or int64), so every such variant is accepted.
 onnxruntime sessions are safe to `run` from several threads at once.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@
 192-d embedding; 24 kHz Matcha mel -> [T0, 80]. Then the 2:1 alignment the flow relies on:
 token_len = min(T0 // 2, P0), tokens[:token_len], mel[:2 * token_len].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class PromptExtractor:
         audio = _mono_float32(wav)
         seconds = audio.shape[0] / sample_rate
         if seconds > MAX_PROMPT_SECONDS:
-            raise PromptAudioError(f"prompt audio is {seconds:.1f} s, at most {MAX_PROMPT_SECONDS:.0f} s allowed")
+            raise PromptAudioError(
+                f"prompt audio is {seconds:.1f} s, at most {MAX_PROMPT_SECONDS:.0f} s allowed"
+            )
         wav16k = resample(audio, sample_rate, TOKENIZER_SR)
         wav24k = resample(audio, sample_rate, FLOW_SR)
         return self.features_from_16k_24k(wav16k, wav24k, text)
@@ -129,7 +132,9 @@ def instruct_with_endofprompt(instruct: str) -> str:
     return instruct if ENDOFPROMPT in instruct else instruct + ENDOFPROMPT
 
 
-def llm_prompt_for(mode: Mode, voice: VoicePrompt, text_frontend: TextFrontend, instruct: str | None) -> LLMPromptIds:
+def llm_prompt_for(
+    mode: Mode, voice: VoicePrompt, text_frontend: TextFrontend, instruct: str | None
+) -> LLMPromptIds:
     """The LLM prompt of one request; the flow always gets the voice's tokens, mel and embedding."""
     if mode == Mode.ZERO_SHOT:
         transcript = text_frontend.normalize(voice.text, split=False)

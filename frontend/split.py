@@ -4,9 +4,10 @@ Each returned piece is synthesised independently, so pieces are cut at sentence 
 greedily merged up to ~80 length units; a short tail (< 20) is glued to the previous piece.
 Length units: characters for Chinese, Qwen tokens for English.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 ZH_ENDERS = frozenset("。？！；：、.?!;")
 EN_ENDERS = frozenset(".?!;:")

@@ -7,6 +7,7 @@ takes the "zh" path (wetext zh TN, blank/bracket/punctuation rules), anything el
 `wetext` is optional: with `use_wetext=False` (or when it cannot load) only the built-in rules run,
 which is how the reference fixtures were made.
 """
+
 from __future__ import annotations
 
 import logging

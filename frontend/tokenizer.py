@@ -4,6 +4,7 @@ Built directly with the `tokenizers` library from `CosyVoice-BlankEN/vocab.json`
 (no `transformers`): NFC normaliser, the Qwen2 pre-tokenizer regex (single digits), byte-level
 mapping, BPE. Special tokens are matched before BPE, so `<|endofprompt|>` inside text is one id.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,23 @@ QWEN2_PRETOKENIZE_REGEX = (
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # CosyVoice2Tokenizer adds these, in this order, after the Qwen specials (new ones get consecutive ids).
 COSYVOICE2_SPECIALS = (
-    "<|endofprompt|>", "[breath]", "<strong>", "</strong>", "[noise]", "[laughter]", "[cough]",
-    "[clucking]", "[accent]", "[quick_breath]", "<laughter>", "</laughter>", "[hissing]", "[sigh]",
-    "[vocalized-noise]", "[lipsmack]", "[mn]",
+    "<|endofprompt|>",
+    "[breath]",
+    "<strong>",
+    "</strong>",
+    "[noise]",
+    "[laughter]",
+    "[cough]",
+    "[clucking]",
+    "[accent]",
+    "[quick_breath]",
+    "<laughter>",
+    "</laughter>",
+    "[hissing]",
+    "[sigh]",
+    "[vocalized-noise]",
+    "[lipsmack]",
+    "[mn]",
 )
 ENDOFPROMPT = "<|endofprompt|>"
 
@@ -54,10 +69,12 @@ def build_tokenizer(qwen_dir: Path):  # -> tokenizers.Tokenizer
     bpe = models.BPE.from_file(str(vocab), str(merges), unk_token=None, fuse_unk=False, byte_fallback=False)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = _qwen_special_order(qwen_dir)
     specials += [s for s in COSYVOICE2_SPECIALS if s not in specials]
@@ -86,7 +103,9 @@ class TextTokenizer:
         ids = [self.special_ids[name] for name in COSYVOICE2_SPECIALS]
         first = self.special_ids["<|im_end|>"] + 1
         if ids != list(range(first, first + len(ids))):
-            raise TokenizerError(f"{QWEN_DIR}: CosyVoice2 special ids not consecutive after <|im_end|>: {ids}")
+            raise TokenizerError(
+                f"{QWEN_DIR}: CosyVoice2 special ids not consecutive after <|im_end|>: {ids}"
+            )
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)

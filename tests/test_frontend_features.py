@@ -1,5 +1,6 @@
 """Prompt features: filterbanks, frame counts for odd lengths, fbank, ONNX output variants,
 PromptExtractor alignment / validation / thread safety (with tiny fake ONNX models built here)."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,13 @@ import torch
 
 from frontend.fbank import campplus_features, kaldi_fbank, num_frames
 from frontend.mel import flow_prompt_mel, slaney_mel_filters, whisper_log_mel
-from frontend.onnx_models import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE, SpeakerEncoder, SpeechTokenizer, tokens_2d
+from frontend.onnx_models import (
+    CAMPPLUS_FILE,
+    SPEECH_TOKENIZER_FILE,
+    SpeakerEncoder,
+    SpeechTokenizer,
+    tokens_2d,
+)
 from frontend.prompt import PromptAudioError, PromptExtractor, align_prompt
 
 CASES = Path("/work/shared/reference/cases")
@@ -38,14 +45,18 @@ def _save(graph, path: Path) -> Path:
     return path
 
 
-def fake_tokenizer(path: Path, out_dtype: str = "int32", three_d: bool = False, len_dtype: str = "int32") -> Path:
+def fake_tokenizer(
+    path: Path, out_dtype: str = "int32", three_d: bool = False, len_dtype: str = "int32"
+) -> Path:
     """feats [B,128,T] -> every 4th frame -> mean over mels -> |x|*1000 -> ints [B,ceil(T/4)] (or [B,1,.])."""
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
     to = T.INT32 if out_dtype == "int32" else T.INT64
-    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-             (("starts", [0]), ("ends", [1 << 40]), ("axes", [2]), ("steps", [4]), ("ax1", [1]))]
+    inits = [
+        numpy_helper.from_array(np.array(v, np.int64), n)
+        for n, v in (("starts", [0]), ("ends", [1 << 40]), ("axes", [2]), ("steps", [4]), ("ax1", [1]))
+    ]
     inits.append(numpy_helper.from_array(np.array(1000.0, np.float32), "scale"))
     nodes = [
         helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["sl"]),
@@ -62,10 +73,15 @@ def fake_tokenizer(path: Path, out_dtype: str = "int32", three_d: bool = False, 
         nodes.append(helper.make_node("Identity", ["c"], ["indices"]))
     len_type = T.INT32 if len_dtype == "int32" else T.INT64
     graph = helper.make_graph(
-        nodes, "fake_tokenizer",
-        [helper.make_tensor_value_info("feats", T.FLOAT, ["B", 128, "T"]),
-         helper.make_tensor_value_info("feats_length", len_type, ["B"])],
-        [helper.make_tensor_value_info("indices", to, out_shape)], initializer=inits)
+        nodes,
+        "fake_tokenizer",
+        [
+            helper.make_tensor_value_info("feats", T.FLOAT, ["B", 128, "T"]),
+            helper.make_tensor_value_info("feats_length", len_type, ["B"]),
+        ],
+        [helper.make_tensor_value_info("indices", to, out_shape)],
+        initializer=inits,
+    )
     return _save(graph, path)
 
 
@@ -76,12 +92,15 @@ def fake_campplus(path: Path) -> Path:
 
     weight = np.random.default_rng(1).standard_normal((80, 192)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["m", "W"], ["output"])],
+        [
+            helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["m", "W"], ["output"]),
+        ],
         "fake_campplus",
         [helper.make_tensor_value_info("input", T.FLOAT, ["B", "T", 80])],
         [helper.make_tensor_value_info("output", T.FLOAT, ["B", 192])],
-        initializer=[numpy_helper.from_array(weight, "W")])
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
     return _save(graph, path)
 
 
@@ -111,7 +130,9 @@ def test_filters_match_fixture() -> None:
     if not path.is_file():
         pytest.skip("fixtures absent")
     c = load_file(str(path))
-    np.testing.assert_allclose(slaney_mel_filters(16000, 400, 128), c["whisper_mel_filters_128x201"].numpy(), atol=1e-7)
+    np.testing.assert_allclose(
+        slaney_mel_filters(16000, 400, 128), c["whisper_mel_filters_128x201"].numpy(), atol=1e-7
+    )
     np.testing.assert_allclose(kaldi_fbank(c["wav_16k"][0]).numpy(), c["kaldi_fbank80"].numpy(), atol=1e-4)
 
 
@@ -198,7 +219,8 @@ def test_extract_stereo_and_native_rates(fake_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "sr"), [(31 * 16000, 16000), (100, 16000), (16000, 8000)],
+    ("n", "sr"),
+    [(31 * 16000, 16000), (100, 16000), (16000, 8000)],
 )
 def test_extract_rejects_bad_audio(fake_model_dir: Path, n: int, sr: int) -> None:
     with pytest.raises(PromptAudioError):
@@ -228,8 +250,13 @@ def test_tiny_model_fixture_prompt() -> None:
 
     if not (CASES / "frontend.safetensors").is_file() or not (TINY / CAMPPLUS_FILE).is_file():
         pytest.skip("fixtures absent")
-    feats, ref = load_file(str(CASES / "features.safetensors")), load_file(str(CASES / "frontend.safetensors"))
-    voice = PromptExtractor(TINY).features_from_16k_24k(feats["wav_16k"][0].numpy(), feats["wav_24k"][0].numpy(), "")
+    feats, ref = (
+        load_file(str(CASES / "features.safetensors")),
+        load_file(str(CASES / "frontend.safetensors")),
+    )
+    voice = PromptExtractor(TINY).features_from_16k_24k(
+        feats["wav_16k"][0].numpy(), feats["wav_24k"][0].numpy(), ""
+    )
     np.testing.assert_array_equal(voice.speech_tokens, ref["zero_shot.flow_prompt_speech_token"][0].numpy())
     np.testing.assert_allclose(voice.mel, ref["zero_shot.prompt_speech_feat"][0].numpy(), atol=1e-3)
     np.testing.assert_allclose(voice.embedding, ref["zero_shot.flow_embedding"][0].numpy(), atol=1e-4)

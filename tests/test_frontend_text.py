@@ -1,4 +1,5 @@
 """Text frontend: tokenizer ids and specials, normalisation (zh/en/markup/numbers), splitting, LLM layouts."""
+
 from __future__ import annotations
 
 import json
@@ -98,10 +99,18 @@ def test_en_path_spells_numbers(tf: TextFrontend) -> None:
 @pytest.mark.parametrize(
     ("digits", "words"),
     [
-        ("0", "zero"), ("007", "seven"), ("13", "thirteen"), ("40", "forty"), ("99", "ninety-nine"),
-        ("100", "one hundred"), ("110", "one hundred and ten"), ("1000", "one thousand"),
-        ("1001", "one thousand and one"), ("1100", "one thousand, one hundred"),
-        ("2000000", "two million"), ("1000020", "one million and twenty"),
+        ("0", "zero"),
+        ("007", "seven"),
+        ("13", "thirteen"),
+        ("40", "forty"),
+        ("99", "ninety-nine"),
+        ("100", "one hundred"),
+        ("110", "one hundred and ten"),
+        ("1000", "one thousand"),
+        ("1001", "one thousand and one"),
+        ("1100", "one thousand, one hundred"),
+        ("2000000", "two million"),
+        ("1000020", "one million and twenty"),
         ("1000000000", "one billion"),
     ],
 )
@@ -167,8 +176,15 @@ def test_en_split_counts_tokens(tf: TextFrontend) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.text(alphabet="你好世界abc", min_size=1, max_size=30),
-                          st.sampled_from(sorted(ZH_ENDERS))), min_size=1, max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet="你好世界abc", min_size=1, max_size=30), st.sampled_from(sorted(ZH_ENDERS))
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_split_keeps_every_character(parts: list[tuple[str, str]]) -> None:
     text = "".join(body + ender for body, ender in parts)
     assert "".join(split_paragraph(text, "zh", len)) == text
@@ -188,7 +204,9 @@ def test_wetext_path_when_available() -> None:
 
 
 def _voice(text: str = "希望你以后能够做的比我还好呦。") -> VoicePrompt:
-    return VoicePrompt(np.arange(5, dtype=np.int32), np.zeros(192, np.float32), np.zeros((10, 80), np.float32), text)
+    return VoicePrompt(
+        np.arange(5, dtype=np.int32), np.zeros(192, np.float32), np.zeros((10, 80), np.float32), text
+    )
 
 
 def test_zero_shot_layout(tf: TextFrontend) -> None:

@@ -3,6 +3,7 @@
 Each feature is computed from the fixture waveforms; each ONNX model is fed the fixture's own
 input, so a feature mismatch and an ONNX-wrapper mismatch show up as separate lines.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,10 +29,16 @@ def _feature_cases(c: dict[str, torch.Tensor]) -> list[CaseResult]:
     from frontend.mel import FLOW_MEL, flow_prompt_mel, slaney_mel_filters, whisper_log_mel
 
     wav16k, wav24k = c["wav_16k"][0], c["wav_24k"][0]
-    basis = slaney_mel_filters(FLOW_MEL.sample_rate, FLOW_MEL.n_fft, FLOW_MEL.n_mels, FLOW_MEL.fmin, FLOW_MEL.fmax)
+    basis = slaney_mel_filters(
+        FLOW_MEL.sample_rate, FLOW_MEL.n_fft, FLOW_MEL.n_mels, FLOW_MEL.fmin, FLOW_MEL.fmax
+    )
     return [
-        compare("features.whisper_mel_filters", slaney_mel_filters(16000, 400, 128),
-                c["whisper_mel_filters_128x201"], TOL_FEATURE),
+        compare(
+            "features.whisper_mel_filters",
+            slaney_mel_filters(16000, 400, 128),
+            c["whisper_mel_filters_128x201"],
+            TOL_FEATURE,
+        ),
         compare("features.whisper_logmel128", whisper_log_mel(wav16k), c["whisper_logmel128"], TOL_FEATURE),
         compare("features.kaldi_fbank80", kaldi_fbank(wav16k), c["kaldi_fbank80"], TOL_FEATURE),
         compare("features.campplus_input", campplus_features(wav16k), c["campplus_input"], TOL_FEATURE),
@@ -40,14 +47,21 @@ def _feature_cases(c: dict[str, torch.Tensor]) -> list[CaseResult]:
     ]
 
 
-def _onnx_cases(model_dir: Path, c: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[CaseResult]:
+def _onnx_cases(
+    model_dir: Path, c: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+) -> list[CaseResult]:
     from frontend.onnx_models import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE, SpeakerEncoder, SpeechTokenizer
 
     tokens = SpeechTokenizer(model_dir / SPEECH_TOKENIZER_FILE)(c["whisper_logmel128"].numpy())
     embedding = SpeakerEncoder(model_dir / CAMPPLUS_FILE)(c["campplus_input"].numpy())
     return [
-        compare("features.onnx.speech_token_raw", tokens.astype(np.int64), ref["speech_token_raw"], 0.0,
-                "fixture log-mel in"),
+        compare(
+            "features.onnx.speech_token_raw",
+            tokens.astype(np.int64),
+            ref["speech_token_raw"],
+            0.0,
+            "fixture log-mel in",
+        ),
         compare("features.onnx.embedding", embedding, ref["embedding"], TOL_EMBEDDING, "fixture fbank in"),
     ]
 

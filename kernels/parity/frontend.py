@@ -4,6 +4,7 @@ The normaliser runs with built-in rules only (`use_wetext=False`): the fixtures 
 wetext/ttsfrd. String cases report max_abs 0 (equal) or 1 (different), tolerance 0.
 The prompt features are computed end to end from the fixture's 16 kHz / 24 kHz waveforms.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,20 @@ def _text_cases(model_dir: Path, spec: dict, text_frontend) -> list[CaseResult]:
         _same(f"frontend.normalize[{i}]", text_frontend.normalize(raw), expected)
         for i, (raw, expected) in enumerate(spec["text_normalize_split_true"].items())
     ]
-    results.append(_same("frontend.normalize.tts_text", text_frontend.normalize(spec["tts_text_raw"]),
-                         [spec["tts_text_normalized"]]))
-    results.append(_same("frontend.normalize.prompt_text", text_frontend.normalize_one(spec["prompt_text_raw"]),
-                         spec["prompt_text_normalized"]))
+    results.append(
+        _same(
+            "frontend.normalize.tts_text",
+            text_frontend.normalize(spec["tts_text_raw"]),
+            [spec["tts_text_normalized"]],
+        )
+    )
+    results.append(
+        _same(
+            "frontend.normalize.prompt_text",
+            text_frontend.normalize_one(spec["prompt_text_raw"]),
+            spec["prompt_text_normalized"],
+        )
+    )
     results += [
         _same(f"frontend.tokenizer_encode[{i}]", text_frontend.encode(text), ids)
         for i, (text, ids) in enumerate(spec["tokenizer_encode"].items())
@@ -58,8 +69,9 @@ def _ids(values: list[int]) -> torch.Tensor:
     return torch.tensor([values], dtype=torch.int64).reshape(1, -1)
 
 
-def _mode_cases(mode_key: str, ref: dict[str, torch.Tensor], voice: VoicePrompt, text_frontend,
-                spec: dict) -> list[CaseResult]:
+def _mode_cases(
+    mode_key: str, ref: dict[str, torch.Tensor], voice: VoicePrompt, text_frontend, spec: dict
+) -> list[CaseResult]:
     from frontend.prompt import llm_prompt_for
 
     instruct = spec["instruct_text"] if mode_key == "instruct2" else None
@@ -88,7 +100,9 @@ def _mode_cases(mode_key: str, ref: dict[str, torch.Tensor], voice: VoicePrompt,
     if "prompt_text" not in spec["model_input_keys"][mode_key]:
         results.append(_same(f"frontend.{mode_key}.prompt_text_empty", prompt.prompt_text_ids, []))
     if "llm_prompt_speech_token" not in spec["model_input_keys"][mode_key]:
-        results.append(_same(f"frontend.{mode_key}.llm_prompt_speech_token_empty", prompt.prompt_speech_tokens, []))
+        results.append(
+            _same(f"frontend.{mode_key}.llm_prompt_speech_token_empty", prompt.prompt_speech_tokens, [])
+        )
     return results
 
 
@@ -106,7 +120,8 @@ def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
     text_frontend = TextFrontend(model_dir, use_wetext=False)
     results = _text_cases(model_dir, spec, text_frontend)
     voice = PromptExtractor(model_dir).features_from_16k_24k(
-        feats["wav_16k"][0].numpy(), feats["wav_24k"][0].numpy(), spec["prompt_text_raw"])
+        feats["wav_16k"][0].numpy(), feats["wav_24k"][0].numpy(), spec["prompt_text_raw"]
+    )
     for mode_key in MODES:
         results += _mode_cases(mode_key, ref, voice, text_frontend, spec)
     return results
