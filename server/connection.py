@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-from protocol.errors import ApiError, InternalError, NotFound, Overloaded, Unauthorized, error_body
+from protocol.errors import ApiError, HeadersTooLarge, InternalError, NotFound, Overloaded, Unauthorized, error_body
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
 from protocol.websocket import WebSocketSession
 from server.app import App, new_request_id
@@ -183,6 +183,11 @@ class HttpProtocol(asyncio.Protocol):
                 return
             self._disarm()
             self._request_bytes = 0
+            head = event.request if isinstance(event, Upgrade) else event
+            if _head_bytes(head) > self.app.config.max_header_bytes:
+                # h11 only bounds an *incomplete* head; one that arrived whole is measured here
+                self._refuse(HeadersTooLarge("request headers too large"))
+                return
             if isinstance(event, Upgrade):
                 self._upgrade(event)
                 return
@@ -262,3 +267,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write(accept)
         self.ws = WsConnection(self.app, session, self)
         self.ws.data_received(b"")  # frames that arrived with the upgrade request
+
+
+def _head_bytes(req: HttpRequest) -> int:
+    return len(req.path) + len(req.query) + sum(len(k) + len(v) + 4 for k, v in req.header_list)
