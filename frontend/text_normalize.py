@@ -95,7 +95,11 @@ class _Wetext:
     @classmethod
     def normalize(cls, model: Any, text: str) -> str:
         with cls._lock:  # FST objects are not documented as thread-safe
-            return str(model.normalize(text))
+            try:
+                return str(model.normalize(text))
+            except Exception as exc:  # noqa: BLE001 - a TN bug must not fail the request
+                log.warning("wetext failed on %r (%s); built-in rules only", text[:80], exc)
+                return text
 
 
 class TextFrontend:
