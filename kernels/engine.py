@@ -1,0 +1,386 @@
+"""The engine: one thread that owns the model and runs schedule -> execute -> update forever.
+
+The asyncio side talks to it only through `submit()` (returns a `JobHandle`) and the sink
+callable it passes in, which this thread calls with `AudioChunk`s and one final `Finished` or
+`Failed`. Commands from other threads (submit, push_text, finish_text, cancel) go through a
+queue, so the scheduler and runner are touched by this thread alone.
+
+A job's text is normalised and split into sentences (upstream `text_normalize`); each piece is
+one scheduler request, run in order. The next piece is admitted as soon as the previous one's
+LLM is done, so its LLM overlaps the previous piece's last flow/vocoder chunks; its audio is
+held back until the previous piece has emitted everything, so the stream stays in order.
+A duplex job (text=None) is a single bistream request fed by push_text.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frontend.prompt import llm_prompt_for
+from frontend.text_normalize import TextFrontend
+from kernels.model import CosyVoice2Model, load_model
+from kernels.runner import ChunkOutput, ModelRunner
+from scheduler.chunk_policy import ChunkPolicyConfig
+from scheduler.config import SchedulerConfig
+from scheduler.jobs import (
+    AudioChunk,
+    ChunkMetrics,
+    EngineStats,
+    EventSink,
+    Failed,
+    Finished,
+    SpeechJob,
+)
+from scheduler.request import Request, RequestStatus
+from scheduler.scheduler import RequestRejected, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 32  # KV slots = max requests decoding at once
+    slot_len: int = 2048  # positions per slot (prompt + speech tokens); ~75 s of speech
+    max_waiting: int = 256  # queued jobs beyond this are refused (server: 503 + Retry-After)
+    max_chunks_per_step: int = 16  # flow/vocoder chunks batched in one step
+    cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
+    use_wetext: bool = True  # wetext text normalisation when installed
+    idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
+
+
+@dataclass
+class _Job:
+    job: SpeechJob
+    sink: EventSink
+    pieces: list[list[int]]  # token ids of text pieces not yet submitted
+    piece_index: int = 0
+    active: list[str] = field(default_factory=list)  # request ids in order; [0] may emit audio
+    held: dict[str, list[AudioChunk]] = field(default_factory=dict)  # audio of later pieces
+    samples: int = 0
+    tokens: int = 0
+    done: bool = False
+
+
+class JobHandle:
+    """JobControl for one submitted job; safe to call from any thread."""
+
+    def __init__(self, engine: "Engine", request_id: str) -> None:
+        self._engine = engine
+        self.request_id = request_id
+
+    def push_text(self, text: str) -> None:
+        self._engine._inbox.put(("push", self.request_id, text))
+
+    def finish_text(self) -> None:
+        self._engine._inbox.put(("finish", self.request_id, None))
+
+    def cancel(self) -> None:
+        self._engine._inbox.put(("cancel", self.request_id, None))
+
+
+class Engine:
+    """EngineProtocol implementation over the real model."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        config: EngineConfig = EngineConfig(),
+        model: CosyVoice2Model | None = None,
+    ) -> None:
+        self.config = config
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if model is None:
+            llm_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            model = load_model(model_dir, device=device, llm_dtype=llm_dtype)
+        self.model = model
+        self.sample_rate = model.config.sample_rate
+        self.text = TextFrontend(Path(model_dir), use_wetext=config.use_wetext)
+        chunk = ChunkPolicyConfig(max_chunks_per_step=config.max_chunks_per_step)
+        self.scheduler = Scheduler(
+            SchedulerConfig.from_model(
+                model.config,
+                num_slots=config.num_slots,
+                slot_len=config.slot_len,
+                max_running=config.num_slots,
+                max_waiting=config.max_waiting,
+                chunk=chunk,
+            )
+        )
+        self.runner = ModelRunner(model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs)
+        self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
+        self._jobs: dict[str, _Job] = {}
+        self._owner: dict[str, str] = {}  # scheduler request id -> job id
+        self._pending_submits = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cosyserve-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API (any thread)
+
+    def submit(self, job: SpeechJob, sink: EventSink) -> JobHandle:
+        self._pending_submits += 1
+        self._inbox.put(("submit", job.request_id, (job, sink)))
+        return JobHandle(self, job.request_id)
+
+    def can_admit(self) -> bool:
+        return self.scheduler.num_waiting + self._pending_submits < self.config.max_waiting
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        last = s.last_step
+        timings = self.runner.last
+        return EngineStats(
+            running=last.running + last.draining,
+            waiting=last.waiting,
+            kv_used_tokens=last.kv_used_tokens,
+            kv_total_tokens=last.kv_total_tokens,
+            last_decode_batch=last.decode_batch,
+            last_flow_batch=timings.flow_batch,
+            last_vocoder_batch=timings.vocoder_batch,
+            steps=s.totals.steps,
+        )
+
+    def shutdown(self, deadline_s: float = 5.0) -> None:
+        """Let running jobs finish until the deadline, then cancel what is left and stop."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end and (self._jobs or self._pending_submits):
+            time.sleep(0.02)
+        self._inbox.put(("stop", "", None))
+        self._thread.join(timeout=max(1.0, deadline_s))
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            block = not self.scheduler.has_work()
+            if not self._drain_inbox(block):
+                break
+            if not self.scheduler.has_work():
+                continue
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                for rid in plan.released:
+                    self.runner.release(rid)
+                self._drain_inbox_wait(self.config.idle_wait_s)  # e.g. bistream waiting for text
+                continue
+            try:
+                result, outputs = self.runner.execute(plan)
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the engine
+                log.exception("engine step failed")
+                self._fail_plan(plan, f"internal error: {exc}")
+                continue
+            ended = self.scheduler.update(plan, result)
+            for out in outputs:
+                self._on_chunk(out)
+            for rid in ended:
+                self._on_request_end(rid)
+            self._advance_pieces()
+        self._cancel_all()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued commands; returns False on stop."""
+        try:
+            cmd = self._inbox.get(timeout=self.config.idle_wait_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if not self._apply(cmd):
+                return False
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _drain_inbox_wait(self, timeout_s: float) -> None:
+        try:
+            cmd = self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        if not self._apply(cmd):
+            self._inbox.put(("stop", "", None))  # re-queue so the main loop sees it
+            return
+        self._drain_inbox(block=False)
+
+    def _apply(self, cmd: tuple[str, str, Any]) -> bool:
+        kind, job_id, payload = cmd
+        if kind == "stop":
+            return False
+        if kind == "submit":
+            self._pending_submits -= 1
+            self._intake(*payload)
+        elif kind == "cancel":
+            self._cancel(job_id)
+        elif kind in ("push", "finish"):
+            self._feed_text(job_id, kind, payload)
+        return True
+
+    # ------------------------------------------------------------------ intake
+
+    def _intake(self, job: SpeechJob, sink: EventSink) -> None:
+        if job.request_id in self._jobs:
+            sink(Failed(job.request_id, "InvalidParameter", "duplicate request id"))
+            return
+        try:
+            if job.text is None:
+                state = _Job(job, sink, pieces=[])
+                self._jobs[job.request_id] = state
+                self._submit_piece(state, text_ids=[], bistream=True)
+                return
+            pieces = [self.text.encode(p) for p in self.text.normalize(job.text, split=True)]
+            pieces = [p for p in pieces if p]
+            if not pieces:
+                sink(Failed(job.request_id, "InvalidParameter", "text has nothing to speak after normalisation"))
+                return
+            state = _Job(job, sink, pieces=pieces[1:])
+            self._jobs[job.request_id] = state
+            self._submit_piece(state, text_ids=pieces[0], bistream=False)
+        except RequestRejected as exc:
+            self._jobs.pop(job.request_id, None)
+            sink(Failed(job.request_id, exc.code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - bad input must not kill the engine
+            log.exception("intake failed")
+            self._jobs.pop(job.request_id, None)
+            sink(Failed(job.request_id, "InternalError", f"could not prepare the request: {exc}"))
+
+    def _submit_piece(self, state: _Job, text_ids: list[int], bistream: bool) -> None:
+        job = state.job
+        prompt = llm_prompt_for(job.mode, job.voice, self.text, job.instruct)
+        rid = f"{job.request_id}#{state.piece_index}"
+        seed = None if job.seed is None else job.seed + 1000 * state.piece_index
+        req = Request(
+            request_id=rid,
+            text_ids=list(text_ids),
+            prompt_text_ids=tuple(prompt.prompt_text_ids),
+            prompt_speech_ids=tuple(prompt.prompt_speech_tokens),
+            flow_prompt_len=int(len(job.voice.speech_tokens)),
+            stream=job.stream,
+            bistream=bistream,
+            fixed_tokens=job.fixed_tokens,
+            seed=seed,
+            arrival_s=time.monotonic(),
+        )
+        self.scheduler.add_request(req)
+        self.runner.add_request(rid, job.voice, speed=job.speed, seed=seed)
+        self._owner[rid] = job.request_id
+        state.active.append(rid)
+        state.piece_index += 1
+
+    def _feed_text(self, job_id: str, kind: str, text: str | None) -> None:
+        state = self._jobs.get(job_id)
+        if state is None or not state.active:
+            return
+        req = self.scheduler.get(state.active[-1])
+        if req is None or not req.bistream:
+            return
+        if kind == "push" and text:
+            ids = self.text.encode(text)
+            if ids:
+                req.push_text(ids)
+        elif kind == "finish":
+            req.finish_text()
+
+    def _advance_pieces(self) -> None:
+        """Admit a job's next text piece once the current piece's LLM is done."""
+        for state in list(self._jobs.values()):
+            if not state.pieces or state.done or not state.active:
+                continue
+            last = self.scheduler.get(state.active[-1])
+            if last is None or last.status >= RequestStatus.DRAINING:
+                try:
+                    self._submit_piece(state, state.pieces.pop(0), bistream=False)
+                except RequestRejected as exc:
+                    self._finish_job(state, Failed(state.job.request_id, exc.code, str(exc)))
+
+    # ------------------------------------------------------------------ results
+
+    def _on_chunk(self, out: ChunkOutput) -> None:
+        job_id = self._owner.get(out.request_id)
+        state = self._jobs.get(job_id) if job_id else None
+        if state is None or state.done or out.pcm.size == 0:
+            return
+        metrics = ChunkMetrics(
+            generate_time_s=out.generate_time_s,
+            llm_tokens=out.tokens,
+            flow_batch=out.flow_batch,
+            vocoder_batch=out.vocoder_batch,
+            detail=dict(out.detail) if state.job.debug else {},
+        )
+        chunk = AudioChunk(state.job.request_id, out.pcm, metrics)
+        state.tokens += out.tokens
+        if state.active and state.active[0] == out.request_id:
+            self._emit(state, chunk)
+        else:
+            state.held.setdefault(out.request_id, []).append(chunk)
+
+    def _emit(self, state: _Job, chunk: AudioChunk) -> None:
+        state.samples += int(chunk.pcm.shape[0])
+        self._deliver(state, chunk)
+
+    def _deliver(self, state: _Job, event) -> None:
+        try:
+            state.sink(event)
+        except Exception:  # noqa: BLE001 - a broken sink must not stop the engine
+            log.exception("sink raised; cancelling job %s", state.job.request_id)
+            self._cancel(state.job.request_id)
+
+    def _on_request_end(self, rid: str) -> None:
+        self.runner.release(rid)
+        job_id = self._owner.pop(rid, None)
+        state = self._jobs.get(job_id) if job_id else None
+        req = self.scheduler.get(rid)
+        if state is None or state.done or req is None:
+            return
+        if req.status is RequestStatus.FINISHED_CANCELLED:
+            return
+        if req.status is RequestStatus.FINISHED_FAILED:
+            self._finish_job(state, Failed(state.job.request_id, "InternalError", req.fail_reason or "failed"))
+            return
+        if rid in state.active:
+            state.active.remove(rid)
+        # the next piece may now speak: flush what it produced meanwhile
+        if state.active:
+            for chunk in state.held.pop(state.active[0], []):
+                self._emit(state, chunk)
+        if not state.active and not state.pieces:
+            self._finish_job(state, Finished(state.job.request_id, state.samples, state.tokens))
+
+    def _finish_job(self, state: _Job, event) -> None:
+        state.done = True
+        for rid in state.active:
+            self.scheduler.cancel(rid)
+            self.runner.release(rid)
+            self._owner.pop(rid, None)
+        self._jobs.pop(state.job.request_id, None)
+        self._deliver(state, event)
+
+    def _fail_plan(self, plan, message: str) -> None:
+        rids = {p.request_id for p in plan.prefills} | {d.request_id for d in plan.decodes}
+        rids |= {c.request_id for c in plan.chunks}
+        for rid in rids:
+            self.scheduler.fail(rid, message)
+            self._on_request_end(rid)  # the scheduler reports it again at the next update: a no-op then
+
+    def _cancel(self, job_id: str) -> None:
+        state = self._jobs.pop(job_id, None)
+        if state is None:
+            return
+        state.done = True
+        for rid in state.active:
+            self.scheduler.cancel(rid)
+            self.runner.release(rid)
+            self._owner.pop(rid, None)
+
+    def _cancel_all(self) -> None:
+        for job_id in list(self._jobs):
+            state = self._jobs[job_id]
+            self._cancel(job_id)
+            self._deliver(state, Failed(job_id, "Cancelled", "server shutting down"))

@@ -1,0 +1,289 @@
+"""The model runner: executes a scheduler `StepPlan` as batched forwards (it decides nothing).
+
+One step = (1) every prefill of the plan packed into one LLM pass, (2) one decode position for
+every running request in one batched pass (CUDA-graph replay on GPU), (3) one vectorised RAS
+sampling call over all of them, (4) the flow for every ready chunk, batched by its
+(streaming, finalize) flags, and (5) HiFT for all those chunks (equal lengths share a call).
+Per-request tensors (flow prompt, speaker embedding, vocoder cache, RNGs) live here, keyed by
+request id; the scheduler owns everything else.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kernels.cuda_graphs import DecodeGraphs
+from kernels.kv_cache import KVCache
+from kernels.model import CosyVoice2Model
+from kernels.sampling import ras_sample
+from kernels.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
+from scheduler.jobs import VoicePrompt
+from scheduler.plan import ChunkItem, Segment, StepPlan, StepResult
+
+
+@dataclass
+class RequestTensors:
+    """Runner-side state of one request."""
+
+    prompt_tokens: Tensor  # [P] long, flow prompt speech tokens
+    prompt_mel: Tensor  # [2P, 80]
+    embedding: Tensor  # [192]
+    speed: float
+    vocoder: VocoderState
+    sampler: torch.Generator | None  # per-request LLM sampling RNG (seeded requests)
+    llm_time_s: float = 0.0  # LLM time accrued since this request's last chunk
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    request_id: str
+    pcm: np.ndarray  # float32 at 24 kHz
+    tokens: int  # speech tokens this chunk newly covers
+    generate_time_s: float
+    flow_batch: int
+    vocoder_batch: int
+    detail: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepTimings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+    flow_s: float = 0.0
+    vocoder_s: float = 0.0
+    decode_batch: int = 0
+    flow_batch: int = 0
+    vocoder_batch: int = 0
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF)
+    return gen
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CosyVoice2Model,
+        num_slots: int,
+        slot_len: int,
+        cuda_graphs: bool = True,
+        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    ) -> None:
+        self.model = model
+        self.device = torch.device(model.device)
+        qwen = model.config.llm.qwen
+        dtype = next(model.llm.parameters()).dtype
+        # one extra scratch slot: padding rows of a CUDA-graph bucket write there, never into a live slot
+        self.kv = KVCache.for_model(qwen, num_slots + 1, slot_len, self.device, dtype)
+        self.scratch_slot = num_slots
+        self.requests: dict[str, RequestTensors] = {}
+        self.llm_cfg = model.config.llm
+        self.ratio = model.config.flow.token_mel_ratio
+        self.lookahead = model.config.flow.pre_lookahead_len
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model.llm, self.kv, self.scratch_slot, graph_buckets)
+        self.last = StepTimings()
+
+    # ------------------------------------------------------------------ request state
+
+    def add_request(self, request_id: str, voice: VoicePrompt, speed: float = 1.0, seed: int | None = None) -> None:
+        dev = self.device
+        flow_dtype = next(self.model.flow.parameters()).dtype
+        self.requests[request_id] = RequestTensors(
+            prompt_tokens=torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
+            prompt_mel=torch.as_tensor(np.asarray(voice.mel), dtype=flow_dtype, device=dev),
+            embedding=torch.as_tensor(np.asarray(voice.embedding), dtype=flow_dtype, device=dev),
+            speed=float(speed),
+            # the vocoder noise RNG lives on the CPU: cheap, and identical on every device
+            vocoder=VocoderState(generator=_generator(None if seed is None else seed + 1, torch.device("cpu"))),
+            sampler=_generator(seed, dev),
+        )
+
+    def release(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[StepResult, list[ChunkOutput]]:
+        for rid in plan.released:
+            self.release(rid)
+        timings = StepTimings()
+        failed: dict[str, str] = {}
+        sampled: dict[str, int] = {}
+        hidden_parts: list[Tensor] = []
+        items: list = []  # PrefillItem | DecodeItem, aligned with the hidden rows
+        t0 = time.perf_counter()
+        if plan.prefills:
+            hidden_parts.append(self._prefill(plan.prefills))
+            items.extend(plan.prefills)
+        t1 = time.perf_counter()
+        if plan.decodes:
+            hidden_parts.append(self._decode(plan.decodes))
+            items.extend(plan.decodes)
+            timings.decode_batch = len(plan.decodes)
+        t2 = time.perf_counter()
+        if items:
+            sampled = self._sample(torch.cat(hidden_parts), items)
+        t3 = time.perf_counter()
+        timings.prefill_s, timings.decode_s, timings.sample_s = t1 - t0, t2 - t1, t3 - t2
+        self._charge_llm_time(items, t3 - t0)
+        outputs: list[ChunkOutput] = []
+        if plan.chunks:
+            outputs = self._chunks(plan.chunks, timings, failed)
+        self.last = timings
+        chunk_samples = {o.request_id: int(o.pcm.shape[0]) for o in outputs}
+        return StepResult(sampled=sampled, chunk_samples=chunk_samples, failed=failed), outputs
+
+    def _charge_llm_time(self, items: list, seconds: float) -> None:
+        if not items:
+            return
+        share = seconds / len(items)
+        for item in items:
+            state = self.requests.get(item.request_id)
+            if state is not None:
+                state.llm_time_s += share
+
+    # ------------------------------------------------------------------ LLM
+
+    def _embed_segments(self, segments: tuple[Segment, ...]) -> Tensor:
+        lm = self.model.llm
+        parts = []
+        for seg in segments:
+            if seg.kind == "sos":
+                parts.append(lm.sos_embed()[None])
+            elif seg.kind == "task":
+                parts.append(lm.task_embed()[None])
+            elif seg.kind == "text":
+                parts.append(lm.text_embed(seg.ids))
+            else:
+                parts.append(lm.speech_embed(seg.ids))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _prefill(self, prefills) -> Tensor:
+        packed = [(self._embed_segments(p.segments), p.slot, p.start_pos) for p in prefills]
+        return self.model.llm.prefill_batch(packed, self.kv)
+
+    def _decode(self, decodes) -> Tensor:
+        lm = self.model.llm
+        tokens = torch.tensor([d.token_id for d in decodes], dtype=torch.long)
+        slots = torch.tensor([d.slot for d in decodes], dtype=torch.long)
+        positions = torch.tensor([d.position for d in decodes], dtype=torch.long)
+        if self.graphs is not None:
+            out = self.graphs.run(lm.speech_embed(tokens.to(self.device)), slots, positions)
+            if out is not None:
+                return out
+        span = int(positions.max()) + 1
+        return lm.decode(
+            lm.speech_embed(tokens.to(self.device)), slots.to(self.device), positions.to(self.device), self.kv, span
+        )
+
+    def _sample(self, hidden: Tensor, items: list) -> dict[str, int]:
+        cfg = self.llm_cfg
+        dev = hidden.device
+        logp = self.model.llm.logprobs(hidden)
+        win = cfg.win_size
+        recent = torch.full((len(items), win), -1, dtype=torch.long)
+        for row, item in enumerate(items):
+            ids = item.sample.recent_ids[-win:]
+            if ids:
+                recent[row, win - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        ignore_eos = torch.tensor([it.sample.ignore_eos for it in items], dtype=torch.bool)
+        no_stops = [row for row, it in enumerate(items) if it.sample.ignore_all_stops]
+        if no_stops:  # bench fixed length: no stop id may win
+            logp[torch.tensor(no_stops, device=dev)[:, None], torch.tensor(cfg.stop_token_ids, device=dev)] = float("-inf")
+        gens = [self._sampler(it.request_id) for it in items]
+        tokens = ras_sample(
+            logp, recent.to(dev), ignore_eos.to(dev), cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens
+        ).tolist()
+        out: dict[str, int] = {}
+        for item, tok in zip(items, tokens):
+            forced = item.sample.forced_token
+            out[item.request_id] = int(forced if forced is not None else tok)
+        return out
+
+    def _sampler(self, request_id: str) -> torch.Generator | None:
+        state = self.requests.get(request_id)
+        return None if state is None else state.sampler
+
+    # ------------------------------------------------------------------ flow + vocoder
+
+    def _chunks(self, chunks: tuple[ChunkItem, ...], timings: StepTimings, failed: dict[str, str]) -> list[ChunkOutput]:
+        live = [c for c in chunks if c.request_id in self.requests]
+        for c in chunks:
+            if c.request_id not in self.requests:
+                failed[c.request_id] = "runner has no state for this request"
+        groups: dict[tuple[bool, bool], list[ChunkItem]] = {}
+        for c in live:
+            groups.setdefault((c.streaming, c.finalize), []).append(c)
+        mels: dict[str, Tensor] = {}
+        t0 = time.perf_counter()
+        for (streaming, finalize), group in groups.items():
+            mels.update(self._flow_group(group, streaming, finalize))
+        t1 = time.perf_counter()
+        vocoder_items = []
+        for c in live:
+            state = self.requests[c.request_id]
+            mel = mels[c.request_id]
+            if state.speed != 1.0:
+                mel = stretch_mel(mel, state.speed)
+            vocoder_items.append((state.vocoder, mel, c.is_last))
+        wavs = vocode_chunks(self.model.hift, vocoder_items)
+        t2 = time.perf_counter()
+        timings.flow_s, timings.vocoder_s = t1 - t0, t2 - t1
+        timings.flow_batch = timings.vocoder_batch = len(live)
+        share = (t2 - t0) / max(1, len(live))
+        outputs = []
+        for c, wav in zip(live, wavs):
+            state = self.requests[c.request_id]
+            covered = (c.token_end if c.finalize else c.token_end - self.lookahead) - c.token_offset
+            detail = {"llm_s": state.llm_time_s, "flow_s": (t1 - t0) / len(live), "vocoder_s": (t2 - t1) / len(live)}
+            outputs.append(
+                ChunkOutput(
+                    request_id=c.request_id,
+                    pcm=wav.float().cpu().numpy(),
+                    tokens=covered,
+                    generate_time_s=state.llm_time_s + share,
+                    flow_batch=len(groups[(c.streaming, c.finalize)]),
+                    vocoder_batch=len(live),
+                    detail=detail,
+                )
+            )
+            state.llm_time_s = 0.0
+        return outputs
+
+    def _flow_group(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
+        """One batched flow call; returns each chunk's NEW mel frames [80, n]."""
+        flow = self.model.flow
+        dev = self.device
+        states = [self.requests[c.request_id] for c in group]
+        seqs = [
+            torch.cat([st.prompt_tokens, torch.tensor(c.token_ids[: c.token_end], dtype=torch.long, device=dev)])
+            for st, c in zip(states, group)
+        ]
+        lens = torch.tensor([s.shape[0] for s in seqs], dtype=torch.long)
+        tokens = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=dev)
+        for row, s in enumerate(seqs):
+            tokens[row, : s.shape[0]] = s
+        feat_lens = torch.tensor([st.prompt_mel.shape[0] for st in states], dtype=torch.long)
+        feat = torch.zeros(len(seqs), max(1, int(feat_lens.max())), states[0].prompt_mel.shape[1],
+                           dtype=states[0].prompt_mel.dtype, device=dev)
+        for row, st in enumerate(states):
+            feat[row, : st.prompt_mel.shape[0]] = st.prompt_mel
+        emb = torch.stack([st.embedding for st in states])
+        mel, mel_lens = flow.inference(tokens, lens.to(dev), feat, feat_lens.to(dev), emb, streaming, finalize)
+        out = {}
+        for row, c in enumerate(group):
+            end = int(mel_lens[row])
+            out[c.request_id] = mel[row, :, c.token_offset * self.ratio : end].float()
+        return out
