@@ -18,8 +18,8 @@ server answers them with `send_error`, which always closes the connection afterw
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Union
 
 import h11
 
@@ -29,7 +29,7 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # one reference-audio upload (30 s of WAV is ~3 MB; MP3 less)
 DEFAULT_MAX_HEADER_COUNT = 100
 
-HeadersIn = Union[Mapping[str, str], Iterable[tuple[str, str]]]
+HeadersIn = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ class ConnectionClosed:
 class Upgrade:
     request: HttpRequest
     trailing_data: bytes  # bytes received after the request (the first WebSocket frames)
-    connection: "HttpConnection" = field(repr=False)  # to answer the upgrade (101 or a refusal)
+    connection: HttpConnection = field(repr=False)  # to answer the upgrade (101 or a refusal)
 
 
-HttpEvent = Union[HttpRequest, NeedData, ConnectionClosed, Upgrade]
+HttpEvent = HttpRequest | NeedData | ConnectionClosed | Upgrade
 
 
 def _header_pairs(headers: HeadersIn) -> list[tuple[str, str]]:
@@ -166,9 +166,9 @@ class HttpConnection:
     # ---- output ----
     def _close_header(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         request_done = self._h11.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
-        if self._failed or self._eof or not request_done or not self._keep_alive():
-            if not any(k == "connection" for k, _ in headers):
-                headers.append(("connection", "close"))
+        must_close = self._failed or self._eof or not request_done or not self._keep_alive()
+        if must_close and not any(k == "connection" for k, _ in headers):
+            headers.append(("connection", "close"))
         return headers
 
     def _send(self, event: h11.Event) -> bytes:

@@ -8,11 +8,9 @@ server must write (pong, close replies) and the close.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
 from protocol.errors import ApiError, BadRequest
@@ -41,7 +39,7 @@ class WsClosed:
     reason: str = ""
 
 
-WsEvent = Union[WsMessage, WsSend, WsClosed]
+WsEvent = WsMessage | WsSend | WsClosed
 
 
 class HandshakeError(BadRequest):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from protocol.errors import ApiError
 from protocol.schema import DEFAULT_MAX_TEXT_CHARS, SpeechParams, check_ws_text, parse_ws_run_task
@@ -99,7 +99,7 @@ class SendEvent:
         return json.dumps(self.event, ensure_ascii=False, separators=(",", ":"))
 
 
-Action = Union[StartTask, PushText, FinishText, CancelTask, SendEvent]
+Action = StartTask | PushText | FinishText | CancelTask | SendEvent
 
 
 # ---- server -> client events (DashScope duplex shapes) ----

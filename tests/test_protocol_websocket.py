@@ -4,8 +4,17 @@ import h11
 import pytest
 from wsproto import WSConnection
 from wsproto.connection import ConnectionType
-from wsproto.events import (AcceptConnection, CloseConnection, Message, Ping, Pong, RejectConnection,
-                            RejectData, Request, TextMessage)
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 
 from protocol.errors import ApiError
 from protocol.http import HttpConnection, Upgrade

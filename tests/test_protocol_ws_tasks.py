@@ -4,8 +4,19 @@ import json
 
 import pytest
 
-from protocol.ws_tasks import (CancelTask, FinishText, PushText, SendEvent, StartTask, State, WsTaskMachine,
-                               result_generated, task_failed, task_finished, task_started)
+from protocol.ws_tasks import (
+    CancelTask,
+    FinishText,
+    PushText,
+    SendEvent,
+    StartTask,
+    State,
+    WsTaskMachine,
+    result_generated,
+    task_failed,
+    task_finished,
+    task_started,
+)
 from scheduler.jobs import Mode
 
 PARAMS = {"mode": "fast_replication", "reference_audio_id": "ref", "output_format": "mp3", "sample_rate": 24000,
