@@ -50,8 +50,7 @@ def _load_legacy(path: Path) -> object:
 
 def canonical_key(key: str) -> str:
     """Map equivalent hift namings onto the release naming: no `generator.`, parametrizations."""
-    if key.startswith(GENERATOR_PREFIX):
-        key = key[len(GENERATOR_PREFIX):]
+    key = key.removeprefix(GENERATOR_PREFIX)
     for legacy, new in _LEGACY_WN.items():
         if key.endswith(legacy):
             return key[: -len(legacy)] + new

@@ -8,9 +8,10 @@ so fp32 CPU loading copies nothing; the single `.to(device, dtype)` per module i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
