@@ -7,6 +7,7 @@ Head order matches HF `repeat_kv`: query head h uses KV head h // G.
 
 flash-attn is used only when importable AND the tensors are on CUDA (never required).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA build
+    except (ImportError, OSError, RuntimeError):  # absent, or a broken CUDA build
         return False
     return True
 

@@ -6,9 +6,12 @@ decode gather `k[layer][slots, :, :span]` yields a contiguous `[B, Hkv, span, D]
 transpose. Slot ids are chosen by the scheduler; the cache never tracks lengths itself
 (positions are passed by the caller), which keeps decode free of host-side state.
 """
+
 from __future__ import annotations
 
 import torch
+
+from kernels.config import QwenConfig
 
 
 class KVCache:
@@ -36,11 +39,17 @@ class KVCache:
 
     @classmethod
     def for_model(
-        cls, qwen_cfg, num_slots: int, max_len: int, device: torch.device | str = "cpu",
+        cls,
+        qwen_cfg: QwenConfig,
+        num_slots: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> "KVCache":
+    ) -> KVCache:
         """Sized from a `kernels.config.QwenConfig`."""
-        return cls(qwen_cfg.num_layers, num_slots, max_len, qwen_cfg.num_kv_heads, qwen_cfg.head_dim, device, dtype)
+        return cls(
+            qwen_cfg.num_layers, num_slots, max_len, qwen_cfg.num_kv_heads, qwen_cfg.head_dim, device, dtype
+        )
 
     @property
     def device(self) -> torch.device:

@@ -11,10 +11,11 @@ Execution API, all on a slot KV cache (`kernels.kv_cache.KVCache`):
   different lengths in one batched forward (length mask per row; no host sync, static shapes);
 - `logprobs(hidden[B,H]) -> [B,6564]`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn

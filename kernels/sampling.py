@@ -11,9 +11,10 @@ Draws use inverse-CDF sampling on uniforms (two per row per step, always both, s
 random stream depends only on its own generator and step count, never on batch composition or
 on which branch ran). No host sync: the result stays on the device.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

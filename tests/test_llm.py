@@ -1,10 +1,11 @@
 """Qwen2LM on the tiny reference model: keys, KV cache vs full forward, appends, batch
 invariance of decode, packed prefill, and the generate loop's stop / length rules."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_kv_decode_equals_full_forward(lm: Qwen2LM) -> None:
         pos = torch.tensor([prompt.shape[0] + i])
         steps.append(lm.decode(lm.speech_embed(tok[None]), torch.tensor([1]), pos, kv)[0])
     full = lm.prefill_hidden(torch.cat([prompt, lm.speech_embed(cont)]), 3, 0, _kv(lm))
-    torch.testing.assert_close(torch.stack(steps), full[prompt.shape[0] - 1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.stack(steps), full[prompt.shape[0] - 1 :], atol=ATOL, rtol=0)
 
 
 def test_prefill_appends_at_start_pos(lm: Qwen2LM) -> None:
@@ -84,8 +85,13 @@ def test_decode_is_batch_invariant(lm: Qwen2LM) -> None:
         embeds = lm.speech_embed(tokens[step])
         batched = lm.decode(embeds, torch.tensor(slots), positions, kv_b)
         for b, slot in enumerate(slots):
-            alone = lm.decode(embeds[b:b + 1], torch.tensor([slot]), positions[b:b + 1], kv_1,
-                              span=int(positions[b]) + 1)
+            alone = lm.decode(
+                embeds[b : b + 1],
+                torch.tensor([slot]),
+                positions[b : b + 1],
+                kv_1,
+                span=int(positions[b]) + 1,
+            )
             torch.testing.assert_close(batched[b], alone[0], atol=ATOL, rtol=0)
         positions = positions + 1
 
@@ -124,7 +130,9 @@ def _with_bias(lm: Qwen2LM, token: int, value: float) -> Iterator[None]:
 def test_generate_respects_min_len_and_stops_on_eos(lm: Qwen2LM) -> None:
     x = _prompt(lm, 7, 5, 4)
     with _with_bias(lm, lm.cfg.eos_token, 100.0):  # eos almost certain once allowed
-        out = list(generate(lm, _kv(lm), 0, x, min_len=3, max_len=50, generator=torch.Generator().manual_seed(0)))
+        out = list(
+            generate(lm, _kv(lm), 0, x, min_len=3, max_len=50, generator=torch.Generator().manual_seed(0))
+        )
     assert len(out) == 3 and all(t < lm.cfg.speech_token_size for t in out)
 
 

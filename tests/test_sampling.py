@@ -1,4 +1,5 @@
 """RAS sampler: kept sets on hand-built distributions, repetition resample, eos masking, seeds."""
+
 from __future__ import annotations
 
 import math
@@ -16,15 +17,22 @@ def _logp(probs: list[float]) -> torch.Tensor:
     return torch.where(p > 0, p.log(), torch.tensor(-math.inf))[None]
 
 
-def _sweep(logp: torch.Tensor, recent: torch.Tensor | None = None, ignore_eos: bool = False,
-           n: int = 2000, u1: float = 0.5, **kw) -> list[int]:
+def _sweep(
+    logp: torch.Tensor,
+    recent: torch.Tensor | None = None,
+    ignore_eos: bool = False,
+    n: int = 2000,
+    u1: float = 0.5,
+    **kw,
+) -> list[int]:
     """Outputs for the first uniform swept over [0, 1) (n rows of one batch): the support and
     mass of the top draw."""
     recent = torch.full((1, 10), -1) if recent is None else recent
     u0 = (torch.arange(n, dtype=torch.float32) + 0.5) / n
     u = torch.stack([u0, torch.full((n,), u1)], dim=-1)
-    out = ras_sample(logp.expand(n, -1), recent.expand(n, -1), torch.full((n,), ignore_eos), EOS,
-                     uniforms=u, **kw)
+    out = ras_sample(
+        logp.expand(n, -1), recent.expand(n, -1), torch.full((n,), ignore_eos), EOS, uniforms=u, **kw
+    )
     return out.tolist()
 
 

@@ -1,5 +1,6 @@
 """LLM parity: lm_input, teacher-forced KV-cache hidden/log-probs, full-forward log-probs,
 and the same decode run as one B=3 batch over the three layouts (proves batching)."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,16 @@ def _layout_checks(
     ]
     ours, ref = logp.argmax(-1).tolist(), meta["layouts"][layout]["argmax_kv"]
     mismatches = sum(a != b for a, b in zip(ours, ref)) + abs(len(ours) - len(ref))
-    results.append(CaseResult(f"llm.{label}.argmax_kv", float(mismatches), float(mismatches), 0.0,
-                              mismatches == 0, "exact; value = mismatching rows"))
+    results.append(
+        CaseResult(
+            f"llm.{label}.argmax_kv",
+            float(mismatches),
+            float(mismatches),
+            0.0,
+            mismatches == 0,
+            "exact; value = mismatching rows",
+        )
+    )
     return results
 
 
@@ -76,7 +85,9 @@ def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
     results: list[CaseResult] = []
     inputs = []
     for slot, name in enumerate(LAYOUTS):
-        lm_input = lm.build_lm_input(fx[f"{name}.text"], fx[f"{name}.prompt_text"], fx[f"{name}.prompt_speech_token"])
+        lm_input = lm.build_lm_input(
+            fx[f"{name}.text"], fx[f"{name}.prompt_text"], fx[f"{name}.prompt_speech_token"]
+        )
         inputs.append(lm_input)
         results.append(compare(f"llm.{name}.lm_input", lm_input, fx[f"{name}.lm_input"][0], TOL_INPUT))
         hidden = _teacher_forced(lm, lm_input, cont, kv, slot)
@@ -84,7 +95,7 @@ def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
 
     # one full causal prefill over prompt + continuation (no incremental cache use)
     zs = inputs[0]
-    full = lm.prefill_hidden(torch.cat([zs, lm.speech_embed(cont)]), 0, 0, kv)[zs.shape[0] - 1:]
+    full = lm.prefill_hidden(torch.cat([zs, lm.speech_embed(cont)]), 0, 0, kv)[zs.shape[0] - 1 :]
     results.append(compare("llm.zero_shot.logp_full", lm.logprobs(full), fx["zero_shot.logp_full"], TOL_LOGP))
 
     batched = _batched(lm, inputs, cont, kv)
