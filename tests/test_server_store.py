@@ -1,0 +1,99 @@
+"""Voice store atomicity / restart, auth and config parsing (no sockets)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.auth import token_ok
+from server.config import ServerConfig, load_config
+from server.store import VoiceStore
+from tests.fakes import FakeExtractor
+
+PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, "hi")
+
+
+def test_add_get_list_delete_and_restart(tmp_path: Path) -> None:
+    store = VoiceStore(tmp_path)
+    a = store.add("a.wav", b"A" * 10, "one", PROMPT)
+    b = store.add("../../etc/passwd", b"B" * 5, "two", PROMPT)
+    assert store.get(a.id) == a and b.filename == "../../etc/passwd"
+    assert not any("passwd" in p.name for p in (tmp_path / "voices").iterdir())  # name never used on disk
+    store.close()
+    store = VoiceStore(tmp_path)  # restart
+    assert {r.id for r in store.list(10, "desc")} == {a.id, b.id}
+    loaded = store.load_prompt(a.id)
+    assert loaded is not None and np.array_equal(loaded.speech_tokens, PROMPT.speech_tokens)
+    assert loaded.text == "hi" and loaded.mel.shape == PROMPT.mel.shape
+    assert store.delete(a.id) and not store.delete(a.id)
+    assert store.get(a.id) is None and store.load_prompt(a.id) is None
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "voices").iterdir()) == [b.id, b.id]
+
+
+def test_crash_mid_write_leaves_nothing_visible(tmp_path: Path) -> None:
+    store = VoiceStore(tmp_path)
+
+    def boom(path: Path, data: bytes) -> None:  # the process dies while the features are written
+        with open(path.with_name(".tmp-" + path.name), "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("simulated crash")
+
+    original = store._write_atomic
+    calls = {"n": 0}
+
+    def second_write_crashes(path: Path, data: bytes) -> None:
+        calls["n"] += 1
+        (original if calls["n"] == 1 else boom)(path, data)
+
+    store._write_atomic = second_write_crashes  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        store.add("a.wav", b"A" * 100, "t", PROMPT)
+    assert store.list(10, "desc") == []
+    store.close()
+    restarted = VoiceStore(tmp_path)
+    assert restarted.list(10, "desc") == [] and list((tmp_path / "voices").iterdir()) == []
+
+
+def test_killed_process_mid_upload_leaves_nothing(tmp_path: Path) -> None:
+    """A real SIGKILL between the file renames and the DB insert: the sweep removes the orphans."""
+    code = (
+        "import os, sys, numpy as np\n"
+        "from server.store import VoiceStore\n"
+        "from tests.fakes import FakeExtractor\n"
+        "s = VoiceStore(sys.argv[1])\n"
+        "import server.store as m\n"
+        "orig = m._fsync_dir\n"
+        "def die(p):\n    orig(p); os.kill(os.getpid(), 9)\n"
+        "m._fsync_dir = die\n"
+        "s.add('a.wav', b'A' * 100, 't', FakeExtractor()(np.zeros(16000, np.float32), 16000, 't'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=30)
+    assert proc.returncode == -9
+    assert len(list((tmp_path / "voices").iterdir())) == 2  # files renamed, row never written
+    store = VoiceStore(tmp_path)
+    assert store.list(10, "desc") == [] and list((tmp_path / "voices").iterdir()) == []
+
+
+@pytest.mark.parametrize("header,ok", [
+    ("Bearer t1", True), ("bearer t2", True), ("Bearer  t1 ", True), ("Bearer t3", False),
+    ("Basic t1", False), ("t1", False), (None, False), ("", False), ("Bearer ", False),
+])
+def test_token_check(header: str | None, ok: bool) -> None:
+    assert token_ok(header, ("t1", "t2")) is ok
+
+
+def test_config_flags_over_env(tmp_path: Path) -> None:
+    env = {"COSYSERVE_PORT": "9000", "COSYSERVE_TOKENS": "e1,e2", "COSYSERVE_IDLE_TIMEOUT_S": "5.5",
+           "COSYSERVE_DATA_DIR": str(tmp_path)}
+    cfg = load_config(["--port", "9100", "--token", "x"], env)
+    assert cfg.port == 9100 and cfg.tokens == ("x",) and cfg.idle_timeout_s == 5.5 and cfg.data_dir == tmp_path
+    assert load_config([], env).tokens == ("e1", "e2")
+    with pytest.raises(SystemExit):
+        load_config([], {})
+    with pytest.raises(ValueError):
+        ServerConfig(port=70000)
