@@ -10,8 +10,8 @@ upstream keeps emitting full hops while enough tokens remain, then one final chu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from scheduler.plan import ChunkItem
 from scheduler.request import Request

@@ -6,8 +6,9 @@ position, input token, sampling flag, forced token and chunk boundary is spelled
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, NamedTuple
+from typing import Literal, NamedTuple
 
 SegmentKind = Literal["sos", "text", "task", "speech"]
 

@@ -11,7 +11,7 @@ Not thread-safe: the engine thread owns it (cancel/push_text are relayed to that
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from scheduler.bistream import FeederState, Outcome, runaway_cap
 from scheduler.chunk_policy import ChunkPolicy

@@ -1,8 +1,8 @@
 """Fakes for scheduler tests (and engine tests): a clock, and a runner that answers plans by hand."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from scheduler.plan import ChunkItem, DecodeItem, PrefillItem, StepPlan, StepResult
 from scheduler.scheduler import Scheduler

@@ -160,7 +160,7 @@ def test_slot_freed_on_finish_and_released_once() -> None:
     for _ in range(4):
         ended += step(s)[1]
     assert s.kv.num_free == 1 and r.slot is None and s.kv.used_tokens == 0
-    plan, done = step(s)  # the one final chunk
+    _plan, done = step(s)  # the one final chunk
     assert done == ["a"] and r.status is RequestStatus.FINISHED_STOPPED
     assert s.schedule().released == ("a",) and s.schedule().released == ()
     assert not s.has_work()

@@ -1,6 +1,7 @@
 """Chunk policy: hop schedule 25+pad, 50, 100..., full coverage, non-stream, urgency order."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -85,7 +86,7 @@ def test_coverage_is_exact_for_any_length(n_tokens: int, p: int) -> None:
     s.add_request(r)
     chunks = chunks_of(run_until_idle(s), "a")
     assert chunks[-1].is_last and chunks[-1].token_end == n_tokens and sum(c.is_last for c in chunks) == 1
-    for prev, nxt in zip(chunks, chunks[1:]):
+    for prev, nxt in itertools.pairwise(chunks):
         assert nxt.token_offset == prev.token_end - 3  # contiguous: audio of [offset, end-3)
     assert r.samples_emitted == 960 * n_tokens
 
