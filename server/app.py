@@ -106,7 +106,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
 
 
 def build_extractor(model_dir: Path | None) -> ExtractPrompt:
-    from frontend import PromptExtractor  # lazy: onnxruntime
+    from frontend.prompt import PromptExtractor  # lazy: onnxruntime
     assert model_dir is not None
     return PromptExtractor(model_dir).extract  # type: ignore[no-any-return]
 

@@ -235,3 +235,22 @@ def test_delete_while_synthesis_runs_finishes(tmp_path: Path) -> None:
                                timeout=5).status_code == 200
         rest = [json.loads(e.data) for e in events]
         assert rest[-1]["output"]["finish_reason"] == "stop"
+
+
+def test_graceful_drain_cancels_work_past_deadline(tmp_path: Path) -> None:
+    engine = FakeEngine(delay_s=0.05, chunk_chars=1)
+    with running_server(tmp_path, engine, shutdown_deadline_s=0.3) as srv:
+        vid = upload(requests, srv.url).json()["id"]
+        r = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH,
+                          json=speech_body(vid, text="y" * 200, stream=True), stream=True, timeout=10)
+        events = SSEClient(r).events()
+        next(events)
+        start = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - start < 3
+        deadline = time.time() + 2  # the fake job thread notices its cancel within one step
+        while engine.running and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.running == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{srv.url}/health", timeout=2)

@@ -168,7 +168,8 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
     (["RUN:bad-mode"], "InvalidParameter"),
     (["RUN:unknown-voice"], "NotFound"),
     (["RUN", _continue("T", "")], "InvalidParameter"),
-    (["RUN", _finish("T"), _continue("T", "late")], "InvalidState"),
+    # a task with no text may finish before "late" arrives: then it is simply not started
+    (["RUN", _finish("T"), _continue("T", "late")], "InvalidState|TaskNotStarted"),
 ])
 def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[str], code: str) -> None:
     ws = websocket.create_connection(_ws_url(server), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
@@ -185,7 +186,7 @@ def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[
             msg = json.loads(ws.recv())
             if msg["header"]["event"] == "task-failed":
                 break
-        assert msg["header"]["error_code"] == code and msg["header"]["error_message"]
+        assert msg["header"]["error_code"] in code.split("|") and msg["header"]["error_message"]
         # the connection stays usable for a new task
         ws.send(_run_task("next", voice, output_format="pcm"))
         ws.send(_continue("next", "ok"))
