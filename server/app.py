@@ -13,9 +13,10 @@ import logging
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def resolve_model_dir(config: ServerConfig) -> Path:
         return config.model_dir
     out = config.data_dir / "tiny-model"
     for line in ("=" * 72,
-                 "NO --model-dir GIVEN: using a TINY model with RANDOM WEIGHTS at %s" % out,
+                 f"NO --model-dir GIVEN: using a TINY model with RANDOM WEIGHTS at {out}",
                  "Every response will be NOISE, not speech.",
                  "Pass --model-dir /path/to/CosyVoice2-0.5B (the released directory) for real output.",
                  "=" * 72):
@@ -175,7 +176,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("server did not start")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def token_ok(authorization: str | None, tokens: tuple[str, ...]) -> bool:

@@ -7,10 +7,9 @@ cancels the engine job at once via `close()`.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from scheduler.jobs import (AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl,
-                            SpeechJob)
+from scheduler.jobs import AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl, SpeechJob
 
 
 class EngineStream:

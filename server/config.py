@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)

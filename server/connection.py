@@ -15,7 +15,15 @@ import asyncio
 import logging
 from typing import Any
 
-from protocol.errors import ApiError, HeadersTooLarge, InternalError, NotFound, Overloaded, Unauthorized, error_body
+from protocol.errors import (
+    ApiError,
+    HeadersTooLarge,
+    InternalError,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    error_body,
+)
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
 from protocol.websocket import WebSocketSession
 from server.app import App, new_request_id
@@ -31,7 +39,7 @@ class ClientGone(Exception):
 
 
 class _Responder:
-    def __init__(self, proto: "HttpProtocol") -> None:
+    def __init__(self, proto: HttpProtocol) -> None:
         self._proto = proto
         self.started = False
         self.status = 0

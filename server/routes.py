@@ -5,8 +5,9 @@ Handlers raise ApiError; the connection turns it into the JSON error response in
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from server.app import App
@@ -103,7 +104,7 @@ async def health(ctx: Ctx) -> None:
 async def metrics(ctx: Ctx) -> None:
     try:
         stats = ctx.app.engine.stats()
-    except Exception:  # a broken engine must not take /metrics down with it
+    except Exception:  # noqa: BLE001 - a broken engine must not take /metrics down with it
         stats = None
     body = ctx.app.metrics.render(stats).encode("utf-8")
     await ctx.out.respond(200, [("content-type", "text/plain; version=0.0.4")], body)

@@ -7,8 +7,9 @@ the engine job (EngineStream.close in the finally).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from protocol.encoders import OutputPipeline
 from protocol.errors import ApiError, InternalError, InvalidParameter, Overloaded

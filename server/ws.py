@@ -14,9 +14,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from protocol.errors import ApiError
-from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsClosed, WsMessage, WsSend
-from protocol.ws_tasks import (Action, CancelTask, FinishText, PushText, SendEvent, StartTask, WsTaskMachine)
 from protocol.schema import SpeechParams
+from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsClosed, WsMessage, WsSend
+from protocol.ws_tasks import Action, CancelTask, FinishText, PushText, SendEvent, StartTask, WsTaskMachine
 from server.app import App, new_request_id
 from server.synthesis import EngineFailed, Synthesis
 
@@ -68,7 +68,7 @@ class _Task:
 
 
 class WsConnection:
-    def __init__(self, app: App, session: WebSocketSession, proto: "HttpProtocol") -> None:
+    def __init__(self, app: App, session: WebSocketSession, proto: HttpProtocol) -> None:
         self.app = app
         self.session = session
         self.proto = proto

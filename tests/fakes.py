@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.jobs import (AudioChunk, ChunkMetrics, EngineStats, EventSink, Failed, Finished, SpeechJob,
-                            VoicePrompt)
+from scheduler.jobs import (
+    AudioChunk,
+    ChunkMetrics,
+    EngineStats,
+    EventSink,
+    Failed,
+    Finished,
+    SpeechJob,
+    VoicePrompt,
+)
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_CHAR = 1200  # 50 ms of audio per character at speed 1.0
@@ -23,7 +31,7 @@ AMPLITUDE = 0.5
 
 
 class _FakeJob:
-    def __init__(self, engine: "FakeEngine", job: SpeechJob, sink: EventSink) -> None:
+    def __init__(self, engine: FakeEngine, job: SpeechJob, sink: EventSink) -> None:
         self.engine, self.job, self.sink = engine, job, sink
         self._cond = threading.Condition()
         self._pending = job.text or ""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import h11
@@ -161,7 +160,7 @@ def _raw(server, data: bytes, read_timeout: float = 3.0) -> bytes:
         try:
             while chunk := sock.recv(65536):
                 out += chunk
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
         return out
 

@@ -15,7 +15,14 @@ import requests
 import soundfile as sf
 import websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, RejectData, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 
 from tests.fakes import SAMPLES_PER_CHAR, FakeEngine
 from tests.server_helpers import AUTH, TOKEN, running_server, upload
