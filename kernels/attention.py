@@ -58,6 +58,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return out.reshape(b, hq, d)
 
 
+def rowwise_decode_attention(
+    q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, slots: list[int], positions: list[int]
+) -> torch.Tensor:
+    """CPU decode: one SDPA per row straight on the slot's cache view (no gather copy, no mask,
+    reads only [0, pos]). q [B, Hq, D]; k_layer/v_layer one layer's [slots, Hkv, max_len, D]."""
+    b, hq, d = q.shape
+    hkv = k_layer.shape[1]
+    qf = q.reshape(b, hkv, hq // hkv, d)
+    outs = [
+        F.scaled_dot_product_attention(qf[i], k_layer[slot, :, : pos + 1], v_layer[slot, :, : pos + 1])
+        for i, (slot, pos) in enumerate(zip(slots, positions))
+    ]
+    return torch.stack(outs).reshape(b, hq, d)
+
+
 def flash_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

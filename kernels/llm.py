@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.attention import decode_attention, flash_decode_attention, prefill_attention, use_flash
+from kernels.attention import (
+    decode_attention,
+    flash_decode_attention,
+    prefill_attention,
+    rowwise_decode_attention,
+    use_flash,
+)
 from kernels.config import LLMConfig, read_model_config
 from kernels.kv_cache import KVCache
 from kernels.qwen2 import Qwen2Model
@@ -48,6 +54,7 @@ class Qwen2LM(nn.Module):
         self.llm_decoder = nn.Linear(hidden, n_out)
         self.speech_embedding = nn.Embedding(n_out, cfg.llm_input_size)
         self.attn_backend = "auto"  # "auto" | "sdpa" | "flash" (flash only on CUDA when importable)
+        self.cpu_rowwise_decode = True  # CPU decode attends per row on cache views (see decode)
 
     @property
     def backbone(self) -> Qwen2Model:
@@ -139,7 +146,13 @@ class Qwen2LM(nn.Module):
     ) -> torch.Tensor:
         """One step for B requests: row b's token sits at positions[b] of slots[b] and attends
         to [0, positions[b]]. `span` (a Python int >= max(positions)+1, default kv.max_len)
-        bounds the keys read; keeping it fixed keeps shapes static for CUDA-graph capture."""
+        bounds the keys read; keeping it fixed keeps shapes static for CUDA-graph capture.
+
+        On CPU (no graphs, host reads are free) attention runs per row on the cache views
+        instead (`cpu_rowwise_decode`): no gather copy, no mask, only [0, pos] read; `span`
+        is then irrelevant. Accelerators always take the static masked path."""
+        if self.cpu_rowwise_decode and embeds.device.type == "cpu":
+            return self._decode_rowwise(embeds, slots, positions, kv)
         span = kv.max_len if span is None else span
         valid = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
         flash = use_flash(embeds.device, self.attn_backend)
@@ -150,6 +163,17 @@ class Qwen2LM(nn.Module):
             kv.write_decode(layer, slots, positions, k, v)
             kc, vc = kv.gather(layer, slots, span)
             return decode_attention(q, kc, vc, valid)
+
+        return self.backbone(embeds.to(kv.dtype), positions, attend)
+
+    def _decode_rowwise(
+        self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: KVCache
+    ) -> torch.Tensor:
+        host_slots, host_positions = slots.tolist(), positions.tolist()
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kv.write_decode(layer, slots, positions, k, v)
+            return rowwise_decode_attention(q, kv.k[layer], kv.v[layer], host_slots, host_positions)
 
         return self.backbone(embeds.to(kv.dtype), positions, attend)
 

@@ -72,7 +72,14 @@ def test_prefill_appends_at_start_pos(lm: Qwen2LM) -> None:
     torch.testing.assert_close(tail, whole[6:], atol=ATOL, rtol=0)
 
 
-def test_decode_is_batch_invariant(lm: Qwen2LM) -> None:
+@pytest.fixture(params=[True, False], ids=["cpu_rowwise", "static_masked"])
+def decode_mode(lm: Qwen2LM, request: pytest.FixtureRequest) -> Iterator[bool]:
+    lm.cpu_rowwise_decode = request.param
+    yield request.param
+    lm.cpu_rowwise_decode = True
+
+
+def test_decode_is_batch_invariant(lm: Qwen2LM, decode_mode: bool) -> None:
     prompts = [_prompt(lm, s, n, m) for s, n, m in ((2, 3, 0), (3, 9, 20), (4, 5, 2))]
     slots = [2, 0, 3]  # arbitrary slot ids, different lengths
     kv_b, kv_1 = _kv(lm), _kv(lm)
@@ -94,6 +101,20 @@ def test_decode_is_batch_invariant(lm: Qwen2LM) -> None:
             )
             torch.testing.assert_close(batched[b], alone[0], atol=ATOL, rtol=0)
         positions = positions + 1
+
+
+def test_static_and_rowwise_decode_agree(lm: Qwen2LM) -> None:
+    x = _prompt(lm, 10, 6, 3)
+    outs = []
+    for rowwise in (True, False):
+        kv = _kv(lm)
+        lm.prefill(x, 1, 0, kv)
+        try:
+            lm.cpu_rowwise_decode = rowwise
+            outs.append(lm.decode(lm.speech_embed([4]), torch.tensor([1]), torch.tensor([x.shape[0]]), kv))
+        finally:
+            lm.cpu_rowwise_decode = True
+    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
 
 
 def test_prefill_batch_equals_separate_prefills(lm: Qwen2LM) -> None:

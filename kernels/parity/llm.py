@@ -98,7 +98,13 @@ def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
     full = lm.prefill_hidden(torch.cat([zs, lm.speech_embed(cont)]), 0, 0, kv)[zs.shape[0] - 1 :]
     results.append(compare("llm.zero_shot.logp_full", lm.logprobs(full), fx["zero_shot.logp_full"], TOL_LOGP))
 
-    batched = _batched(lm, inputs, cont, kv)
-    for i, name in enumerate(LAYOUTS):
-        results.extend(_layout_checks(f"batched.{name}", name, batched[i], lm.logprobs(batched[i]), fx, meta))
+    # CPU decode attends per row; the static masked path (what CUDA graphs capture) is checked too
+    for label, rowwise in (("batched", True), ("batched_static", False)):
+        lm.cpu_rowwise_decode = rowwise
+        batched = _batched(lm, inputs, cont, kv)
+        for i, name in enumerate(LAYOUTS):
+            results.extend(
+                _layout_checks(f"{label}.{name}", name, batched[i], lm.logprobs(batched[i]), fx, meta)
+            )
+    lm.cpu_rowwise_decode = True
     return results
