@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from kernels.config import EncoderConfig
 
 UPSAMPLE_STRIDE = 2  # hard-coded upstream
+MAX_BD_ELEMENTS = 1 << 26  # rel-pos scores computed per group of rows of at most this many elements (256 MB)
 
 
 # ---------------------------------------------------------------- masks and position tables
@@ -53,25 +54,27 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-_PE_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
-
-
-def rel_pos_table(size: int, d_model: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+class RelPosTable:
     """ESPnet rel-pos sinusoids `(1, 2*size-1, d)` for r = size-1 ... -(size-1).
 
-    Values depend only on r, so one table for the largest size seen is kept and sliced (cached per
-    d/device/dtype, grown on demand like upstream's `extend_pe`).
+    Values depend only on r, so one table for the largest size seen is kept and sliced (per
+    device/dtype, grown on demand like upstream's `extend_pe`). Not a buffer: not in the state dict.
     """
-    key = (d_model, str(device), dtype)
-    table = _PE_CACHE.get(key)
-    if table is None or table.size(1) < 2 * size - 1:
-        n = max(size, 1500)
-        if table is not None:
-            n = max(n, (table.size(1) + 1) // 2 * 2)
-        table = _build_rel_pos(n, d_model).to(device=device, dtype=dtype)
-        _PE_CACHE[key] = table
-    center = (table.size(1) - 1) // 2
-    return table[:, center - size + 1 : center + size]
+
+    def __init__(self, d_model: int, initial: int = 1500) -> None:
+        self.d_model = d_model
+        self.initial = initial
+        self._tables: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (str(device), dtype)
+        table = self._tables.get(key)
+        if table is None or table.size(1) < 2 * size - 1:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                table = _build_rel_pos(max(size, self.initial), self.d_model).to(device=device, dtype=dtype)
+            self._tables[key] = table
+        center = (table.size(1) - 1) // 2
+        return table[:, center - size + 1 : center + size]
 
 
 def _build_rel_pos(n: int, d_model: int) -> Tensor:
@@ -138,11 +141,20 @@ class RelPositionAttention(nn.Module):
         p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)  # (1, H, 2T-1, d_k)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        scale = 1.0 / math.sqrt(self.d_k)
-        bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (B, H, T, T)
-        bias = (bd * scale).masked_fill(~mask, torch.finfo(bd.dtype).min)
-        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias, scale=scale)
+        # The position term is a (H, T, 2T-1) tensor per row (~0.6 GB at T = 3000): bound the transient
+        # memory by doing a few rows at a time.
+        rows = max(1, MAX_BD_ELEMENTS // (self.h * t * (2 * t - 1)))
+        out = torch.cat([
+            self._attend(q_u[i : i + rows], q_v[i : i + rows], k[i : i + rows], v[i : i + rows], p,
+                         mask[i : i + rows] if mask.size(0) > 1 else mask)
+            for i in range(0, b, rows)])
         return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
+
+    def _attend(self, q_u: Tensor, q_v: Tensor, k: Tensor, v: Tensor, p: Tensor, mask: Tensor) -> Tensor:
+        scale = 1.0 / math.sqrt(self.d_k)
+        bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (b, H, T, T)
+        bias = (bd * scale).masked_fill(~mask, torch.finfo(bd.dtype).min)
+        return F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias, scale=scale)
 
 
 class ConformerFeedForward(nn.Module):
@@ -215,6 +227,7 @@ class UpsampleConformerEncoder(nn.Module):
             ConformerLayer(d, cfg.attention_heads, cfg.linear_units) for _ in range(cfg.num_up_blocks)
         )
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
+        self.rel_pos = RelPosTable(d)
 
     def forward(self, tokens_emb: Tensor, visible_lens: Tensor, enc_lens: Tensor, streaming: bool) -> Tensor:
         """tokens_emb `(B, L, C)` embedded tokens; visible_lens: tokens per row incl. look-ahead context;
@@ -235,11 +248,10 @@ class UpsampleConformerEncoder(nn.Module):
         x = self._layers(self.up_encoders, x, enc_lens * UPSAMPLE_STRIDE, chunk * UPSAMPLE_STRIDE)
         return self.after_norm(x)
 
-    @staticmethod
-    def _layers(layers: nn.ModuleList, x: Tensor, lens: Tensor, chunk: int) -> Tensor:
+    def _layers(self, layers: nn.ModuleList, x: Tensor, lens: Tensor, chunk: int) -> Tensor:
         t = x.size(1)
         mask = attention_mask(lens, t, chunk)
-        pos_emb = rel_pos_table(t, x.size(2), x.device, x.dtype)
+        pos_emb = self.rel_pos.get(t, x.device, x.dtype)
         for layer in layers:
             x = layer(x, mask, pos_emb)
         return x

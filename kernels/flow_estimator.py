@@ -174,6 +174,8 @@ class CausalConditionalDecoder(nn.Module):
         chunk = self.cfg.static_chunk_size if streaming else 0
         attn = None
         if chunk > 0 or bool((lens < m).any()):
+            if bool((lens == lens[0]).all()):
+                lens = lens[:1]  # one mask broadcast over all rows (B = 1 streaming: M^2, not 2*M^2)
             attn = additive_mask(attention_mask(lens, m, chunk), mu.dtype)
         return EstimatorInputs(static, mask, attn)
 

@@ -114,3 +114,32 @@ def test_too_few_tokens_is_an_error(flow: CausalMaskedDiffWithXvec) -> None:
     gen = torch.Generator().manual_seed(5)
     with pytest.raises(ValueError):
         flow.inference(**_rows([_request(gen, 0, 3)], _embedding()), streaming=True, finalize=False)
+
+
+def test_rel_shift_and_position_table() -> None:
+    from kernels.flow_encoder import RelPosTable, _build_rel_pos, rel_shift
+
+    t = 5
+    bd = torch.arange(2 * 3 * t * (2 * t - 1), dtype=torch.float32).view(2, 3, t, 2 * t - 1)
+    shifted = rel_shift(bd)
+    for i in range(t):
+        for j in range(t):
+            assert torch.equal(shifted[:, :, i, j], bd[:, :, i, t - 1 - i + j])
+    table = RelPosTable(16, initial=50)
+    big = table.get(40, torch.device("cpu"), torch.float32)
+    assert torch.equal(table.get(7, torch.device("cpu"), torch.float32), _build_rel_pos(7, 16))
+    assert big.shape == (1, 79, 16) and torch.equal(big[0, 39], torch.tensor([0.0, 1.0] * 8))  # r = 0
+
+
+def test_rel_pos_attention_row_groups_match(flow: CausalMaskedDiffWithXvec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splitting the rel-pos score computation into row groups (memory bound) changes nothing."""
+    import kernels.flow_encoder as enc
+
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 6561, (3, 40), generator=gen)
+    lens = torch.tensor([40, 31, 12])
+    with torch.inference_mode():
+        whole, _ = flow.encode(tokens, lens, streaming=True, finalize=False)
+        monkeypatch.setattr(enc, "MAX_BD_ELEMENTS", 1)
+        grouped, _ = flow.encode(tokens, lens, streaming=True, finalize=False)
+    torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=0)
