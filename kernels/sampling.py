@@ -31,12 +31,18 @@ def draw_uniforms(
     device: torch.device,
     generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """[B, 2] uniforms in [0, 1): row b from generator[b] when a list is given."""
+    """[B, 2] uniforms in [0, 1) on `device`: row b from generator[b] when a list is given.
+    Each draw happens on its generator's own device (a CPU generator may serve a CUDA batch),
+    so a seeded request gets the same uniforms on any device."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(batch, 2, device=device, generator=generator)
+        src = device if generator is None else generator.device
+        return torch.rand(batch, 2, device=src, generator=generator).to(device)
     if len(generator) != batch:
         raise ValueError(f"{len(generator)} generators for a batch of {batch}")
-    return torch.stack([torch.rand(2, device=device, generator=g) for g in generator])
+    rows = [
+        torch.rand(2, device=device if g is None else g.device, generator=g).to(device) for g in generator
+    ]
+    return torch.stack(rows)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
