@@ -1,0 +1,464 @@
+"""End-to-end load generator: first-packet latency, RTF, aggregate ×RT and underruns over the real API.
+
+    python -m bench.load --url URL --token T --protocol sse,ws --concurrency 1,4,16 --requests 16 \
+        [--rate R] [--json F] [--plot F] [--markdown F] [--compare URL] \
+        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]]
+
+Closed loop (default): C workers, each sends its next request when its previous one finishes, until
+max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arrivals at R req/s, at most
+C in flight; latency counts from the *scheduled* arrival, so client-side queueing is not hidden.
+Each request asks for pcm at 24 kHz so audio seconds are exact (bytes / 2 / 24000). TTFP = request
+start (connect included) -> first audio byte decoded. Underruns: bench.load_stats.simulate_playback.
+Targets (main, baseline, compare) run one after another, never at once: they share the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import wave
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import requests
+import websocket
+
+from bench import texts
+from bench.load_stats import LevelStats, RequestResult, aggregate, failed, ratio, request_result
+from bench.servers import REPO, spawn_server
+
+SAMPLE_RATE = 24000
+MODEL = "CosyVoice2-0.5B"
+PROTOCOLS = ("sse", "ws", "json")
+
+
+# ---------------------------------------------------------------- reference voice
+
+
+def prompt_wav(seconds: float = 3.0, rate: int = 16000) -> bytes:
+    """A deterministic voiced signal: a gliding ~120 Hz harmonic stack with syllable-rate (4 Hz)
+    amplitude bursts, so the server's VAD-free feature extraction sees speech-like energy."""
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120.0 + 20.0 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 - np.cos(2 * np.pi * 4.0 * t)) * np.minimum(1.0, np.minimum(t, seconds - t) * 20)
+    pcm = (0.25 * voiced * envelope / np.abs(voiced).max() * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "main", "baseline", "compare"
+    url: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def upload_voice(target: Target) -> str:
+    r = requests.post(f"{target.url}/api/v1/audio/reference_audio", headers=target.auth, timeout=120,
+                      files={"file": ("bench-prompt.wav", prompt_wav(), "audio/wav")},
+                      data={"text": texts.PROMPT_TEXT})
+    r.raise_for_status()
+    return str(r.json()["id"])
+
+
+def delete_voice(target: Target, voice_id: str) -> None:
+    try:
+        requests.delete(f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=30)
+    except requests.RequestException as exc:  # cleanup must not hide the results
+        print(f"warning: could not delete voice {voice_id}: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- one request per protocol
+
+
+class _Timeline:
+    """Chunk arrival times and audio seconds, from decoded pcm bytes (odd byte splits carried over)."""
+
+    def __init__(self, origin: float) -> None:
+        self.origin = origin
+        self.arrivals: list[float] = []
+        self.durations: list[float] = []
+        self._bytes = 0
+
+    def add(self, pcm: bytes) -> None:
+        before = self._bytes // 2
+        self._bytes += len(pcm)
+        self.arrivals.append(time.perf_counter() - self.origin)
+        self.durations.append((self._bytes // 2 - before) / SAMPLE_RATE)
+
+    def result(self) -> RequestResult:
+        return request_result(self.arrivals, self.durations, time.perf_counter() - self.origin)
+
+
+def _params(voice_id: str) -> dict[str, Any]:
+    return {"mode": "fast_replication", "reference_audio_id": voice_id, "output_format": "pcm",
+            "sample_rate": SAMPLE_RATE}
+
+
+def request_http(session: requests.Session, target: Target, voice_id: str, text: str, origin: float,
+                 stream: bool, timeout_s: float) -> RequestResult:
+    body = {"model": MODEL, "stream": stream, "input": {**_params(voice_id), "text": text}}
+    line = _Timeline(origin)
+    with session.post(f"{target.url}/api/v1/audio/speech", headers=target.auth, json=body, stream=stream,
+                      timeout=timeout_s) as r:
+        if r.status_code != 200:
+            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+        if not stream:
+            line.add(base64.b64decode(r.json()["output"]["audio"]["data"]))
+            return line.result()
+        for raw in r.iter_lines():
+            if not raw.startswith(b"data:"):
+                continue
+            event = json.loads(raw[5:])
+            if event.get("error"):
+                return failed(f"stream error: {event['error']}", time.perf_counter() - origin)
+            audio = event["output"]["audio"]["data"]
+            if audio:
+                line.add(base64.b64decode(audio))
+            if event["output"].get("finish_reason") == "stop":
+                break
+    return line.result()
+
+
+def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_s: float) -> RequestResult:
+    """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task."""
+    ws_url = "ws" + target.url[len("http"):] + "/api-ws/v1/audio/speech"
+    task_id = str(uuid.uuid4())
+    header = {"task_id": task_id, "streaming": "duplex"}
+    line = _Timeline(origin)
+    ws = websocket.create_connection(ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s)
+    try:
+        ws.send(json.dumps({"header": {**header, "action": "run-task"}, "payload": {
+            "task_group": "audio", "task": "tts", "function": "SpeechSynthesizer", "model": "cosyvoice-v2",
+            "parameters": _params(voice_id), "input": {}}}))
+        while True:
+            msg = json.loads(ws.recv())
+            event = msg["header"]["event"]
+            if event == "task-started":
+                pieces = texts.split_pieces(text, 3 if len(text) > 40 else 2)
+                for piece in pieces:
+                    ws.send(json.dumps({"header": {**header, "action": "continue-task"},
+                                        "payload": {"input": {"text": piece}}}))
+                ws.send(json.dumps({"header": {**header, "action": "finish-task"}, "payload": {"input": {}}}))
+            elif event == "result-generated":
+                line.add(base64.b64decode(msg["payload"]["output"]["audio"]["data"]))
+            elif event == "task-finished":
+                return line.result()
+            elif event == "task-failed":
+                h = msg["header"]
+                return failed(f"task-failed {h.get('error_code')}: {h.get('error_message')}",
+                              time.perf_counter() - origin)
+    finally:
+        ws.close()
+
+
+def one_request(protocol: str, session: requests.Session, target: Target, voice_id: str, text: str,
+                origin: float, timeout_s: float) -> RequestResult:
+    try:
+        if protocol == "ws":
+            return request_ws(target, voice_id, text, origin, timeout_s)
+        return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s)
+    except Exception as exc:  # a failed request is a data point, not the end of the run
+        return failed(f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - origin)
+
+
+# ---------------------------------------------------------------- one level
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    protocol: str
+    concurrency: int
+    requests: int
+    mix: str
+    rate: float | None = None
+    timeout_s: float = 600.0
+    seed: int = 0
+
+
+class _Progress:
+    def __init__(self, label: str, total: int, quiet: bool) -> None:
+        self.label, self.total, self.quiet = label, total, quiet
+        self.results: list[RequestResult] = []
+        self.lock = threading.Lock()
+        self.start = time.perf_counter()
+
+    def add(self, r: RequestResult) -> None:
+        with self.lock:
+            self.results.append(r)
+            if not self.quiet:
+                done = len(self.results)
+                errs = sum(not x.ok for x in self.results)
+                ttfp = [x.ttfp_s * 1e3 for x in self.results if x.ok]
+                last = f"{ttfp[-1]:.0f}" if ttfp else "-"
+                print(f"\r  {self.label}: {done}/{self.total} done, {errs} err, last TTFP {last} ms, "
+                      f"{time.perf_counter() - self.start:.1f} s", end="", file=sys.stderr, flush=True)
+
+
+def run_level(target: Target, voice_id: str, spec: LevelSpec, quiet: bool = False) -> LevelStats:
+    total = max(spec.requests, spec.concurrency)  # every worker sends at least one
+    progress = _Progress(f"[{target.name} {spec.protocol} C{spec.concurrency}]", total, quiet)
+    start = time.perf_counter()
+    if spec.rate is None:
+        _closed_loop(target, voice_id, spec, total, progress)
+    else:
+        _open_loop(target, voice_id, spec, total, progress)
+    wall = time.perf_counter() - start
+    if not quiet:
+        print(file=sys.stderr)
+    return aggregate(spec.protocol, spec.concurrency, progress.results, wall, spec.rate)
+
+
+def _closed_loop(target: Target, voice_id: str, spec: LevelSpec, total: int, progress: _Progress) -> None:
+    next_index = iter(range(total))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                text = texts.text_for(spec.mix, i)
+                progress.add(one_request(spec.protocol, session, target, voice_id, text,
+                                         time.perf_counter(), spec.timeout_s))
+
+    _run_threads(worker, spec.concurrency)
+
+
+def _open_loop(target: Target, voice_id: str, spec: LevelSpec, total: int, progress: _Progress) -> None:
+    assert spec.rate is not None and spec.rate > 0
+    rng = random.Random(spec.seed)
+    t, arrivals = time.perf_counter(), []
+    for _ in range(total):
+        t += rng.expovariate(spec.rate)
+        arrivals.append(t)
+    queue = iter(enumerate(arrivals))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                i, due = item
+                time.sleep(max(0.0, due - time.perf_counter()))
+                progress.add(one_request(spec.protocol, session, target, voice_id, texts.text_for(spec.mix, i),
+                                         due, spec.timeout_s))
+
+    _run_threads(worker, spec.concurrency)
+
+
+def _run_threads(fn: Callable[[], None], n: int) -> None:
+    threads = [threading.Thread(target=fn, daemon=True, name=f"bench-{k}") for k in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def sweep(target: Target, protocols: list[str], concurrencies: list[int], requests_per_level: int, mix: str,
+          rate: float | None, timeout_s: float, warmup: int, quiet: bool = False) -> list[LevelStats]:
+    voice_id = upload_voice(target)
+    try:
+        with requests.Session() as session:  # warm-up: first-call costs stay out of the numbers
+            for i in range(warmup):
+                one_request(protocols[0], session, target, voice_id, texts.text_for("short", i), time.perf_counter(),
+                            timeout_s)
+        return [run_level(target, voice_id, LevelSpec(p, c, requests_per_level, mix, rate, timeout_s, seed=c),
+                          quiet) for p in protocols for c in concurrencies]
+    finally:
+        delete_voice(target, voice_id)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str:
+    """Markdown table; for each other target two ratio columns: ×RT ratio (ours / theirs, > 1 = more
+    throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner)."""
+    head = ["proto", "C", "req", "err", "TTFP p50", "p95", "p99", "E2E p50", "p95", "RTF p50", "×RT",
+            "req/s", "underruns (stall s)"]
+    for name in against:
+        head += [f"×RT vs {name}", f"TTFP p50 vs {name}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lv in levels:
+        cells = [lv.protocol, str(lv.concurrency), str(lv.requests), str(lv.errors),
+                 _fmt(lv.ttfp_ms["p50"]), _fmt(lv.ttfp_ms["p95"]), _fmt(lv.ttfp_ms["p99"]),
+                 _fmt(lv.e2e_ms["p50"]), _fmt(lv.e2e_ms["p95"]), _fmt(lv.rtf_p50, 3), _fmt(lv.x_realtime, 2),
+                 _fmt(lv.requests_per_s, 2), f"{lv.underruns} ({lv.underrun_stall_s:.2f})"]
+        for other in against.values():
+            match = next((o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None)
+            cells += ["-", "-"] if match is None else [
+                _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
+                _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]).replace("\n", ", ")
+    return f"{cpu} x{os.cpu_count()}" + (f", GPU {gpu}" if gpu else "")
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def meta(model: str) -> dict[str, str]:
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += "-dirty"
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "commit": commit, "model": model}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--url", help="server under test (omit with --spawn)")
+    p.add_argument("--token", default="bench-token")
+    p.add_argument("--protocol", type=_csv(str), default=["sse", "ws"], help="sse,ws,json")
+    p.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=16, help="requests per level (at least C are sent)")
+    p.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (C caps in-flight)")
+    p.add_argument("--texts", default="mixed", choices=sorted(texts.TEXTS))
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests per target before the sweep")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    p.add_argument("--markdown", type=Path, help="write the table (and meta) as markdown")
+    p.add_argument("--compare", help="another server of the same API, swept the same way")
+    p.add_argument("--compare-token")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--baseline-url", help="a running server started with --max-batch 1")
+    g.add_argument("--spawn-baseline", action="store_true", help="start a --max-batch 1 server for the run")
+    p.add_argument("--baseline-token")
+    p.add_argument("--spawn", action="store_true", help="start the server under test (tiny model by default)")
+    p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
+    p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.url) == bool(args.spawn):
+        p.error("give exactly one of --url and --spawn")
+    if bad := [x for x in args.protocol if x not in PROTOCOLS]:
+        p.error(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
+    if any(c < 1 for c in args.concurrency) or args.requests < 1:
+        p.error("concurrency and requests must be positive")
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    with ExitStack() as stack:
+        targets: list[Target] = []
+        if args.spawn:
+            srv = stack.enter_context(spawn_server(args.model_dir))
+            targets.append(Target("main", srv.url, srv.token))
+        else:
+            targets.append(Target("main", args.url.rstrip("/"), args.token))
+        if args.spawn_baseline:
+            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1))
+            targets.append(Target("baseline", srv.url, srv.token))
+        elif args.baseline_url:
+            targets.append(Target("baseline", args.baseline_url.rstrip("/"), args.baseline_token or args.token))
+        if args.compare:
+            targets.append(Target("compare", args.compare.rstrip("/"), args.compare_token or args.token))
+        results: dict[str, list[LevelStats]] = {}
+        for target in targets:
+            if not args.quiet:
+                print(f"== {target.name}: {target.url}", file=sys.stderr)
+            results[target.name] = sweep(target, args.protocol, args.concurrency, args.requests, args.texts,
+                                         args.rate, args.timeout, args.warmup, args.quiet)
+    model = args.model or (str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown"))
+    out = build_json(results, targets, meta(model), args)
+    md = markdown(out, results)
+    print(md)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    if args.markdown:
+        args.markdown.write_text(md + "\n")
+    if args.plot:
+        from bench.plot import plot  # lazy: matplotlib is a bench extra
+        plot(out, args.plot)
+    return out
+
+
+def build_json(results: dict[str, list[LevelStats]], targets: list[Target], meta_: dict[str, str],
+               args: argparse.Namespace) -> dict[str, Any]:
+    settings = {"requests": args.requests, "texts": args.texts, "rate": args.rate, "sample_rate": SAMPLE_RATE,
+                "loop": "open" if args.rate else "closed"}
+    out: dict[str, Any] = {"levels": [lv.to_json() for lv in results["main"]],
+                           "meta": {**meta_, **settings, "url": targets[0].url}}
+    for t in targets[1:]:
+        out[t.name] = {"url": t.url, "levels": [lv.to_json() for lv in results[t.name]]}
+        if t.name == "baseline":
+            out[t.name]["max_batch"] = 1
+    return out
+
+
+def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
+    m = out["meta"]
+    against = {k: v for k, v in results.items() if k != "main"}
+    parts = [f"{m['date']} · {m['machine']} · commit {m['commit']} · model {m['model']} · {m['loop']} loop"
+             f"{' at %.2f req/s' % m['rate'] if m['rate'] else ''} · texts {m['texts']} · pcm {SAMPLE_RATE} Hz",
+             "", "TTFP / E2E in ms; ×RT = audio s / wall s of the level, all streams together.", "",
+             "### main", table(results["main"], against)]
+    for name, levels in against.items():
+        parts += ["", f"### {name} ({out[name]['url']})", table(levels, {})]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Pure statistics for the load generator: percentiles, a real-time player, per-level aggregation.
+
+No clock, no sockets: every function takes numbers measured elsewhere (bench/load.py), so each is
+tested with hand-computed cases.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear-interpolation percentile (numpy's default): rank p/100 * (n-1) between sorted samples.
+
+    NaN for no samples, so an all-errors level shows as "-" instead of a fake 0.
+    """
+    if not 0.0 <= p <= 100.0:
+        raise ValueError(f"percentile out of range: {p}")
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    rank = p / 100.0 * (len(xs) - 1)
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+@dataclass(frozen=True)
+class Playback:
+    """What a real-time player experienced: it starts at the first chunk and never skips audio."""
+
+    underruns: int  # times the player ran dry before the next chunk arrived
+    stall_s: float  # total seconds it waited, summed over those times
+
+
+def simulate_playback(arrivals_s: Sequence[float], durations_s: Sequence[float],
+                      tolerance_s: float = 1e-6) -> Playback:
+    """Chunk i arrives at arrivals_s[i] and holds durations_s[i] seconds of audio.
+
+    The player starts playing the first non-empty chunk when it arrives; each later chunk plays when
+    the previous audio ends, or when it arrives if that is later (an underrun: the stall is the gap).
+    Empty chunks (a WAV header, the final "stop" event) carry no audio and are skipped. A gap no
+    larger than `tolerance_s` is float noise, not a stall.
+    """
+    if len(arrivals_s) != len(durations_s):
+        raise ValueError("arrivals and durations differ in length")
+    play_end: float | None = None
+    underruns, stall = 0, 0.0
+    for arrive, dur in zip(arrivals_s, durations_s):
+        if dur <= 0.0:
+            continue
+        if play_end is None:
+            play_end = arrive + dur
+            continue
+        gap = arrive - play_end
+        if gap > tolerance_s:
+            underruns += 1
+            stall += gap
+            play_end = arrive + dur
+        else:
+            play_end += dur
+    return Playback(underruns, stall)
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One request as the client saw it; times in seconds from the moment it was sent."""
+
+    ok: bool
+    ttfp_s: float  # first audio byte decoded (NaN if none arrived)
+    e2e_s: float  # last byte received
+    audio_s: float  # seconds of audio decoded
+    underruns: int = 0
+    stall_s: float = 0.0
+    error: str = ""
+
+    @property
+    def rtf(self) -> float:
+        return self.e2e_s / self.audio_s if self.audio_s > 0 else math.nan
+
+
+def request_result(arrivals_s: Sequence[float], durations_s: Sequence[float], e2e_s: float) -> RequestResult:
+    """A finished request from its chunk timeline (arrival, audio seconds) and its end time."""
+    ttfp = next((a for a, d in zip(arrivals_s, durations_s) if d > 0), math.nan)
+    play = simulate_playback(arrivals_s, durations_s)
+    return RequestResult(ok=not math.isnan(ttfp), ttfp_s=ttfp, e2e_s=e2e_s, audio_s=float(sum(durations_s)),
+                         underruns=play.underruns, stall_s=play.stall_s,
+                         error="" if not math.isnan(ttfp) else "NoAudio: no audio in the response")
+
+
+def failed(error: str, e2e_s: float) -> RequestResult:
+    return RequestResult(ok=False, ttfp_s=math.nan, e2e_s=e2e_s, audio_s=0.0, error=error)
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    """One (protocol, concurrency) level; the JSON row of bench/load.py."""
+
+    protocol: str
+    concurrency: int
+    requests: int
+    errors: int
+    ttfp_ms: dict[str, float]  # p50, p95, p99
+    e2e_ms: dict[str, float]  # p50, p95
+    rtf_p50: float  # per-request E2E / audio seconds
+    x_realtime: float  # audio seconds of the level / wall seconds of the level
+    requests_per_s: float
+    underruns: int  # events, summed over the level's streams
+    underrun_stall_s: float
+    streams_with_underrun: int
+    audio_s: float
+    wall_s: float
+    rate: float | None = None  # open loop: Poisson arrivals per second; None = closed loop
+    error_samples: list[str] = field(default_factory=list)  # first few distinct error messages
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+def aggregate(protocol: str, concurrency: int, results: Sequence[RequestResult], wall_s: float,
+              rate: float | None = None) -> LevelStats:
+    good = [r for r in results if r.ok]
+    ttfp = [r.ttfp_s * 1e3 for r in good]
+    e2e = [r.e2e_s * 1e3 for r in good]
+    audio = sum(r.audio_s for r in good)
+    errors = sorted({r.error for r in results if not r.ok})
+    return LevelStats(
+        protocol=protocol, concurrency=concurrency, requests=len(results),
+        errors=len(results) - len(good),
+        ttfp_ms={f"p{p}": percentile(ttfp, p) for p in (50, 95, 99)},
+        e2e_ms={f"p{p}": percentile(e2e, p) for p in (50, 95)},
+        rtf_p50=percentile([r.rtf for r in good if r.audio_s > 0], 50),
+        x_realtime=audio / wall_s if wall_s > 0 else math.nan,
+        requests_per_s=len(good) / wall_s if wall_s > 0 else math.nan,
+        underruns=sum(r.underruns for r in good),
+        underrun_stall_s=sum(r.stall_s for r in good),
+        streams_with_underrun=sum(1 for r in good if r.underruns),
+        audio_s=audio, wall_s=wall_s, rate=rate, error_samples=errors[:5],
+    )
+
+
+def ratio(new: float, old: float) -> float:
+    """new / old, NaN when either is missing or old is zero."""
+    if math.isnan(new) or math.isnan(old) or old == 0:
+        return math.nan
+    return new / old
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN: missing numbers become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return v
