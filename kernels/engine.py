@@ -53,6 +53,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
     use_wetext: bool = True  # wetext text normalisation when installed
     idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
+    max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
 
 
 @dataclass
@@ -71,7 +72,7 @@ class _Job:
 class JobHandle:
     """JobControl for one submitted job; safe to call from any thread."""
 
-    def __init__(self, engine: "Engine", request_id: str) -> None:
+    def __init__(self, engine: Engine, request_id: str) -> None:
         self._engine = engine
         self.request_id = request_id
 
@@ -119,6 +120,7 @@ class Engine:
         self._jobs: dict[str, _Job] = {}
         self._owner: dict[str, str] = {}  # scheduler request id -> job id
         self._pending_submits = 0
+        self._backlog: list[tuple[SpeechJob, EventSink]] = []  # jobs over max_jobs, FIFO
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cosyserve-engine", daemon=True)
         self._thread.start()
@@ -131,7 +133,8 @@ class Engine:
         return JobHandle(self, job.request_id)
 
     def can_admit(self) -> bool:
-        return self.scheduler.num_waiting + self._pending_submits < self.config.max_waiting
+        waiting = self.scheduler.num_waiting + self._pending_submits + len(self._backlog)
+        return waiting < self.config.max_waiting
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
@@ -161,9 +164,11 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
+            self._admit_backlog()
             block = not self.scheduler.has_work()
             if not self._drain_inbox(block):
                 break
+            self._admit_backlog()
             if not self.scheduler.has_work():
                 continue
             plan = self.scheduler.schedule()
@@ -174,7 +179,7 @@ class Engine:
                 continue
             try:
                 result, outputs = self.runner.execute(plan)
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the engine
+            except Exception as exc:
                 log.exception("engine step failed")
                 self._fail_plan(plan, f"internal error: {exc}")
                 continue
@@ -216,8 +221,12 @@ class Engine:
             return False
         if kind == "submit":
             self._pending_submits -= 1
-            self._intake(*payload)
+            if self.config.max_jobs and len(self._jobs) >= self.config.max_jobs:
+                self._backlog.append(payload)
+            else:
+                self._intake(*payload)
         elif kind == "cancel":
+            self._backlog = [(j, s) for j, s in self._backlog if j.request_id != job_id]
             self._cancel(job_id)
         elif kind in ("push", "finish"):
             self._feed_text(job_id, kind, payload)
@@ -246,7 +255,7 @@ class Engine:
         except RequestRejected as exc:
             self._jobs.pop(job.request_id, None)
             sink(Failed(job.request_id, exc.code, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - bad input must not kill the engine
+        except Exception as exc:
             log.exception("intake failed")
             self._jobs.pop(job.request_id, None)
             sink(Failed(job.request_id, "InternalError", f"could not prepare the request: {exc}"))
@@ -261,7 +270,7 @@ class Engine:
             text_ids=list(text_ids),
             prompt_text_ids=tuple(prompt.prompt_text_ids),
             prompt_speech_ids=tuple(prompt.prompt_speech_tokens),
-            flow_prompt_len=int(len(job.voice.speech_tokens)),
+            flow_prompt_len=len(job.voice.speech_tokens),
             stream=job.stream,
             bistream=bistream,
             fixed_tokens=job.fixed_tokens,
@@ -287,6 +296,10 @@ class Engine:
                 req.push_text(ids)
         elif kind == "finish":
             req.finish_text()
+
+    def _admit_backlog(self) -> None:
+        while self._backlog and (not self.config.max_jobs or len(self._jobs) < self.config.max_jobs):
+            self._intake(*self._backlog.pop(0))
 
     def _advance_pieces(self) -> None:
         """Admit a job's next text piece once the current piece's LLM is done."""
@@ -328,7 +341,7 @@ class Engine:
     def _deliver(self, state: _Job, event) -> None:
         try:
             state.sink(event)
-        except Exception:  # noqa: BLE001 - a broken sink must not stop the engine
+        except Exception:
             log.exception("sink raised; cancelling job %s", state.job.request_id)
             self._cancel(state.job.request_id)
 

@@ -27,12 +27,16 @@ class ServerConfig:
     workers: int = 4  # thread pool for encoding, upload decoding and feature extraction
     voice_cache_size: int = 256  # VoicePrompts kept in memory
     retry_after_s: int = 1
+    # Engine. max_batch = KV slots = requests decoding at once; 1 turns batching off (bench baseline).
+    max_batch: int = 32
+    device: str = ""  # "" = cuda when available, else cpu
+    cuda_graphs: int = 1  # 0 disables decode CUDA graphs (debugging); ignored on CPU
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         for name in ("max_body_bytes", "max_header_bytes", "max_text_chars", "max_ws_message_bytes",
-                     "max_inflight", "workers", "voice_cache_size"):
+                     "max_inflight", "workers", "voice_cache_size", "max_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("header_timeout_s", "idle_timeout_s", "shutdown_deadline_s"):
@@ -59,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout-s", type=float)
     p.add_argument("--shutdown-deadline-s", type=float)
     p.add_argument("--workers", type=int)
+    p.add_argument("--max-batch", type=int, help="requests decoding at once (1 = batching off)")
+    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
     return p
 
 

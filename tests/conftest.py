@@ -1,0 +1,19 @@
+"""Shared fixtures: the project's own tiny random-weight model (generated once per session)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REFERENCE_DIR = Path(os.environ.get("COSYSERVE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m kernels.make_checkpoint --preset tiny` into a session temp dir (no ../shared needed)."""
+    from kernels.make_checkpoint import main
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    main(["--preset", "tiny", "--out", str(out)])
+    return out

@@ -1,0 +1,146 @@
+"""The batched engine against the single-request reference path, and batch invariance.
+
+Requests carry a seed, so sampling is deterministic per request; the engine must then give
+the same audio whether a request runs alone or among others of different lengths and modes.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from frontend.mel import flow_prompt_mel
+from frontend.prompt import PromptExtractor
+from frontend.text_normalize import TextFrontend
+from kernels.engine import Engine, EngineConfig
+from kernels.model import load_model
+from kernels.synthesis import Synthesizer
+from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob
+
+TEXT = "你好，这是一个测试。"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def voice(tiny_model_dir):
+    t = np.arange(int(2.3 * 16000)) / 16000
+    wav = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    return PromptExtractor(tiny_model_dir).extract(wav, 16000, "希望你以后能够做的比我还好呦。")
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, (Finished, Failed)):
+            self.done.set()
+
+    def audio(self) -> np.ndarray:
+        assert self.done.wait(120), "engine did not finish"
+        assert isinstance(self.events[-1], Finished), self.events[-1]
+        return np.concatenate([e.pcm for e in self.events if isinstance(e, AudioChunk)])
+
+
+def run_jobs(model, model_dir, jobs: list[SpeechJob]) -> dict[str, np.ndarray]:
+    engine = Engine(model_dir, model=model, config=EngineConfig(num_slots=8, slot_len=1024))
+    try:
+        sinks = {job.request_id: Collector() for job in jobs}
+        for job in jobs:
+            engine.submit(job, sinks[job.request_id])
+        return {rid: sink.audio() for rid, sink in sinks.items()}
+    finally:
+        engine.shutdown(1.0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
+    ref = Synthesizer(model, TextFrontend(tiny_model_dir))
+    expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
+    got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)])["a"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_batch_invariance_among_eight(model, tiny_model_dir, voice):
+    target = SpeechJob("target", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5)
+    alone = run_jobs(model, tiny_model_dir, [target])["target"]
+    others = [
+        SpeechJob(f"o{i}", mode, voice, "Hello world, batching test.", instruct="用四川话说",
+                  stream=bool(i % 2), seed=100 + i, fixed_tokens=30 + 13 * i)
+        for i, mode in enumerate([Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.INSTRUCT] * 2 + [Mode.ZERO_SHOT])
+    ]
+    together = run_jobs(model, tiny_model_dir, [target, *others])
+    assert together["target"].shape == alone.shape
+    np.testing.assert_allclose(together["target"], alone, atol=1e-4)
+    for job in others:  # fixed length: exactly 960 samples per token
+        assert together[job.request_id].shape[0] == 960 * job.fixed_tokens
+
+
+def test_stream_and_offline_have_equal_length(model, tiny_model_dir, voice):
+    jobs = [SpeechJob(f"s{int(s)}", Mode.CROSS_LINGUAL, voice, "Hello world.", stream=s, seed=3, fixed_tokens=120)
+            for s in (False, True)]
+    out = run_jobs(model, tiny_model_dir, jobs)
+    offline, streamed = out["s0"], out["s1"]
+    assert offline.shape == streamed.shape == (120 * 960,)
+    # Upstream's own chunked decoding differs from its offline pass (chunk masks vs full attention,
+    # other NSF noise): waveforms are not comparable, log-mels are. In the reference fixtures the
+    # streamed vs offline 24 kHz log-mel differs by 0.25 mean abs (values ~1.37 mean abs).
+    diff = (flow_prompt_mel(streamed) - flow_prompt_mel(offline)).abs().mean().item()
+    print(f"streamed vs offline log-mel mean abs diff: {diff:.3f} (upstream fixtures: 0.251)")
+    assert diff < 0.5
+
+
+def test_speed_changes_duration(model, tiny_model_dir, voice):
+    jobs = [SpeechJob(f"v{speed}", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=2, fixed_tokens=100, speed=speed)
+            for speed in (1.0, 2.0)]
+    out = run_jobs(model, tiny_model_dir, jobs)
+    assert out["v1.0"].shape[0] == 96000
+    assert abs(out["v2.0"].shape[0] - 48000) <= 960 * 4  # per-chunk rounding
+
+
+def test_cancel_frees_the_slot(model, tiny_model_dir, voice):
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024))
+    try:
+        first = Collector()
+        handle = engine.submit(SpeechJob("long", Mode.ZERO_SHOT, voice, TEXT, seed=1, fixed_tokens=400), first)
+        handle.cancel()
+        second = Collector()
+        engine.submit(SpeechJob("next", Mode.ZERO_SHOT, voice, TEXT, seed=1, fixed_tokens=30), second)
+        assert second.audio().shape[0] == 30 * 960
+        assert not any(isinstance(e, Finished) for e in first.events)
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_duplex_text_pieces(model, tiny_model_dir, voice):
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=2, slot_len=1024))
+    try:
+        sink = Collector()
+        handle = engine.submit(SpeechJob("duplex", Mode.ZERO_SHOT, voice, None, seed=4), sink)
+        for piece in ["你好，", "这是一个", "流式文本输入的测试。"]:
+            handle.push_text(piece)
+        handle.finish_text()
+        assert sink.audio().shape[0] > 0
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024))
+    try:
+        sink = Collector()
+        engine.submit(SpeechJob("empty", Mode.ZERO_SHOT, voice, "。！", seed=1), sink)
+        assert sink.done.wait(30)
+        assert isinstance(sink.events[-1], Failed) and sink.events[-1].code == "InvalidParameter"
+    finally:
+        engine.shutdown(1.0)
