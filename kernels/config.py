@@ -226,7 +226,7 @@ def _resolve(value: Any, top: dict[str, Any], depth: int = 0) -> Any:
 def load_hyperpyyaml(path: Path) -> dict[str, Any]:
     """Read a HyperPyYAML file as data, resolving `!ref` arithmetic, executing nothing."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagTolerantLoader)  # noqa: S506
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagTolerantLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise ModelDirError(f"{path.name}: cannot parse ({exc})") from exc
     if not isinstance(raw, dict):
