@@ -85,6 +85,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = CausalConditionalCFM(cfg)
 
+    @property
+    def estimator(self) -> CausalConditionalDecoder:
+        """The U-Net; `flow.estimator(x, mask, mu, t, spks, cond, streaming)` takes the fixture inputs."""
+        return self.decoder.estimator
+
     def speaker(self, embedding: Tensor) -> Tensor:
         return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
@@ -107,7 +112,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         prompt_feat_lens = prompt_feat_lens.to(tokens.device).long()
         spks = self.speaker(embedding)
         mu, mel_lens = self.encode(tokens, token_lens, streaming, finalize)
-        b, _, m = mu.shape
+        m = mu.size(2)
         if bool((prompt_feat_lens > mel_lens).any()):
             raise ValueError("prompt_feat_lens exceed the encoded mel length")
         cond = self._prompt_cond(prompt_feat.to(mu.dtype), prompt_feat_lens, m)

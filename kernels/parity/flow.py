@@ -30,8 +30,8 @@ def _rows(rows: list[tuple[Tensor, Tensor]], embedding: Tensor) -> dict[str, Ten
     for i, (t, f) in enumerate(rows):
         tokens[i, : t.numel()] = t
         feats[i, : f.size(0)] = f
-    return dict(tokens=tokens, token_lens=lens, prompt_feat=feats, prompt_feat_lens=flens,
-                embedding=embedding.expand(len(rows), -1))
+    return {"tokens": tokens, "token_lens": lens, "prompt_feat": feats, "prompt_feat_lens": flens,
+            "embedding": embedding.expand(len(rows), -1)}
 
 
 def _one(flow: CausalMaskedDiffWithXvec, tokens: Tensor, feat: Tensor, emb: Tensor, streaming: bool,
