@@ -11,6 +11,7 @@ Each request asks for pcm at 24 kHz so audio seconds are exact (bytes / 2 / 2400
 start (connect included) -> first audio byte decoded. Underruns: bench.load_stats.simulate_playback.
 Targets (main, baseline, compare) run one after another, never at once: they share the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,12 @@ import threading
 import time
 import uuid
 import wave
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import requests
@@ -79,16 +81,22 @@ class Target:
 
 
 def upload_voice(target: Target) -> str:
-    r = requests.post(f"{target.url}/api/v1/audio/reference_audio", headers=target.auth, timeout=120,
-                      files={"file": ("bench-prompt.wav", prompt_wav(), "audio/wav")},
-                      data={"text": texts.PROMPT_TEXT})
+    r = requests.post(
+        f"{target.url}/api/v1/audio/reference_audio",
+        headers=target.auth,
+        timeout=120,
+        files={"file": ("bench-prompt.wav", prompt_wav(), "audio/wav")},
+        data={"text": texts.PROMPT_TEXT},
+    )
     r.raise_for_status()
     return str(r.json()["id"])
 
 
 def delete_voice(target: Target, voice_id: str) -> None:
     try:
-        requests.delete(f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=30)
+        requests.delete(
+            f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=30
+        )
     except requests.RequestException as exc:  # cleanup must not hide the results
         print(f"warning: could not delete voice {voice_id}: {exc}", file=sys.stderr)
 
@@ -116,16 +124,28 @@ class _Timeline:
 
 
 def _params(voice_id: str) -> dict[str, Any]:
-    return {"mode": "fast_replication", "reference_audio_id": voice_id, "output_format": "pcm",
-            "sample_rate": SAMPLE_RATE}
+    return {
+        "mode": "fast_replication",
+        "reference_audio_id": voice_id,
+        "output_format": "pcm",
+        "sample_rate": SAMPLE_RATE,
+    }
 
 
-def request_http(session: requests.Session, target: Target, voice_id: str, text: str, origin: float,
-                 stream: bool, timeout_s: float) -> RequestResult:
+def request_http(
+    session: requests.Session,
+    target: Target,
+    voice_id: str,
+    text: str,
+    origin: float,
+    stream: bool,
+    timeout_s: float,
+) -> RequestResult:
     body = {"model": MODEL, "stream": stream, "input": {**_params(voice_id), "text": text}}
     line = _Timeline(origin)
-    with session.post(f"{target.url}/api/v1/audio/speech", headers=target.auth, json=body, stream=stream,
-                      timeout=timeout_s) as r:
+    with session.post(
+        f"{target.url}/api/v1/audio/speech", headers=target.auth, json=body, stream=stream, timeout=timeout_s
+    ) as r:
         if r.status_code != 200:
             return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
         if not stream:
@@ -147,23 +167,43 @@ def request_http(session: requests.Session, target: Target, voice_id: str, text:
 
 def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_s: float) -> RequestResult:
     """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task."""
-    ws_url = "ws" + target.url[len("http"):] + "/api-ws/v1/audio/speech"
+    ws_url = "ws" + target.url[len("http") :] + "/api-ws/v1/audio/speech"
     task_id = str(uuid.uuid4())
     header = {"task_id": task_id, "streaming": "duplex"}
     line = _Timeline(origin)
-    ws = websocket.create_connection(ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s)
+    ws = websocket.create_connection(
+        ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s
+    )
     try:
-        ws.send(json.dumps({"header": {**header, "action": "run-task"}, "payload": {
-            "task_group": "audio", "task": "tts", "function": "SpeechSynthesizer", "model": "cosyvoice-v2",
-            "parameters": _params(voice_id), "input": {}}}))
+        ws.send(
+            json.dumps(
+                {
+                    "header": {**header, "action": "run-task"},
+                    "payload": {
+                        "task_group": "audio",
+                        "task": "tts",
+                        "function": "SpeechSynthesizer",
+                        "model": "cosyvoice-v2",
+                        "parameters": _params(voice_id),
+                        "input": {},
+                    },
+                }
+            )
+        )
         while True:
             msg = json.loads(ws.recv())
             event = msg["header"]["event"]
             if event == "task-started":
                 pieces = texts.split_pieces(text, 3 if len(text) > 40 else 2)
                 for piece in pieces:
-                    ws.send(json.dumps({"header": {**header, "action": "continue-task"},
-                                        "payload": {"input": {"text": piece}}}))
+                    ws.send(
+                        json.dumps(
+                            {
+                                "header": {**header, "action": "continue-task"},
+                                "payload": {"input": {"text": piece}},
+                            }
+                        )
+                    )
                 ws.send(json.dumps({"header": {**header, "action": "finish-task"}, "payload": {"input": {}}}))
             elif event == "result-generated":
                 line.add(base64.b64decode(msg["payload"]["output"]["audio"]["data"]))
@@ -171,19 +211,28 @@ def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_
                 return line.result()
             elif event == "task-failed":
                 h = msg["header"]
-                return failed(f"task-failed {h.get('error_code')}: {h.get('error_message')}",
-                              time.perf_counter() - origin)
+                return failed(
+                    f"task-failed {h.get('error_code')}: {h.get('error_message')}",
+                    time.perf_counter() - origin,
+                )
     finally:
         ws.close()
 
 
-def one_request(protocol: str, session: requests.Session, target: Target, voice_id: str, text: str,
-                origin: float, timeout_s: float) -> RequestResult:
+def one_request(
+    protocol: str,
+    session: requests.Session,
+    target: Target,
+    voice_id: str,
+    text: str,
+    origin: float,
+    timeout_s: float,
+) -> RequestResult:
     try:
         if protocol == "ws":
             return request_ws(target, voice_id, text, origin, timeout_s)
         return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s)
-    except Exception as exc:  # a failed request is a data point, not the end of the run
+    except Exception as exc:  # noqa: BLE001 -- a failed request is a data point, not the end of the run
         return failed(f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - origin)
 
 
@@ -216,8 +265,13 @@ class _Progress:
                 errs = sum(not x.ok for x in self.results)
                 ttfp = [x.ttfp_s * 1e3 for x in self.results if x.ok]
                 last = f"{ttfp[-1]:.0f}" if ttfp else "-"
-                print(f"\r  {self.label}: {done}/{self.total} done, {errs} err, last TTFP {last} ms, "
-                      f"{time.perf_counter() - self.start:.1f} s", end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r  {self.label}: {done}/{self.total} done, {errs} err, last TTFP {last} ms, "
+                    f"{time.perf_counter() - self.start:.1f} s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def run_level(target: Target, voice_id: str, spec: LevelSpec, quiet: bool = False) -> LevelStats:
@@ -246,8 +300,11 @@ def _closed_loop(target: Target, voice_id: str, spec: LevelSpec, total: int, pro
                 if i is None:
                     return
                 text = texts.text_for(spec.mix, i)
-                progress.add(one_request(spec.protocol, session, target, voice_id, text,
-                                         time.perf_counter(), spec.timeout_s))
+                progress.add(
+                    one_request(
+                        spec.protocol, session, target, voice_id, text, time.perf_counter(), spec.timeout_s
+                    )
+                )
 
     _run_threads(worker, spec.concurrency)
 
@@ -271,8 +328,17 @@ def _open_loop(target: Target, voice_id: str, spec: LevelSpec, total: int, progr
                     return
                 i, due = item
                 time.sleep(max(0.0, due - time.perf_counter()))
-                progress.add(one_request(spec.protocol, session, target, voice_id, texts.text_for(spec.mix, i),
-                                         due, spec.timeout_s))
+                progress.add(
+                    one_request(
+                        spec.protocol,
+                        session,
+                        target,
+                        voice_id,
+                        texts.text_for(spec.mix, i),
+                        due,
+                        spec.timeout_s,
+                    )
+                )
 
     _run_threads(worker, spec.concurrency)
 
@@ -285,16 +351,37 @@ def _run_threads(fn: Callable[[], None], n: int) -> None:
         th.join()
 
 
-def sweep(target: Target, protocols: list[str], concurrencies: list[int], requests_per_level: int, mix: str,
-          rate: float | None, timeout_s: float, warmup: int, quiet: bool = False) -> list[LevelStats]:
+def sweep(
+    target: Target,
+    protocols: list[str],
+    concurrencies: list[int],
+    requests_per_level: int,
+    mix: str,
+    rate: float | None,
+    timeout_s: float,
+    warmup: int,
+    quiet: bool = False,
+) -> list[LevelStats]:
     voice_id = upload_voice(target)
     try:
         with requests.Session() as session:  # warm-up: first-call costs stay out of the numbers
             for i in range(warmup):
-                one_request(protocols[0], session, target, voice_id, texts.text_for("short", i), time.perf_counter(),
-                            timeout_s)
-        return [run_level(target, voice_id, LevelSpec(p, c, requests_per_level, mix, rate, timeout_s, seed=c),
-                          quiet) for p in protocols for c in concurrencies]
+                one_request(
+                    protocols[0],
+                    session,
+                    target,
+                    voice_id,
+                    texts.text_for("short", i),
+                    time.perf_counter(),
+                    timeout_s,
+                )
+        return [
+            run_level(
+                target, voice_id, LevelSpec(p, c, requests_per_level, mix, rate, timeout_s, seed=c), quiet
+            )
+            for p in protocols
+            for c in concurrencies
+        ]
     finally:
         delete_voice(target, voice_id)
 
@@ -309,21 +396,52 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str:
     """Markdown table; for each other target two ratio columns: ×RT ratio (ours / theirs, > 1 = more
     throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner)."""
-    head = ["proto", "C", "req", "err", "TTFP p50", "p95", "p99", "E2E p50", "p95", "RTF p50", "×RT",
-            "req/s", "underruns (stall s)"]
+    head = [
+        "proto",
+        "C",
+        "req",
+        "err",
+        "TTFP p50",
+        "p95",
+        "p99",
+        "E2E p50",
+        "p95",
+        "RTF p50",
+        "×RT",
+        "req/s",
+        "underruns (stall s)",
+    ]
     for name in against:
         head += [f"×RT vs {name}", f"TTFP p50 vs {name}"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lv in levels:
-        cells = [lv.protocol, str(lv.concurrency), str(lv.requests), str(lv.errors),
-                 _fmt(lv.ttfp_ms["p50"]), _fmt(lv.ttfp_ms["p95"]), _fmt(lv.ttfp_ms["p99"]),
-                 _fmt(lv.e2e_ms["p50"]), _fmt(lv.e2e_ms["p95"]), _fmt(lv.rtf_p50, 3), _fmt(lv.x_realtime, 2),
-                 _fmt(lv.requests_per_s, 2), f"{lv.underruns} ({lv.underrun_stall_s:.2f})"]
+        cells = [
+            lv.protocol,
+            str(lv.concurrency),
+            str(lv.requests),
+            str(lv.errors),
+            _fmt(lv.ttfp_ms["p50"]),
+            _fmt(lv.ttfp_ms["p95"]),
+            _fmt(lv.ttfp_ms["p99"]),
+            _fmt(lv.e2e_ms["p50"]),
+            _fmt(lv.e2e_ms["p95"]),
+            _fmt(lv.rtf_p50, 3),
+            _fmt(lv.x_realtime, 2),
+            _fmt(lv.requests_per_s, 2),
+            f"{lv.underruns} ({lv.underrun_stall_s:.2f})",
+        ]
         for other in against.values():
-            match = next((o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None)
-            cells += ["-", "-"] if match is None else [
-                _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
-                _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×"]
+            match = next(
+                (o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None
+            )
+            cells += (
+                ["-", "-"]
+                if match is None
+                else [
+                    _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
+                    _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×",
+                ]
+            )
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -343,7 +461,9 @@ def machine() -> str:
 
 def _run(cmd: list[str]) -> str:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
+        return subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=10, cwd=REPO
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -352,8 +472,12 @@ def meta(model: str) -> dict[str, str]:
     commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     if _run(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += "-dirty"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-            "commit": commit, "model": model}
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "commit": commit,
+        "model": model,
+    }
 
 
 # ---------------------------------------------------------------- CLI
@@ -412,16 +536,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1))
             targets.append(Target("baseline", srv.url, srv.token))
         elif args.baseline_url:
-            targets.append(Target("baseline", args.baseline_url.rstrip("/"), args.baseline_token or args.token))
+            targets.append(
+                Target("baseline", args.baseline_url.rstrip("/"), args.baseline_token or args.token)
+            )
         if args.compare:
             targets.append(Target("compare", args.compare.rstrip("/"), args.compare_token or args.token))
         results: dict[str, list[LevelStats]] = {}
         for target in targets:
             if not args.quiet:
                 print(f"== {target.name}: {target.url}", file=sys.stderr)
-            results[target.name] = sweep(target, args.protocol, args.concurrency, args.requests, args.texts,
-                                         args.rate, args.timeout, args.warmup, args.quiet)
-    model = args.model or (str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown"))
+            results[target.name] = sweep(
+                target,
+                args.protocol,
+                args.concurrency,
+                args.requests,
+                args.texts,
+                args.rate,
+                args.timeout,
+                args.warmup,
+                args.quiet,
+            )
+    model = args.model or (
+        str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
+    )
     out = build_json(results, targets, meta(model), args)
     md = markdown(out, results)
     print(md)
@@ -431,16 +568,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.markdown.write_text(md + "\n")
     if args.plot:
         from bench.plot import plot  # lazy: matplotlib is a bench extra
+
         plot(out, args.plot)
     return out
 
 
-def build_json(results: dict[str, list[LevelStats]], targets: list[Target], meta_: dict[str, str],
-               args: argparse.Namespace) -> dict[str, Any]:
-    settings = {"requests": args.requests, "texts": args.texts, "rate": args.rate, "sample_rate": SAMPLE_RATE,
-                "loop": "open" if args.rate else "closed"}
-    out: dict[str, Any] = {"levels": [lv.to_json() for lv in results["main"]],
-                           "meta": {**meta_, **settings, "url": targets[0].url}}
+def build_json(
+    results: dict[str, list[LevelStats]],
+    targets: list[Target],
+    meta_: dict[str, str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    settings = {
+        "requests": args.requests,
+        "texts": args.texts,
+        "rate": args.rate,
+        "sample_rate": SAMPLE_RATE,
+        "loop": "open" if args.rate else "closed",
+    }
+    out: dict[str, Any] = {
+        "levels": [lv.to_json() for lv in results["main"]],
+        "meta": {**meta_, **settings, "url": targets[0].url},
+    }
     for t in targets[1:]:
         out[t.name] = {"url": t.url, "levels": [lv.to_json() for lv in results[t.name]]}
         if t.name == "baseline":
@@ -451,10 +600,17 @@ def build_json(results: dict[str, list[LevelStats]], targets: list[Target], meta
 def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
     m = out["meta"]
     against = {k: v for k, v in results.items() if k != "main"}
-    parts = [f"{m['date']} · {m['machine']} · commit {m['commit']} · model {m['model']} · {m['loop']} loop"
-             f"{' at %.2f req/s' % m['rate'] if m['rate'] else ''} · texts {m['texts']} · pcm {SAMPLE_RATE} Hz",
-             "", "TTFP / E2E in ms; ×RT = audio s / wall s of the level, all streams together.", "",
-             "### main", table(results["main"], against)]
+    parts = [
+        (
+            f"{m['date']} · {m['machine']} · commit {m['commit']} · model {m['model']} · {m['loop']} loop"
+            f"{' at {:.2f} req/s'.format(m['rate']) if m['rate'] else ''} · texts {m['texts']} · pcm {SAMPLE_RATE} Hz"
+        ),
+        "",
+        "TTFP / E2E in ms; ×RT = audio s / wall s of the level, all streams together.",
+        "",
+        "### main",
+        table(results["main"], against),
+    ]
     for name, levels in against.items():
         parts += ["", f"### {name} ({out[name]['url']})", table(levels, {})]
     return "\n".join(parts)

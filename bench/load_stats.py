@@ -3,11 +3,13 @@
 No clock, no sockets: every function takes numbers measured elsewhere (bench/load.py), so each is
 tested with hand-computed cases.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -34,8 +36,9 @@ class Playback:
     stall_s: float  # total seconds it waited, summed over those times
 
 
-def simulate_playback(arrivals_s: Sequence[float], durations_s: Sequence[float],
-                      tolerance_s: float = 1e-6) -> Playback:
+def simulate_playback(
+    arrivals_s: Sequence[float], durations_s: Sequence[float], tolerance_s: float = 1e-6
+) -> Playback:
     """Chunk i arrives at arrivals_s[i] and holds durations_s[i] seconds of audio.
 
     The player starts playing the first non-empty chunk when it arrives; each later chunk plays when
@@ -84,9 +87,15 @@ def request_result(arrivals_s: Sequence[float], durations_s: Sequence[float], e2
     """A finished request from its chunk timeline (arrival, audio seconds) and its end time."""
     ttfp = next((a for a, d in zip(arrivals_s, durations_s) if d > 0), math.nan)
     play = simulate_playback(arrivals_s, durations_s)
-    return RequestResult(ok=not math.isnan(ttfp), ttfp_s=ttfp, e2e_s=e2e_s, audio_s=float(sum(durations_s)),
-                         underruns=play.underruns, stall_s=play.stall_s,
-                         error="" if not math.isnan(ttfp) else "NoAudio: no audio in the response")
+    return RequestResult(
+        ok=not math.isnan(ttfp),
+        ttfp_s=ttfp,
+        e2e_s=e2e_s,
+        audio_s=float(sum(durations_s)),
+        underruns=play.underruns,
+        stall_s=play.stall_s,
+        error="" if not math.isnan(ttfp) else "NoAudio: no audio in the response",
+    )
 
 
 def failed(error: str, e2e_s: float) -> RequestResult:
@@ -118,15 +127,22 @@ class LevelStats:
         return {k: _finite(v) for k, v in asdict(self).items()}
 
 
-def aggregate(protocol: str, concurrency: int, results: Sequence[RequestResult], wall_s: float,
-              rate: float | None = None) -> LevelStats:
+def aggregate(
+    protocol: str,
+    concurrency: int,
+    results: Sequence[RequestResult],
+    wall_s: float,
+    rate: float | None = None,
+) -> LevelStats:
     good = [r for r in results if r.ok]
     ttfp = [r.ttfp_s * 1e3 for r in good]
     e2e = [r.e2e_s * 1e3 for r in good]
     audio = sum(r.audio_s for r in good)
     errors = sorted({r.error for r in results if not r.ok})
     return LevelStats(
-        protocol=protocol, concurrency=concurrency, requests=len(results),
+        protocol=protocol,
+        concurrency=concurrency,
+        requests=len(results),
         errors=len(results) - len(good),
         ttfp_ms={f"p{p}": percentile(ttfp, p) for p in (50, 95, 99)},
         e2e_ms={f"p{p}": percentile(e2e, p) for p in (50, 95)},
@@ -136,7 +152,10 @@ def aggregate(protocol: str, concurrency: int, results: Sequence[RequestResult],
         underruns=sum(r.underruns for r in good),
         underrun_stall_s=sum(r.stall_s for r in good),
         streams_with_underrun=sum(1 for r in good if r.underruns),
-        audio_s=audio, wall_s=wall_s, rate=rate, error_samples=errors[:5],
+        audio_s=audio,
+        wall_s=wall_s,
+        rate=rate,
+        error_samples=errors[:5],
     )
 
 

@@ -4,6 +4,7 @@
 
 One line per (server, protocol): solid = p50, dashed = p95 on the left panel; ×RT on the right.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 _COLORS = {"main": "tab:blue", "baseline": "tab:gray", "compare": "tab:orange"}
 _MARKERS = {"sse": "o", "ws": "s", "json": "^"}
 
 
-def series(levels: list[dict[str, Any]], protocol: str, key: str, sub: str | None = None) -> tuple[list[int], list[float]]:
+def series(
+    levels: list[dict[str, Any]], protocol: str, key: str, sub: str | None = None
+) -> tuple[list[int], list[float]]:
     rows = sorted((lv for lv in levels if lv["protocol"] == protocol), key=lambda lv: lv["concurrency"])
     xs, ys = [], []
     for lv in rows:
@@ -40,11 +43,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
             style = {"color": _COLORS.get(name, "black"), "marker": _MARKERS.get(proto, "x")}
             label = f"{name} {proto}"
             ax_t.plot(*series(levels, proto, "ttfp_ms", "p50"), linestyle="-", label=f"{label} p50", **style)
-            ax_t.plot(*series(levels, proto, "ttfp_ms", "p95"), linestyle="--", alpha=0.6, label=f"{label} p95",
-                      **style)
+            ax_t.plot(
+                *series(levels, proto, "ttfp_ms", "p95"),
+                linestyle="--",
+                alpha=0.6,
+                label=f"{label} p95",
+                **style,
+            )
             ax_x.plot(*series(levels, proto, "x_realtime"), linestyle="-", label=label, **style)
-    for ax, title, ylabel in ((ax_t, "first-packet latency", "TTFP (ms)"),
-                              (ax_x, "aggregate throughput", "× real time (audio s / wall s)")):
+    for ax, title, ylabel in (
+        (ax_t, "first-packet latency", "TTFP (ms)"),
+        (ax_x, "aggregate throughput", "× real time (audio s / wall s)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams (C)")
         ax.set_ylabel(ylabel)
@@ -53,8 +63,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     ax_t.set_yscale("log")
     m = result.get("meta", {})
-    fig.suptitle(f"{m.get('model', '?')} · {m.get('machine', '?')} · {m.get('commit', '?')} · {m.get('date', '')}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{m.get('model', '?')} · {m.get('machine', '?')} · {m.get('commit', '?')} · {m.get('date', '')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,6 +5,7 @@
 
 The server's log goes to a file (printed on failure); /health is polled until it answers.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import requests
 
@@ -41,10 +42,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(port: int, data_dir: Path, token: str, model_dir: Path | None = None,
-                   max_batch: int | None = None, extra: Sequence[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--token", token]
+def server_command(
+    port: int,
+    data_dir: Path,
+    token: str,
+    model_dir: Path | None = None,
+    max_batch: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--token",
+        token,
+    ]
     if model_dir is not None:
         cmd += ["--model-dir", str(model_dir)]
     if max_batch is not None:
@@ -79,9 +97,16 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
 
 
 @contextmanager
-def spawn_server(model_dir: Path | None = None, max_batch: int | None = None, token: str = "bench-token",
-                 extra: Sequence[str] = (), startup_timeout_s: float = 600.0, data_dir: Path | None = None,
-                 env: dict[str, str] | None = None, attempts: int = 3) -> Iterator[SpawnedServer]:
+def spawn_server(
+    model_dir: Path | None = None,
+    max_batch: int | None = None,
+    token: str = "bench-token",
+    extra: Sequence[str] = (),
+    startup_timeout_s: float = 600.0,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    attempts: int = 3,
+) -> Iterator[SpawnedServer]:
     """A server for the duration of the block. Without `model_dir` it builds the tiny random model in
     its own data dir (a second or so). `startup_timeout_s` covers loading a full-size checkpoint."""
     own_dir = data_dir is None
@@ -95,16 +120,23 @@ def spawn_server(model_dir: Path | None = None, max_batch: int | None = None, to
             url = f"http://127.0.0.1:{port}"
             cmd = server_command(port, root / "data", token, model_dir, max_batch, extra)
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {})},
+                    start_new_session=True,
+                )
             try:
                 wait_healthy(url, proc, startup_timeout_s)
                 break
             except (RuntimeError, TimeoutError) as exc:
                 stop(proc)
                 if attempt + 1 == attempts or isinstance(exc, TimeoutError) or not _port_clash(log_path):
-                    raise RuntimeError(f"{exc}; command: {' '.join(cmd)}\n--- server log ---\n"
-                                       f"{_tail(log_path)}") from exc
+                    raise RuntimeError(
+                        f"{exc}; command: {' '.join(cmd)}\n--- server log ---\n{_tail(log_path)}"
+                    ) from exc
         assert proc is not None
         yield SpawnedServer(url=url, token=token, pid=proc.pid, log_path=log_path, max_batch=max_batch)
     finally:

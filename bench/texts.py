@@ -4,8 +4,10 @@ Shipped in code so every run, on every machine, sends the same texts in the same
 (request i of a level uses TEXTS[mix][i % len]). "short" is one clause (~1-2 s of speech),
 "medium" one or two sentences (~4-8 s), "long" a paragraph (~15-25 s).
 """
+
 from __future__ import annotations
 
+import itertools
 import re
 
 SHORT: tuple[str, ...] = (
@@ -23,17 +25,25 @@ MEDIUM: tuple[str, ...] = (
 )
 
 LONG: tuple[str, ...] = (
-    "八百标兵奔北坡，炮兵并排北边跑。这是一段常见的绕口令，用来练习发音的清晰度。"
-    "语音合成系统需要在很短的时间内给出第一段声音，然后以不低于实时的速度持续输出，"
-    "这样听众才不会听到任何停顿或者卡顿。",
-    "Streaming speech synthesis has two jobs: start talking quickly, and never fall behind the listener. "
-    "The first chunk should arrive in a fraction of a second, and every later chunk must arrive before "
-    "the audio already played runs out, or the listener hears a gap in the middle of a word.",
-    "在人工智能快速发展的今天，越来越多的应用开始使用语音与用户交流。从智能音箱到车载助手，"
-    "从客服机器人到有声读物，自然流畅的合成语音正在改变我们获取信息的方式。",
-    "When the service is busy, each request still deserves a prompt first word and a smooth delivery. "
-    "Batching many streams together is how a single accelerator can serve dozens of listeners at once "
-    "without making any of them wait.",
+    (
+        "八百标兵奔北坡，炮兵并排北边跑。这是一段常见的绕口令，用来练习发音的清晰度。"
+        "语音合成系统需要在很短的时间内给出第一段声音，然后以不低于实时的速度持续输出，"
+        "这样听众才不会听到任何停顿或者卡顿。"
+    ),
+    (
+        "Streaming speech synthesis has two jobs: start talking quickly, and never fall behind the listener. "
+        "The first chunk should arrive in a fraction of a second, and every later chunk must arrive before "
+        "the audio already played runs out, or the listener hears a gap in the middle of a word."
+    ),
+    (
+        "在人工智能快速发展的今天，越来越多的应用开始使用语音与用户交流。从智能音箱到车载助手，"
+        "从客服机器人到有声读物，自然流畅的合成语音正在改变我们获取信息的方式。"
+    ),
+    (
+        "When the service is busy, each request still deserves a prompt first word and a smooth delivery. "
+        "Batching many streams together is how a single accelerator can serve dozens of listeners at once "
+        "without making any of them wait."
+    ),
 )
 
 TEXTS: dict[str, tuple[str, ...]] = {
@@ -70,4 +80,4 @@ def split_pieces(text: str, pieces: int) -> list[str]:
         if best not in chosen and (not chosen or best > chosen[-1]):
             chosen.append(best)
     bounds = [0, *chosen, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b]]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if text[a:b]]

@@ -1,0 +1,183 @@
+"""bench/load.py: percentiles, playback underruns and aggregation by hand; one real smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import requests
+
+from bench import load, texts
+from bench.load_stats import (
+    Playback,
+    RequestResult,
+    aggregate,
+    failed,
+    percentile,
+    ratio,
+    request_result,
+    simulate_playback,
+)
+from bench.servers import server_command, spawn_server
+
+# ---------------------------------------------------------------- percentiles
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    xs = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(xs, 50) == pytest.approx(2.5)  # rank 1.5
+    assert percentile(xs, 95) == pytest.approx(3.85)  # rank 2.85 -> 3 + 0.85
+    assert percentile(xs, 99) == pytest.approx(3.97)
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 4.0
+
+
+def test_percentile_edges() -> None:
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+# ---------------------------------------------------------------- playback
+
+
+def test_playback_on_time_stream_never_stalls() -> None:
+    # each 1 s chunk arrives exactly when the previous one ends
+    assert simulate_playback([0.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == Playback(0, 0.0)
+
+
+def test_playback_counts_one_late_chunk() -> None:
+    # plays 0.5-1.5, queued chunk 1.5-2.5, third arrives at 3.0: 0.5 s stall, then plays 3.0-4.0
+    play = simulate_playback([0.5, 1.0, 3.0], [1.0, 1.0, 1.0])
+    assert play.underruns == 1
+    assert play.stall_s == pytest.approx(0.5)
+
+
+def test_playback_skips_empty_chunks_and_resumes_from_the_late_arrival() -> None:
+    # header (no audio) at 0.1; plays 0.2-0.3; next at 0.5 (stall 0.2) plays 0.5-0.6;
+    # next at 0.55 is queued (0.6-0.8); next at 1.0 stalls 0.2 more; empty stop event ignored
+    arrivals = [0.1, 0.2, 0.5, 0.55, 1.0, 1.01]
+    durations = [0.0, 0.1, 0.1, 0.2, 0.3, 0.0]
+    play = simulate_playback(arrivals, durations)
+    assert play.underruns == 2
+    assert play.stall_s == pytest.approx(0.4)
+
+
+def test_playback_ignores_float_noise_and_rejects_mismatch() -> None:
+    assert simulate_playback([0.0, 0.1 + 0.2], [0.3, 1.0]).underruns == 0  # 0.30000000000000004
+    with pytest.raises(ValueError):
+        simulate_playback([0.0], [])
+
+
+# ---------------------------------------------------------------- per request and per level
+
+
+def test_request_result_from_timeline() -> None:
+    r = request_result([0.05, 0.2, 0.9], [0.0, 0.5, 0.5], e2e_s=1.0)
+    assert r.ok and r.ttfp_s == 0.2 and r.audio_s == 1.0
+    assert r.rtf == pytest.approx(1.0)
+    assert (r.underruns, r.stall_s) == (1, pytest.approx(0.2))  # plays 0.2-0.7, next at 0.9
+
+
+def test_request_without_audio_is_an_error() -> None:
+    r = request_result([0.1], [0.0], e2e_s=0.2)
+    assert not r.ok and "NoAudio" in r.error
+
+
+def test_aggregate_hand_computed() -> None:
+    results = [
+        RequestResult(ok=True, ttfp_s=0.1, e2e_s=2.0, audio_s=4.0),
+        RequestResult(ok=True, ttfp_s=0.3, e2e_s=4.0, audio_s=4.0, underruns=2, stall_s=0.5),
+        failed("HTTP 503: busy", 0.01),
+    ]
+    lv = aggregate("sse", 2, results, wall_s=4.0)
+    assert (lv.requests, lv.errors) == (3, 1)
+    assert lv.ttfp_ms["p50"] == pytest.approx(200.0)
+    assert lv.ttfp_ms["p95"] == pytest.approx(290.0)  # 100 + 0.95 * 200
+    assert lv.e2e_ms["p50"] == pytest.approx(3000.0)
+    assert lv.rtf_p50 == pytest.approx(0.75)  # median of 0.5 and 1.0
+    assert lv.x_realtime == pytest.approx(2.0)  # 8 audio s / 4 wall s
+    assert lv.requests_per_s == pytest.approx(0.5)
+    assert (lv.underruns, lv.underrun_stall_s, lv.streams_with_underrun) == (2, 0.5, 1)
+    assert lv.error_samples == ["HTTP 503: busy"]
+
+
+def test_all_failed_level_serialises_nan_as_null() -> None:
+    row = aggregate("ws", 1, [failed("x", 1.0)], wall_s=1.0).to_json()
+    assert row["ttfp_ms"]["p50"] is None and row["rtf_p50"] is None
+    json.dumps(row, allow_nan=False)
+
+
+def test_ratio() -> None:
+    assert ratio(3.0, 1.5) == 2.0
+    assert math.isnan(ratio(1.0, 0.0)) and math.isnan(ratio(math.nan, 1.0))
+
+
+def test_table_has_ratio_columns_against_baseline() -> None:
+    mine = [aggregate("sse", 4, [RequestResult(True, 0.1, 1.0, 4.0)], wall_s=1.0)]
+    base = [aggregate("sse", 4, [RequestResult(True, 0.3, 1.0, 2.0)], wall_s=1.0)]
+    text = load.table(mine, {"baseline": base})
+    assert "×RT vs baseline" in text.splitlines()[0]
+    assert text.splitlines()[-1].endswith("| 2.00× | 3.00× |")  # xRT 4/2, TTFP 300/100
+
+
+# ---------------------------------------------------------------- texts, prompt, server command
+
+
+def test_split_pieces_rejoins_to_the_text() -> None:
+    for mix in texts.TEXTS.values():
+        for text in mix:
+            for n in (1, 2, 3):
+                pieces = texts.split_pieces(text, n)
+                assert "".join(pieces) == text and 1 <= len(pieces) <= n and all(pieces)
+    assert len(texts.split_pieces("Hello, thanks for calling.", 3)) == 3
+
+
+def test_prompt_wav_is_deterministic_3s_16k() -> None:
+    import io
+    import wave
+
+    data = load.prompt_wav()
+    assert data == load.prompt_wav()
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getframerate(), w.getnframes(), w.getnchannels()) == (16000, 48000, 1)
+
+
+def test_baseline_server_command_turns_batching_off() -> None:
+    cmd = server_command(9, Path("/d"), "tok", max_batch=1)
+    assert cmd[cmd.index("--max-batch") + 1] == "1"
+    assert "--max-batch" not in server_command(9, Path("/d"), "tok")
+
+
+def test_cli_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        load.parse_args(["--protocol", "grpc", "--url", "http://x"])
+    with pytest.raises(SystemExit):
+        load.parse_args([])  # neither --url nor --spawn
+
+
+# ---------------------------------------------------------------- real server, real CLI
+
+
+def test_smoke_run_against_real_tiny_server(tmp_path: Path) -> None:
+    """Two requests (one SSE, one WebSocket) through the CLI against `python -m server` on the tiny model."""
+    with spawn_server(startup_timeout_s=90) as srv:
+        out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
+        argv = ["--url", srv.url, "--token", srv.token, "--protocol", "sse,ws", "--concurrency", "1",
+                "--requests", "1", "--texts", "short", "--warmup", "0", "--quiet", "--model", "tiny",
+                "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md)]  # fmt: skip
+        load.main(argv)
+        left = requests.get(f"{srv.url}/api/v1/audio/reference_audio", headers={"Authorization": f"Bearer {srv.token}"},
+                            timeout=10).json()  # fmt: skip
+    assert left == []  # the bench deleted its voice
+    result = json.loads(out_json.read_text())
+    assert [(lv["protocol"], lv["concurrency"]) for lv in result["levels"]] == [("sse", 1), ("ws", 1)]
+    for lv in result["levels"]:
+        assert lv["requests"] == 1 and lv["errors"] == 0, lv["error_samples"]
+        assert 0 < lv["ttfp_ms"]["p50"] <= lv["e2e_ms"]["p50"]
+        assert lv["x_realtime"] > 0 and lv["rtf_p50"] > 0 and lv["underruns"] >= 0
+    assert set(result["meta"]) >= {"date", "machine", "commit", "model"}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| sse | 1 | 1 | 0 |" in out_md.read_text()
