@@ -18,7 +18,6 @@ import argparse
 import base64
 import io
 import json
-import math
 import os
 import platform
 import random
@@ -40,7 +39,7 @@ import requests
 import websocket
 
 from bench import texts
-from bench.load_stats import LevelStats, RequestResult, aggregate, failed, ratio, request_result
+from bench.load_stats import LevelStats, RequestResult, aggregate, failed, markdown, request_result
 from bench.servers import REPO, spawn_server
 
 SAMPLE_RATE = 24000
@@ -389,63 +388,6 @@ def sweep(
 # ---------------------------------------------------------------- report
 
 
-def _fmt(v: float | None, digits: int = 0) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str:
-    """Markdown table; for each other target two ratio columns: ×RT ratio (ours / theirs, > 1 = more
-    throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner)."""
-    head = [
-        "proto",
-        "C",
-        "req",
-        "err",
-        "TTFP p50",
-        "p95",
-        "p99",
-        "E2E p50",
-        "p95",
-        "RTF p50",
-        "×RT",
-        "req/s",
-        "underruns (stall s)",
-    ]
-    for name in against:
-        head += [f"×RT vs {name}", f"TTFP p50 vs {name}"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for lv in levels:
-        cells = [
-            lv.protocol,
-            str(lv.concurrency),
-            str(lv.requests),
-            str(lv.errors),
-            _fmt(lv.ttfp_ms["p50"]),
-            _fmt(lv.ttfp_ms["p95"]),
-            _fmt(lv.ttfp_ms["p99"]),
-            _fmt(lv.e2e_ms["p50"]),
-            _fmt(lv.e2e_ms["p95"]),
-            _fmt(lv.rtf_p50, 3),
-            _fmt(lv.x_realtime, 2),
-            _fmt(lv.requests_per_s, 2),
-            f"{lv.underruns} ({lv.underrun_stall_s:.2f})",
-        ]
-        for other in against.values():
-            match = next(
-                (o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None
-            )
-            cells += (
-                ["-", "-"]
-                if match is None
-                else [
-                    _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
-                    _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×",
-                ]
-            )
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -507,6 +449,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--baseline-url", help="a running server started with --max-batch 1")
     g.add_argument("--spawn-baseline", action="store_true", help="start a --max-batch 1 server for the run")
     p.add_argument("--baseline-token")
+    p.add_argument(
+        "--baseline-concurrency", type=_csv(int), help="levels for the baseline (default: --concurrency)"
+    )
+    p.add_argument("--server-max-batch", type=int, help="--max-batch for the spawned server under test")
     p.add_argument("--spawn", action="store_true", help="start the server under test (tiny model by default)")
     p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
@@ -528,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         targets: list[Target] = []
         if args.spawn:
-            srv = stack.enter_context(spawn_server(args.model_dir))
+            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=args.server_max_batch))
             targets.append(Target("main", srv.url, srv.token))
         else:
             targets.append(Target("main", args.url.rstrip("/"), args.token))
@@ -545,10 +491,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for target in targets:
             if not args.quiet:
                 print(f"== {target.name}: {target.url}", file=sys.stderr)
+            levels = args.baseline_concurrency if target.name == "baseline" else None
             results[target.name] = sweep(
                 target,
                 args.protocol,
-                args.concurrency,
+                levels or args.concurrency,
                 args.requests,
                 args.texts,
                 args.rate,
@@ -595,25 +542,6 @@ def build_json(
         if t.name == "baseline":
             out[t.name]["max_batch"] = 1
     return out
-
-
-def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
-    m = out["meta"]
-    against = {k: v for k, v in results.items() if k != "main"}
-    parts = [
-        (
-            f"{m['date']} · {m['machine']} · commit {m['commit']} · model {m['model']} · {m['loop']} loop"
-            f"{' at {:.2f} req/s'.format(m['rate']) if m['rate'] else ''} · texts {m['texts']} · pcm {SAMPLE_RATE} Hz"
-        ),
-        "",
-        "TTFP / E2E in ms; ×RT = audio s / wall s of the level, all streams together.",
-        "",
-        "### main",
-        table(results["main"], against),
-    ]
-    for name, levels in against.items():
-        parts += ["", f"### {name} ({out[name]['url']})", table(levels, {})]
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pure statistics for the load generator: percentiles, a real-time player, per-level aggregation.
+"""Pure statistics for the load generator: percentiles, a real-time player, per-level aggregation,
+and the markdown table of a run.
 
 No clock, no sockets: every function takes numbers measured elsewhere (bench/load.py), so each is
 tested with hand-computed cases.
@@ -173,3 +174,82 @@ def _finite(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _finite(x) for k, x in v.items()}
     return v
+
+
+# ---------------------------------------------------------------- report (markdown)
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str:
+    """Markdown table; for each other target two ratio columns: ×RT ratio (ours / theirs, > 1 = more
+    throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner)."""
+    head = [
+        "proto",
+        "C",
+        "req",
+        "err",
+        "TTFP p50",
+        "p95",
+        "p99",
+        "E2E p50",
+        "p95",
+        "RTF p50",
+        "×RT",
+        "req/s",
+        "underruns (stall s)",
+    ]
+    for name in against:
+        head += [f"×RT vs {name}", f"TTFP p50 vs {name}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lv in levels:
+        cells = [
+            lv.protocol,
+            str(lv.concurrency),
+            str(lv.requests),
+            str(lv.errors),
+            _fmt(lv.ttfp_ms["p50"]),
+            _fmt(lv.ttfp_ms["p95"]),
+            _fmt(lv.ttfp_ms["p99"]),
+            _fmt(lv.e2e_ms["p50"]),
+            _fmt(lv.e2e_ms["p95"]),
+            _fmt(lv.rtf_p50, 3),
+            _fmt(lv.x_realtime, 2),
+            _fmt(lv.requests_per_s, 2),
+            f"{lv.underruns} ({lv.underrun_stall_s:.2f})",
+        ]
+        for other in against.values():
+            match = next(
+                (o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None
+            )
+            cells += (
+                ["-", "-"]
+                if match is None
+                else [
+                    _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
+                    _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×",
+                ]
+            )
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
+    m = out["meta"]
+    against = {k: v for k, v in results.items() if k != "main"}
+    parts = [
+        (
+            f"{m['date']} · {m['machine']} · commit {m['commit']} · model {m['model']} · {m['loop']} loop"
+            f"{' at {:.2f} req/s'.format(m['rate']) if m['rate'] else ''} · texts {m['texts']} · pcm {m['sample_rate']} Hz"
+        ),
+        "",
+        "TTFP / E2E in ms; ×RT = audio s / wall s of the level, all streams together.",
+        "",
+        "### main",
+        table(results["main"], against),
+    ]
+    for name, levels in against.items():
+        parts += ["", f"### {name} ({out[name]['url']})", table(levels, {})]
+    return "\n".join(parts)

@@ -19,6 +19,7 @@ from bench.load_stats import (
     ratio,
     request_result,
     simulate_playback,
+    table,
 )
 from bench.servers import server_command, spawn_server
 
@@ -118,7 +119,7 @@ def test_ratio() -> None:
 def test_table_has_ratio_columns_against_baseline() -> None:
     mine = [aggregate("sse", 4, [RequestResult(True, 0.1, 1.0, 4.0)], wall_s=1.0)]
     base = [aggregate("sse", 4, [RequestResult(True, 0.3, 1.0, 2.0)], wall_s=1.0)]
-    text = load.table(mine, {"baseline": base})
+    text = table(mine, {"baseline": base})
     assert "×RT vs baseline" in text.splitlines()[0]
     assert text.splitlines()[-1].endswith("| 2.00× | 3.00× |")  # xRT 4/2, TTFP 300/100
 
