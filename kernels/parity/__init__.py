@@ -1,7 +1,9 @@
 """Numerical parity against the upstream reference cases (see `python -m kernels.parity`)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,11 @@ def compare(name: str, ours, ref, tolerance: float, note: str = "") -> CaseResul
     max_abs = float(np.max(np.abs(a - b)))
     scale = float(np.max(np.abs(b))) or 1.0
     return CaseResult(name, max_abs, max_abs / scale, tolerance, max_abs <= tolerance, note)
+
+
+@functools.lru_cache(maxsize=2)
+def loaded_model(model_dir: Path):
+    """The model as the server loads it (strict checks, weight-norm folding): parity proves the loader too."""
+    from kernels.model import load_model
+
+    return load_model(Path(model_dir), device="cpu")

@@ -7,18 +7,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels.config import read_model_config
 from kernels.flow import NOISE_SHA256, CausalMaskedDiffWithXvec, noise_sha256
-from kernels.parity import CaseResult, compare
+from kernels.parity import CaseResult, compare, loaded_model
 
 TOL = 1e-4  # flow mel fp32 CPU (reference README)
 
 
 def load_flow(model_dir: Path) -> CausalMaskedDiffWithXvec:
-    flow = CausalMaskedDiffWithXvec(read_model_config(model_dir).flow)
-    state = torch.load(model_dir / "flow.pt", weights_only=True, mmap=True)
-    flow.load_state_dict(state, strict=True)
-    return flow.eval()
+    return loaded_model(Path(model_dir)).flow
 
 
 def _rows(rows: list[tuple[Tensor, Tensor]], embedding: Tensor) -> dict[str, Tensor]:

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kernels.config import read_model_config
-from kernels.hift import HiFTGenerator, load_hift
-from kernels.parity import CaseResult, compare
+from kernels.hift import HiFTGenerator
+from kernels.parity import CaseResult, compare, loaded_model
 from kernels.vocoder_stream import MEL_CACHE_FRAMES, VocoderState, cross_fade, vocode_chunks
 
 TOL_F0_HZ = 2e-3  # f0 up to ~160 Hz; fp32 vs fp64 differs by 9e-5
@@ -82,8 +81,7 @@ def _flow_stream_cases(hift: HiFTGenerator, c: dict[str, torch.Tensor]) -> list[
 
 def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
     model_dir, cases_dir = Path(model_dir), Path(cases_dir)
-    cfg = read_model_config(model_dir)
-    hift = load_hift(str(model_dir / "hift.pt"), cfg.hift)
+    hift = loaded_model(model_dir).hift
     results: list[CaseResult] = []
     with torch.inference_mode():
         hift_path = cases_dir / "hift.safetensors"

@@ -8,22 +8,16 @@ from pathlib import Path
 
 import torch
 
-from kernels.config import read_model_config
 from kernels.kv_cache import KVCache
-from kernels.llm import TIED_LM_HEAD_KEY, Qwen2LM
-from kernels.parity import CaseResult, compare
+from kernels.llm import Qwen2LM
+from kernels.parity import CaseResult, compare, loaded_model
 
 LAYOUTS = ("zero_shot", "cross_lingual", "instruct2")
 TOL_LOGP, TOL_HIDDEN, TOL_INPUT = 1e-4, 1e-4, 1e-5
 
 
 def build_model(model_dir: Path) -> Qwen2LM:
-    cfg = read_model_config(model_dir).llm
-    state = torch.load(model_dir / "llm.pt", map_location="cpu", weights_only=True, mmap=True)
-    state.pop(TIED_LM_HEAD_KEY, None)
-    lm = Qwen2LM(cfg)
-    lm.load_state_dict(state, strict=True)
-    return lm.eval()
+    return loaded_model(Path(model_dir)).llm
 
 
 def _teacher_forced(lm: Qwen2LM, lm_input: torch.Tensor, cont: torch.Tensor, kv: KVCache, slot: int):
