@@ -1,0 +1,484 @@
+"""Engine throughput without HTTP: batched vs one-request-at-a-time on the same code, same run.
+
+    python -m bench.engine --model-dir DIR --concurrency 1,8 [--tokens 150] [--requests-per-level N]
+        [--stream/--no-stream] [--device cpu|cuda] [--no-cuda-graphs] [--threads T] [--json FILE]
+        [--markdown FILE] [--llm-only]
+
+For each concurrency C the same jobs (fixed_tokens, fixed seeds) run twice:
+- "batched": one Engine(num_slots >= C), C jobs in flight (closed loop: a finished job submits the
+  next until requests-per-level are done);
+- "sequential": an Engine with max_jobs=1, num_slots=1, fed the same way, so it queues C-1 of them.
+  Its time to first chunk therefore includes queueing, as a client of a one-at-a-time server sees.
+
+`--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
+vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
+the time to the first sampled speech token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "Hello, this is a steady benchmark sentence for the engine."
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+SAMPLE_RATE = 24000
+FIGURES = ("speech_seconds_per_second", "llm_tokens_per_second", "decode_batch_mean", "flow_batch_mean",
+           "vocoder_batch_mean")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def voiced_signal(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
+    """Deterministic speech-like float signal: a ~120 Hz harmonic stack with 4 Hz syllable bursts."""
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120.0 + 20.0 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 - np.cos(2 * np.pi * 4.0 * t)) * np.minimum(1.0, np.minimum(t, seconds - t) * 20)
+    return (0.25 * voiced * envelope / np.abs(voiced).max()).astype(np.float32)
+
+
+def make_voice(model_dir: Path) -> VoicePrompt:
+    from frontend.prompt import PromptExtractor
+
+    return PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)
+
+
+def make_jobs(voice: VoicePrompt, n: int, tokens: int, stream: bool, tag: str) -> list[SpeechJob]:
+    return [SpeechJob(f"{tag}-{i}", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=1000 + i, fixed_tokens=tokens)
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclass
+class StepStats:
+    """Accumulates `runner.last` after every executed step (hooked on the runner instance)."""
+
+    decode_batches: list[int] = field(default_factory=list)
+    flow_batches: list[int] = field(default_factory=list)
+    vocoder_batches: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s"), 0.0))
+    steps: int = 0
+
+    def add(self, timings: Any, step_s: float) -> None:
+        self.steps += 1
+        if timings.decode_batch:
+            self.decode_batches.append(timings.decode_batch)
+        if timings.flow_batch:
+            self.flow_batches.append(timings.flow_batch)
+        if timings.vocoder_batch:
+            self.vocoder_batches.append(timings.vocoder_batch)
+        for key in ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s"):
+            self.seconds[key] += getattr(timings, key)
+        self.seconds["step_s"] += step_s
+
+
+def hook_runner(runner: Any, stats: StepStats) -> None:
+    """Wrap `runner.execute` on this instance only; the engine thread looks it up per step."""
+    inner = runner.execute
+
+    def execute(plan):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = inner(plan)
+        stats.add(runner.last, time.perf_counter() - t0)
+        return out
+
+    runner.execute = execute
+
+
+def _mean(xs: list[int] | list[float]) -> float | None:
+    return float(statistics.fmean(xs)) if xs else None
+
+
+def percentiles(values_s: list[float]) -> dict[str, float | None]:
+    if not values_s:
+        return {"p50": None, "p95": None}
+    ms = np.asarray(values_s) * 1000.0
+    return {"p50": round(float(np.percentile(ms, 50)), 1), "p95": round(float(np.percentile(ms, 95)), 1)}
+
+
+class ClosedLoop:
+    """Keeps `concurrency` jobs in flight; each Finished submits the next. Sink runs on the engine thread."""
+
+    def __init__(self, engine: Any, jobs: list[SpeechJob], concurrency: int) -> None:
+        self.engine, self.jobs, self.concurrency = engine, jobs, concurrency
+        self.next = 0
+        self.submit_t: dict[str, float] = {}
+        self.first_t: dict[str, float] = {}
+        self.samples = 0
+        self.tokens = 0
+        self.errors: list[str] = []
+        self.remaining = len(jobs)
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def _submit_next(self) -> None:
+        with self.lock:
+            if self.next >= len(self.jobs):
+                return
+            job = self.jobs[self.next]
+            self.next += 1
+            self.submit_t[job.request_id] = time.perf_counter()
+        self.engine.submit(job, self.sink)
+
+    def sink(self, event: Any) -> None:
+        now = time.perf_counter()
+        if isinstance(event, AudioChunk):
+            self.first_t.setdefault(event.request_id, now)
+            self.samples += int(event.pcm.shape[0])
+            return
+        if isinstance(event, Finished):
+            self.tokens += event.llm_tokens
+        elif isinstance(event, Failed):
+            self.errors.append(f"{event.request_id}: {event.code} {event.message}")
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.end_t = now
+            self.done.set()
+        else:
+            self._submit_next()
+
+    def run(self, timeout_s: float) -> float:
+        self.start_t = time.perf_counter()
+        for _ in range(min(self.concurrency, len(self.jobs))):
+            self._submit_next()
+        if not self.done.wait(timeout_s):
+            raise TimeoutError(f"engine run did not finish in {timeout_s:.0f} s")
+        if self.errors:
+            raise RuntimeError("jobs failed: " + "; ".join(self.errors[:3]))
+        return self.end_t - self.start_t
+
+    def ttfc_s(self) -> list[float]:
+        return [self.first_t[rid] - self.submit_t[rid] for rid in self.first_t]
+
+
+def run_engine(model: Any, model_dir: Path, jobs: list[SpeechJob], concurrency: int, sequential: bool,
+               cuda_graphs: bool, slot_len: int, timeout_s: float) -> dict[str, Any]:
+    from kernels.engine import Engine, EngineConfig
+
+    if sequential:
+        config = EngineConfig(num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False)
+    else:
+        config = EngineConfig(num_slots=max(1, concurrency), slot_len=slot_len, cuda_graphs=cuda_graphs,
+                              use_wetext=False, max_chunks_per_step=max(16, concurrency))
+    engine = Engine(model_dir, model=model, config=config)
+    stats = StepStats()
+    hook_runner(engine.runner, stats)
+    try:
+        loop = ClosedLoop(engine, jobs, concurrency)
+        wall = loop.run(timeout_s)
+    finally:
+        engine.shutdown(1.0)
+    speech_s = loop.samples / SAMPLE_RATE
+    return {
+        "mode": "sequential" if sequential else "batched",
+        "concurrency": concurrency,
+        "requests": len(jobs),
+        "wall_s": round(wall, 3),
+        "speech_seconds": round(speech_s, 3),
+        "llm_tokens": loop.tokens,
+        "speech_seconds_per_second": speech_s / wall,
+        "llm_tokens_per_second": loop.tokens / wall,
+        "ttfc_ms": percentiles(loop.ttfc_s()),
+        "decode_batch_mean": _mean(stats.decode_batches),
+        "flow_batch_mean": _mean(stats.flow_batches),
+        "vocoder_batch_mean": _mean(stats.vocoder_batches),
+        "steps": stats.steps,
+        "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+    }
+
+
+# ---------------------------------------------------------------- LLM only
+
+
+def llm_prompt_embeds(model: Any, model_dir: Path, voice: VoicePrompt) -> torch.Tensor:
+    from frontend.prompt import llm_prompt_for
+    from frontend.text_normalize import TextFrontend
+
+    text = TextFrontend(model_dir, use_wetext=False)
+    prompt = llm_prompt_for(Mode.ZERO_SHOT, voice, text)
+    return model.llm.build_lm_input(text.encode(TEXT), prompt.prompt_text_ids, prompt.prompt_speech_tokens)
+
+
+def _llm_batch(model: Any, kv: Any, embeds: torch.Tensor, batch: int, tokens: int, seed: int,
+               ) -> tuple[float, int, list[int]]:
+    """Prefill `batch` copies of the prompt (packed), then `tokens - 1` batched decode steps with RAS
+    sampling (stop ids masked: fixed length). Returns (seconds to first token, tokens, decode batches)."""
+    from kernels.sampling import ras_sample
+
+    lm, cfg = model.llm, model.llm.cfg
+    dev = embeds.device
+    stops = torch.tensor(cfg.stop_token_ids, device=dev)
+    gens = []
+    for b in range(batch):
+        g = torch.Generator(device=dev)
+        g.manual_seed(seed + b)
+        gens.append(g)
+    history: list[list[int]] = [[] for _ in range(batch)]
+    ignore_eos = torch.ones(batch, dtype=torch.bool, device=dev)
+    t0 = time.perf_counter()
+
+    def sample(hidden: torch.Tensor) -> list[int]:
+        logp = lm.logprobs(hidden)
+        logp[:, stops] = float("-inf")
+        recent = torch.full((batch, cfg.win_size), -1, dtype=torch.long)
+        for row, ids in enumerate(history):
+            ids = ids[-cfg.win_size:]
+            if ids:
+                recent[row, cfg.win_size - len(ids):] = torch.tensor(ids)
+        out = ras_sample(logp, recent.to(dev), ignore_eos, cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens)
+        ids = out.tolist()
+        for row, tok in enumerate(ids):
+            history[row].append(int(tok))
+        return ids
+
+    hidden = lm.prefill_batch([(embeds, slot, 0) for slot in range(batch)], kv)
+    last = sample(hidden)
+    ttft = time.perf_counter() - t0
+    slots = torch.arange(batch, device=dev)
+    decode_batches = []
+    for step in range(tokens - 1):
+        positions = torch.full((batch,), embeds.shape[0] + step, dtype=torch.long, device=dev)
+        hidden = lm.decode(lm.speech_embed(torch.tensor(last, device=dev)), slots, positions, kv,
+                           embeds.shape[0] + tokens)
+        last = sample(hidden)
+        decode_batches.append(batch)
+    return ttft, batch * tokens, decode_batches
+
+
+def run_llm_only(model: Any, embeds: torch.Tensor, n_jobs: int, concurrency: int, sequential: bool,
+                 tokens: int) -> dict[str, Any]:
+    """Rounds of `concurrency` jobs (sequential: one job at a time); no flow, no vocoder."""
+    from kernels.kv_cache import KVCache
+
+    batch = 1 if sequential else concurrency
+    dtype = next(model.llm.parameters()).dtype
+    kv = KVCache.for_model(model.config.llm.qwen, batch, embeds.shape[0] + tokens + 1, embeds.device, dtype)
+    ttfts, total, batches = [], 0, []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, n_jobs, batch):
+            size = min(batch, n_jobs - first)
+            queued_s = time.perf_counter() - start  # jobs arrive C at a time at t=0 (closed loop start)
+            ttft, n, b = _llm_batch(model, kv, embeds, size, tokens, seed=1000 + first)
+            # Time to first token from the job's arrival: a closed loop of C keeps C jobs waiting.
+            ttfts.extend([(queued_s if first < concurrency else 0.0) + ttft] * size)
+            total += n
+            batches += b
+    wall = time.perf_counter() - start
+    return {
+        "mode": "sequential" if sequential else "batched",
+        "concurrency": concurrency,
+        "requests": n_jobs,
+        "wall_s": round(wall, 3),
+        "speech_seconds": round(total / 25.0, 3),
+        "llm_tokens": total,
+        "speech_seconds_per_second": None,
+        "llm_tokens_per_second": total / wall,
+        "ttfc_ms": percentiles(ttfts),
+        "decode_batch_mean": _mean(batches),
+        "flow_batch_mean": None,
+        "vocoder_batch_mean": None,
+        "llm_only": True,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Batched / sequential of every figure, per concurrency (ttfc: batched p50/p95 over sequential's)."""
+    out: dict[str, dict[str, float | None]] = {}
+    by = {(r["mode"], r["concurrency"]): r for r in runs}
+    for (mode, c), batched in sorted(by.items(), key=lambda kv: kv[0][1]):
+        seq = by.get(("sequential", c))
+        if mode != "batched" or seq is None:
+            continue
+        row: dict[str, float | None] = {k: _ratio(batched.get(k), seq.get(k)) for k in FIGURES}
+        for p in ("p50", "p95"):
+            row[f"ttfc_{p}"] = _ratio(batched["ttfc_ms"][p], seq["ttfc_ms"][p])
+        out[str(c)] = row
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        cpu += f", GPU {torch.cuda.get_device_name(0)}"
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "scheduler", "frontend"):
+        commit += "-dirty"
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{cpu}, {os.cpu_count()} cores, device {device}",
+        "commit": commit,
+        "model": model_label,
+        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "tokens_per_request": args.tokens,
+        "stream": args.stream,
+        "llm_only": args.llm_only,
+        "torch": torch.__version__,
+    }
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = ["| C | mode | req | wall s | speech s/s | LLM tok/s | TTFC p50 ms | TTFC p95 ms | decode B | flow B | vocoder B |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        rows.append("| " + " | ".join([
+            str(r["concurrency"]), r["mode"], str(r["requests"]), _f(r["wall_s"], 1),
+            _f(r["speech_seconds_per_second"]), _f(r["llm_tokens_per_second"], 1),
+            _f(r["ttfc_ms"]["p50"], 0), _f(r["ttfc_ms"]["p95"], 0),
+            _f(r["decode_batch_mean"]), _f(r["flow_batch_mean"]), _f(r["vocoder_batch_mean"])]) + " |")
+        if r["mode"] == "batched" and str(r["concurrency"]) in result["ratios"]:
+            q = result["ratios"][str(r["concurrency"])]
+            rows.append("| " + " | ".join([
+                str(r["concurrency"]), "**ratio**", "", "", _x(q["speech_seconds_per_second"]),
+                _x(q["llm_tokens_per_second"]), _x(q["ttfc_p50"]), _x(q["ttfc_p95"]), _x(q["decode_batch_mean"]),
+                _x(q["flow_batch_mean"]), _x(q["vocoder_batch_mean"])]) + " |")
+    return "\n".join(rows)
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}×"
+
+
+def stage_table(result: dict[str, Any]) -> str:
+    runs = [r for r in result["runs"] if "stage_seconds" in r]
+    if not runs:
+        return ""
+    keys = ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s")
+    rows = ["| C | mode | " + " | ".join(keys) + " | other (engine loop) s |",
+            "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |"]
+    for r in runs:
+        s = r["stage_seconds"]
+        rows.append(f"| {r['concurrency']} | {r['mode']} | " + " | ".join(f"{s[k]:.2f}" for k in keys)
+                    + f" | {r['wall_s'] - s['step_s']:.2f} |")
+    return "\n".join(rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    head = [f"# Engine throughput ({'LLM only' if m['llm_only'] else 'whole pipeline'})", "",
+            f"- date: {m['date']}", f"- machine: {m['machine']}", f"- commit: {m['commit']}",
+            f"- model: {m['model']}", f"- threads: {json.dumps(m['threads'])}",
+            f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}", "",
+            table(result), ""]
+    stages = stage_table(result)
+    if stages:
+        head += ["Seconds per stage (summed over steps):", "", stages, ""]
+    return "\n".join(head)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8])
+    p.add_argument("--tokens", type=int, default=150, help="fixed speech tokens per request")
+    p.add_argument("--requests-per-level", type=int, default=0, help="jobs per level (default: = C)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--llm-only", action="store_true", help="LLM alone: prefill + batched decode, no flow/vocoder")
+    p.add_argument("--model-label", help="model name for meta (default: the model dir)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="per run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    from kernels.model import load_model
+
+    device = args.device
+    llm_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype)
+    voice = make_voice(args.model_dir)
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens", file=sys.stderr)
+    slot_len = len(voice.speech_tokens) + args.tokens + 256  # prompt text + text + speech, with room
+    cuda_graphs = not args.no_cuda_graphs
+    runs: list[dict[str, Any]] = []
+    if args.llm_only:
+        embeds = llm_prompt_embeds(model, args.model_dir, voice)
+        run_llm_only(model, embeds, 2, 2, sequential=False, tokens=min(args.tokens, 8))  # warm-up
+    else:
+        warm = make_jobs(voice, 2, min(args.tokens, 40), args.stream, "warm")
+        run_engine(model, args.model_dir, warm, 2, False, cuda_graphs, slot_len, args.timeout)
+    for c in args.concurrency:
+        n = max(c, args.requests_per_level)
+        for sequential in (False, True):
+            if args.llm_only:
+                run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
+            else:
+                jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
+                run = run_engine(model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout)
+            runs.append(run)
+            print(f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "
+                  f"{_f(run['speech_seconds_per_second'])} speech s/s", file=sys.stderr)
+    result = {"runs": runs, "ratios": ratios(runs),
+              "meta": meta(args.model_label or str(args.model_dir), device, args)}
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
