@@ -122,6 +122,9 @@ class Engine:
         self._pending_submits = 0
         self._backlog: list[tuple[SpeechJob, EventSink]] = []  # jobs over max_jobs, FIFO
         self._stop = threading.Event()
+        # (running, waiting, kv_used_tokens) as of the engine thread's latest loop pass: the
+        # scheduler's last-step stats go stale once the engine idles (no step after the last end)
+        self._live: tuple[int, int, int] = (0, 0, 0)
         self._thread = threading.Thread(target=self._loop, name="cosyserve-engine", daemon=True)
         self._thread.start()
 
@@ -140,10 +143,11 @@ class Engine:
         s = self.scheduler.stats()
         last = s.last_step
         timings = self.runner.last
+        running, waiting, kv_used = self._live
         return EngineStats(
-            running=last.running + last.draining,
-            waiting=last.waiting,
-            kv_used_tokens=last.kv_used_tokens,
+            running=running,
+            waiting=waiting + self._pending_submits,
+            kv_used_tokens=kv_used,
             kv_total_tokens=last.kv_total_tokens,
             last_decode_batch=last.decode_batch,
             last_flow_batch=timings.flow_batch,
@@ -164,6 +168,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
+            self._refresh_live()
             self._admit_backlog()
             block = not self.scheduler.has_work()
             if not self._drain_inbox(block):
@@ -190,6 +195,11 @@ class Engine:
                 self._on_request_end(rid)
             self._advance_pieces()
         self._cancel_all()
+
+    def _refresh_live(self) -> None:
+        waiting = self.scheduler.num_waiting
+        running = max(0, len(self._owner) - waiting)  # admitted scheduler requests (decoding or draining)
+        self._live = (running, waiting + len(self._backlog), self.scheduler.kv.used_tokens)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; returns False on stop."""

@@ -1,0 +1,394 @@
+"""End to end: the real server, the real `Engine` and `PromptExtractor` on the project's tiny model.
+
+The tiny model has random weights, so its audio is noise, but everything around it is real:
+upload -> prompt features -> engine (batching, streaming, speed, cancel) -> encoders -> wire.
+Clients are the ones the zh document uses (requests, sseclient-py, websocket-client).
+Texts are short: the random LLM rarely samples EOS, so a request runs to its max length
+(20 speech tokens per text token, 40 ms of audio each).
+
+One module-scoped server keeps the whole file well under a few minutes on 2 cores
+(run with OMP_NUM_THREADS=2).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import websocket
+from sseclient import SSEClient
+
+from server.app import ServerThread, create_app
+from server.config import ServerConfig
+
+TOKEN = "real-engine-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MODEL = "CosyVoice2-0.5B"
+WS_PATH = "/api-ws/v1/audio/speech"
+TOKEN_S = 0.04  # one 25 Hz speech token = 2 mel frames = 960 samples at 24 kHz
+SHORT = "你好。"
+PROMPT_TEXT = "希望你以後能夠做得比我還好喲"
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # 2 cores shared: don't oversubscribe
+    cfg = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("real-data"), tokens=(TOKEN,), workers=2,
+                       model_dir=tiny_model_dir)
+    app = create_app(cfg)  # real Engine + real PromptExtractor (build_engine / build_extractor)
+    try:
+        with ServerThread(app) as srv:
+            yield srv
+    finally:
+        torch.set_num_threads(threads)
+
+
+def voiced(seconds: float, rate: int) -> np.ndarray:
+    """A voice-like signal: harmonics of a gliding ~120 Hz pitch under a syllable-rate envelope."""
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 10))
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)
+    return (0.2 * wave * envelope).astype(np.float32)
+
+
+def wav_file(seconds: float, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, voiced(seconds, rate), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _upload(srv: ServerThread, data: bytes, filename: str) -> dict[str, Any]:
+    r = requests.post(f"{srv.url}/api/v1/audio/reference_audio", headers=AUTH,
+                      files={"file": (filename, data)}, data={"text": PROMPT_TEXT}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def voices(server: ServerThread) -> dict[str, dict[str, Any]]:
+    return {"16k": _upload(server, wav_file(2.5, 16000), "voice16k.wav"),
+            "44k": _upload(server, wav_file(2.2, 44100), "voice44k.wav")}
+
+
+@pytest.fixture(scope="module")
+def voice(voices: dict[str, dict[str, Any]]) -> str:
+    return voices["16k"]["id"]
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def _body(voice_id: str, text: str = SHORT, stream: bool = True, **inp: Any) -> dict[str, Any]:
+    return {"model": MODEL, "stream": stream,
+            "input": {"mode": "fast_replication", "text": text, "reference_audio_id": voice_id, **inp}}
+
+
+def _decode(audio: bytes, fmt: str, rate: int) -> np.ndarray:
+    """The file as float samples; checks the container's rate is the one asked for."""
+    if fmt == "pcm":
+        assert len(audio) % 2 == 0
+        return np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
+    samples, got_rate = sf.read(io.BytesIO(audio), dtype="float32")
+    assert got_rate == rate
+    return samples
+
+
+def _sse(srv: ServerThread, body: dict[str, Any]) -> tuple[list[dict[str, Any]], bytes]:
+    """The zh document's streaming client: requests + SSEClient, chunks appended in order."""
+    with requests.post(f"{srv.url}/api/v1/audio/speech", headers={**AUTH, "Content-Type": "application/json"},
+                       json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events, audio = [], b""
+        for msg in SSEClient(response).events():
+            data = json.loads(msg.data)
+            assert data["error"] is None, data["error"]
+            events.append(data)
+            audio += base64.b64decode(data["output"]["audio"]["data"])
+    return events, audio
+
+
+def _llm_tokens(events: list[dict[str, Any]]) -> int:
+    return sum(e["metrics"].get("detail", {}).get("llm_tokens", 0) for e in events)
+
+
+def _metric(srv: ServerThread, name: str) -> float:
+    text = requests.get(f"{srv.url}/metrics", headers=AUTH, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# ---- reference audio ---------------------------------------------------------------------------
+
+def test_upload_list_and_get(server: ServerThread, voices: dict[str, dict[str, Any]]) -> None:
+    listed = requests.get(f"{server.url}/api/v1/audio/reference_audio?limit=10&order=desc", headers=AUTH,
+                          timeout=10)
+    assert listed.status_code == 200
+    by_id = {obj["id"]: obj for obj in listed.json()}
+    for v in voices.values():
+        assert by_id[v["id"]] == v and v["text"] == PROMPT_TEXT
+        got = requests.get(f"{server.url}/api/v1/audio/reference_audio/{v['id']}", headers=AUTH, timeout=10)
+        assert got.status_code == 200 and got.json() == v
+    assert voices["44k"]["filename"] == "voice44k.wav"
+
+
+# ---- one-shot JSON -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,fmt,rate,voice_key", [
+    ("fast_replication", "wav", 24000, "16k"),
+    ("cross_lingual_replication", "mp3", 16000, "44k"),
+    ("natural_language_replication", "pcm", 22050, "16k"),
+])
+def test_non_stream_modes(server: ServerThread, voices: dict[str, dict[str, Any]], mode: str, fmt: str,
+                          rate: int, voice_key: str) -> None:
+    inp = {"mode": mode, "output_format": fmt, "sample_rate": rate, "bit_rate": "48k"}
+    if mode == "natural_language_replication":
+        inp["instruct"] = "用四川話說"
+    r = requests.post(f"{server.url}/api/v1/audio/speech", headers=AUTH,
+                      json=_body(voices[voice_key]["id"], stream=False, **inp), timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    audio = base64.b64decode(data["output"]["audio"]["data"])
+    assert data["usage"] == len(audio) and data["output"]["finish_reason"] is None
+    samples = _decode(audio, fmt, rate)
+    seconds = len(samples) / rate
+    # > 0 and at most the LLM's length cap for a few text tokens (plus MP3 frame padding)
+    assert 0.2 < seconds < 12.0
+    if fmt != "mp3":  # exact containers: whole 40 ms tokens, give or take the resampler's rounding
+        tokens = seconds / TOKEN_S
+        assert abs(tokens - round(tokens)) * TOKEN_S < 0.003
+    assert np.isfinite(samples).all() and np.abs(samples).max() > 0
+
+
+# ---- SSE ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,tolerance_s", [("wav", 0.001), ("pcm", 0.001), ("mp3", 0.08)])
+def test_sse_stream_like_the_document(server: ServerThread, voice: str, fmt: str, tolerance_s: float) -> None:
+    body = _body(voice, mode="natural_language_replication", instruct="用四川話說", output_format=fmt,
+                 sample_rate=24000, bit_rate="48k", volume=2.0, speed=1.0, debug=True)
+    events, audio = _sse(server, body)
+    assert events[-1]["output"]["finish_reason"] == "stop"
+    assert all(e["output"]["finish_reason"] is None for e in events[:-1])
+    assert len({e["request_id"] for e in events}) == 1
+    assert "first_package_time" in events[0]["metrics"]
+    samples = _decode(audio, fmt, 24000)
+    speech_len = sum(e["metrics"]["speech_len"] for e in events)
+    # MP3 frames carry encoder delay + padding: the decoded file is a frame or two longer
+    assert abs(len(samples) / 24000 - speech_len) <= tolerance_s
+    assert speech_len > 0.2
+    if fmt != "mp3":
+        assert abs(speech_len - _llm_tokens(events) * TOKEN_S) < 0.002  # each token's audio, exactly once
+
+
+def test_speed_stretches_duration(server: ServerThread, voice: str) -> None:
+    """The engine time-stretches the mel: seconds per LLM token scale as 1/speed (EOS is random
+    with random weights, so compare per token rather than whole files)."""
+    per_token = {}
+    for speed in (1.0, 2.0):
+        events, audio = _sse(server, _body(voice, speed=speed, debug=True))
+        per_token[speed] = len(_decode(audio, "wav", 24000)) / 24000 / _llm_tokens(events)
+    assert per_token[1.0] == pytest.approx(TOKEN_S, rel=0.02)
+    assert per_token[2.0] == pytest.approx(TOKEN_S / 2, rel=0.05)
+
+
+def test_volume_scales_rms(server: ServerThread, voice: str) -> None:
+    rms, peak = {}, {}
+    for volume in (1.0, 0.5, 4.0):
+        _, audio = _sse(server, _body(voice, volume=volume))
+        samples = _decode(audio, "wav", 24000)
+        rms[volume] = float(np.sqrt(np.mean(samples**2)))
+        peak[volume] = float(np.abs(samples).max())
+    # different draws of the random model, so ratios are loose; the level itself is stable
+    assert 0.35 < rms[0.5] / rms[1.0] < 0.65
+    assert rms[4.0] / rms[1.0] > 2.0
+    assert peak[4.0] <= 1.0  # clipped, never wrapped around
+
+
+# ---- WebSocket ---------------------------------------------------------------------------------
+
+class DocClient:
+    """The zh document's TTSClient, trimmed of logging: WebSocketApp, run-task on open, all
+    continue-tasks and finish-task on task-started, audio + metrics per result-generated."""
+
+    def __init__(self, uri: str, params: dict[str, Any]) -> None:
+        self.uri, self.params = uri, params
+        self.task_id = str(uuid.uuid4())
+        self.audio_data = b""
+        self.chunk_metrics: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self.metrics: dict[str, Any] = {}
+        self._last_time = 0.0
+        self._ws: websocket.WebSocketApp | None = None
+
+    def _cmd(self, action: str, payload: dict[str, Any]) -> str:
+        return json.dumps({"header": {"action": action, "task_id": self.task_id, "streaming": "duplex"},
+                           "payload": payload})
+
+    def on_open(self, ws: websocket.WebSocketApp) -> None:
+        p = self.params
+        parameters = {"mode": p["mode"], "reference_audio_id": p["reference_audio_id"],
+                      "output_format": p.get("output_format", "wav"), "sample_rate": p.get("sample_rate", 24000),
+                      "bit_rate": p.get("bit_rate", "192k"), "volume": p.get("volume", 1.0),
+                      "instruct": p.get("instruct", ""), "speed": p.get("speed", 1.0), "debug": True}
+        ws.send(self._cmd("run-task", {"task_group": "audio", "task": "tts", "function": "SpeechSynthesizer",
+                                       "model": "cosyvoice-v2", "parameters": parameters, "input": {}}))
+
+    def on_message(self, ws: websocket.WebSocketApp, message: str) -> None:
+        msg = json.loads(message)
+        event = msg["header"]["event"]
+        self.events.append(event)
+        if event == "task-started":
+            for text in self.params["texts"]:
+                ws.send(self._cmd("continue-task", {"input": {"text": text}}))
+            ws.send(self._cmd("finish-task", {"input": {}}))
+            self._last_time = time.time()
+        elif event == "result-generated":
+            metrics = msg["payload"]["metrics"]
+            now = time.time()
+            metrics["client_cost_time"], self._last_time = now - self._last_time, now
+            self.audio_data += base64.b64decode(msg["payload"]["output"]["audio"]["data"])
+            metrics["client_rtf"] = metrics["client_cost_time"] / metrics["speech_len"]  # the doc divides
+            self.chunk_metrics.append(metrics)
+        elif event in ("task-finished", "task-failed"):
+            if event == "task-finished":
+                m = self.chunk_metrics
+                self.metrics = {"speech_len": sum(c["speech_len"] for c in m),
+                                "server_rtf": sum(c["server_cost_time"] for c in m) / sum(c["speech_len"] for c in m),
+                                "generate_time": sum(c["generate_time"] for c in m)}
+            else:
+                self.metrics = {"failed": msg["header"]}
+            ws.close()
+
+    def on_error(self, ws: websocket.WebSocketApp, error: Exception) -> None:
+        self.metrics = {"error": repr(error)}
+
+    def run(self) -> None:
+        self._ws = websocket.WebSocketApp(self.uri, header={"Authorization": f"Bearer {TOKEN}"},
+                                          on_open=self.on_open, on_message=self.on_message,
+                                          on_error=self.on_error)
+        self._ws.run_forever()
+
+
+def test_websocket_duplex_like_the_document(server: ServerThread, voice: str) -> None:
+    client = DocClient(server.url.replace("http://", "ws://") + WS_PATH, {
+        "mode": "fast_replication", "texts": ["你好,", "世界。"], "reference_audio_id": voice,
+        "output_format": "wav", "sample_rate": 24000, "volume": 1.0, "speed": 1.0})
+    runner = threading.Thread(target=client.run, daemon=True)
+    runner.start()
+    runner.join(120)
+    assert not runner.is_alive(), "the client never saw task-finished"
+    assert "error" not in client.metrics and "failed" not in client.metrics, client.metrics
+    assert client.events[0] == "task-started" and client.events[-1] == "task-finished"
+    assert client.events.count("result-generated") >= 1
+    samples = _decode(client.audio_data, "wav", 24000)
+    assert len(samples) > 0
+    assert abs(len(samples) / 24000 - client.metrics["speech_len"]) < 0.002
+    assert client.metrics["generate_time"] > 0
+
+
+def _ws_task(ws: websocket.WebSocket, voice: str, texts: list[str], fmt: str) -> tuple[list[str], bytes, float]:
+    task_id = str(uuid.uuid4())
+
+    def send(action: str, payload: dict[str, Any]) -> None:
+        ws.send(json.dumps({"header": {"action": action, "task_id": task_id, "streaming": "duplex"},
+                            "payload": payload}))
+
+    send("run-task", {"task_group": "audio", "task": "tts", "function": "SpeechSynthesizer", "model": MODEL,
+                      "parameters": {"mode": "fast_replication", "reference_audio_id": voice, "output_format": fmt,
+                                     "sample_rate": 16000}, "input": {}})
+    events, audio, speech_len = [], b"", 0.0
+    first = json.loads(ws.recv())
+    events.append(first["header"]["event"])
+    for text in texts:
+        send("continue-task", {"input": {"text": text}})
+    send("finish-task", {"input": {}})
+    while events[-1] not in ("task-finished", "task-failed"):
+        msg = json.loads(ws.recv())
+        assert msg["header"]["task_id"] == task_id
+        events.append(msg["header"]["event"])
+        if events[-1] == "result-generated":
+            assert msg["payload"]["metrics"]["speech_len"] > 0
+            audio += base64.b64decode(msg["payload"]["output"]["audio"]["data"])
+            speech_len += msg["payload"]["metrics"]["speech_len"]
+    return events, audio, speech_len
+
+
+def test_websocket_two_tasks_on_one_connection(server: ServerThread, voice: str) -> None:
+    ws = websocket.create_connection(server.url.replace("http://", "ws://") + WS_PATH, header=AUTH, timeout=60)
+    try:
+        for fmt, texts in (("pcm", ["你", "好。"]), ("wav", ["早安。"])):
+            events, audio, speech_len = _ws_task(ws, voice, texts, fmt)
+            assert events[0] == "task-started" and events[-1] == "task-finished", events
+            assert "result-generated" in events
+            samples = _decode(audio, fmt, 16000)
+            assert abs(len(samples) / 16000 - speech_len) < 0.002
+    finally:
+        ws.close()
+
+
+# ---- load and cancellation ---------------------------------------------------------------------
+
+def test_32_simultaneous_streams(server: ServerThread, voice: str) -> None:
+    results: list[tuple[list[dict[str, Any]], bytes] | BaseException] = [None] * 32  # type: ignore[list-item]
+
+    def one(i: int) -> None:
+        try:
+            results[i] = _sse(server, _body(voice, text="好。", debug=True))
+        except BaseException as exc:  # surfaced below
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    batches = []
+    for res in results:
+        assert not isinstance(res, BaseException) and res is not None, res
+        events, audio = res
+        assert events[-1]["output"]["finish_reason"] == "stop"
+        samples = _decode(audio, "wav", 24000)
+        assert abs(len(samples) / 24000 - sum(e["metrics"]["speech_len"] for e in events)) < 0.002
+        assert len(samples) > 0
+        batches += [e["metrics"]["detail"]["flow_batch"] for e in events if "detail" in e["metrics"]]
+    assert max(batches) > 1  # the engine batched concurrent requests
+    assert _metric(server, "cosyserve_inflight") == 0
+
+
+def test_client_disconnect_frees_the_engine(server: ServerThread, voice: str) -> None:
+    response = requests.post(f"{server.url}/api/v1/audio/speech", headers=AUTH,
+                             json=_body(voice, text="今天天氣很好,我們一起去公園散步吧。"), stream=True, timeout=60)
+    assert response.status_code == 200
+    lines = response.iter_lines()  # keep a reference: a dropped iterator closes the socket itself
+    assert next(lines).startswith(b"data: ")
+    assert _metric(server, "cosyserve_inflight") == 1
+    response.close()  # gone mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _metric(server, "cosyserve_inflight") == 0 and _metric(server, "cosyserve_engine_running") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(server, "cosyserve_inflight") == 0
+    assert _metric(server, "cosyserve_engine_running") == 0
+    assert _metric(server, "cosyserve_engine_kv_used_tokens") == 0
+    steps = _metric(server, "cosyserve_engine_steps_total")
+    time.sleep(0.3)
+    assert _metric(server, "cosyserve_engine_steps_total") == steps  # nothing left running
