@@ -14,6 +14,7 @@ For each concurrency C the same jobs (fixed_tokens, fixed seeds) run twice:
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
 the time to the first sampled speech token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = "Hello, this is a steady benchmark sentence for the engine."
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 SAMPLE_RATE = 24000
-FIGURES = ("speech_seconds_per_second", "llm_tokens_per_second", "decode_batch_mean", "flow_batch_mean",
-           "vocoder_batch_mean")
+FIGURES = (
+    "speech_seconds_per_second",
+    "llm_tokens_per_second",
+    "llm_stage_tokens_per_second",
+    "decode_batch_mean",
+    "flow_batch_mean",
+    "vocoder_batch_mean",
+)
 
 
 # ---------------------------------------------------------------- inputs
@@ -63,8 +70,12 @@ def make_voice(model_dir: Path) -> VoicePrompt:
 
 
 def make_jobs(voice: VoicePrompt, n: int, tokens: int, stream: bool, tag: str) -> list[SpeechJob]:
-    return [SpeechJob(f"{tag}-{i}", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=1000 + i, fixed_tokens=tokens)
-            for i in range(n)]
+    return [
+        SpeechJob(
+            f"{tag}-{i}", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=1000 + i, fixed_tokens=tokens
+        )
+        for i in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- measurement
@@ -77,8 +88,11 @@ class StepStats:
     decode_batches: list[int] = field(default_factory=list)
     flow_batches: list[int] = field(default_factory=list)
     vocoder_batches: list[int] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s"), 0.0
+        )
+    )
     steps: int = 0
 
     def add(self, timings: Any, step_s: float) -> None:
@@ -173,15 +187,30 @@ class ClosedLoop:
         return [self.first_t[rid] - self.submit_t[rid] for rid in self.first_t]
 
 
-def run_engine(model: Any, model_dir: Path, jobs: list[SpeechJob], concurrency: int, sequential: bool,
-               cuda_graphs: bool, slot_len: int, timeout_s: float) -> dict[str, Any]:
+def run_engine(
+    model: Any,
+    model_dir: Path,
+    jobs: list[SpeechJob],
+    concurrency: int,
+    sequential: bool,
+    cuda_graphs: bool,
+    slot_len: int,
+    timeout_s: float,
+) -> dict[str, Any]:
     from kernels.engine import Engine, EngineConfig
 
     if sequential:
-        config = EngineConfig(num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False)
+        config = EngineConfig(
+            num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False
+        )
     else:
-        config = EngineConfig(num_slots=max(1, concurrency), slot_len=slot_len, cuda_graphs=cuda_graphs,
-                              use_wetext=False, max_chunks_per_step=max(16, concurrency))
+        config = EngineConfig(
+            num_slots=max(1, concurrency),
+            slot_len=slot_len,
+            cuda_graphs=cuda_graphs,
+            use_wetext=False,
+            max_chunks_per_step=max(16, concurrency),
+        )
     engine = Engine(model_dir, model=model, config=config)
     stats = StepStats()
     hook_runner(engine.runner, stats)
@@ -191,6 +220,7 @@ def run_engine(model: Any, model_dir: Path, jobs: list[SpeechJob], concurrency: 
     finally:
         engine.shutdown(1.0)
     speech_s = loop.samples / SAMPLE_RATE
+    llm_s = stats.seconds["prefill_s"] + stats.seconds["decode_s"] + stats.seconds["sample_s"]
     return {
         "mode": "sequential" if sequential else "batched",
         "concurrency": concurrency,
@@ -200,6 +230,8 @@ def run_engine(model: Any, model_dir: Path, jobs: list[SpeechJob], concurrency: 
         "llm_tokens": loop.tokens,
         "speech_seconds_per_second": speech_s / wall,
         "llm_tokens_per_second": loop.tokens / wall,
+        # the LLM's own rate inside the engine: tokens per second of prefill + decode + sampling time
+        "llm_stage_tokens_per_second": loop.tokens / llm_s if llm_s else None,
         "ttfc_ms": percentiles(loop.ttfc_s()),
         "decode_batch_mean": _mean(stats.decode_batches),
         "flow_batch_mean": _mean(stats.flow_batches),
@@ -217,12 +249,18 @@ def llm_prompt_embeds(model: Any, model_dir: Path, voice: VoicePrompt) -> torch.
     from frontend.text_normalize import TextFrontend
 
     text = TextFrontend(model_dir, use_wetext=False)
-    prompt = llm_prompt_for(Mode.ZERO_SHOT, voice, text)
+    prompt = llm_prompt_for(Mode.ZERO_SHOT, voice, text, None)
     return model.llm.build_lm_input(text.encode(TEXT), prompt.prompt_text_ids, prompt.prompt_speech_tokens)
 
 
-def _llm_batch(model: Any, kv: Any, embeds: torch.Tensor, batch: int, tokens: int, seed: int,
-               ) -> tuple[float, int, list[int]]:
+def _llm_batch(
+    model: Any,
+    kv: Any,
+    embeds: torch.Tensor,
+    batch: int,
+    tokens: int,
+    seed: int,
+) -> tuple[float, int, list[int]]:
     """Prefill `batch` copies of the prompt (packed), then `tokens - 1` batched decode steps with RAS
     sampling (stop ids masked: fixed length). Returns (seconds to first token, tokens, decode batches)."""
     from kernels.sampling import ras_sample
@@ -244,10 +282,12 @@ def _llm_batch(model: Any, kv: Any, embeds: torch.Tensor, batch: int, tokens: in
         logp[:, stops] = float("-inf")
         recent = torch.full((batch, cfg.win_size), -1, dtype=torch.long)
         for row, ids in enumerate(history):
-            ids = ids[-cfg.win_size:]
+            ids = ids[-cfg.win_size :]
             if ids:
-                recent[row, cfg.win_size - len(ids):] = torch.tensor(ids)
-        out = ras_sample(logp, recent.to(dev), ignore_eos, cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens)
+                recent[row, cfg.win_size - len(ids) :] = torch.tensor(ids)
+        out = ras_sample(
+            logp, recent.to(dev), ignore_eos, cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens
+        )
         ids = out.tolist()
         for row, tok in enumerate(ids):
             history[row].append(int(tok))
@@ -260,15 +300,17 @@ def _llm_batch(model: Any, kv: Any, embeds: torch.Tensor, batch: int, tokens: in
     decode_batches = []
     for step in range(tokens - 1):
         positions = torch.full((batch,), embeds.shape[0] + step, dtype=torch.long, device=dev)
-        hidden = lm.decode(lm.speech_embed(torch.tensor(last, device=dev)), slots, positions, kv,
-                           embeds.shape[0] + tokens)
+        hidden = lm.decode(
+            lm.speech_embed(torch.tensor(last, device=dev)), slots, positions, kv, embeds.shape[0] + tokens
+        )
         last = sample(hidden)
         decode_batches.append(batch)
     return ttft, batch * tokens, decode_batches
 
 
-def run_llm_only(model: Any, embeds: torch.Tensor, n_jobs: int, concurrency: int, sequential: bool,
-                 tokens: int) -> dict[str, Any]:
+def run_llm_only(
+    model: Any, embeds: torch.Tensor, n_jobs: int, concurrency: int, sequential: bool, tokens: int
+) -> dict[str, Any]:
     """Rounds of `concurrency` jobs (sequential: one job at a time); no flow, no vocoder."""
     from kernels.kv_cache import KVCache
 
@@ -296,6 +338,7 @@ def run_llm_only(model: Any, embeds: torch.Tensor, n_jobs: int, concurrency: int
         "llm_tokens": total,
         "speech_seconds_per_second": None,
         "llm_tokens_per_second": total / wall,
+        "llm_stage_tokens_per_second": total / wall,
         "ttfc_ms": percentiles(ttfts),
         "decode_batch_mean": _mean(batches),
         "flow_batch_mean": None,
@@ -330,7 +373,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        done = subprocess.run(
+            ["git", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -354,8 +400,11 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "machine": f"{cpu}, {os.cpu_count()} cores, device {device}",
         "commit": commit,
         "model": model_label,
-        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        },
         "tokens_per_request": args.tokens,
         "stream": args.stream,
         "llm_only": args.llm_only,
@@ -368,20 +417,67 @@ def _f(v: float | None, digits: int = 2) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = ["| C | mode | req | wall s | speech s/s | LLM tok/s | TTFC p50 ms | TTFC p95 ms | decode B | flow B | vocoder B |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = (
+        "C",
+        "mode",
+        "req",
+        "wall s",
+        "speech s/s",
+        "LLM tok/s",
+        "LLM-stage tok/s",
+        "TTFC p50 ms",
+        "TTFC p95 ms",
+        "decode B",
+        "flow B",
+        "vocoder B",
+    )
+    rows = [
+        "| " + " | ".join(header) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["runs"]:
-        rows.append("| " + " | ".join([
-            str(r["concurrency"]), r["mode"], str(r["requests"]), _f(r["wall_s"], 1),
-            _f(r["speech_seconds_per_second"]), _f(r["llm_tokens_per_second"], 1),
-            _f(r["ttfc_ms"]["p50"], 0), _f(r["ttfc_ms"]["p95"], 0),
-            _f(r["decode_batch_mean"]), _f(r["flow_batch_mean"]), _f(r["vocoder_batch_mean"])]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["concurrency"]),
+                    r["mode"],
+                    str(r["requests"]),
+                    _f(r["wall_s"], 1),
+                    _f(r["speech_seconds_per_second"]),
+                    _f(r["llm_tokens_per_second"], 1),
+                    _f(r["llm_stage_tokens_per_second"], 1),
+                    _f(r["ttfc_ms"]["p50"], 0),
+                    _f(r["ttfc_ms"]["p95"], 0),
+                    _f(r["decode_batch_mean"]),
+                    _f(r["flow_batch_mean"]),
+                    _f(r["vocoder_batch_mean"]),
+                ]
+            )
+            + " |"
+        )
         if r["mode"] == "batched" and str(r["concurrency"]) in result["ratios"]:
             q = result["ratios"][str(r["concurrency"])]
-            rows.append("| " + " | ".join([
-                str(r["concurrency"]), "**ratio**", "", "", _x(q["speech_seconds_per_second"]),
-                _x(q["llm_tokens_per_second"]), _x(q["ttfc_p50"]), _x(q["ttfc_p95"]), _x(q["decode_batch_mean"]),
-                _x(q["flow_batch_mean"]), _x(q["vocoder_batch_mean"])]) + " |")
+            rows.append(
+                "| "
+                + " | ".join(
+                    [
+                        str(r["concurrency"]),
+                        "**ratio**",
+                        "",
+                        "",
+                        _x(q["speech_seconds_per_second"]),
+                        _x(q["llm_tokens_per_second"]),
+                        _x(q["llm_stage_tokens_per_second"]),
+                        _x(q["ttfc_p50"]),
+                        _x(q["ttfc_p95"]),
+                        _x(q["decode_batch_mean"]),
+                        _x(q["flow_batch_mean"]),
+                        _x(q["vocoder_batch_mean"]),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(rows)
 
 
@@ -394,22 +490,35 @@ def stage_table(result: dict[str, Any]) -> str:
     if not runs:
         return ""
     keys = ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s")
-    rows = ["| C | mode | " + " | ".join(keys) + " | other (engine loop) s |",
-            "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |"]
+    rows = [
+        "| C | mode | " + " | ".join(keys) + " | other (engine loop) s |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |",
+    ]
     for r in runs:
         s = r["stage_seconds"]
-        rows.append(f"| {r['concurrency']} | {r['mode']} | " + " | ".join(f"{s[k]:.2f}" for k in keys)
-                    + f" | {r['wall_s'] - s['step_s']:.2f} |")
+        rows.append(
+            f"| {r['concurrency']} | {r['mode']} | "
+            + " | ".join(f"{s[k]:.2f}" for k in keys)
+            + f" | {r['wall_s'] - s['step_s']:.2f} |"
+        )
     return "\n".join(rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
-    head = [f"# Engine throughput ({'LLM only' if m['llm_only'] else 'whole pipeline'})", "",
-            f"- date: {m['date']}", f"- machine: {m['machine']}", f"- commit: {m['commit']}",
-            f"- model: {m['model']}", f"- threads: {json.dumps(m['threads'])}",
-            f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}", "",
-            table(result), ""]
+    head = [
+        f"# Engine throughput ({'LLM only' if m['llm_only'] else 'whole pipeline'})",
+        "",
+        f"- date: {m['date']}",
+        f"- machine: {m['machine']}",
+        f"- commit: {m['commit']}",
+        f"- model: {m['model']}",
+        f"- threads: {json.dumps(m['threads'])}",
+        f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
+        "",
+        table(result),
+        "",
+    ]
     stages = stage_table(result)
     if stages:
         head += ["Seconds per stage (summed over steps):", "", stages, ""]
@@ -431,7 +540,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
-    p.add_argument("--llm-only", action="store_true", help="LLM alone: prefill + batched decode, no flow/vocoder")
+    p.add_argument(
+        "--llm-only", action="store_true", help="LLM alone: prefill + batched decode, no flow/vocoder"
+    )
     p.add_argument("--model-label", help="model name for meta (default: the model dir)")
     p.add_argument("--timeout", type=float, default=1800.0, help="per run")
     return p.parse_args(argv)
@@ -449,7 +560,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype)
     voice = make_voice(args.model_dir)
-    print(f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens", file=sys.stderr)
+    print(
+        f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",
+        file=sys.stderr,
+    )
     slot_len = len(voice.speech_tokens) + args.tokens + 256  # prompt text + text + speech, with room
     cuda_graphs = not args.no_cuda_graphs
     runs: list[dict[str, Any]] = []
@@ -466,12 +580,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
             else:
                 jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
-                run = run_engine(model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout)
+                run = run_engine(
+                    model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout
+                )
             runs.append(run)
-            print(f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "
-                  f"{_f(run['speech_seconds_per_second'])} speech s/s", file=sys.stderr)
-    result = {"runs": runs, "ratios": ratios(runs),
-              "meta": meta(args.model_label or str(args.model_dir), device, args)}
+            print(
+                f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "
+                f"{_f(run['speech_seconds_per_second'])} speech s/s",
+                file=sys.stderr,
+            )
+    result = {
+        "runs": runs,
+        "ratios": ratios(runs),
+        "meta": meta(args.model_label or str(args.model_dir), device, args),
+    }
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

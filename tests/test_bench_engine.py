@@ -1,0 +1,96 @@
+"""Smoke run of `python -m bench.engine` on the tiny preset: JSON shape, ratios, counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import engine as bench_engine
+
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-engine") / "engine.json"
+    md = out.with_suffix(".md")
+    res = bench_engine.main(
+        [
+            "--model-dir",
+            str(tiny_model_dir),
+            "--concurrency",
+            "1,2",
+            "--tokens",
+            str(TOKENS),
+            "--requests-per-level",
+            "3",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert "| 2 | **ratio** |" in md.read_text()
+    return res
+
+
+def test_runs_cover_both_modes_at_each_level(result):
+    runs = result["runs"]
+    assert [(r["mode"], r["concurrency"]) for r in runs] == [
+        ("batched", 1),
+        ("sequential", 1),
+        ("batched", 2),
+        ("sequential", 2),
+    ]
+    for r in runs:
+        assert r["requests"] == 3
+        assert r["llm_tokens"] == 3 * TOKENS  # fixed_tokens: exact lengths
+        assert r["speech_seconds"] == pytest.approx(3 * TOKENS * 960 / 24000)
+        assert r["speech_seconds_per_second"] > 0 and r["llm_tokens_per_second"] > 0
+        assert 0 < r["ttfc_ms"]["p50"] <= r["ttfc_ms"]["p95"]
+        assert r["decode_batch_mean"] >= 1 and r["flow_batch_mean"] >= 1 and r["vocoder_batch_mean"] >= 1
+        assert r["stage_seconds"]["step_s"] <= r["wall_s"] + 1e-6
+    seq = [r for r in runs if r["mode"] == "sequential"]
+    assert all(r["decode_batch_mean"] == 1 and r["flow_batch_mean"] == 1 for r in seq)  # one at a time
+
+
+def test_ratios_are_batched_over_sequential(result):
+    by = {(r["mode"], r["concurrency"]): r for r in result["runs"]}
+    assert set(result["ratios"]) == {"1", "2"}
+    for c, row in result["ratios"].items():
+        b, s = by[("batched", int(c))], by[("sequential", int(c))]
+        for key in bench_engine.FIGURES:
+            assert row[key] == pytest.approx(b[key] / s[key], rel=1e-2)
+        assert row["ttfc_p50"] == pytest.approx(b["ttfc_ms"]["p50"] / s["ttfc_ms"]["p50"], rel=1e-2)
+    assert result["ratios"]["2"]["decode_batch_mean"] > 1  # two jobs really decoded together
+
+
+def test_meta(result):
+    meta = result["meta"]
+    assert {"date", "machine", "commit", "model", "threads"} <= set(meta)
+    assert meta["threads"]["torch"] >= 1
+
+
+def test_ratios_skip_missing_pairs():
+    run = {
+        "mode": "batched",
+        "concurrency": 4,
+        "ttfc_ms": {"p50": 1.0, "p95": 2.0},
+        **dict.fromkeys(bench_engine.FIGURES, 1.0),
+    }
+    assert bench_engine.ratios([run]) == {}
+    seq = {**run, "mode": "sequential", "speech_seconds_per_second": 0.5, "flow_batch_mean": None}
+    row = bench_engine.ratios([run, seq])["4"]
+    assert row["speech_seconds_per_second"] == 2.0 and row["flow_batch_mean"] is None
+
+
+def test_llm_only_smoke(tiny_model_dir):
+    res = bench_engine.main(
+        ["--model-dir", str(tiny_model_dir), "--concurrency", "2", "--tokens", "6", "--llm-only"]
+    )
+    (b, s) = res["runs"]
+    assert b["decode_batch_mean"] == 2 and s["decode_batch_mean"] == 1
+    assert b["llm_tokens"] == s["llm_tokens"] == 12 and b["speech_seconds_per_second"] is None
+    assert res["meta"]["llm_only"] and res["ratios"]["2"]["llm_tokens_per_second"] > 0
