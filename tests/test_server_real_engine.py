@@ -12,6 +12,7 @@ One module-scoped server keeps the whole file well under a few minutes on 2 core
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import threading
@@ -347,23 +348,11 @@ def test_websocket_two_tasks_on_one_connection(server: ServerThread, voice: str)
 # ---- load and cancellation ---------------------------------------------------------------------
 
 def test_32_simultaneous_streams(server: ServerThread, voice: str) -> None:
-    results: list[tuple[list[dict[str, Any]], bytes] | BaseException] = [None] * 32  # type: ignore[list-item]
-
-    def one(i: int) -> None:
-        try:
-            results[i] = _sse(server, _body(voice, text="好。", debug=True))
-        except BaseException as exc:  # surfaced below
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_sse, server, _body(voice, text="好。", debug=True)) for _ in range(32)]
+        results = [f.result(timeout=150) for f in futures]  # re-raises a client's failure
     batches = []
-    for res in results:
-        assert not isinstance(res, BaseException) and res is not None, res
-        events, audio = res
+    for events, audio in results:
         assert events[-1]["output"]["finish_reason"] == "stop"
         samples = _decode(audio, "wav", 24000)
         assert abs(len(samples) / 24000 - sum(e["metrics"]["speech_len"] for e in events)) < 0.002
