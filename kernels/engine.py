@@ -98,6 +98,10 @@ class Engine:
     ) -> None:
         self.config = config
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda"):
+            # flow/HiFT stay fp32 for fidelity; TF32 tensor cores make that cheap on Ampere and later
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if model is None:
             llm_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
             model = load_model(model_dir, device=device, llm_dtype=llm_dtype)
