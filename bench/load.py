@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -452,6 +453,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--baseline-concurrency", type=_csv(int), help="levels for the baseline (default: --concurrency)"
     )
+    p.add_argument(
+        "--baseline-protocol", type=_csv(str), help="protocols for the baseline (default: --protocol)"
+    )
     p.add_argument("--server-max-batch", type=int, help="--max-batch for the spawned server under test")
     p.add_argument("--spawn", action="store_true", help="start the server under test (tiny model by default)")
     p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
@@ -460,7 +464,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.url) == bool(args.spawn):
         p.error("give exactly one of --url and --spawn")
-    if bad := [x for x in args.protocol if x not in PROTOCOLS]:
+    if bad := [x for x in args.protocol + (args.baseline_protocol or []) if x not in PROTOCOLS]:
         p.error(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
     if any(c < 1 for c in args.concurrency) or args.requests < 1:
         p.error("concurrency and requests must be positive")
@@ -491,11 +495,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for target in targets:
             if not args.quiet:
                 print(f"== {target.name}: {target.url}", file=sys.stderr)
-            levels = args.baseline_concurrency if target.name == "baseline" else None
+            base = target.name == "baseline"
             results[target.name] = sweep(
                 target,
-                args.protocol,
-                levels or args.concurrency,
+                (args.baseline_protocol if base else None) or args.protocol,
+                (args.baseline_concurrency if base else None) or args.concurrency,
                 args.requests,
                 args.texts,
                 args.rate,
@@ -545,4 +549,5 @@ def build_json(
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the ExitStack: spawned servers stop
     main()

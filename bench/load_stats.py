@@ -183,9 +183,14 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _times(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.2f}×"
+
+
 def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str:
     """Markdown table; for each other target two ratio columns: ×RT ratio (ours / theirs, > 1 = more
-    throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner)."""
+    throughput) and TTFP p50 ratio (theirs / ours, > 1 = we answer sooner); "-" where either level
+    has errors or the other target did not run that level."""
     head = [
         "proto",
         "C",
@@ -224,14 +229,13 @@ def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str
             match = next(
                 (o for o in other if (o.protocol, o.concurrency) == (lv.protocol, lv.concurrency)), None
             )
-            cells += (
-                ["-", "-"]
-                if match is None
-                else [
-                    _fmt(ratio(lv.x_realtime, match.x_realtime), 2) + "×",
-                    _fmt(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"]), 2) + "×",
-                ]
-            )
+            if match is None or match.errors or lv.errors:  # a ratio over failed requests means nothing
+                cells += ["-", "-"]
+                continue
+            cells += [
+                _times(ratio(lv.x_realtime, match.x_realtime)),
+                _times(ratio(match.ttfp_ms["p50"], lv.ttfp_ms["p50"])),
+            ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
