@@ -158,3 +158,32 @@ def load_model(
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("llm", llm), ("flow", flow), ("hift", hift))}
     stats = LoadStats(seconds=time.perf_counter() - t0, memory=memory_stats(), params=params)
     return CosyVoice2Model(cfg, llm, flow, hift, device, model_dir, stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kernels.model --model-dir DIR`: strict load, then report time, params and memory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--touch", action="store_true", help="read every weight once (page in mmapped files)")
+    args = parser.parse_args(argv)
+    model = load_model(args.model_dir, device=args.device)
+    stats = model.load_stats
+    assert stats is not None
+    print(f"loaded {args.model_dir} in {stats.seconds:.1f} s; params " +
+          ", ".join(f"{k} {v:,}" for k, v in stats.params.items()))
+    print(f"memory after load: rss {stats.memory.rss_mb:.0f} MiB, peak {stats.memory.peak_rss_mb:.0f} MiB "
+          "(CPU fp32 weights are memory-mapped: pages come in on first use)")
+    if args.touch:
+        t0 = time.perf_counter()
+        total = sum(float(p.float().sum()) for m in (model.llm, model.flow, model.hift) for p in m.parameters())
+        mem = memory_stats()
+        print(f"touched every weight in {time.perf_counter() - t0:.1f} s (checksum {total:.3e}); "
+              f"rss {mem.rss_mb:.0f} MiB, peak {mem.peak_rss_mb:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
