@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE_DIR = Path(os.environ.get("COSYSERVE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+def _reference_dir() -> Path:
+    """The upstream fixtures: $COSYSERVE_REFERENCE_DIR, else ../shared/reference beside the checkout."""
+    if os.environ.get("COSYSERVE_REFERENCE_DIR"):
+        return Path(os.environ["COSYSERVE_REFERENCE_DIR"])
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "reference", Path("/work/shared/reference")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+REFERENCE_DIR = _reference_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,15 @@
 """Flow (token -> mel) on the tiny reference model: weights layout, batch invariance, streaming, shapes."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.flow import NOISE_SHA256, CausalMaskedDiffWithXvec, fixed_noise, noise_sha256
 from kernels.parity.flow import _rows, load_flow
+from tests.conftest import REFERENCE_DIR
 
-TINY = Path("/work/shared/reference/tiny")
-CASES = Path("/work/shared/reference/cases")
+TINY = REFERENCE_DIR / "tiny"
+CASES = REFERENCE_DIR / "cases"
 pytestmark = pytest.mark.skipif(not (TINY / "flow.pt").is_file(), reason="tiny reference model not present")
 
 

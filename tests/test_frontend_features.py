@@ -20,9 +20,10 @@ from frontend.onnx_models import (
     tokens_2d,
 )
 from frontend.prompt import PromptAudioError, PromptExtractor, align_prompt
+from tests.conftest import REFERENCE_DIR
 
-CASES = Path("/work/shared/reference/cases")
-TINY = Path("/work/shared/reference/tiny")
+CASES = REFERENCE_DIR / "cases"
+TINY = REFERENCE_DIR / "tiny"
 
 
 def _tone(n: int, sr: int, seed: int = 0) -> np.ndarray:

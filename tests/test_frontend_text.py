@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ from frontend.split import ZH_ENDERS, cut_sentences, merge_sentences, split_para
 from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
 from frontend.tokenizer import COSYVOICE2_SPECIALS
 from scheduler.jobs import Mode, VoicePrompt
+from tests.conftest import REFERENCE_DIR
 
-TINY = Path("/work/shared/reference/tiny")
-CASES = Path("/work/shared/reference/cases")
+TINY = REFERENCE_DIR / "tiny"
+CASES = REFERENCE_DIR / "cases"
 needs_tiny = pytest.mark.skipif(not (TINY / "CosyVoice-BlankEN").is_dir(), reason="reference model absent")
 
 

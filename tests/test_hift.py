@@ -1,8 +1,6 @@
 """HiFT vocoder: weight-norm folding, batching, streaming bookkeeping, mel stretching."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -11,8 +9,9 @@ from torch.nn.utils import parametrizations
 from kernels.config import HiftConfig
 from kernels.hift import HiFTGenerator, fold_weight_norm, load_hift
 from kernels.vocoder_stream import SOURCE_CACHE_SAMPLES, VocoderState, stretch_mel, vocode_chunks
+from tests.conftest import REFERENCE_DIR
 
-TINY = Path("/work/shared/reference/tiny")
+TINY = REFERENCE_DIR / "tiny"
 SMALL = HiftConfig(base_channels=16, f0_cond_channels=16)  # same topology as released, narrow
 SPF = SMALL.samples_per_frame  # 480
 

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.config import read_model_config
 from kernels.layout import FILES, expected_layout, full_config, numel, tiny_config, unique_numel
+from tests.conftest import REFERENCE_DIR
 
-REF = Path("/work/shared/reference")
+REF = REFERENCE_DIR
 needs_ref = pytest.mark.skipif(not REF.is_dir(), reason="shared reference fixtures not present")
 
 

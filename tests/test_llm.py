@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.kv_cache import KVCache
 from kernels.llm import TIED_LM_HEAD_KEY, Qwen2LM, generate, load_qwen2lm
+from tests.conftest import REFERENCE_DIR
 
-TINY = Path("/work/shared/reference/tiny")
+TINY = REFERENCE_DIR / "tiny"
 pytestmark = pytest.mark.skipif(not (TINY / "llm.pt").is_file(), reason="tiny reference model missing")
 ATOL = 1e-5
 

@@ -15,8 +15,9 @@ from kernels.checkpoint import CheckpointError, check_strict, load_state_dict_fi
 from kernels.config import read_model_config
 from kernels.layout import EMBED_TOKENS_KEY, FILES, LM_HEAD_KEY, expected_layout, tiny_config
 from kernels.make_checkpoint import QWEN2_SPLIT, SPECIALS, cosyvoice2_yaml, main, save_streamed
+from tests.conftest import REFERENCE_DIR
 
-REF_TINY = Path("/work/shared/reference/tiny")
+REF_TINY = REFERENCE_DIR / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from scheduler.plan import SOS, TASK, Segment, StepResult
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import RequestRejected, Scheduler
 from scheduler.testing import FakeClock, answer, run_until_idle, step
+from tests.conftest import REFERENCE_DIR
 
 
 def make(num_slots: int = 4, slot_len: int = 512, **kw: object) -> Scheduler:
@@ -258,11 +259,10 @@ def test_recent_window_is_last_ten() -> None:
 
 
 def test_from_model_config_reads_token_ids() -> None:
-    from pathlib import Path
 
     from kernels.config import read_model_config
 
-    tiny = Path("/work/shared/reference/tiny")
+    tiny = REFERENCE_DIR / "tiny"
     if not tiny.is_dir():
         pytest.skip("reference model not present")
     cfg = SchedulerConfig.from_model(read_model_config(tiny), num_slots=3)
