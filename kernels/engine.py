@@ -123,7 +123,10 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}
         self._owner: dict[str, str] = {}  # scheduler request id -> job id
-        self._pending_submits = 0
+        # submitted (callers, under a lock) - taken (the engine thread): jobs still in the inbox
+        self._submit_lock = threading.Lock()
+        self._submitted = 0
+        self._taken = 0
         self._backlog: list[tuple[SpeechJob, EventSink]] = []  # jobs over max_jobs, FIFO
         self._stop = threading.Event()
         # (running, waiting, kv_used_tokens) as of the engine thread's latest loop pass: the
@@ -135,12 +138,16 @@ class Engine:
     # ------------------------------------------------------------------ public API (any thread)
 
     def submit(self, job: SpeechJob, sink: EventSink) -> JobHandle:
-        self._pending_submits += 1
-        self._inbox.put(("submit", job.request_id, (job, sink)))
+        with self._submit_lock:
+            self._submitted += 1
+            self._inbox.put(("submit", job.request_id, (job, sink)))
         return JobHandle(self, job.request_id)
 
+    def _pending_submits(self) -> int:
+        return max(0, self._submitted - self._taken)
+
     def can_admit(self) -> bool:
-        waiting = self.scheduler.num_waiting + self._pending_submits + len(self._backlog)
+        waiting = self.scheduler.num_waiting + self._pending_submits() + len(self._backlog)
         return waiting < self.config.max_waiting
 
     def stats(self) -> EngineStats:
@@ -150,7 +157,7 @@ class Engine:
         running, waiting, kv_used = self._live
         return EngineStats(
             running=running,
-            waiting=waiting + self._pending_submits,
+            waiting=waiting + self._pending_submits(),
             kv_used_tokens=kv_used,
             kv_total_tokens=last.kv_total_tokens,
             last_decode_batch=last.decode_batch,
@@ -162,7 +169,7 @@ class Engine:
     def shutdown(self, deadline_s: float = 5.0) -> None:
         """Let running jobs finish until the deadline, then cancel what is left and stop."""
         end = time.monotonic() + deadline_s
-        while time.monotonic() < end and (self._jobs or self._pending_submits):
+        while time.monotonic() < end and (self._jobs or self._pending_submits()):
             time.sleep(0.02)
         self._inbox.put(("stop", "", None))
         self._thread.join(timeout=max(1.0, deadline_s))
@@ -234,7 +241,7 @@ class Engine:
         if kind == "stop":
             return False
         if kind == "submit":
-            self._pending_submits -= 1
+            self._taken += 1
             if self.config.max_jobs and len(self._jobs) >= self.config.max_jobs:
                 self._backlog.append(payload)
             else:
