@@ -9,7 +9,7 @@ max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arriv
 C in flight; latency counts from the *scheduled* arrival, so client-side queueing is not hidden.
 Each request asks for pcm at 24 kHz so audio seconds are exact (bytes / 2 / 24000). TTFP = request
 start (connect included) -> first audio byte decoded. Underruns: bench.load_stats.simulate_playback.
-Targets (main, baseline, compare) run one after another, never at once: they share the machine.
+Targets (main, baseline, compare) never run at once (they share the machine): levels alternate between them.
 """
 
 from __future__ import annotations
@@ -351,39 +351,41 @@ def _run_threads(fn: Callable[[], None], n: int) -> None:
         th.join()
 
 
+def warm_up(target: Target, voice_id: str, protocol: str, count: int, timeout_s: float) -> None:
+    """Untimed requests first: first-call costs (allocations, graph capture) stay out of the numbers."""
+    with requests.Session() as session:
+        for i in range(count):
+            text = texts.text_for("short", i)
+            one_request(protocol, session, target, voice_id, text, time.perf_counter(), timeout_s)
+
+
 def sweep(
-    target: Target,
-    protocols: list[str],
-    concurrencies: list[int],
+    plans: dict[Target, list[tuple[str, int]]],
     requests_per_level: int,
     mix: str,
     rate: float | None,
     timeout_s: float,
     warmup: int,
     quiet: bool = False,
-) -> list[LevelStats]:
-    voice_id = upload_voice(target)
+) -> dict[str, list[LevelStats]]:
+    """Run every target's (protocol, concurrency) levels, interleaved level by level (main, baseline,
+    compare, next level, ...) so slow drift of a shared machine hits all targets alike."""
+    voices: dict[Target, str] = {}
+    results: dict[str, list[LevelStats]] = {t.name: [] for t in plans}
     try:
-        with requests.Session() as session:  # warm-up: first-call costs stay out of the numbers
-            for i in range(warmup):
-                one_request(
-                    protocols[0],
-                    session,
-                    target,
-                    voice_id,
-                    texts.text_for("short", i),
-                    time.perf_counter(),
-                    timeout_s,
-                )
-        return [
-            run_level(
-                target, voice_id, LevelSpec(p, c, requests_per_level, mix, rate, timeout_s, seed=c), quiet
-            )
-            for p in protocols
-            for c in concurrencies
-        ]
+        for target, levels in plans.items():
+            voices[target] = upload_voice(target)
+            warm_up(target, voices[target], levels[0][0], warmup, timeout_s)
+        order = list(dict.fromkeys(level for levels in plans.values() for level in levels))
+        for proto, conc in order:
+            for target, levels in plans.items():
+                if (proto, conc) in levels:
+                    spec = LevelSpec(proto, conc, requests_per_level, mix, rate, timeout_s, seed=conc)
+                    results[target.name].append(run_level(target, voices[target], spec, quiet))
     finally:
-        delete_voice(target, voice_id)
+        for target, voice_id in voices.items():
+            delete_voice(target, voice_id)
+    return results
 
 
 # ---------------------------------------------------------------- report
@@ -491,22 +493,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if args.compare:
             targets.append(Target("compare", args.compare.rstrip("/"), args.compare_token or args.token))
-        results: dict[str, list[LevelStats]] = {}
+        plans: dict[Target, list[tuple[str, int]]] = {}
         for target in targets:
             if not args.quiet:
                 print(f"== {target.name}: {target.url}", file=sys.stderr)
             base = target.name == "baseline"
-            results[target.name] = sweep(
-                target,
-                (args.baseline_protocol if base else None) or args.protocol,
-                (args.baseline_concurrency if base else None) or args.concurrency,
-                args.requests,
-                args.texts,
-                args.rate,
-                args.timeout,
-                args.warmup,
-                args.quiet,
-            )
+            protocols = (args.baseline_protocol if base else None) or args.protocol
+            concurrencies = (args.baseline_concurrency if base else None) or args.concurrency
+            plans[target] = [(p, c) for p in protocols for c in concurrencies]
+        results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet)
     model = args.model or (
         str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
     )

@@ -182,3 +182,16 @@ def test_smoke_run_against_real_tiny_server(tmp_path: Path) -> None:
     assert set(result["meta"]) >= {"date", "machine", "commit", "model"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| sse | 1 | 1 | 0 |" in out_md.read_text()
+
+
+def test_cli_baseline_levels_default_to_the_main_sweep() -> None:
+    args = load.parse_args(
+        ["--url", "http://x", "--protocol", "sse,ws", "--spawn-baseline", "--baseline-protocol", "sse"]
+    )
+    assert (args.protocol, args.baseline_protocol, args.baseline_concurrency) == (
+        ["sse", "ws"],
+        ["sse"],
+        None,
+    )
+    with pytest.raises(SystemExit):
+        load.parse_args(["--url", "http://x", "--baseline-protocol", "grpc"])
