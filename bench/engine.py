@@ -318,14 +318,19 @@ def run_llm_only(
     dtype = next(model.llm.parameters()).dtype
     kv = KVCache.for_model(model.config.llm.qwen, batch, embeds.shape[0] + tokens + 1, embeds.device, dtype)
     ttfts, total, batches = [], 0, []
+    finish: list[float] = []  # per job, seconds since start
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, n_jobs, batch):
             size = min(batch, n_jobs - first)
-            queued_s = time.perf_counter() - start  # jobs arrive C at a time at t=0 (closed loop start)
+            begin = time.perf_counter() - start
             ttft, n, b = _llm_batch(model, kv, embeds, size, tokens, seed=1000 + first)
-            # Time to first token from the job's arrival: a closed loop of C keeps C jobs waiting.
-            ttfts.extend([(queued_s if first < concurrency else 0.0) + ttft] * size)
+            end = time.perf_counter() - start
+            for j in range(first, first + size):
+                # closed loop of `concurrency` clients: job j is sent when job j - C has finished
+                arrival = finish[j - concurrency] if j >= concurrency else 0.0
+                ttfts.append(begin + ttft - arrival)
+                finish.append(end)
             total += n
             batches += b
     wall = time.perf_counter() - start
@@ -571,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         embeds = llm_prompt_embeds(model, args.model_dir, voice)
         run_llm_only(model, embeds, 2, 2, sequential=False, tokens=min(args.tokens, 8))  # warm-up
     else:
-        warm = make_jobs(voice, 2, min(args.tokens, 40), args.stream, "warm")
+        warm = make_jobs(voice, 2, min(args.tokens, 30), args.stream, "warm")
         run_engine(model, args.model_dir, warm, 2, False, cuda_graphs, slot_len, args.timeout)
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
