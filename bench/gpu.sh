@@ -9,7 +9,7 @@
 # checkpoint goes; reused when it already holds cosyvoice2.yaml; default ./models/random-0.5b),
 # CONCURRENCY (default 1,2,4,8,16,32,64), REQUESTS per level (default 32; at least C are sent),
 # TEXTS (short|medium|long|mixed, default mixed), MAX_BATCH for the server under test (default 64),
-# BASELINE_CONCURRENCY (default 1,4,16; empty = no batching-off baseline: it runs one request at a
+# MODEL_LABEL (meta.model), BASELINE_CONCURRENCY (default 1,4,16; empty = no batching-off baseline: it runs one request at a
 # time, so C64 would mostly measure its queue). ALLOW_CPU=1 lets it run without CUDA (script checks).
 set -euo pipefail
 
@@ -63,7 +63,7 @@ fi
 
 echo "== sweep C=$CONCURRENCY, $REQUESTS requests per level, sse+ws, server --max-batch $MAX_BATCH (CUDA graphs on)"
 PYTHONUNBUFFERED=1 "$PYTHON" -m bench.load --spawn --model-dir "$MODEL_DIR" --server-max-batch "$MAX_BATCH" \
-  --model "CosyVoice2-0.5B full-size random weights ($(basename "$MANIFEST"))" \
+  --model "${MODEL_LABEL:-CosyVoice2-0.5B full-size random weights ($MODEL_DIR)}" \
   --protocol sse,ws --concurrency "$CONCURRENCY" --requests "$REQUESTS" --texts "$TEXTS" \
   "${BASELINE_ARGS[@]}" \
   --json "$OUT/load.json" --plot "$OUT/load.png" --markdown "$OUT/load.md"
