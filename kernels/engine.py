@@ -128,6 +128,7 @@ class Engine:
         self._submitted = 0
         self._taken = 0
         self._backlog: list[tuple[SpeechJob, EventSink]] = []  # jobs over max_jobs, FIFO
+        self._backlog_text: dict[str, list[tuple[str, str | None]]] = {}  # duplex text sent while backlogged
         self._stop = threading.Event()
         # (running, waiting, kv_used_tokens) as of the engine thread's latest loop pass: the
         # scheduler's last-step stats go stale once the engine idles (no step after the last end)
@@ -248,9 +249,13 @@ class Engine:
                 self._intake(*payload)
         elif kind == "cancel":
             self._backlog = [(j, s) for j, s in self._backlog if j.request_id != job_id]
+            self._backlog_text.pop(job_id, None)
             self._cancel(job_id)
         elif kind in ("push", "finish"):
-            self._feed_text(job_id, kind, payload)
+            if any(j.request_id == job_id for j, _ in self._backlog):
+                self._backlog_text.setdefault(job_id, []).append((kind, payload))  # replayed at intake
+            else:
+                self._feed_text(job_id, kind, payload)
         return True
 
     # ------------------------------------------------------------------ intake
@@ -264,6 +269,8 @@ class Engine:
                 state = _Job(job, sink, pieces=[])
                 self._jobs[job.request_id] = state
                 self._submit_piece(state, text_ids=[], bistream=True)
+                for kind, text in self._backlog_text.pop(job.request_id, []):
+                    self._feed_text(job.request_id, kind, text)
                 return
             pieces = [self.text.encode(p) for p in self.text.normalize(job.text, split=True)]
             pieces = [p for p in pieces if p]

@@ -144,3 +144,18 @@ def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
         assert isinstance(sink.events[-1], Failed) and sink.events[-1].code == "InvalidParameter"
     finally:
         engine.shutdown(1.0)
+
+
+def test_duplex_text_sent_while_queued_is_kept(model, tiny_model_dir, voice):
+    # max_jobs=1: the second duplex job waits in the backlog while its text arrives
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024, max_jobs=1))
+    try:
+        sinks = [Collector(), Collector()]
+        handles = [engine.submit(SpeechJob(f"d{i}", Mode.CROSS_LINGUAL, voice, None, seed=i), sinks[i]) for i in (0, 1)]
+        for handle in reversed(handles):
+            handle.push_text("Hello world, ")
+            handle.push_text("this is a queued duplex task.")
+            handle.finish_text()
+        assert all(sink.audio().shape[0] > 0 for sink in sinks)
+    finally:
+        engine.shutdown(1.0)
