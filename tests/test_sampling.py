@@ -130,3 +130,16 @@ def test_length_limits_and_window_push() -> None:
     assert length_limits(7, 2.0, 20.0) == (14, 140)
     r = push_recent(torch.tensor([[-1, -1, 5]]), torch.tensor([9]))
     assert r.tolist() == [[-1, 5, 9]]
+
+
+def test_topk_fast_path_equals_full_stable_sort() -> None:
+    from kernels.sampling import _top_k_sorted
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        probs = (torch.randn(1 + trial % 8, 6564, generator=gen) * (1 + trial % 3)).softmax(-1)
+        if trial % 5 == 0:  # ties inside the top-k: must fall back to the stable order
+            probs[:, 10:40] = probs[:, 10:40].max()
+        vals, idx = _top_k_sorted(probs, 25)
+        ref_vals, ref_idx = probs.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(idx, ref_idx[:, :25]) and torch.equal(vals, ref_vals[:, :25])
