@@ -54,7 +54,10 @@ class Qwen2LM(nn.Module):
         self.llm_decoder = nn.Linear(hidden, n_out)
         self.speech_embedding = nn.Embedding(n_out, cfg.llm_input_size)
         self.attn_backend = "auto"  # "auto" | "sdpa" | "flash" (flash only on CUDA when importable)
-        self.cpu_rowwise_decode = True  # CPU decode attends per row on cache views (see decode)
+        # CPU decode attends per row on cache views once keys are long (see decode); below this
+        # span one masked batched SDPA over a gathered copy is cheaper (fewer calls, small copy)
+        self.cpu_rowwise_decode = True
+        self.cpu_rowwise_min_span = 512
 
     @property
     def backbone(self) -> Qwen2Model:
@@ -148,12 +151,12 @@ class Qwen2LM(nn.Module):
         to [0, positions[b]]. `span` (a Python int >= max(positions)+1, default kv.max_len)
         bounds the keys read; keeping it fixed keeps shapes static for CUDA-graph capture.
 
-        On CPU (no graphs, host reads are free) attention runs per row on the cache views
-        instead (`cpu_rowwise_decode`): no gather copy, no mask, only [0, pos] read; `span`
-        is then irrelevant. Accelerators always take the static masked path."""
-        if self.cpu_rowwise_decode and embeds.device.type == "cpu":
-            return self._decode_rowwise(embeds, slots, positions, kv)
+        On CPU (no graphs, host reads are free) and spans of `cpu_rowwise_min_span` or more,
+        attention runs per row on the cache views instead (`cpu_rowwise_decode`): no gather
+        copy, no mask, only [0, pos] read. Accelerators always take the static masked path."""
         span = kv.max_len if span is None else span
+        if self.cpu_rowwise_decode and embeds.device.type == "cpu" and span >= self.cpu_rowwise_min_span:
+            return self._decode_rowwise(embeds, slots, positions, kv)
         valid = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
         flash = use_flash(embeds.device, self.attn_backend)
 
