@@ -50,6 +50,9 @@ class EngineConfig:
     slot_len: int = 2048  # positions per slot (prompt + speech tokens); ~75 s of speech
     max_waiting: int = 256  # queued jobs beyond this are refused (server: 503 + Retry-After)
     max_chunks_per_step: int = 16  # flow/vocoder chunks batched in one step
+    # Requests arriving together are prefilled together, so their chunk boundaries line up and
+    # their flow/vocoder calls batch (4 split a burst of 8 into two flow batches of 4).
+    max_prefills_per_step: int = 16
     cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
     use_wetext: bool = True  # wetext text normalisation when installed
     idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
@@ -116,6 +119,7 @@ class Engine:
                 slot_len=config.slot_len,
                 max_running=config.num_slots,
                 max_waiting=config.max_waiting,
+                max_prefills_per_step=config.max_prefills_per_step,
                 chunk=chunk,
             )
         )
