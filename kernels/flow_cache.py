@@ -164,10 +164,14 @@ class IncrementalFlow:
         return int((enc + est_floats) * size)
 
     def can_continue(self, state: FlowStreamState | None, start: int, end: int) -> bool:
-        """Whether a call encoding tokens [start, end) (prompt included) can run incrementally."""
+        """Whether a call wanting the frames of tokens [start, end) (prompt included) can run incrementally.
+
+        It computes from the end of the cache (`tokens_done`, 0 for a new request: the first call encodes
+        the prompt too), so the cache must not end after `start`; frames before `start` are dropped.
+        """
         done = 0 if state is None else state.tokens_done
         fits = 2 * self.ratio * end * self.bytes_per_frame() <= self.budget_bytes  # x2: buffer slack
-        return start == done and start % self.token_chunk == 0 and end > start and fits
+        return done <= start < end and done % self.token_chunk == 0 and fits
 
     def keeps_state(self, end: int) -> bool:
         """After a call ending at `end`, the cache stays valid only on the chunk grid."""

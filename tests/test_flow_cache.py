@@ -1,0 +1,118 @@
+"""Incremental streaming flow: every non-final call's new frames equal the recompute path's (tiny model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.flow import CausalMaskedDiffWithXvec
+from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall, TimeBuffer
+from kernels.parity.flow import _rows, load_flow
+from tests.conftest import REFERENCE_DIR
+
+TINY = REFERENCE_DIR / "tiny"
+CASES = REFERENCE_DIR / "cases"
+pytestmark = pytest.mark.skipif(not (TINY / "flow.pt").is_file(), reason="tiny reference model not present")
+LOOK = 3
+
+
+@pytest.fixture(scope="module")
+def flow() -> CausalMaskedDiffWithXvec:
+    return load_flow(TINY)
+
+
+def _request(seed: int, prompt: int, generated: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 6561, (prompt + generated,), generator=gen), torch.randn(2 * prompt, 80, generator=gen),
+            torch.randn(192, generator=gen))
+
+
+def _hops(prompt: int, n: int) -> list[int]:
+    """The scheduler's schedule: 25 + pad (prompt + hop on the 25 grid), 50, 100, 100, ..."""
+    pad = -prompt % 25
+    hops = [25 + pad] + [50] + [100] * n
+    return hops[:n]
+
+
+def _recompute(flow: CausalMaskedDiffWithXvec, tokens: torch.Tensor, feat: torch.Tensor, emb: torch.Tensor,
+               offset: int) -> torch.Tensor:
+    mel, _ = flow.inference(**_rows([(tokens, feat)], emb[None]), streaming=True, finalize=False)
+    return mel[0, :, 2 * offset :]
+
+
+def _new_frames(result: tuple[torch.Tensor, int], prompt: int, offset: int) -> torch.Tensor:
+    mel, first = result
+    return mel[:, 2 * (prompt + offset) - first :]
+
+
+@pytest.mark.parametrize(("seed", "prompt"), [(1, 21), (2, 50), (3, 7)])
+def test_each_call_matches_recompute(flow: CausalMaskedDiffWithXvec, seed: int, prompt: int) -> None:
+    tokens, feat, emb = _request(seed, prompt, 220)
+    inc, state, offset = IncrementalFlow(flow), FlowStreamState(), 0
+    for hop in _hops(prompt, 3):
+        end = prompt + offset + hop + LOOK
+        assert inc.can_continue(state, prompt + offset, end - LOOK)
+        got = inc.forward([StreamCall(state, tokens[:end], feat, emb)])[0]
+        ref = _recompute(flow, tokens[:end], feat, emb, offset)
+        new = _new_frames(got, prompt, offset)
+        assert new.shape == ref.shape == (80, 2 * hop)
+        torch.testing.assert_close(new, ref, atol=1e-5, rtol=0)
+        offset += hop
+        assert state.tokens_done == prompt + offset and inc.keeps_state(state.tokens_done)
+    assert 0 < state.nbytes <= 2 * 2 * state.tokens_done * inc.bytes_per_frame()
+
+
+def test_batched_requests_at_different_offsets_match_alone(flow: CausalMaskedDiffWithXvec) -> None:
+    """Three requests (different prompts), one fresh and two mid-stream, in one call: each row == alone."""
+    reqs = [_request(10 + i, p, 200) for i, p in enumerate((30, 12, 41))]
+    inc = IncrementalFlow(flow)
+    states = [FlowStreamState() for _ in reqs]
+    offsets = [0, 0, 0]
+    warm = [0, 1, 2]  # calls already done before the batched one
+    for i, ((tokens, feat, emb), st) in enumerate(zip(reqs, states)):
+        for hop in _hops(feat.size(0) // 2, warm[i]):
+            p = feat.size(0) // 2
+            inc.forward([StreamCall(st, tokens[: p + offsets[i] + hop + LOOK], feat, emb)])
+            offsets[i] += hop
+    calls, expected = [], []
+    for i, ((tokens, feat, emb), st) in enumerate(zip(reqs, states)):
+        p = feat.size(0) // 2
+        hop = _hops(p, warm[i] + 1)[-1]
+        end = p + offsets[i] + hop + LOOK
+        calls.append(StreamCall(st, tokens[:end], feat, emb))
+        expected.append(_recompute(flow, tokens[:end], feat, emb, offsets[i]))
+    results = inc.forward(calls)
+    for i, (res, ref) in enumerate(zip(results, expected)):
+        torch.testing.assert_close(_new_frames(res, reqs[i][1].size(0) // 2, offsets[i]), ref, atol=1e-5, rtol=0)
+
+
+def test_upstream_stream_fixture_new_frames(flow: CausalMaskedDiffWithXvec) -> None:
+    from safetensors.torch import load_file
+
+    c = load_file(str(CASES / "flow.safetensors"))
+    prompt, feat, emb = c["prompt_token"][0].long(), c["prompt_feat"][0], c["embedding"][0]
+    inc, state, offset = IncrementalFlow(flow), FlowStreamState(), 0
+    for name in ("flow0", "flow1"):
+        gen = c[f"stream.{name}.token"][0].long()
+        res = inc.forward([StreamCall(state, torch.cat([prompt, gen]), feat, emb)])[0]
+        ref = c[f"stream.{name}.mel"][:, :, 2 * offset :][0]
+        torch.testing.assert_close(_new_frames(res, prompt.numel(), offset), ref, atol=1e-4, rtol=0)
+        offset = gen.numel() - LOOK
+
+
+def test_planning_refuses_off_grid_or_discontinuous_or_over_budget(flow: CausalMaskedDiffWithXvec) -> None:
+    inc = IncrementalFlow(flow)
+    assert inc.can_continue(None, 21, 50) and inc.can_continue(FlowStreamState(tokens_done=50), 50, 100)
+    assert not inc.can_continue(FlowStreamState(tokens_done=100), 75, 125)  # cache already past the start
+    assert not inc.can_continue(FlowStreamState(tokens_done=60), 60, 110)  # off the 25-token grid
+    assert inc.keeps_state(100) and not inc.keeps_state(101)
+    small = IncrementalFlow(flow, budget_bytes=100 * inc.bytes_per_frame())
+    assert small.can_continue(None, 0, 25) and not small.can_continue(None, 0, 50)
+
+
+def test_time_buffer_grows_and_keeps_prefix() -> None:
+    buf = TimeBuffer()
+    parts = [torch.randn(2, 3, n, 4) for n in (5, 70, 1, 200)]
+    for i, p in enumerate(parts):
+        view = buf.append(p)
+        assert torch.equal(view, torch.cat(parts[: i + 1], dim=2))
+    assert buf.length == 276 and buf.data is not None and buf.data.size(2) >= 276
