@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.provenance import commit, cpu_name, now_iso
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,34 +374,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(
-            ["git", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        return done.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        cpu += f", GPU {torch.cuda.get_device_name(0)}"
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "scheduler", "frontend"):
-        commit += "-dirty"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.startswith("cuda") and torch.cuda.is_available() else ""
+    cpu, commit_id = cpu_name() + gpu, commit("kernels", "scheduler", "frontend")
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": now_iso(),
         "machine": f"{cpu}, {os.cpu_count()} cores, device {device}",
-        "commit": commit,
+        "commit": commit_id,
         "model": model_label,
         "threads": {
             "torch": torch.get_num_threads(),

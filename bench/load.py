@@ -18,11 +18,8 @@ import argparse
 import base64
 import io
 import json
-import os
-import platform
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +28,6 @@ import wave
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +37,8 @@ import websocket
 
 from bench import texts
 from bench.load_stats import LevelStats, RequestResult, aggregate, failed, markdown, request_result
-from bench.servers import REPO, spawn_server
+from bench.provenance import commit, machine, now_iso
+from bench.servers import spawn_server
 
 SAMPLE_RATE = 24000
 MODEL = "CosyVoice2-0.5B"
@@ -391,38 +388,8 @@ def sweep(
 # ---------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]).replace("\n", ", ")
-    return f"{cpu} x{os.cpu_count()}" + (f", GPU {gpu}" if gpu else "")
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=10, cwd=REPO
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def meta(model: str) -> dict[str, str]:
-    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    if _run(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "-dirty"
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "commit": commit,
-        "model": model,
-    }
+    return {"date": now_iso(), "machine": machine(), "commit": commit(), "model": model}
 
 
 # ---------------------------------------------------------------- CLI
