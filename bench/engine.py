@@ -34,7 +34,6 @@ import torch
 from bench.provenance import commit, cpu_name, now_iso
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 
-REPO = Path(__file__).resolve().parents[1]
 TEXT = "Hello, this is a steady benchmark sentence for the engine."
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 SAMPLE_RATE = 24000
