@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels.cuda_graphs import DecodeGraphs
+from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.kv_cache import KVCache
 from kernels.model import CosyVoice2Model
 from kernels.sampling import ras_sample
@@ -77,6 +78,7 @@ class ModelRunner:
         slot_len: int,
         cuda_graphs: bool = True,
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+        incremental_flow: bool = True,
     ) -> None:
         self.model = model
         self.device = torch.device(model.device)
@@ -93,6 +95,9 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model.llm, self.kv, self.scratch_slot, graph_buckets)
         self.last = StepTimings()
+        # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py).
+        self.flow_inc = IncrementalFlow(model.flow) if incremental_flow else None
+        self.flow_states: dict[str, FlowStreamState] = {}
 
     # ------------------------------------------------------------------ request state
 
@@ -111,6 +116,7 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+        self.flow_states.pop(request_id, None)
 
     # ------------------------------------------------------------------ one step
 
@@ -263,7 +269,45 @@ class ModelRunner:
         return outputs
 
     def _flow_group(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
-        """One batched flow call; returns each chunk's NEW mel frames [80, n]."""
+        """Each chunk's NEW mel frames [80, n]: incremental for non-final streaming chunks, else recompute."""
+        if self.flow_inc is None or finalize or not streaming:
+            for c in group:
+                self.flow_states.pop(c.request_id, None)
+            return self._flow_recompute(group, streaming, finalize)
+        cached: list[tuple[ChunkItem, FlowStreamState]] = []
+        rest: list[ChunkItem] = []
+        for c in group:
+            st = self.requests[c.request_id]
+            first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
+            end = st.prompt_tokens.shape[0] + c.token_end - self.lookahead
+            state = self.flow_states.pop(c.request_id, None)
+            if self.flow_inc.can_continue(state, first_kept, end):
+                cached.append((c, state or FlowStreamState()))
+            else:  # off the chunk grid or over the cache budget: this request recomputes from now on
+                rest.append(c)
+        out = self._flow_recompute(rest, streaming, finalize) if rest else {}
+        if cached:
+            out.update(self._flow_incremental(cached))
+        return out
+
+    def _flow_incremental(self, cached: list[tuple[ChunkItem, FlowStreamState]]) -> dict[str, Tensor]:
+        dev = self.device
+        calls = []
+        for c, state in cached:
+            st = self.requests[c.request_id]
+            ids = torch.tensor(c.token_ids[: c.token_end], dtype=torch.long, device=dev)
+            calls.append(StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding))
+        results = self.flow_inc.forward(calls)  # on error the states stay dropped (popped above)
+        out = {}
+        for (c, state), (mel, first) in zip(cached, results):
+            keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
+            out[c.request_id] = mel[:, keep_from - first :].float()
+            if self.flow_inc.keeps_state(state.tokens_done):
+                self.flow_states[c.request_id] = state
+        return out
+
+    def _flow_recompute(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
+        """One batched flow call over prompt + all tokens so far; returns each chunk's NEW mel frames."""
         flow = self.model.flow
         dev = self.device
         states = [self.requests[c.request_id] for c in group]

@@ -116,3 +116,43 @@ def test_time_buffer_grows_and_keeps_prefix() -> None:
         view = buf.append(p)
         assert torch.equal(view, torch.cat(parts[: i + 1], dim=2))
     assert buf.length == 276 and buf.data is not None and buf.data.size(2) >= 276
+
+
+def test_runner_streaming_chunks_match_recompute_and_drop_state(tiny_model_dir) -> None:
+    """The runner's wiring: two requests batched chunk by chunk, incremental == recompute, state freed."""
+    import numpy as np
+
+    from kernels.model import load_model
+    from kernels.runner import ModelRunner
+    from scheduler.jobs import VoicePrompt
+    from scheduler.plan import ChunkItem
+
+    model = load_model(tiny_model_dir)
+    runners = [ModelRunner(model, 1, 64, incremental_flow=flag) for flag in (True, False)]
+    reqs = {f"r{p}": _request(20 + p, p, 200) for p in (21, 40)}
+    for runner in runners:
+        for rid, (tokens, feat, emb) in reqs.items():
+            p = feat.size(0) // 2
+            voice = VoicePrompt(tokens[:p].numpy().astype(np.int32), emb.numpy(), feat.numpy(), "")
+            runner.add_request(rid, voice)
+    offsets = {rid: 0 for rid in reqs}
+    for k in range(3):
+        chunks = []
+        for rid, (tokens, feat, _) in reqs.items():
+            p, off = feat.size(0) // 2, offsets[rid]
+            end = off + _hops(p, k + 1)[-1] + LOOK
+            gen = tuple(int(t) for t in tokens[p : p + end])
+            chunks.append(ChunkItem(rid, gen, off, end, finalize=False, streaming=True, is_first=k == 0,
+                                    is_last=False))
+            offsets[rid] = end - LOOK
+        with torch.inference_mode():
+            inc, ref = (r._flow_group(chunks, True, False) for r in runners)
+        for c in chunks:
+            torch.testing.assert_close(inc[c.request_id], ref[c.request_id], atol=1e-5, rtol=0)
+    assert set(runners[0].flow_states) == set(reqs)
+    last = ChunkItem("r21", tuple(int(t) for t in reqs["r21"][0][21:]), offsets["r21"], 200, finalize=True,
+                     streaming=False, is_first=False, is_last=True)
+    with torch.inference_mode():
+        runners[0]._flow_group([last], False, True)
+    runners[0].release("r40")
+    assert runners[0].flow_states == {}
