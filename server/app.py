@@ -25,6 +25,7 @@ from scheduler.jobs import EngineProtocol, VoicePrompt
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.store import VoiceStore
+from server.store_base import VoiceStoreBase
 from server.voices import VoiceCache
 
 log = logging.getLogger("server")
@@ -37,7 +38,7 @@ class App:
     config: ServerConfig
     engine: EngineProtocol
     extract_prompt: ExtractPrompt
-    store: VoiceStore
+    store: VoiceStoreBase
     voices: VoiceCache
     metrics: Metrics = field(default_factory=Metrics)
     pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -76,10 +77,21 @@ def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
     model_dir = resolve_model_dir(config) if engine is None or extract_prompt is None else None
     engine = engine if engine is not None else build_engine(config, model_dir)
     extract_prompt = extract_prompt if extract_prompt is not None else build_extractor(model_dir)
-    store = VoiceStore(config.data_dir)
+    store = build_store(config)
     return App(config=config, engine=engine, extract_prompt=extract_prompt, store=store,
                voices=VoiceCache(store, config.voice_cache_size),
                pool=concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cosy-work"))
+
+
+def build_store(config: ServerConfig) -> VoiceStoreBase:
+    """`--store local` (default): data_dir; `--store s3`: a bucket that several replicas share."""
+    if config.store == "s3":
+        from server.store_s3 import S3Settings, S3VoiceStore  # lazy: boto3 is an optional extra
+        return S3VoiceStore(S3Settings(
+            bucket=config.s3_bucket, prefix=config.s3_prefix, endpoint_url=config.s3_endpoint,
+            region=config.s3_region, access_key=config.s3_access_key, secret_key=config.s3_secret_key,
+            addressing_style=config.s3_addressing_style, max_connections=config.workers + 10))  # + the list fetchers
+    return VoiceStore(config.data_dir)
 
 
 # ---- production wiring (torch side imported lazily) --------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -31,6 +31,17 @@ class ServerConfig:
     max_batch: int = 32
     device: str = ""  # "" = cuda when available, else cpu
     cuda_graphs: int = 1  # 0 disables decode CUDA graphs (debugging); ignored on CPU
+    # Reference-audio store: "local" (data_dir: files + SQLite) or "s3" (one bucket shared by replicas).
+    store: str = "local"
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333 or https://oss-cn-hangzhou.aliyuncs.com; "" = AWS
+    s3_bucket: str = ""
+    s3_prefix: str = ""  # objects go under <prefix>/voices/
+    s3_region: str = ""
+    s3_addressing_style: str = "auto"  # path (most self-hosted servers) | virtual (OSS) | auto
+    # Secrets: env only (COSYSERVE_S3_ACCESS_KEY / _SECRET_KEY), never a flag (visible in `ps`) or
+    # the repr (logs). Empty = boto3's standard chain (AWS_ACCESS_KEY_ID, ~/.aws, instance role).
+    s3_access_key: str = field(default="", repr=False)
+    s3_secret_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -44,6 +55,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if any(not t for t in self.tokens):
             raise ValueError("empty token")
+        if self.store not in ("local", "s3"):
+            raise ValueError(f"store must be local or s3: {self.store!r}")
+        if self.store == "s3" and not self.s3_bucket:
+            raise ValueError("--store s3 needs --s3-bucket")
+        if self.s3_addressing_style not in ("auto", "path", "virtual"):
+            raise ValueError(f"s3_addressing_style must be auto, path or virtual: {self.s3_addressing_style!r}")
 
 
 _ENV_PREFIX = "COSYSERVE_"
@@ -66,6 +83,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="requests decoding at once (1 = batching off)")
     p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
+    p.add_argument("--store", choices=("local", "s3"), help="reference-audio store (default local)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS for --s3-region)")
+    p.add_argument("--s3-bucket")
+    p.add_argument("--s3-prefix", help="key prefix inside the bucket (objects under <prefix>/voices/)")
+    p.add_argument("--s3-region")
+    p.add_argument("--s3-addressing-style", choices=("auto", "path", "virtual"))
     return p
 
 
