@@ -52,7 +52,13 @@ class App:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def voice(self, voice_id: str) -> VoicePrompt:
-        prompt = self.voices.peek(voice_id) or await self.run_blocking(self.voices.get, voice_id)
+        prompt = self.voices.peek(voice_id)
+        if prompt is not None and self.config.store == "s3" \
+                and await self.run_blocking(self.store.get, voice_id) is None:
+            # Replicas share the bucket: another one may have deleted the voice we cached (one GET).
+            self.voices.drop(voice_id)
+            raise NotFound(f"reference audio not found: {voice_id}")
+        prompt = prompt or await self.run_blocking(self.voices.get, voice_id)
         if prompt is None:
             raise NotFound(f"reference audio not found: {voice_id}")
         return prompt

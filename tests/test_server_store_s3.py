@@ -247,3 +247,8 @@ def test_server_with_s3_store_over_http(endpoint: str, tmp_path: Path) -> None:
         missing = requests.get(f"{one.url}/api/v1/audio/reference_audio/{voice['id']}", headers=AUTH,
                                timeout=10)
         assert missing.status_code == 404
+        # Replica one still holds the prompt in its memory cache (it did the upload), yet the
+        # delete on replica two wins: synthesis there is a 404 too.
+        stale = requests.post(f"{one.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice["id"]),
+                              timeout=10)
+        assert stale.status_code == 404, stale.text
