@@ -9,11 +9,11 @@ import threading
 from collections import OrderedDict
 
 from scheduler.jobs import VoicePrompt
-from server.store import VoiceStore
+from server.store_base import VoiceStoreBase
 
 
 class VoiceCache:
-    def __init__(self, store: VoiceStore, capacity: int) -> None:
+    def __init__(self, store: VoiceStoreBase, capacity: int) -> None:
         self._store = store
         self._capacity = capacity
         self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
