@@ -249,7 +249,7 @@ class IncrementalFlow:
         """linear_pos of the rel-pos table for r = size-1 .. -(size-1), cached per layer and grown on demand."""
         table = self._pos.get(id(att))
         if table is None or table.size(2) < 2 * size - 1 or table.dtype != dtype or table.device != dev:
-            grown = max(size, 1500 if table is None else table.size(2))
+            grown = max(size, 0 if table is None else table.size(2))  # ~doubles: table.size(2) = 2R-1
             pe = self.flow.encoder.rel_pos.get(grown, dev, dtype)
             table = att.linear_pos(pe).view(1, -1, att.h, att.d_k).transpose(1, 2).contiguous()
             self._pos[id(att)] = table
