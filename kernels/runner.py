@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels.cuda_graphs import DecodeGraphs
-from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
+from kernels.flow_cache import DEFAULT_BUDGET_BYTES, FlowStreamState, IncrementalFlow, StreamCall
 from kernels.kv_cache import KVCache
 from kernels.model import CosyVoice2Model
 from kernels.sampling import ras_sample
@@ -79,6 +79,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
         incremental_flow: bool = False,
+        flow_cache_bytes: int = DEFAULT_BUDGET_BYTES,  # per request; full-size model: ~4.6 MB per mel frame
     ) -> None:
         self.model = model
         self.device = torch.device(model.device)
@@ -98,7 +99,7 @@ class ModelRunner:
         # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py). Off by
         # default: its mel differs from the recompute path by ~1e-6 (other matmul shapes), which HiFT's
         # F0/phase path turns into ~1e-3 waveform differences vs the single-request reference.
-        self.flow_inc = IncrementalFlow(model.flow) if incremental_flow else None
+        self.flow_inc = IncrementalFlow(model.flow, flow_cache_bytes) if incremental_flow else None
         self.flow_states: dict[str, FlowStreamState] = {}
 
     # ------------------------------------------------------------------ request state
