@@ -56,6 +56,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
     use_wetext: bool = True  # wetext text normalisation when installed
     idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
+    # Non-final streaming chunks compute only their new mel frames (flow cache) instead of re-running
+    # the flow on the whole prefix, within a per-request memory budget (else: recompute).
+    incremental_flow: bool = True
+    flow_cache_bytes: int = 512 * 1024 * 1024
     max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
 
 
@@ -123,7 +127,10 @@ class Engine:
                 chunk=chunk,
             )
         )
-        self.runner = ModelRunner(model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs)
+        self.runner = ModelRunner(
+            model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs,
+            incremental_flow=config.incremental_flow, flow_cache_bytes=config.flow_cache_bytes,
+        )
         self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}
         self._owner: dict[str, str] = {}  # scheduler request id -> job id

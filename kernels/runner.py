@@ -96,9 +96,9 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model.llm, self.kv, self.scratch_slot, graph_buckets)
         self.last = StepTimings()
-        # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py). Off by
-        # default: its mel differs from the recompute path by ~1e-6 (other matmul shapes), which HiFT's
-        # F0/phase path turns into ~1e-3 waveform differences vs the single-request reference.
+        # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py); its mel
+        # equals the recompute path's to ~1e-6 (other matmul shapes). Requests over the per-request
+        # budget recompute (the full-size model needs ~4.6 MB per mel frame).
         self.flow_inc = IncrementalFlow(model.flow, flow_cache_bytes) if incremental_flow else None
         self.flow_states: dict[str, FlowStreamState] = {}
 

@@ -17,6 +17,7 @@ import torch
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
+from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.kv_cache import KVCache
 from kernels.llm import generate
 from kernels.model import CosyVoice2Model
@@ -53,9 +54,11 @@ def _generator(seed: int | None) -> torch.Generator | None:
 class Synthesizer:
     """One request at a time, no scheduler: the reference for batching and streaming tests."""
 
-    def __init__(self, model: CosyVoice2Model, text: TextFrontend, slot_len: int = 4096) -> None:
+    def __init__(self, model: CosyVoice2Model, text: TextFrontend, slot_len: int = 4096,
+                 incremental: IncrementalFlow | None = None) -> None:
         self.model = model
         self.text = text
+        self.incremental = incremental  # same flow cache rules as the engine's runner, when given
         self.kv = KVCache.for_model(model.config.llm.qwen, 1, slot_len, model.device, next(model.llm.parameters()).dtype)
         self.schedule = HopSchedule(lookahead=model.config.flow.pre_lookahead_len, grid=model.config.chunk_size)
 
@@ -82,6 +85,7 @@ class Synthesizer:
         offset = 0
         hops = self.schedule.hops(len(voice.speech_tokens))
         la = self.schedule.lookahead
+        self._flow_state: FlowStreamState | None = None
         for hop in hops:
             if len(tokens) - offset < hop + la:
                 break
@@ -95,19 +99,38 @@ class Synthesizer:
         dev = self.model.device
         dtype = next(flow.parameters()).dtype
         prompt = torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev)
-        seq = torch.cat([prompt, torch.tensor(tokens[:end], dtype=torch.long, device=dev)])[None]
-        feat = torch.as_tensor(np.asarray(voice.mel), dtype=dtype, device=dev)[None]
-        emb = torch.as_tensor(np.asarray(voice.embedding), dtype=dtype, device=dev)[None]
-        mel, lens = flow.inference(
-            seq, torch.tensor([seq.shape[1]], device=dev), feat, torch.tensor([feat.shape[1]], device=dev),
-            emb, streaming, finalize,
-        )
+        seq = torch.cat([prompt, torch.tensor(tokens[:end], dtype=torch.long, device=dev)])
+        feat = torch.as_tensor(np.asarray(voice.mel), dtype=dtype, device=dev)
+        emb = torch.as_tensor(np.asarray(voice.embedding), dtype=dtype, device=dev)
         ratio = self.model.config.flow.token_mel_ratio
-        new = mel[0, :, offset * ratio : int(lens[0])].float()
+        new = self._incremental_mel(seq, feat, emb, offset, end, finalize, streaming)
+        if new is None:
+            mel, lens = flow.inference(
+                seq[None], torch.tensor([seq.shape[0]], device=dev), feat[None],
+                torch.tensor([feat.shape[0]], device=dev), emb[None], streaming, finalize,
+            )
+            new = mel[0, :, offset * ratio : int(lens[0])].float()
         if speed != 1.0:
             new = stretch_mel(new, speed)
         (wav,) = vocode_chunks(self.model.hift, [(state, new, finalize)])
         return wav.float().cpu().numpy()
+
+    def _incremental_mel(self, seq: torch.Tensor, feat: torch.Tensor, emb: torch.Tensor, offset: int, end: int,
+                         finalize: bool, streaming: bool) -> torch.Tensor | None:
+        """New mel frames from the flow cache for a non-final streaming chunk, or None to recompute."""
+        previous, self._flow_state = getattr(self, "_flow_state", None), None
+        if self.incremental is None or finalize or not streaming:
+            return None
+        prompt_len = int(seq.shape[0]) - end
+        start, stop = prompt_len + offset, prompt_len + end - self.schedule.lookahead
+        if not self.incremental.can_continue(previous, start, stop):
+            return None
+        flow_state = previous or FlowStreamState()
+        ((mel, first),) = self.incremental.forward([StreamCall(flow_state, seq, feat, emb)])
+        if self.incremental.keeps_state(flow_state.tokens_done):
+            self._flow_state = flow_state
+        ratio = self.model.config.flow.token_mel_ratio
+        return mel[:, feat.shape[0] + offset * ratio - first :].float()
 
     def synthesize(self, mode: Mode, voice: VoicePrompt, text: str, instruct: str | None = None,
                    stream: bool = False, speed: float = 1.0, seed: int | None = None) -> Iterator[np.ndarray]:
