@@ -260,7 +260,7 @@ def _llm_batch(
 ) -> tuple[float, int, list[int]]:
     """Prefill `batch` copies of the prompt (packed), then `tokens - 1` batched decode steps with RAS
     sampling (stop ids masked: fixed length). Returns (seconds to first token, tokens, decode batches)."""
-    from kernels.sampling import ras_sample
+    from kernels.sampling import ras_sample, recent_window
 
     lm, cfg = model.llm, model.llm.cfg
     dev = embeds.device
@@ -277,11 +277,7 @@ def _llm_batch(
     def sample(hidden: torch.Tensor) -> list[int]:
         logp = lm.logprobs(hidden)
         logp[:, stops] = float("-inf")
-        recent = torch.full((batch, cfg.win_size), -1, dtype=torch.long)
-        for row, ids in enumerate(history):
-            ids = ids[-cfg.win_size :]
-            if ids:
-                recent[row, cfg.win_size - len(ids) :] = torch.tensor(ids)
+        recent = recent_window(history, cfg.win_size)
         out = ras_sample(
             logp, recent.to(dev), ignore_eos, cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens
         )

@@ -20,7 +20,7 @@ from kernels.cuda_graphs import DecodeGraphs
 from kernels.flow_cache import DEFAULT_BUDGET_BYTES, FlowStreamState, IncrementalFlow, StreamCall
 from kernels.kv_cache import KVCache
 from kernels.model import CosyVoice2Model
-from kernels.sampling import ras_sample
+from kernels.sampling import ras_sample, recent_window
 from kernels.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
 from scheduler.jobs import VoicePrompt
 from scheduler.plan import ChunkItem, Segment, StepPlan, StepResult
@@ -202,11 +202,7 @@ class ModelRunner:
         dev = hidden.device
         logp = self.model.llm.logprobs(hidden)
         win = cfg.win_size
-        recent = torch.full((len(items), win), -1, dtype=torch.long)
-        for row, item in enumerate(items):
-            ids = item.sample.recent_ids[-win:]
-            if ids:
-                recent[row, win - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        recent = recent_window([item.sample.recent_ids for item in items], win)
         ignore_eos = torch.tensor([it.sample.ignore_eos for it in items], dtype=torch.bool)
         no_stops = [row for row, it in enumerate(items) if it.sample.ignore_all_stops]
         if no_stops:  # bench fixed length: no stop id may win

@@ -111,3 +111,9 @@ def ras_sample(
 def push_recent(recent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Shift each row's window left by one and append `tokens` [B] (returns a new tensor)."""
     return torch.cat([recent[:, 1:], tokens.to(recent.dtype).unsqueeze(-1)], dim=-1)
+
+
+def recent_window(histories: Sequence[Sequence[int]], win: int) -> torch.Tensor:
+    """[B, win] last `win` ids of each history, left-padded with -1, built in one tensor call."""
+    rows = [[-1] * (win - len(h[-win:])) + list(h[-win:]) for h in histories]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), win)

@@ -143,3 +143,10 @@ def test_topk_fast_path_equals_full_stable_sort() -> None:
         vals, idx = _top_k_sorted(probs, 25)
         ref_vals, ref_idx = probs.sort(dim=-1, descending=True, stable=True)
         assert torch.equal(idx, ref_idx[:, :25]) and torch.equal(vals, ref_vals[:, :25])
+
+
+def test_recent_window_pads_left_and_keeps_the_last_ids() -> None:
+    from kernels.sampling import recent_window
+
+    got = recent_window([[], [5], list(range(15))], 4)
+    assert got.tolist() == [[-1, -1, -1, -1], [-1, -1, -1, 5], [11, 12, 13, 14]]
