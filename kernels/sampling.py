@@ -103,6 +103,13 @@ def ras_sample(
     window = recent.shape[1]
     repeats = (recent == top.unsqueeze(-1)).sum(-1)
     hit = repeats >= window * tau_r
+    if logp.device.type == "cpu":  # resample only the rows that repeated (host reads are free on CPU)
+        rows = hit.nonzero().squeeze(-1)
+        if rows.numel():
+            masked = logp[rows].scatter(1, top[rows].unsqueeze(-1), NEG_INF)
+            top = top.clone()
+            top[rows] = _inverse_cdf(masked.softmax(-1), uniforms[rows, 1])
+        return top
     masked = logp.scatter(1, top.unsqueeze(-1), NEG_INF)
     fallback = _inverse_cdf(masked.softmax(-1), uniforms[:, 1])
     return torch.where(hit, fallback, top)
