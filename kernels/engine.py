@@ -60,6 +60,9 @@ class EngineConfig:
     # the flow on the whole prefix, within a per-request memory budget (else: recompute).
     incremental_flow: bool = True
     flow_cache_bytes: int = 512 * 1024 * 1024
+    # A streaming request's last chunk keeps the chunk masks of its earlier chunks (so it is
+    # incremental too). False = upstream: the last chunk re-runs the flow with full attention.
+    final_chunk_streaming: bool = True
     max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
 
 
@@ -115,7 +118,9 @@ class Engine:
         self.model = model
         self.sample_rate = model.config.sample_rate
         self.text = TextFrontend(Path(model_dir), use_wetext=config.use_wetext)
-        chunk = ChunkPolicyConfig(max_chunks_per_step=config.max_chunks_per_step)
+        chunk = ChunkPolicyConfig(
+            max_chunks_per_step=config.max_chunks_per_step, final_streaming=config.final_chunk_streaming
+        )
         self.scheduler = Scheduler(
             SchedulerConfig.from_model(
                 model.config,

@@ -180,9 +180,13 @@ class IncrementalFlow:
     # ------------------------------------------------------------------ the call
 
     @torch.inference_mode()
-    def forward(self, calls: list[StreamCall]) -> list[tuple[Tensor, int]]:
-        """New mel frames of each call as (mel `(80, n)` float32, absolute first frame), prompt included."""
-        look = self.flow.cfg.pre_lookahead_len
+    def forward(self, calls: list[StreamCall], finalize: bool = False) -> list[tuple[Tensor, int]]:
+        """New mel frames of each call as (mel `(80, n)` float32, absolute first frame), prompt included.
+
+        finalize=True is the last call of a streaming request with chunk masks (streaming=True,
+        finalize=True): no look-ahead tokens, the pre-lookahead conv sees zeros on the right. The
+        state is then spent (its end is off the chunk grid in general)."""
+        look = 0 if finalize else self.flow.cfg.pre_lookahead_len
         starts = [c.state.tokens_done for c in calls]
         news = [int(c.tokens.numel()) - look - s for c, s in zip(calls, starts)]
         if min(news) < 1:
@@ -208,8 +212,9 @@ class IncrementalFlow:
         valid = torch.zeros(len(calls), width, dtype=torch.bool, device=dev)
         for b, (c, s, n) in enumerate(zip(calls, starts, news)):
             lo = max(0, s - back)
-            ids[b, lo - (s - back) : lo - (s - back) + s + n + look - lo] = c.tokens[lo : s + n + look]
-            valid[b, lo - (s - back) : lo - (s - back) + s + n + look - lo] = True
+            hi = int(c.tokens.numel())  # s + n + look, or s + n in a final call (zeros to the right)
+            ids[b, lo - (s - back) : lo - (s - back) + hi - lo] = c.tokens[lo:hi]
+            valid[b, lo - (s - back) : lo - (s - back) + hi - lo] = True
         dtype = flow.input_embedding.weight.dtype
         x = enc.embed(flow.input_embedding(ids) * valid.unsqueeze(-1).to(dtype))
         x = x * valid.unsqueeze(-1).to(x.dtype)  # zeros beyond each row's context, as the full pass sees

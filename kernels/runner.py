@@ -269,16 +269,17 @@ class ModelRunner:
 
     def _flow_group(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
         """Each chunk's NEW mel frames [80, n]: incremental for non-final streaming chunks, else recompute."""
-        if self.flow_inc is None or finalize or not streaming:
+        if self.flow_inc is None or not streaming:
             for c in group:
                 self.flow_states.pop(c.request_id, None)
             return self._flow_recompute(group, streaming, finalize)
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
+        look = 0 if finalize else self.lookahead
         for c in group:
             st = self.requests[c.request_id]
             first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
-            end = st.prompt_tokens.shape[0] + c.token_end - self.lookahead
+            end = st.prompt_tokens.shape[0] + c.token_end - look
             state = self.flow_states.pop(c.request_id, None)
             if self.flow_inc.can_continue(state, first_kept, end):
                 cached.append((c, state or FlowStreamState()))
@@ -286,22 +287,22 @@ class ModelRunner:
                 rest.append(c)
         out = self._flow_recompute(rest, streaming, finalize) if rest else {}
         if cached:
-            out.update(self._flow_incremental(cached))
+            out.update(self._flow_incremental(cached, finalize))
         return out
 
-    def _flow_incremental(self, cached: list[tuple[ChunkItem, FlowStreamState]]) -> dict[str, Tensor]:
+    def _flow_incremental(self, cached: list[tuple[ChunkItem, FlowStreamState]], finalize: bool) -> dict[str, Tensor]:
         dev = self.device
         calls = []
         for c, state in cached:
             st = self.requests[c.request_id]
             ids = torch.tensor(c.token_ids[: c.token_end], dtype=torch.long, device=dev)
             calls.append(StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding))
-        results = self.flow_inc.forward(calls)  # on error the states stay dropped (popped above)
+        results = self.flow_inc.forward(calls, finalize)  # on error the states stay dropped (popped above)
         out = {}
         for (c, state), (mel, first) in zip(cached, results):
             keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
             out[c.request_id] = mel[:, keep_from - first :].float()
-            if self.flow_inc.keeps_state(state.tokens_done):
+            if not finalize and self.flow_inc.keeps_state(state.tokens_done):
                 self.flow_states[c.request_id] = state
         return out
 

@@ -55,10 +55,11 @@ class Synthesizer:
     """One request at a time, no scheduler: the reference for batching and streaming tests."""
 
     def __init__(self, model: CosyVoice2Model, text: TextFrontend, slot_len: int = 4096,
-                 incremental: IncrementalFlow | None = None) -> None:
+                 incremental: IncrementalFlow | None = None, final_streaming: bool = False) -> None:
         self.model = model
         self.text = text
         self.incremental = incremental  # same flow cache rules as the engine's runner, when given
+        self.final_streaming = final_streaming  # last chunk with chunk masks (else upstream: full attention)
         self.kv = KVCache.for_model(model.config.llm.qwen, 1, slot_len, model.device, next(model.llm.parameters()).dtype)
         self.schedule = HopSchedule(lookahead=model.config.flow.pre_lookahead_len, grid=model.config.chunk_size)
 
@@ -91,7 +92,7 @@ class Synthesizer:
                 break
             yield self._chunk(voice, tokens, offset, offset + hop + la, False, True, state, speed)
             offset += hop
-        yield self._chunk(voice, tokens, offset, len(tokens), True, False, state, speed)
+        yield self._chunk(voice, tokens, offset, len(tokens), True, self.final_streaming, state, speed)
 
     def _chunk(self, voice: VoicePrompt, tokens: list[int], offset: int, end: int, finalize: bool,
                streaming: bool, state: VocoderState, speed: float) -> np.ndarray:
@@ -117,17 +118,17 @@ class Synthesizer:
 
     def _incremental_mel(self, seq: torch.Tensor, feat: torch.Tensor, emb: torch.Tensor, offset: int, end: int,
                          finalize: bool, streaming: bool) -> torch.Tensor | None:
-        """New mel frames from the flow cache for a non-final streaming chunk, or None to recompute."""
+        """New mel frames from the flow cache for a streaming chunk (chunk masks), or None to recompute."""
         previous, self._flow_state = getattr(self, "_flow_state", None), None
-        if self.incremental is None or finalize or not streaming:
+        if self.incremental is None or not streaming:
             return None
         prompt_len = int(seq.shape[0]) - end
-        start, stop = prompt_len + offset, prompt_len + end - self.schedule.lookahead
+        start, stop = prompt_len + offset, prompt_len + end - (0 if finalize else self.schedule.lookahead)
         if not self.incremental.can_continue(previous, start, stop):
             return None
         flow_state = previous or FlowStreamState()
-        ((mel, first),) = self.incremental.forward([StreamCall(flow_state, seq, feat, emb)])
-        if self.incremental.keeps_state(flow_state.tokens_done):
+        ((mel, first),) = self.incremental.forward([StreamCall(flow_state, seq, feat, emb)], finalize)
+        if not finalize and self.incremental.keeps_state(flow_state.tokens_done):
             self._flow_state = flow_state
         ratio = self.model.config.flow.token_mel_ratio
         return mel[:, feat.shape[0] + offset * ratio - first :].float()

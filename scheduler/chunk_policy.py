@@ -26,6 +26,10 @@ class ChunkPolicyConfig:
     grid: int = 25  # flow encoder chunk size in tokens
     drain_in_hops: bool = True  # after LLM end: full hops first, then the final chunk (upstream)
     max_chunks_per_step: int = 8
+    # Upstream runs a streaming request's final chunk with full attention (streaming=False), which
+    # re-runs the flow over the whole utterance. True keeps the chunk masks of the earlier chunks
+    # (the same context every other chunk gets), so the final chunk is incremental too.
+    final_streaming: bool = False
     samples_per_token: int = 960  # 24 kHz / 25 Hz, for the audio margin
     sample_rate: int = 24000
 
@@ -72,7 +76,7 @@ class ChunkPolicy:
             token_offset=req.token_offset,
             token_end=end,
             finalize=final,
-            streaming=not final,  # upstream's final chunk runs with full attention
+            streaming=not final or (req.stream and self.config.final_streaming),
             is_first=req.chunks_done == 0,
             is_last=final,
         )

@@ -6,8 +6,9 @@ engine thread, with `AudioChunk`s then exactly one `Finished` or `Failed`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Union
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class SpeechJob:
     text: str | None  # whole text; None means it arrives piecewise (JobControl.push_text)
     instruct: str | None = None  # natural-language instruction (instruct mode only)
     speed: float = 1.0  # 0.5 .. 2.0, pitch kept (mel time-stretch in the engine)
-    stream: bool = True  # False: one AudioChunk with the whole utterance
+    stream: bool = True  # False: one AudioChunk per sentence, each the whole sentence
     seed: int | None = None  # per-request sampling seed (deterministic when set)
     fixed_tokens: int | None = None  # bench only: ignore EOS, emit exactly this many tokens
     debug: bool = False
@@ -72,7 +73,7 @@ class Failed:
     message: str
 
 
-EngineEvent = Union[AudioChunk, Finished, Failed]
+EngineEvent = AudioChunk | Finished | Failed
 EventSink = Callable[[EngineEvent], None]
 
 

@@ -97,7 +97,8 @@ def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
-    ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow))
+    ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
+                      final_streaming=EngineConfig().final_chunk_streaming)
     expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
     got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)])["a"]
     assert got.shape == expected.shape

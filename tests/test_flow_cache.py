@@ -158,3 +158,21 @@ def test_runner_streaming_chunks_match_recompute_and_drop_state(tiny_model_dir, 
         runners[0]._flow_group([last], False, True)
     runners[0].release("r40")
     assert runners[0].flow_states == {}
+
+
+@pytest.mark.parametrize(("seed", "prompt", "tail"), [(4, 21, 37), (5, 50, 3)])
+def test_final_call_with_chunk_masks_matches_recompute(flow: CausalMaskedDiffWithXvec, seed: int, prompt: int,
+                                                        tail: int) -> None:
+    """A streaming request's last call with chunk masks (streaming=True, finalize=True): no look-ahead,
+    zeros to the right, a partial last chunk; its new frames equal the full pass's."""
+    hops = _hops(prompt, 2)
+    tokens, feat, emb = _request(seed, prompt, sum(hops) + tail)
+    inc, state, offset = IncrementalFlow(flow), FlowStreamState(), 0
+    for hop in hops:
+        inc.forward([StreamCall(state, tokens[: prompt + offset + hop + LOOK], feat, emb)])
+        offset += hop
+    got = inc.forward([StreamCall(state, tokens, feat, emb)], finalize=True)[0]
+    mel, _ = flow.inference(**_rows([(tokens, feat)], emb[None]), streaming=True, finalize=True)
+    new = _new_frames(got, prompt, offset)
+    assert new.shape == (80, 2 * tail)
+    torch.testing.assert_close(new, mel[0, :, 2 * offset :], atol=1e-5, rtol=0)
