@@ -28,6 +28,9 @@ from scheduler.jobs import Mode, VoicePrompt
 
 @dataclass(frozen=True)
 class HopSchedule:
+    """Upstream's per-request hop schedule, written out again on purpose: this path is the independent
+    reference the scheduler's ChunkPolicy is tested against, so it must not share that code."""
+
     first: int = 25
     growth: int = 2
     max_hop: int = 100
