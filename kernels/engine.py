@@ -25,6 +25,7 @@ import torch
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
+from kernels.host_memory import tune_allocator
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ChunkOutput, ModelRunner
 from scheduler.chunk_policy import ChunkPolicyConfig
@@ -64,6 +65,9 @@ class EngineConfig:
     # incremental too). False = upstream: the last chunk re-runs the flow with full attention.
     final_chunk_streaming: bool = True
     max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
+    # CPU only: the flow/vocoder requests of a step split into this many shards, each on its own
+    # single-threaded worker (kernels/shards.py); 0 = torch's intra-op thread count; 1 = off.
+    stage_workers: int = 0
 
 
 @dataclass
@@ -108,6 +112,8 @@ class Engine:
     ) -> None:
         self.config = config
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device.startswith("cuda"):
+            tune_allocator()  # keep freed activations in the process (kernels/host_memory.py)
         if device.startswith("cuda"):
             # flow/HiFT stay fp32 for fidelity; TF32 tensor cores make that cheap on Ampere and later
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,6 +141,7 @@ class Engine:
         self.runner = ModelRunner(
             model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs,
             incremental_flow=config.incremental_flow, flow_cache_bytes=config.flow_cache_bytes,
+            stage_workers=config.stage_workers or torch.get_num_threads(),
         )
         self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}
@@ -190,6 +197,8 @@ class Engine:
             time.sleep(0.02)
         self._inbox.put(("stop", "", None))
         self._thread.join(timeout=max(1.0, deadline_s))
+        if not self._thread.is_alive():
+            self.runner.shards.close()
 
     # ------------------------------------------------------------------ engine thread
 

@@ -257,7 +257,10 @@ class IncrementalFlow:
             grown = max(size, 0 if table is None else table.size(2))  # ~doubles: table.size(2) = 2R-1
             pe = self.flow.encoder.rel_pos.get(grown, dev, dtype)
             table = att.linear_pos(pe).view(1, -1, att.h, att.d_k).transpose(1, 2).contiguous()
-            self._pos[id(att)] = table
+            # shard workers may race here: each uses its own table; the cache only ever grows
+            current = self._pos.get(id(att))
+            if current is None or current.size(2) < table.size(2) or current.dtype != dtype or current.device != dev:
+                self._pos[id(att)] = table
         center = (table.size(2) - 1) // 2
         return table[:, :, center - size + 1 : center + size]
 

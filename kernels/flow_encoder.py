@@ -72,7 +72,9 @@ class RelPosTable:
         if table is None or table.size(1) < 2 * size - 1:
             with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
                 table = _build_rel_pos(max(size, self.initial), self.d_model).to(device=device, dtype=dtype)
-            self._tables[key] = table
+            current = self._tables.get(key)  # shard workers may race: the cache only ever grows
+            if current is None or current.size(1) < table.size(1):
+                self._tables[key] = table
         center = (table.size(1) - 1) // 2
         return table[:, center - size + 1 : center + size]
 

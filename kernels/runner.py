@@ -21,6 +21,7 @@ from kernels.flow_cache import DEFAULT_BUDGET_BYTES, FlowStreamState, Incrementa
 from kernels.kv_cache import KVCache
 from kernels.model import CosyVoice2Model
 from kernels.sampling import ras_sample, recent_window
+from kernels.shards import ShardPool
 from kernels.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
 from scheduler.jobs import VoicePrompt
 from scheduler.plan import ChunkItem, Segment, StepPlan, StepResult
@@ -80,6 +81,7 @@ class ModelRunner:
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
         incremental_flow: bool = False,
         flow_cache_bytes: int = DEFAULT_BUDGET_BYTES,  # per request; full-size model: ~4.6 MB per mel frame
+        stage_workers: int = 1,  # CPU: flow/vocoder shards of a batch run on this many single-threaded workers
     ) -> None:
         self.model = model
         self.device = torch.device(model.device)
@@ -101,6 +103,7 @@ class ModelRunner:
         # budget recompute (the full-size model needs ~4.6 MB per mel frame).
         self.flow_inc = IncrementalFlow(model.flow, flow_cache_bytes) if incremental_flow else None
         self.flow_states: dict[str, FlowStreamState] = {}
+        self.shards = ShardPool(stage_workers if self.device.type == "cpu" else 1)
 
     # ------------------------------------------------------------------ request state
 
@@ -243,7 +246,9 @@ class ModelRunner:
             if state.speed != 1.0:
                 mel = stretch_mel(mel, state.speed)
             vocoder_items.append((state.vocoder, mel, c.is_last))
-        wavs = vocode_chunks(self.model.hift, vocoder_items)
+        hift = self.model.hift
+        wavs = self.shards.map(lambda part: vocode_chunks(hift, part), vocoder_items,
+                               [float(mel.shape[-1]) for _, mel, _ in vocoder_items])
         t2 = time.perf_counter()
         timings.flow_s, timings.vocoder_s = t1 - t0, t2 - t1
         timings.flow_batch = timings.vocoder_batch = len(live)
@@ -297,7 +302,10 @@ class ModelRunner:
             st = self.requests[c.request_id]
             ids = torch.tensor(c.token_ids[: c.token_end], dtype=torch.long, device=dev)
             calls.append(StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding))
-        results = self.flow_inc.forward(calls, finalize)  # on error the states stay dropped (popped above)
+        flow_inc = self.flow_inc
+        costs = [float((c.token_end - c.token_offset) * call.tokens.numel()) for (c, _), call in zip(cached, calls)]
+        # on error the states stay dropped (popped above)
+        results = self.shards.map(lambda part: flow_inc.forward(part, finalize), calls, costs)
         out = {}
         for (c, state), (mel, first) in zip(cached, results):
             keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
@@ -307,7 +315,12 @@ class ModelRunner:
         return out
 
     def _flow_recompute(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
-        """One batched flow call over prompt + all tokens so far; returns each chunk's NEW mel frames."""
+        """Batched flow over prompt + all tokens so far (one call per shard); each chunk's NEW mel frames."""
+        costs = [float(self.requests[c.request_id].prompt_tokens.shape[0] + c.token_end) for c in group]
+        mels = self.shards.map(lambda part: self._flow_recompute_batch(part, streaming, finalize), group, costs)
+        return {c.request_id: mel for c, mel in zip(group, mels)}
+
+    def _flow_recompute_batch(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> list[Tensor]:
         flow = self.model.flow
         dev = self.device
         states = [self.requests[c.request_id] for c in group]
@@ -326,8 +339,4 @@ class ModelRunner:
             feat[row, : st.prompt_mel.shape[0]] = st.prompt_mel
         emb = torch.stack([st.embedding for st in states])
         mel, mel_lens = flow.inference(tokens, lens.to(dev), feat, feat_lens.to(dev), emb, streaming, finalize)
-        out = {}
-        for row, c in enumerate(group):
-            end = int(mel_lens[row])
-            out[c.request_id] = mel[row, :, c.token_offset * self.ratio : end].float()
-        return out
+        return [mel[row, :, c.token_offset * self.ratio : int(mel_lens[row])].float() for row, c in enumerate(group)]
