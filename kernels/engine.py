@@ -25,7 +25,7 @@ import torch
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
-from kernels.host_memory import tune_allocator
+from kernels.host_memory import tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ChunkOutput, ModelRunner
 from scheduler.chunk_policy import ChunkPolicyConfig
@@ -66,7 +66,7 @@ class EngineConfig:
     final_chunk_streaming: bool = True
     max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
     # CPU only: the flow/vocoder requests of a step split into this many shards, each on its own
-    # single-threaded worker (kernels/shards.py); 0 = torch's intra-op thread count; 1 = off.
+    # single-threaded worker (kernels/shards.py); 0 = one per usable core; 1 = off.
     stage_workers: int = 0
 
 
@@ -141,7 +141,7 @@ class Engine:
         self.runner = ModelRunner(
             model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs,
             incremental_flow=config.incremental_flow, flow_cache_bytes=config.flow_cache_bytes,
-            stage_workers=config.stage_workers or torch.get_num_threads(),
+            stage_workers=config.stage_workers or usable_cores(),
         )
         self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}

@@ -1,4 +1,4 @@
-"""glibc malloc settings for a long-running CPU engine.
+"""Host (CPU-side) facts and settings for a long-running CPU engine: glibc malloc, usable cores.
 
 CPU inference allocates and frees megabyte-sized activations thousands of times a second. glibc's
 defaults hand such blocks back to the kernel (mmap'd chunks are unmapped on free, thread arenas
@@ -45,3 +45,11 @@ def tune_allocator() -> dict[str, int]:
         if mallopt(param, value) == 1:
             applied[env] = value
     return applied
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

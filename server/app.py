@@ -120,12 +120,17 @@ def resolve_model_dir(config: ServerConfig) -> Path:
 
 def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineProtocol:
     """The one place the real engine is constructed (kernels.engine.Engine, imported lazily)."""
+    import torch
+
     from kernels.engine import Engine, EngineConfig  # lazy: torch
 
+    if config.threads:
+        torch.set_num_threads(config.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
         num_slots=config.max_batch,
         cuda_graphs=bool(config.cuda_graphs),
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
+        stage_workers=config.stage_workers,
     )
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     return Engine(directory, device=config.device or None, config=engine_config)  # type: ignore[return-value]

@@ -97,3 +97,11 @@ def test_config_flags_over_env(tmp_path: Path) -> None:
         load_config([], {})
     with pytest.raises(ValueError):
         ServerConfig(port=70000)
+
+
+def test_cpu_engine_flags(tmp_path: Path) -> None:
+    cfg = load_config(["--token", "x", "--threads", "1", "--stage-workers", "2"], {"COSYSERVE_DATA_DIR": str(tmp_path)})
+    assert (cfg.threads, cfg.stage_workers) == (1, 2)
+    assert load_config(["--token", "x"], {"COSYSERVE_THREADS": "3"}).threads == 3
+    with pytest.raises(ValueError, match="threads"):
+        ServerConfig(threads=-1)
