@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -426,6 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--baseline-protocol", type=_csv(str), help="protocols for the baseline (default: --protocol)"
     )
     p.add_argument("--server-max-batch", type=int, help="--max-batch for the spawned server under test")
+    p.add_argument("--server-args", default="", help="extra flags for both spawned servers, e.g. '--threads 1'")
     p.add_argument("--spawn", action="store_true", help="start the server under test (tiny model by default)")
     p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
@@ -447,12 +449,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         targets: list[Target] = []
         if args.spawn:
-            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=args.server_max_batch))
+            srv = stack.enter_context(
+                spawn_server(args.model_dir, max_batch=args.server_max_batch, extra=shlex.split(args.server_args))
+            )
             targets.append(Target("main", srv.url, srv.token))
         else:
             targets.append(Target("main", args.url.rstrip("/"), args.token))
         if args.spawn_baseline:
-            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1))
+            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1, extra=shlex.split(args.server_args)))
             targets.append(Target("baseline", srv.url, srv.token))
         elif args.baseline_url:
             targets.append(
@@ -498,6 +502,7 @@ def build_json(
         "rate": args.rate,
         "sample_rate": SAMPLE_RATE,
         "loop": "open" if args.rate else "closed",
+        "server_args": args.server_args,
     }
     out: dict[str, Any] = {
         "levels": [lv.to_json() for lv in results["main"]],
