@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from kernels.flow import CausalMaskedDiffWithXvec
-from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall, TimeBuffer
+from kernels.flow_cache import (
+    FlowStreamState,
+    IncrementalFlow,
+    StreamCall,
+    TimeBuffer,
+    _chunk_causal_attention,
+    _chunk_masked,
+)
 from kernels.parity.flow import _rows, load_flow
 from tests.conftest import REFERENCE_DIR
 
@@ -176,3 +183,16 @@ def test_final_call_with_chunk_masks_matches_recompute(flow: CausalMaskedDiffWit
     new = _new_frames(got, prompt, offset)
     assert new.shape == (80, 2 * tail)
     torch.testing.assert_close(new, mel[0, :, 2 * offset :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("start", "n"), [(0, 50), (0, 120), (100, 100), (150, 37), (30, 90), (7, 3)])
+def test_chunk_causal_attention_equals_one_masked_call(start: int, n: int) -> None:
+    g = torch.Generator().manual_seed(start * 1000 + n)
+    q = torch.randn(2, 4, n, 16, generator=g)
+    k = torch.randn(2, 4, start + n, 16, generator=g)
+    v = torch.randn(2, 4, start + n, 16, generator=g)
+    hidden = _chunk_masked(start, n, 50, q.device)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~hidden)
+    got = _chunk_causal_attention(q, k, v, start, 50)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
