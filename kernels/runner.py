@@ -117,7 +117,8 @@ class ModelRunner:
             speed=float(speed),
             # the vocoder noise RNG lives on the CPU: cheap, and identical on every device
             vocoder=VocoderState(generator=_generator(None if seed is None else seed + 1, torch.device("cpu"))),
-            sampler=_generator(seed, dev),
+            # sampling RNG on the host too: per step a CUDA batch then costs one copy, not B RNG launches
+            sampler=_generator(seed, torch.device("cpu")),
         )
 
     def release(self, request_id: str) -> None:

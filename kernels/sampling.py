@@ -39,6 +39,9 @@ def draw_uniforms(
         return torch.rand(batch, 2, device=src, generator=generator).to(device)
     if len(generator) != batch:
         raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    if all(g is None or g.device.type == "cpu" for g in generator):
+        # CPU generators (the runner's choice): B tiny host draws, then one copy, not B device launches
+        return torch.stack([torch.rand(2, generator=g) for g in generator]).to(device)
     rows = [
         torch.rand(2, device=device if g is None else g.device, generator=g).to(device) for g in generator
     ]
