@@ -385,6 +385,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "tokens_per_request": args.tokens,
         "stream": args.stream,
         "llm_only": args.llm_only,
+        "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "torch": torch.__version__,
     }
 
@@ -491,6 +492,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- commit: {m['commit']}",
         f"- model: {m['model']}",
         f"- threads: {json.dumps(m['threads'])}",
+        *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
         f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
         "",
         table(result),
@@ -515,6 +517,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--llm-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--flow-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument(
@@ -533,9 +537,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from kernels.model import load_model
 
     device = args.device
-    llm_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from kernels.engine import weight_dtype
+
+    llm_dtype = weight_dtype(args.llm_dtype, device == "cuda")
     t0 = time.perf_counter()
-    model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype)
+    model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
+                       flow_dtype=weight_dtype(args.flow_dtype, False))
     voice = make_voice(args.model_dir)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",

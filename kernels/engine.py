@@ -68,6 +68,23 @@ class EngineConfig:
     # CPU only: the flow/vocoder requests of a step split into this many shards, each on its own
     # single-threaded worker (kernels/shards.py); 0 = one per usable core; 1 = off.
     stage_workers: int = 0
+    # Weights' dtypes: "auto" = bf16 LLM on CUDA, fp32 on CPU; the flow defaults to fp32 (parity). "bf16"
+    # flow runs the estimator/encoder in bf16 with the ODE state in fp32: 2.1x faster for the full-size
+    # flow on an AVX512-BF16 CPU, mel within ~3 % of fp32 on random weights. HiFT is always fp32.
+    llm_dtype: str = "auto"
+    flow_dtype: str = "fp32"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype(name: str, cuda: bool) -> torch.dtype:
+    """`auto` -> bf16 on CUDA, fp32 elsewhere; else one of DTYPES."""
+    if name == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -119,8 +136,9 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if model is None:
-            llm_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model = load_model(model_dir, device=device, llm_dtype=llm_dtype)
+            cuda = device.startswith("cuda")
+            model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, cuda),
+                               flow_dtype=weight_dtype(config.flow_dtype, False))
         self.model = model
         self.sample_rate = model.config.sample_rate
         self.text = TextFrontend(Path(model_dir), use_wetext=config.use_wetext)

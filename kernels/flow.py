@@ -54,19 +54,21 @@ class CausalConditionalCFM(nn.Module):
         b, _, m = mu.shape
         if m > self.rand_noise.size(2):
             raise ValueError(f"flow input of {m} mel frames exceeds the {self.rand_noise.size(2)}-frame noise buffer")
-        x = self.rand_noise[:, :, :m].to(mu.dtype).expand(b, -1, -1)
+        x = self.rand_noise[:, :, :m].float().expand(b, -1, -1)  # the ODE state stays fp32 (see _euler)
         inp = self.estimator.prepare(
             torch.cat([mask, mask]), torch.cat([mu, torch.zeros_like(mu)]),
             torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)]), streaming)
         return self._euler(x, inp, b)
 
     def _euler(self, x: Tensor, inp: EstimatorInputs, b: int) -> Tensor:
-        # Same float32 time arithmetic as upstream: t accumulates dt, dt = t_span[k+1] - t.
-        t_span = cosine_t_span(self.cfg.n_timesteps, x.device, x.dtype)
+        # Same float32 time arithmetic as upstream: t accumulates dt, dt = t_span[k+1] - t. With a
+        # bf16 estimator only its calls run in bf16: x, t and the update stay fp32 (mixed precision).
+        t_span = cosine_t_span(self.cfg.n_timesteps, x.device, torch.float32)
         t, dt = t_span[0], t_span[1] - t_span[0]
         rate = self.cfg.inference_cfg_rate
+        dtype = inp.static.dtype
         for step in range(1, len(t_span)):
-            v = self.estimator.step(torch.cat([x, x]), t.expand(2 * b), inp)
+            v = self.estimator.step(torch.cat([x, x]).to(dtype), t.expand(2 * b), inp).float()
             v_cond, v_uncond = v[:b], v[b:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt

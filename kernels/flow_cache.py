@@ -319,23 +319,24 @@ class IncrementalFlow:
         mask = torch.stack([(torch.arange(m, device=dev) < n).to(dtype) for n in nf]).unsqueeze(1)
         spks = flow.speaker(torch.stack([c.embedding for c in calls]).to(dtype))
         cond = torch.cat([self._cond(c, f, n, m) for c, f, n in zip(calls, frames, nf)])
-        x = torch.stack([F.pad(cfm.rand_noise[0, :, f : f + n], (0, m - n)) for f, n in zip(frames, nf)]).to(dtype)
+        # the ODE state, time and update stay fp32; only the estimator runs in the flow's dtype
+        x = torch.stack([F.pad(cfm.rand_noise[0, :, f : f + n], (0, m - n)) for f, n in zip(frames, nf)]).float()
         static = torch.cat([mu, spks.unsqueeze(-1).expand(-1, -1, m), cond], dim=1) * mask
         static = torch.cat([static, torch.zeros_like(static)])
         mask2 = torch.cat([mask, mask])
         walk = _Walk(calls, frames, nf, cfg_rows=2)
         # Same float32 time arithmetic as CausalConditionalCFM._euler.
-        t_span = cosine_t_span(flow.cfg.n_timesteps, dev, dtype)
+        t_span = cosine_t_span(flow.cfg.n_timesteps, dev, torch.float32)
         t, dt = t_span[0], t_span[1] - t_span[0]
         rate = flow.cfg.inference_cfg_rate
         for step in range(1, len(t_span)):
             walk.begin("est", step)
-            v = self._step(walk, torch.cat([x, x]), t.expand(2 * b), static, mask2)
+            v = self._step(walk, torch.cat([x, x]).to(dtype), t.expand(2 * b), static, mask2).float()
             x = x + dt * ((1.0 + rate) * v[:b] - rate * v[b:])
             t = t + dt
             if step < len(t_span) - 1:
                 dt = t_span[step + 1] - t
-        return x.float() * mask
+        return x * mask.float()
 
     @staticmethod
     def _cond(call: StreamCall, start: int, n: int, m: int) -> Tensor:

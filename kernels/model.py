@@ -154,6 +154,10 @@ def load_model(
 
     llm = _finish(llm, device, llm_dtype)
     flow = _finish(flow, device, flow_dtype)
+    if flow.decoder.rand_noise.dtype != torch.float32:  # the fixed CFM noise stays exact in fp32
+        from kernels.flow import fixed_noise
+
+        flow.decoder.rand_noise = fixed_noise(cfg.flow.output_size, cfg.flow.noise_frames).to(device)
     hift = _finish(hift, device, torch.float32)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("llm", llm), ("flow", flow), ("hift", hift))}
     stats = LoadStats(seconds=time.perf_counter() - t0, memory=memory_stats(), params=params)

@@ -131,6 +131,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         cuda_graphs=bool(config.cuda_graphs),
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
         stage_workers=config.stage_workers,
+        llm_dtype=config.llm_dtype,
+        flow_dtype=config.flow_dtype,
     )
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     return Engine(directory, device=config.device or None, config=engine_config)  # type: ignore[return-value]

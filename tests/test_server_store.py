@@ -105,3 +105,11 @@ def test_cpu_engine_flags(tmp_path: Path) -> None:
     assert load_config(["--token", "x"], {"COSYSERVE_THREADS": "3"}).threads == 3
     with pytest.raises(ValueError, match="threads"):
         ServerConfig(threads=-1)
+
+
+def test_dtype_flags() -> None:
+    cfg = load_config(["--token", "x", "--flow-dtype", "bf16", "--llm-dtype", "fp32"], {})
+    assert (cfg.flow_dtype, cfg.llm_dtype) == ("bf16", "fp32")
+    assert load_config(["--token", "x"], {}).flow_dtype == "fp32"
+    with pytest.raises(ValueError, match="flow_dtype"):
+        ServerConfig(flow_dtype="int8")
