@@ -185,8 +185,12 @@ class IncrementalFlow:
         the prompt too), so the cache must not end after `start`; frames before `start` are dropped.
         """
         done = 0 if state is None else state.tokens_done
-        fits = 2 * self.ratio * end * self.bytes_per_frame() <= self.budget_bytes  # x2: buffer slack
+        fits = self.need_bytes(end) <= self.budget_bytes
         return done <= start < end and done % self.token_chunk == 0 and fits
+
+    def need_bytes(self, end: int) -> int:
+        """Cache bytes a request holds once its frames up to token `end` are cached (x2: buffer slack)."""
+        return 2 * self.ratio * end * self.bytes_per_frame()
 
     def keeps_state(self, end: int) -> bool:
         """After a call ending at `end`, the cache stays valid only on the chunk grid."""

@@ -81,6 +81,7 @@ class ModelRunner:
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
         incremental_flow: bool = False,
         flow_cache_bytes: int = DEFAULT_BUDGET_BYTES,  # per request; full-size model: ~4.6 MB per mel frame
+        flow_cache_pool_bytes: int | None = None,  # all requests together; None = no shared limit
         stage_workers: int = 1,  # CPU: flow/vocoder shards of a batch run on this many single-threaded workers
     ) -> None:
         self.model = model
@@ -103,6 +104,10 @@ class ModelRunner:
         # budget recompute (the full-size model needs ~4.6 MB per mel frame).
         self.flow_inc = IncrementalFlow(model.flow, flow_cache_bytes) if incremental_flow else None
         self.flow_states: dict[str, FlowStreamState] = {}
+        # Bytes each incremental request may hold (its projected cache at its latest chunk); their sum
+        # stays within the pool, so long or many requests fall back to recompute instead of running out.
+        self.flow_pool_bytes = flow_cache_pool_bytes
+        self.flow_reserved: dict[str, int] = {}
         self.shards = ShardPool(stage_workers if self.device.type == "cpu" else 1)
 
     # ------------------------------------------------------------------ request state
@@ -124,6 +129,7 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
         self.flow_states.pop(request_id, None)
+        self.flow_reserved.pop(request_id, None)
 
     # ------------------------------------------------------------------ one step
 
@@ -278,6 +284,7 @@ class ModelRunner:
         if self.flow_inc is None or not streaming:
             for c in group:
                 self.flow_states.pop(c.request_id, None)
+                self.flow_reserved.pop(c.request_id, None)
             return self._flow_recompute(group, streaming, finalize)
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
@@ -287,9 +294,12 @@ class ModelRunner:
             first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
             end = st.prompt_tokens.shape[0] + c.token_end - look
             state = self.flow_states.pop(c.request_id, None)
-            if self.flow_inc.can_continue(state, first_kept, end):
+            self.flow_reserved.pop(c.request_id, None)
+            need = self.flow_inc.need_bytes(end)
+            if self.flow_inc.can_continue(state, first_kept, end) and self._pool_admits(need):
                 cached.append((c, state or FlowStreamState()))
-            else:  # off the chunk grid or over the cache budget: this request recomputes from now on
+                self.flow_reserved[c.request_id] = need
+            else:  # off the grid, over the request's budget or the shared pool: recompute from now on
                 rest.append(c)
         out = self._flow_recompute(rest, streaming, finalize) if rest else {}
         if cached:
@@ -305,15 +315,24 @@ class ModelRunner:
             calls.append(StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding))
         flow_inc = self.flow_inc
         costs = [float((c.token_end - c.token_offset) * call.tokens.numel()) for (c, _), call in zip(cached, calls)]
-        # on error the states stay dropped (popped above)
-        results = self.shards.map(lambda part: flow_inc.forward(part, finalize), calls, costs)
+        try:
+            results = self.shards.map(lambda part: flow_inc.forward(part, finalize), calls, costs)
+        except BaseException:  # the states stay dropped (popped by the caller); so do their reservations
+            for c, _ in cached:
+                self.flow_reserved.pop(c.request_id, None)
+            raise
         out = {}
         for (c, state), (mel, first) in zip(cached, results):
             keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
             out[c.request_id] = mel[:, keep_from - first :].float()
             if not finalize and self.flow_inc.keeps_state(state.tokens_done):
                 self.flow_states[c.request_id] = state
+            else:
+                self.flow_reserved.pop(c.request_id, None)
         return out
+
+    def _pool_admits(self, need: int) -> bool:
+        return self.flow_pool_bytes is None or sum(self.flow_reserved.values()) + need <= self.flow_pool_bytes
 
     def _flow_recompute(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
         """Batched flow over prompt + all tokens so far (one call per shard); each chunk's NEW mel frames."""

@@ -133,6 +133,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         stage_workers=config.stage_workers,
         llm_dtype=config.llm_dtype,
         flow_dtype=config.flow_dtype,
+        flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
     )
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     return Engine(directory, device=config.device or None, config=engine_config)  # type: ignore[return-value]

@@ -37,6 +37,9 @@ class ServerConfig:
     stage_workers: int = 0  # CPU: flow/vocoder of a batch split over this many 1-thread workers (0 = one per core)
     llm_dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     flow_dtype: str = "fp32"  # bf16: ~2x faster full-size flow on AVX512-BF16 CPUs, mel within ~3 %
+    # Streaming flow caches of all requests together, MiB (-1 = a quarter of RAM / a third of free GPU
+    # memory; 0 = always recompute the flow over the whole prefix, as upstream does).
+    flow_cache_mb: int = -1
     # Reference-audio store: "local" (data_dir: files + SQLite) or "s3" (one bucket shared by replicas).
     store: str = "local"
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333 or https://oss-cn-hangzhou.aliyuncs.com; "" = AWS
@@ -59,6 +62,8 @@ class ServerConfig:
         for name in ("header_timeout_s", "idle_timeout_s", "shutdown_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.flow_cache_mb < -1:
+            raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
         if self.threads < 0 or self.stage_workers < 0:
             raise ValueError("threads and stage_workers must be >= 0 (0 = automatic)")
         if self.llm_dtype not in ("auto", "fp32", "bf16", "fp16") or self.flow_dtype not in ("fp32", "bf16", "fp16"):
@@ -96,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-workers", type=int, help="CPU: 1-thread flow/vocoder workers (default: one per core)")
     p.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16", "fp16"), help="LLM weights (auto: bf16 on CUDA)")
     p.add_argument("--flow-dtype", choices=("fp32", "bf16", "fp16"), help="flow weights (default fp32)")
+    p.add_argument("--flow-cache-mb", type=int, help="flow caches of all requests, MiB (-1 auto, 0 off)")
     p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
     p.add_argument("--store", choices=("local", "s3"), help="reference-audio store (default local)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS for --s3-region)")

@@ -196,3 +196,36 @@ def test_chunk_causal_attention_equals_one_masked_call(start: int, n: int) -> No
     got = _chunk_causal_attention(q, k, v, start, 50)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_shared_pool_admits_what_fits_and_frees_it(tiny_model_dir) -> None:
+    """Two requests, a pool with room for one: the first chunk of each is exact either way, one request
+    keeps a cache (its reservation counted), the other recomputes; finishing frees the reservation."""
+    import numpy as np
+
+    from kernels.model import load_model
+    from kernels.runner import ModelRunner
+    from scheduler.jobs import VoicePrompt
+    from scheduler.plan import ChunkItem
+
+    model = load_model(tiny_model_dir)
+    probe = IncrementalFlow(model.flow)
+    reqs = {rid: _request(30 + i, 50, 100) for i, rid in enumerate(("a", "b"))}
+    need = probe.need_bytes(50 + _hops(50, 1)[0])  # frames up to the first chunk's end (prompt included)
+    runner = ModelRunner(model, 1, 64, incremental_flow=True, flow_cache_pool_bytes=need + need // 2)
+    ref = ModelRunner(model, 1, 64, incremental_flow=False)
+    chunks = []
+    for rid, (tokens, feat, emb) in reqs.items():
+        voice = VoicePrompt(tokens[:50].numpy().astype(np.int32), emb.numpy(), feat.numpy(), "")
+        for r in (runner, ref):
+            r.add_request(rid, voice)
+        end = _hops(50, 1)[0] + LOOK
+        chunks.append(ChunkItem(rid, tuple(int(t) for t in tokens[50 : 50 + end]), 0, end, finalize=False,
+                                streaming=True, is_first=True, is_last=False))
+    with torch.inference_mode():
+        got, want = runner._flow_group(chunks, True, False), ref._flow_group(chunks, True, False)
+    for c in chunks:
+        torch.testing.assert_close(got[c.request_id], want[c.request_id], atol=1e-5, rtol=0)
+    assert list(runner.flow_states) == ["a"] and runner.flow_reserved == {"a": need}
+    runner.release("a")
+    assert runner.flow_states == {} and runner.flow_reserved == {}

@@ -111,5 +111,8 @@ def test_dtype_flags() -> None:
     cfg = load_config(["--token", "x", "--flow-dtype", "bf16", "--llm-dtype", "fp32"], {})
     assert (cfg.flow_dtype, cfg.llm_dtype) == ("bf16", "fp32")
     assert load_config(["--token", "x"], {}).flow_dtype == "fp32"
+    assert load_config(["--token", "x", "--flow-cache-mb", "0"], {}).flow_cache_mb == 0
+    with pytest.raises(ValueError, match="flow_cache_mb"):
+        ServerConfig(flow_cache_mb=-2)
     with pytest.raises(ValueError, match="flow_dtype"):
         ServerConfig(flow_dtype="int8")
