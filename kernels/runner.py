@@ -301,35 +301,55 @@ class ModelRunner:
                 self.flow_reserved[c.request_id] = need
             else:  # off the grid, over the request's budget or the shared pool: recompute from now on
                 rest.append(c)
-        out = self._flow_recompute(rest, streaming, finalize) if rest else {}
-        if cached:
-            out.update(self._flow_incremental(cached, finalize))
-        return out
+        return self._flow_mixed(cached, rest, streaming, finalize)
 
-    def _flow_incremental(self, cached: list[tuple[ChunkItem, FlowStreamState]], finalize: bool) -> dict[str, Tensor]:
+    def _flow_mixed(self, cached: list[tuple[ChunkItem, FlowStreamState]], rest: list[ChunkItem],
+                    streaming: bool, finalize: bool) -> dict[str, Tensor]:
+        """Incremental and recompute chunks in ONE shard map, so every worker has work even when the
+        pool lets only some requests keep caches. Cost ~ frames computed x (keys + a per-frame constant)."""
         dev = self.device
-        calls = []
+        items: list[tuple[ChunkItem, StreamCall | None]] = []
+        costs: list[float] = []
         for c, state in cached:
             st = self.requests[c.request_id]
             ids = torch.tensor(c.token_ids[: c.token_end], dtype=torch.long, device=dev)
-            calls.append(StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding))
-        flow_inc = self.flow_inc
-        costs = [float((c.token_end - c.token_offset) * call.tokens.numel()) for (c, _), call in zip(cached, calls)]
+            call = StreamCall(state, torch.cat([st.prompt_tokens, ids]), st.prompt_mel, st.embedding)
+            new = call.tokens.numel() - state.tokens_done
+            items.append((c, call))
+            costs.append(float(new * (call.tokens.numel() + 100)))
+        for c in rest:
+            total = self.requests[c.request_id].prompt_tokens.shape[0] + c.token_end
+            items.append((c, None))
+            costs.append(float(total * (total + 100)))
         try:
-            results = self.shards.map(lambda part: flow_inc.forward(part, finalize), calls, costs)
+            mels = self.shards.map(lambda part: self._flow_part(part, streaming, finalize), items, costs)
         except BaseException:  # the states stay dropped (popped by the caller); so do their reservations
             for c, _ in cached:
                 self.flow_reserved.pop(c.request_id, None)
             raise
-        out = {}
-        for (c, state), (mel, first) in zip(cached, results):
-            keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
-            out[c.request_id] = mel[:, keep_from - first :].float()
-            if not finalize and self.flow_inc.keeps_state(state.tokens_done):
-                self.flow_states[c.request_id] = state
-            else:
+        for c, state in cached:
+            if finalize or not self.flow_inc.keeps_state(state.tokens_done):
                 self.flow_reserved.pop(c.request_id, None)
-        return out
+            else:
+                self.flow_states[c.request_id] = state
+        return {c.request_id: mel for (c, _), mel in zip(items, mels)}
+
+    def _flow_part(self, part: list[tuple[ChunkItem, StreamCall | None]], streaming: bool,
+                   finalize: bool) -> list[Tensor]:
+        """One shard: its incremental calls in one batch, its recompute chunks in another."""
+        out: list[Tensor | None] = [None] * len(part)
+        inc = [i for i, (_, call) in enumerate(part) if call is not None]
+        rec = [i for i, (_, call) in enumerate(part) if call is None]
+        if inc:
+            results = self.flow_inc.forward([part[i][1] for i in inc], finalize)
+            for i, (mel, first) in zip(inc, results):
+                c = part[i][0]
+                keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
+                out[i] = mel[:, keep_from - first :].float()
+        if rec:
+            for i, mel in zip(rec, self._flow_recompute_batch([part[i][0] for i in rec], streaming, finalize)):
+                out[i] = mel
+        return out  # type: ignore[return-value]
 
     def _pool_admits(self, need: int) -> bool:
         return self.flow_pool_bytes is None or sum(self.flow_reserved.values()) + need <= self.flow_pool_bytes
