@@ -60,7 +60,7 @@ class EngineConfig:
     # Non-final streaming chunks compute only their new mel frames (flow cache) instead of re-running
     # the flow on the whole prefix, within a per-request memory budget (else: recompute).
     incremental_flow: bool = True
-    # Per request, and for all requests together (-1 = auto: a quarter of the host's RAM on CPU, a third
+    # Per request, and for all requests together (-1 = auto: half the host's RAM on CPU, a third
     # of the free device memory on CUDA, measured at start). The full-size model needs ~4.6 MB per mel
     # frame in fp32 (an 11 s sentence: ~3.5 GB) and computes its flow 1.9x faster than by recomputing.
     flow_cache_bytes: int = 8 << 30
@@ -80,14 +80,14 @@ class EngineConfig:
 
 
 def flow_pool_bytes(setting: int, device: str) -> int:
-    """The shared flow-cache pool: `setting` when >= 0, else a quarter of RAM (CPU) or a third of the
+    """The shared flow-cache pool: `setting` when >= 0, else half the RAM (CPU) or a third of the
     device's free memory (CUDA, after the weights are loaded)."""
     if setting >= 0:
         return setting
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return free // 3
-    return host_ram_bytes() // 4
+    return host_ram_bytes() // 2
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

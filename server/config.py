@@ -37,7 +37,7 @@ class ServerConfig:
     stage_workers: int = 0  # CPU: flow/vocoder of a batch split over this many 1-thread workers (0 = one per core)
     llm_dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     flow_dtype: str = "fp32"  # bf16: ~2x faster full-size flow on AVX512-BF16 CPUs, mel within ~3 %
-    # Streaming flow caches of all requests together, MiB (-1 = a quarter of RAM / a third of free GPU
+    # Streaming flow caches of all requests together, MiB (-1 = half the RAM / a third of free GPU
     # memory; 0 = always recompute the flow over the whole prefix, as upstream does).
     flow_cache_mb: int = -1
     # Reference-audio store: "local" (data_dir: files + SQLite) or "s3" (one bucket shared by replicas).
