@@ -1,4 +1,4 @@
-"""Request-parallel shards (kernels/shards.py) and the allocator settings (kernels/host_memory.py)."""
+"""Request-parallel shards (kernels/shards.py) and host facts (kernels/host_memory.py, flow-cache pool)."""
 from __future__ import annotations
 
 import threading
@@ -107,3 +107,13 @@ def test_tune_allocator_respects_the_environment(monkeypatch: pytest.MonkeyPatch
     if applied:  # glibc: the other two are set
         assert applied["MALLOC_MMAP_THRESHOLD_"] == 32 << 20
         assert applied["MALLOC_TRIM_THRESHOLD_"] == 1 << 30
+
+
+def test_flow_pool_setting_and_cpu_default() -> None:
+    from kernels.engine import flow_pool_bytes
+    from kernels.host_memory import host_ram_bytes
+
+    assert flow_pool_bytes(0, "cpu") == 0  # off: every streaming chunk recomputes
+    assert flow_pool_bytes(123, "cpu") == 123
+    assert flow_pool_bytes(-1, "cpu") == host_ram_bytes() // 2
+    assert 0 < host_ram_bytes()
