@@ -38,11 +38,12 @@ from kernels.flow import CausalMaskedDiffWithXvec, cosine_t_span
 from kernels.flow_encoder import UPSAMPLE_STRIDE, ConformerLayer, RelPositionAttention
 from kernels.flow_estimator import timestep_embedding
 
-DEFAULT_BUDGET_BYTES = 512 << 20  # per request; beyond it the request falls back to recomputing
+DEFAULT_BUDGET_BYTES = 8 << 30  # per request; beyond it the request falls back to recomputing
+GROWTH = 1.5  # TimeBuffer capacity after a grow: 1.5x what is needed (capped at doubling), so <= 1.5x used
 
 
 class TimeBuffer:
-    """A tensor grown along dim 2 (time) with amortised doubling; `append` returns the filled prefix."""
+    """A tensor grown along dim 2 (time) geometrically (x1.5 of the need); `append` returns the filled prefix."""
 
     def __init__(self) -> None:
         self.data: Tensor | None = None
@@ -51,7 +52,8 @@ class TimeBuffer:
     def append(self, new: Tensor) -> Tensor:
         need = self.length + new.size(2)
         if self.data is None or self.data.size(2) < need:
-            cap = max(need, 2 * (0 if self.data is None else self.data.size(2)), 64)
+            old = 0 if self.data is None else self.data.size(2)
+            cap = max(need, min(2 * old, int(GROWTH * need)), 64)
             grown = new.new_empty(*new.shape[:2], cap, *new.shape[3:])
             if self.data is not None:
                 grown[:, :, : self.length] = self.data[:, :, : self.length]
@@ -189,8 +191,8 @@ class IncrementalFlow:
         return done <= start < end and done % self.token_chunk == 0 and fits
 
     def need_bytes(self, end: int) -> int:
-        """Cache bytes a request holds once its frames up to token `end` are cached (x2: buffer slack)."""
-        return 2 * self.ratio * end * self.bytes_per_frame()
+        """Cache bytes a request may hold once its frames up to token `end` are cached (with buffer slack)."""
+        return int((GROWTH * self.ratio * end + 64) * self.bytes_per_frame())
 
     def keeps_state(self, end: int) -> bool:
         """After a call ending at `end`, the cache stays valid only on the chunk grid."""

@@ -112,8 +112,10 @@ def test_planning_refuses_off_grid_or_discontinuous_or_over_budget(flow: CausalM
     assert not inc.can_continue(FlowStreamState(tokens_done=100), 75, 125)  # cache already past the start
     assert not inc.can_continue(FlowStreamState(tokens_done=60), 60, 110)  # off the 25-token grid
     assert inc.keeps_state(100) and not inc.keeps_state(101)
-    small = IncrementalFlow(flow, budget_bytes=100 * inc.bytes_per_frame())
+    small = IncrementalFlow(flow, budget_bytes=inc.need_bytes(25))
     assert small.can_continue(None, 0, 25) and not small.can_continue(None, 0, 50)
+    # the projection covers the buffers' growth slack: at most 1.5x the frames (64 rows at least)
+    assert inc.need_bytes(100) == int((1.5 * 2 * 100 + 64) * inc.bytes_per_frame())
 
 
 def test_time_buffer_grows_and_keeps_prefix() -> None:
@@ -227,5 +229,6 @@ def test_shared_pool_admits_what_fits_and_frees_it(tiny_model_dir) -> None:
     for c in chunks:
         torch.testing.assert_close(got[c.request_id], want[c.request_id], atol=1e-5, rtol=0)
     assert list(runner.flow_states) == ["a"] and runner.flow_reserved == {"a": need}
+    assert 0 < runner.flow_states["a"].nbytes <= need  # the reservation covers what the cache really holds
     runner.release("a")
     assert runner.flow_states == {} and runner.flow_reserved == {}
