@@ -222,6 +222,8 @@ class Engine:
             last_flow_batch=timings.flow_batch,
             last_vocoder_batch=timings.vocoder_batch,
             steps=s.totals.steps,
+            flow_cache_bytes=self.runner.flow_reserved_bytes,
+            flow_cache_pool_bytes=self.runner.flow_pool_bytes or 0,
         )
 
     def shutdown(self, deadline_s: float = 5.0) -> None:

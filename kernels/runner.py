@@ -108,6 +108,7 @@ class ModelRunner:
         # stays within the pool, so long or many requests fall back to recompute instead of running out.
         self.flow_pool_bytes = flow_cache_pool_bytes
         self.flow_reserved: dict[str, int] = {}
+        self.flow_reserved_bytes = 0  # their sum, refreshed on the engine thread (read by stats)
         self.shards = ShardPool(stage_workers if self.device.type == "cpu" else 1)
 
     # ------------------------------------------------------------------ request state
@@ -130,6 +131,7 @@ class ModelRunner:
         self.requests.pop(request_id, None)
         self.flow_states.pop(request_id, None)
         self.flow_reserved.pop(request_id, None)
+        self.flow_reserved_bytes = sum(self.flow_reserved.values())
 
     # ------------------------------------------------------------------ one step
 
@@ -245,6 +247,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         for (streaming, finalize), group in groups.items():
             mels.update(self._flow_group(group, streaming, finalize))
+        self.flow_reserved_bytes = sum(self.flow_reserved.values())
         t1 = time.perf_counter()
         vocoder_items = []
         for c in live:

@@ -93,6 +93,8 @@ class EngineStats:
     last_flow_batch: int
     last_vocoder_batch: int
     steps: int
+    flow_cache_bytes: int = 0  # streaming flow caches reserved by running requests
+    flow_cache_pool_bytes: int = 0  # their shared limit (0: none / flow cache off)
 
 
 class EngineProtocol(Protocol):

@@ -76,6 +76,7 @@ def _engine_lines(s: EngineStats) -> list[str]:
         "running": s.running, "waiting": s.waiting, "kv_used_tokens": s.kv_used_tokens,
         "kv_total_tokens": s.kv_total_tokens, "decode_batch": s.last_decode_batch,
         "flow_batch": s.last_flow_batch, "vocoder_batch": s.last_vocoder_batch,
+        "flow_cache_bytes": s.flow_cache_bytes, "flow_cache_pool_bytes": s.flow_cache_pool_bytes,
     }
     lines = []
     for key, value in gauges.items():

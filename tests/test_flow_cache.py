@@ -231,4 +231,4 @@ def test_shared_pool_admits_what_fits_and_frees_it(tiny_model_dir) -> None:
     assert list(runner.flow_states) == ["a"] and runner.flow_reserved == {"a": need}
     assert 0 < runner.flow_states["a"].nbytes <= need  # the reservation covers what the cache really holds
     runner.release("a")
-    assert runner.flow_states == {} and runner.flow_reserved == {}
+    assert runner.flow_states == {} and runner.flow_reserved == {} and runner.flow_reserved_bytes == 0

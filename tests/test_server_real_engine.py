@@ -378,6 +378,8 @@ def test_client_disconnect_frees_the_engine(server: ServerThread, voice: str) ->
     assert _metric(server, "cosyserve_inflight") == 0
     assert _metric(server, "cosyserve_engine_running") == 0
     assert _metric(server, "cosyserve_engine_kv_used_tokens") == 0
+    assert _metric(server, "cosyserve_engine_flow_cache_bytes") == 0  # its flow cache reservation is freed
+    assert _metric(server, "cosyserve_engine_flow_cache_pool_bytes") > 0
     steps = _metric(server, "cosyserve_engine_steps_total")
     time.sleep(0.3)
     assert _metric(server, "cosyserve_engine_steps_total") == steps  # nothing left running
