@@ -302,7 +302,7 @@ class ModelRunner:
             if self.flow_inc.can_continue(state, first_kept, end) and self._pool_admits(need):
                 cached.append((c, state or FlowStreamState()))
                 self.flow_reserved[c.request_id] = need
-            else:  # off the grid, over the request's budget or the shared pool: recompute from now on
+            else:  # off the grid or over budget/pool: recompute (a later chunk may start a fresh cache)
                 rest.append(c)
         return self._flow_mixed(cached, rest, streaming, finalize)
 
