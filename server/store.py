@@ -24,6 +24,22 @@ import numpy as np
 from scheduler.jobs import VoicePrompt
 
 _TMP_PREFIX = ".tmp-"
+
+
+def prompt_to_npz(prompt: VoicePrompt) -> bytes:
+    """A voice's prompt features as .npz bytes (the file both stores keep beside the audio)."""
+    feats = io.BytesIO()
+    np.savez(feats, speech_tokens=prompt.speech_tokens, embedding=prompt.embedding, mel=prompt.mel,
+             text=np.array(prompt.text))
+    return feats.getvalue()
+
+
+def prompt_from_npz(source: str | os.PathLike[str] | io.BytesIO) -> VoicePrompt:
+    """Inverse of `prompt_to_npz` (a path or an in-memory file)."""
+    with np.load(source) as z:
+        return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
+                           embedding=z["embedding"].astype(np.float32),
+                           mel=z["mel"].astype(np.float32), text=str(z["text"]))
 _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL)"""
@@ -76,10 +92,7 @@ class VoiceStore:
         if self.get(voice_id) is None:
             return None
         try:
-            with np.load(self._dir / f"{voice_id}.npz") as z:
-                return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
-                                   embedding=z["embedding"].astype(np.float32),
-                                   mel=z["mel"].astype(np.float32), text=str(z["text"]))
+            return prompt_from_npz(self._dir / f"{voice_id}.npz")
         except FileNotFoundError:  # deleted between the row check and the read
             return None
 
@@ -87,13 +100,10 @@ class VoiceStore:
     def add(self, filename: str, audio: bytes, text: str, prompt: VoicePrompt) -> VoiceRecord:
         voice_id = str(uuid.uuid4())
         ext = _safe_ext(filename)
-        feats = io.BytesIO()
-        np.savez(feats, speech_tokens=prompt.speech_tokens, embedding=prompt.embedding, mel=prompt.mel,
-                 text=np.array(prompt.text))
         audio_path = self._dir / f"{voice_id}{ext}"
         feat_path = self._dir / f"{voice_id}.npz"
         self._write_atomic(audio_path, audio)
-        self._write_atomic(feat_path, feats.getvalue())
+        self._write_atomic(feat_path, prompt_to_npz(prompt))
         _fsync_dir(self._dir)
         record = VoiceRecord(voice_id, filename, len(audio), int(time.time()), text)
         with self._lock:

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
 from scheduler.jobs import VoicePrompt
-from server.store import VoiceRecord, _safe_ext
+from server.store import VoiceRecord, _safe_ext, prompt_from_npz, prompt_to_npz
 
 _META = "meta.json"
 _FEATURES = "features.npz"
@@ -121,22 +119,16 @@ class S3VoiceStore:
         data = self._get_bytes(self._key(voice_id, _FEATURES))
         if data is None:  # deleted between the meta check and the read
             return None
-        with np.load(io.BytesIO(data)) as z:
-            return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
-                               embedding=z["embedding"].astype(np.float32),
-                               mel=z["mel"].astype(np.float32), text=str(z["text"]))
+        return prompt_from_npz(io.BytesIO(data))
 
     # -- mutations -----------------------------------------------------------------------------
     def add(self, filename: str, audio: bytes, text: str, prompt: VoicePrompt) -> VoiceRecord:
         voice_id = str(uuid.uuid4())
         ext = _safe_ext(filename)
-        feats = io.BytesIO()
-        np.savez(feats, speech_tokens=prompt.speech_tokens, embedding=prompt.embedding, mel=prompt.mel,
-                 text=np.array(prompt.text))
         record = VoiceRecord(voice_id, filename, len(audio), int(self._clock()), text)
         meta = json.dumps({**record.to_json(), "audio_ext": ext}, ensure_ascii=False).encode()
         self._put(self._key(voice_id, _AUDIO + ext), audio, "application/octet-stream")
-        self._put(self._key(voice_id, _FEATURES), feats.getvalue(), "application/octet-stream")
+        self._put(self._key(voice_id, _FEATURES), prompt_to_npz(prompt), "application/octet-stream")
         self._put(self._key(voice_id, _META), meta, "application/json")  # last: now it is visible
         with self._lock:
             self._records[voice_id] = record
