@@ -288,7 +288,7 @@ class ModelRunner:
             for c in group:
                 self.flow_states.pop(c.request_id, None)
                 self.flow_reserved.pop(c.request_id, None)
-            return self._flow_recompute(group, streaming, finalize)
+            return self._flow_mixed([], group, streaming, finalize)
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
         look = 0 if finalize else self.lookahead
@@ -357,13 +357,8 @@ class ModelRunner:
     def _pool_admits(self, need: int) -> bool:
         return self.flow_pool_bytes is None or sum(self.flow_reserved.values()) + need <= self.flow_pool_bytes
 
-    def _flow_recompute(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
-        """Batched flow over prompt + all tokens so far (one call per shard); each chunk's NEW mel frames."""
-        costs = [float(self.requests[c.request_id].prompt_tokens.shape[0] + c.token_end) for c in group]
-        mels = self.shards.map(lambda part: self._flow_recompute_batch(part, streaming, finalize), group, costs)
-        return {c.request_id: mel for c, mel in zip(group, mels)}
-
     def _flow_recompute_batch(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> list[Tensor]:
+        """One flow call over prompt + all tokens so far for these chunks; each chunk's NEW mel frames."""
         flow = self.model.flow
         dev = self.device
         states = [self.requests[c.request_id] for c in group]
