@@ -446,17 +446,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    server_args = shlex.split(args.server_args)  # the same extra flags for both spawned servers
     with ExitStack() as stack:
         targets: list[Target] = []
         if args.spawn:
             srv = stack.enter_context(
-                spawn_server(args.model_dir, max_batch=args.server_max_batch, extra=shlex.split(args.server_args))
+                spawn_server(args.model_dir, max_batch=args.server_max_batch, extra=server_args)
             )
             targets.append(Target("main", srv.url, srv.token))
         else:
             targets.append(Target("main", args.url.rstrip("/"), args.token))
         if args.spawn_baseline:
-            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1, extra=shlex.split(args.server_args)))
+            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1, extra=server_args))
             targets.append(Target("baseline", srv.url, srv.token))
         elif args.baseline_url:
             targets.append(

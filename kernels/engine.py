@@ -25,6 +25,7 @@ import torch
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
+from kernels.flow_cache import DEFAULT_BUDGET_BYTES
 from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ChunkOutput, ModelRunner
@@ -63,7 +64,7 @@ class EngineConfig:
     # Per request, and for all requests together (-1 = auto: half the host's RAM on CPU, a third
     # of the free device memory on CUDA, measured at start). The full-size model needs ~4.6 MB per mel
     # frame in fp32 (an 11 s sentence: ~3.5 GB) and computes its flow 1.9x faster than by recomputing.
-    flow_cache_bytes: int = 8 << 30
+    flow_cache_bytes: int = DEFAULT_BUDGET_BYTES
     flow_cache_pool_bytes: int = -1
     # A streaming request's last chunk keeps the chunk masks of its earlier chunks (so it is
     # incremental too). False = upstream: the last chunk re-runs the flow with full attention.
@@ -144,14 +145,14 @@ class Engine:
     ) -> None:
         self.config = config
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not device.startswith("cuda"):
-            tune_allocator()  # keep freed activations in the process (kernels/host_memory.py)
-        if device.startswith("cuda"):
+        cuda = device.startswith("cuda")
+        if cuda:
             # flow/HiFT stay fp32 for fidelity; TF32 tensor cores make that cheap on Ampere and later
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        else:
+            tune_allocator()  # keep freed activations in the process (kernels/host_memory.py)
         if model is None:
-            cuda = device.startswith("cuda")
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, cuda),
                                flow_dtype=weight_dtype(config.flow_dtype, False))
         self.model = model
