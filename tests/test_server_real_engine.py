@@ -31,6 +31,7 @@ from sseclient import SSEClient
 
 from server.app import ServerThread, create_app
 from server.config import ServerConfig
+from tests.server_helpers import DocClient
 
 TOKEN = "real-engine-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -225,81 +226,18 @@ def test_volume_scales_rms(server: ServerThread, voice: str) -> None:
 
 # ---- WebSocket ---------------------------------------------------------------------------------
 
-class DocClient:
-    """The zh document's TTSClient, trimmed of logging: WebSocketApp, run-task on open, all
-    continue-tasks and finish-task on task-started, audio + metrics per result-generated."""
-
-    def __init__(self, uri: str, params: dict[str, Any]) -> None:
-        self.uri, self.params = uri, params
-        self.task_id = str(uuid.uuid4())
-        self.audio_data = b""
-        self.chunk_metrics: list[dict[str, Any]] = []
-        self.events: list[str] = []
-        self.metrics: dict[str, Any] = {}
-        self._last_time = 0.0
-        self._ws: websocket.WebSocketApp | None = None
-
-    def _cmd(self, action: str, payload: dict[str, Any]) -> str:
-        return json.dumps({"header": {"action": action, "task_id": self.task_id, "streaming": "duplex"},
-                           "payload": payload})
-
-    def on_open(self, ws: websocket.WebSocketApp) -> None:
-        p = self.params
-        parameters = {"mode": p["mode"], "reference_audio_id": p["reference_audio_id"],
-                      "output_format": p.get("output_format", "wav"), "sample_rate": p.get("sample_rate", 24000),
-                      "bit_rate": p.get("bit_rate", "192k"), "volume": p.get("volume", 1.0),
-                      "instruct": p.get("instruct", ""), "speed": p.get("speed", 1.0), "debug": True}
-        ws.send(self._cmd("run-task", {"task_group": "audio", "task": "tts", "function": "SpeechSynthesizer",
-                                       "model": "cosyvoice-v2", "parameters": parameters, "input": {}}))
-
-    def on_message(self, ws: websocket.WebSocketApp, message: str) -> None:
-        msg = json.loads(message)
-        event = msg["header"]["event"]
-        self.events.append(event)
-        if event == "task-started":
-            for text in self.params["texts"]:
-                ws.send(self._cmd("continue-task", {"input": {"text": text}}))
-            ws.send(self._cmd("finish-task", {"input": {}}))
-            self._last_time = time.time()
-        elif event == "result-generated":
-            metrics = msg["payload"]["metrics"]
-            now = time.time()
-            metrics["client_cost_time"], self._last_time = now - self._last_time, now
-            self.audio_data += base64.b64decode(msg["payload"]["output"]["audio"]["data"])
-            metrics["client_rtf"] = metrics["client_cost_time"] / metrics["speech_len"]  # the doc divides
-            self.chunk_metrics.append(metrics)
-        elif event in ("task-finished", "task-failed"):
-            if event == "task-finished":
-                m = self.chunk_metrics
-                self.metrics = {"speech_len": sum(c["speech_len"] for c in m),
-                                "server_rtf": sum(c["server_cost_time"] for c in m) / sum(c["speech_len"] for c in m),
-                                "generate_time": sum(c["generate_time"] for c in m)}
-            else:
-                self.metrics = {"failed": msg["header"]}
-            ws.close()
-
-    def on_error(self, ws: websocket.WebSocketApp, error: Exception) -> None:
-        self.metrics = {"error": repr(error)}
-
-    def run(self) -> None:
-        self._ws = websocket.WebSocketApp(self.uri, header={"Authorization": f"Bearer {TOKEN}"},
-                                          on_open=self.on_open, on_message=self.on_message,
-                                          on_error=self.on_error)
-        self._ws.run_forever()
-
-
 def test_websocket_duplex_like_the_document(server: ServerThread, voice: str) -> None:
     client = DocClient(server.url.replace("http://", "ws://") + WS_PATH, {
-        "mode": "fast_replication", "texts": ["你好,", "世界。"], "reference_audio_id": voice,
-        "output_format": "wav", "sample_rate": 24000, "volume": 1.0, "speed": 1.0})
+        "mode": "fast_replication", "texts": ["你好,", "世界。"], "voice": voice,
+        "output_format": "wav", "sample_rate": 24000, "volume": 1.0, "speed": 1.0}, token=TOKEN)
     runner = threading.Thread(target=client.run, daemon=True)
     runner.start()
     runner.join(120)
     assert not runner.is_alive(), "the client never saw task-finished"
-    assert "error" not in client.metrics and "failed" not in client.metrics, client.metrics
+    assert not client.errors and client.failed is None, (client.errors, client.failed)
     assert client.events[0] == "task-started" and client.events[-1] == "task-finished"
     assert client.events.count("result-generated") >= 1
-    samples = _decode(client.audio_data, "wav", 24000)
+    samples = _decode(client.audio, "wav", 24000)
     assert len(samples) > 0
     assert abs(len(samples) / 24000 - client.metrics["speech_len"]) < 0.002
     assert client.metrics["generate_time"] > 0

@@ -25,7 +25,16 @@ from wsproto.events import (
 )
 
 from tests.fakes import SAMPLES_PER_CHAR, FakeEngine
-from tests.server_helpers import AUTH, TOKEN, running_server, upload
+from tests.server_helpers import (
+    AUTH,
+    TOKEN,
+    DocClient,
+    continue_task,
+    finish_task,
+    run_task,
+    running_server,
+    upload,
+)
 
 WS_PATH = "/api-ws/v1/audio/speech"
 
@@ -40,77 +49,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def voice(server) -> str:
     return upload(requests, server.url).json()["id"]
-
-
-def _run_task(task_id: str, voice: str, **params: Any) -> str:
-    parameters = {"mode": "fast_replication", "reference_audio_id": voice, "output_format": "wav",
-                  "sample_rate": 24000, "bit_rate": "192k", "volume": 1.0, "instruct": "", "speed": 1.0,
-                  "debug": True, **params}
-    return json.dumps({"header": {"action": "run-task", "task_id": task_id, "streaming": "duplex"},
-                       "payload": {"task_group": "audio", "task": "tts", "function": "SpeechSynthesizer",
-                                   "model": "cosyvoice-v2", "parameters": parameters, "input": {}}})
-
-
-def _continue(task_id: str, text: str) -> str:
-    return json.dumps({"header": {"action": "continue-task", "task_id": task_id, "streaming": "duplex"},
-                       "payload": {"input": {"text": text}}})
-
-
-def _finish(task_id: str) -> str:
-    return json.dumps({"header": {"action": "finish-task", "task_id": task_id, "streaming": "duplex"},
-                       "payload": {"input": {}}})
-
-
-class DocClient:
-    """The document's TTSClient flow (WebSocketApp, callbacks, metrics arithmetic), trimmed."""
-
-    def __init__(self, url: str, params: dict[str, Any]) -> None:
-        self.url, self.params = url, params
-        self.task_id = str(uuid.uuid4())
-        self.chunk_metrics: list[dict[str, Any]] = []
-        self.audio = b""
-        self.events: list[str] = []
-        self.metrics: dict[str, Any] = {}
-        self.errors: list[Any] = []
-
-    def on_open(self, ws: websocket.WebSocketApp) -> None:
-        p = {k: v for k, v in self.params.items() if k != "texts"}
-        ws.send(_run_task(self.task_id, **p))
-
-    def on_message(self, ws: websocket.WebSocketApp, message: str) -> None:
-        msg = json.loads(message)
-        event = msg["header"]["event"]
-        self.events.append(event)
-        if event == "task-started":
-            for text in self.params["texts"]:
-                ws.send(_continue(self.task_id, text))
-            ws.send(_finish(self.task_id))
-            self.last = time.time()
-        elif event == "result-generated":
-            m = msg["payload"]["metrics"]
-            now = time.time()
-            m["client_cost_time"], self.last = now - self.last, now
-            self.audio += base64.b64decode(msg["payload"]["output"]["audio"]["data"])
-            m["client_rtf"] = m["client_cost_time"] / m["speech_len"]
-            self.chunk_metrics.append(m)
-        elif event in ("task-finished", "task-failed"):
-            if event == "task-finished":
-                cm = self.chunk_metrics
-                self.metrics = {"server_first_package_time": cm[0]["server_cost_time"],
-                                "server_rtf": sum(m["server_cost_time"] for m in cm) / sum(m["speech_len"] for m in cm),
-                                "generate_time": sum(m["generate_time"] for m in cm),
-                                "speech_len": sum(m["speech_len"] for m in cm)}
-            else:
-                self.failed = msg
-            ws.close()
-
-    def on_error(self, ws: websocket.WebSocketApp, error: Any) -> None:
-        self.errors.append(error)
-
-    def run(self) -> None:
-        app = websocket.WebSocketApp(self.url, header={"Authorization": f"Bearer {TOKEN}"},
-                                     on_open=self.on_open, on_message=self.on_message, on_error=self.on_error)
-        app.run_forever()
 
 
 def _ws_url(server) -> str:
@@ -150,10 +88,10 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
     try:
         for n in range(2):
             tid = str(uuid.uuid4())
-            ws.send(_run_task(tid, voice, output_format="pcm"))
-            ws.send(_continue(tid, "first piece "))
-            ws.send(_continue(tid, "second piece"))
-            ws.send(_finish(tid))
+            ws.send(run_task(tid, voice, output_format="pcm"))
+            ws.send(continue_task(tid, "first piece "))
+            ws.send(continue_task(tid, "second piece"))
+            ws.send(finish_task(tid))
             msgs = _recv_until_done(ws)
             kinds = [m["header"]["event"] for m in msgs]
             assert kinds[0] == "task-started" and kinds[-1] == "task-finished", kinds
@@ -170,24 +108,24 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
     (["{not json"], "InvalidMessage"),
     (['[1,2]'], "InvalidMessage"),
     ([json.dumps({"header": {"action": "dance", "task_id": "t"}, "payload": {}})], "UnknownAction"),
-    ([_continue("t", "hi")], "TaskNotStarted"),
-    ([_finish("t")], "TaskNotStarted"),
+    ([continue_task("t", "hi")], "TaskNotStarted"),
+    ([finish_task("t")], "TaskNotStarted"),
     (["RUN:bad-mode"], "InvalidParameter"),
     (["RUN:unknown-voice"], "NotFound"),
-    (["RUN", _continue("T", "")], "InvalidParameter"),
+    (["RUN", continue_task("T", "")], "InvalidParameter"),
     # a task with no text may finish before "late" arrives: then it is simply not started
-    (["RUN", _finish("T"), _continue("T", "late")], "InvalidState|TaskNotStarted"),
+    (["RUN", finish_task("T"), continue_task("T", "late")], "InvalidState|TaskNotStarted"),
 ])
 def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[str], code: str) -> None:
     ws = websocket.create_connection(_ws_url(server), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
     try:
         for m in messages:
             if m == "RUN":
-                m = _run_task("T", voice)
+                m = run_task("T", voice)
             elif m == "RUN:bad-mode":
-                m = _run_task("T", voice, mode="sing")
+                m = run_task("T", voice, mode="sing")
             elif m == "RUN:unknown-voice":
-                m = _run_task("T", "00000000-0000-4000-8000-000000000000")
+                m = run_task("T", "00000000-0000-4000-8000-000000000000")
             ws.send(m)
         while True:
             msg = json.loads(ws.recv())
@@ -195,9 +133,9 @@ def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[
                 break
         assert msg["header"]["error_code"] in code.split("|") and msg["header"]["error_message"]
         # the connection stays usable for a new task
-        ws.send(_run_task("next", voice, output_format="pcm"))
-        ws.send(_continue("next", "ok"))
-        ws.send(_finish("next"))
+        ws.send(run_task("next", voice, output_format="pcm"))
+        ws.send(continue_task("next", "ok"))
+        ws.send(finish_task("next"))
         assert _recv_until_done(ws)[-1]["header"]["event"] == "task-finished"
     finally:
         ws.close()
@@ -244,8 +182,8 @@ def test_ws_client_disconnect_cancels_job(tmp_path: Path) -> None:
     with running_server(tmp_path, engine) as srv:
         vid = upload(requests, srv.url).json()["id"]
         ws = websocket.create_connection(_ws_url(srv), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
-        ws.send(_run_task("t", vid))
-        ws.send(_continue("t", "x" * 300))
+        ws.send(run_task("t", vid))
+        ws.send(continue_task("t", "x" * 300))
         while json.loads(ws.recv())["header"]["event"] != "result-generated":
             pass
         assert engine.running == 1
