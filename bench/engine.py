@@ -92,8 +92,8 @@ class StepStats:
     )
     steps: int = 0
 
-    def add(self, timings: Any, step_s: float) -> None:
-        self.steps += 1
+    def add(self, timings: Any, step_s: float, counts_step: bool = True) -> None:
+        self.steps += counts_step
         if timings.decode_batch:
             self.decode_batches.append(timings.decode_batch)
         if timings.flow_batch:
@@ -106,16 +106,24 @@ class StepStats:
 
 
 def hook_runner(runner: Any, stats: StepStats) -> None:
-    """Wrap `runner.execute` on this instance only; the engine thread looks it up per step."""
-    inner = runner.execute
+    """Wrap the runner's LLM and chunk calls on this instance only (the engine looks them up per step;
+    with overlapped stages they run on two threads, so stage seconds may sum to more than the wall)."""
+    lock = threading.Lock()
 
-    def execute(plan):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        out = inner(plan)
-        stats.add(runner.last, time.perf_counter() - t0)
-        return out
+    def wrap(name: str, timings_attr: str, counts_step: bool) -> None:
+        inner = getattr(runner, name)
 
-    runner.execute = execute
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            with lock:
+                stats.add(getattr(runner, timings_attr), time.perf_counter() - t0, counts_step)
+            return out
+
+        setattr(runner, name, call)
+
+    wrap("execute_llm", "last_llm", True)
+    wrap("execute_chunks", "last_chunks", False)
 
 
 def _mean(xs: list[int] | list[float]) -> float | None:
@@ -193,12 +201,14 @@ def run_engine(
     cuda_graphs: bool,
     slot_len: int,
     timeout_s: float,
+    overlap: bool = True,
 ) -> dict[str, Any]:
     from kernels.engine import Engine, EngineConfig
 
     if sequential:
         config = EngineConfig(
-            num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False
+            num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False,
+            overlap_stages=overlap,
         )
     else:
         config = EngineConfig(
@@ -206,6 +216,7 @@ def run_engine(
             slot_len=slot_len,
             cuda_graphs=cuda_graphs,
             use_wetext=False,
+            overlap_stages=overlap,
             max_chunks_per_step=max(16, concurrency),
         )
     engine = Engine(model_dir, model=model, config=config)
@@ -386,6 +397,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "stream": args.stream,
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
+        "overlap_stages": bool(args.overlap_stages),
         "torch": torch.__version__,
     }
 
@@ -493,6 +505,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- model: {m['model']}",
         f"- threads: {json.dumps(m['threads'])}",
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
+        *([f"- overlapped stages: {m['overlap_stages']}"] if "overlap_stages" in m else []),
         f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
         "",
         table(result),
@@ -516,6 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--overlap-stages", type=int, default=1, choices=(0, 1),
+                   help="flow/vocoder on a stage thread while the LLM decodes (default 1; both modes)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--llm-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--flow-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -559,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # caches (oneDNN primitives) are then warm for whichever mode is measured first.
         top = max(args.concurrency)
         warm = make_jobs(voice, top, args.tokens, args.stream, "warm")
-        run_engine(model, args.model_dir, warm, top, False, cuda_graphs, slot_len, args.timeout)
+        run_engine(model, args.model_dir, warm, top, False, cuda_graphs, slot_len, args.timeout,
+                   bool(args.overlap_stages))
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
         for sequential in (False, True):
@@ -568,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
                 run = run_engine(
-                    model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout
+                    model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
+                    bool(args.overlap_stages),
                 )
             runs.append(run)
             print(

@@ -1,5 +1,11 @@
 """The engine: one thread that owns the model and runs schedule -> execute -> update forever.
 
+With `overlap_stages` (the default) a step's flow/vocoder chunks go to a stage thread (on a GPU, its
+own CUDA stream) and the engine thread goes on with LLM-only steps until that batch is back; then
+the next batch is planned. Runner state of a request whose chunk is out is released only once it is
+back. While a batch is out, streams already two chunks ahead of their audio do not decode (the
+scheduler's pacing), so the cores go to the chunks and to requests still working to a next chunk.
+
 The asyncio side talks to it only through `submit()` (returns a `JobHandle`) and the sink
 callable it passes in, which this thread calls with `AudioChunk`s and one final `Finished` or
 `Failed`. Commands from other threads (submit, push_text, finish_text, cancel) go through a
@@ -17,7 +23,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,7 @@ from scheduler.jobs import (
     Finished,
     SpeechJob,
 )
+from scheduler.plan import StepPlan, StepResult
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import RequestRejected, Scheduler
 
@@ -78,6 +86,10 @@ class EngineConfig:
     # flow on an AVX512-BF16 CPU, mel within ~3 % of fp32 on random weights. HiFT is always fp32.
     llm_dtype: str = "auto"
     flow_dtype: str = "fp32"
+    # Run each step's flow/vocoder chunks on a stage thread (its own CUDA stream on a GPU) while the
+    # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
+    # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
+    overlap_stages: bool = True
 
 
 def flow_pool_bytes(setting: int, device: str) -> int:
@@ -101,6 +113,15 @@ def weight_dtype(name: str, cuda: bool) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+@dataclass
+class _InFlight:
+    """The chunk batch running on the stage thread (at most one at a time)."""
+
+    plan: StepPlan  # chunks only
+    future: Future
+    request_ids: frozenset[str]
 
 
 @dataclass
@@ -191,6 +212,13 @@ class Engine:
         # (running, waiting, kv_used_tokens) as of the engine thread's latest loop pass: the
         # scheduler's last-step stats go stale once the engine idles (no step after the last end)
         self._live: tuple[int, int, int] = (0, 0, 0)
+        self._stage: ThreadPoolExecutor | None = None
+        if config.overlap_stages:
+            self._stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage")
+            if cuda:
+                self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
+        self._in_flight: _InFlight | None = None
+        self._deferred: set[str] = set()  # runner state to drop once the in-flight batch is back
         self._thread = threading.Thread(target=self._loop, name="cosyserve-engine", daemon=True)
         self._thread.start()
 
@@ -235,6 +263,8 @@ class Engine:
         self._inbox.put(("stop", "", None))
         self._thread.join(timeout=max(1.0, deadline_s))
         if not self._thread.is_alive():
+            if self._stage is not None:
+                self._stage.shutdown(wait=True)
             self.runner.shards.close()
 
     # ------------------------------------------------------------------ engine thread
@@ -244,31 +274,91 @@ class Engine:
         while True:
             self._refresh_live()
             self._admit_backlog()
-            block = not self.scheduler.has_work()
+            self._collect()
+            block = not self.scheduler.has_work() and self._in_flight is None
             if not self._drain_inbox(block):
                 break
             self._admit_backlog()
             if not self.scheduler.has_work():
+                self._collect(self.config.idle_wait_s)  # e.g. the chunks of a request cancelled meanwhile
                 continue
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(with_chunks=self._in_flight is None)
+            for rid in plan.released:
+                self._release(rid)
             if plan.is_empty:
-                for rid in plan.released:
-                    self.runner.release(rid)
-                self._drain_inbox_wait(self.config.idle_wait_s)  # e.g. bistream waiting for text
+                if self._in_flight is not None:
+                    self._collect(self.config.idle_wait_s)  # nothing to decode: wait for the chunks
+                else:
+                    self._drain_inbox_wait(self.config.idle_wait_s)  # e.g. bistream waiting for text
                 continue
-            try:
-                result, outputs = self.runner.execute(plan)
-            except Exception as exc:
-                log.exception("engine step failed")
-                self._fail_plan(plan, f"internal error: {exc}")
-                continue
-            ended = self.scheduler.update(plan, result)
-            for out in outputs:
-                self._on_chunk(out)
-            for rid in ended:
-                self._on_request_end(rid)
+            if self._stage is None:
+                self._step_serial(plan)
+            else:
+                self._step_overlapped(plan)
             self._advance_pieces()
+        self._collect(None)
         self._cancel_all()
+
+    def _step_serial(self, plan: StepPlan) -> None:
+        """LLM then chunks on this thread, one update."""
+        try:
+            result, outputs = self.runner.execute(replace(plan, released=()))
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_plan(plan, f"internal error: {exc}")
+            return
+        self._apply_result(plan, result, outputs)
+
+    def _step_overlapped(self, plan: StepPlan) -> None:
+        """Hand the chunks to the stage thread first, then run the LLM part here meanwhile."""
+        if plan.chunks:
+            chunk_plan = StepPlan(plan.step, chunks=plan.chunks)
+            future = self._stage.submit(self.runner.execute_chunks, plan.chunks)
+            self._in_flight = _InFlight(chunk_plan, future, frozenset(c.request_id for c in plan.chunks))
+        llm_plan = replace(plan, chunks=(), released=())
+        if llm_plan.is_empty:
+            return
+        try:
+            result = self.runner.execute_llm(llm_plan)
+        except Exception as exc:
+            log.exception("engine LLM step failed")
+            self._fail_plan(llm_plan, f"internal error: {exc}")
+            return
+        self._apply_result(llm_plan, result, [])
+
+    def _collect(self, wait_s: float | None = 0.0) -> None:
+        """Apply the stage thread's chunk batch if it is done, waiting up to wait_s for it (None: until done)."""
+        flight = self._in_flight
+        if flight is None or (wait_s == 0.0 and not flight.future.done()):
+            return
+        try:
+            result, outputs = flight.future.result(wait_s)
+        except TimeoutError:
+            return
+        except Exception as exc:
+            self._in_flight = None
+            log.exception("engine chunk step failed")
+            self._fail_plan(flight.plan, f"internal error: {exc}")
+        else:
+            self._in_flight = None
+            self._apply_result(flight.plan, result, outputs)
+        for rid in self._deferred:
+            self.runner.release(rid)
+        self._deferred.clear()
+
+    def _apply_result(self, plan: StepPlan, result: StepResult, outputs: list[ChunkOutput]) -> None:
+        ended = self.scheduler.update(plan, result)
+        for out in outputs:
+            self._on_chunk(out)
+        for rid in ended:
+            self._on_request_end(rid)
+
+    def _release(self, rid: str) -> None:
+        """Drop a request's runner state, or defer that while the stage thread is using it."""
+        if self._in_flight is not None and rid in self._in_flight.request_ids:
+            self._deferred.add(rid)
+        else:
+            self.runner.release(rid)
 
     def _refresh_live(self) -> None:
         waiting = self.scheduler.num_waiting
@@ -436,7 +526,7 @@ class Engine:
             self._cancel(state.job.request_id)
 
     def _on_request_end(self, rid: str) -> None:
-        self.runner.release(rid)
+        self._release(rid)
         job_id = self._owner.pop(rid, None)
         state = self._jobs.get(job_id) if job_id else None
         req = self.scheduler.get(rid)
@@ -460,7 +550,7 @@ class Engine:
         state.done = True
         for rid in state.active:
             self.scheduler.cancel(rid)
-            self.runner.release(rid)
+            self._release(rid)
             self._owner.pop(rid, None)
         self._jobs.pop(state.job.request_id, None)
         self._deliver(state, event)
@@ -479,7 +569,7 @@ class Engine:
         state.done = True
         for rid in state.active:
             self.scheduler.cancel(rid)
-            self.runner.release(rid)
+            self._release(rid)
             self._owner.pop(rid, None)
 
     def _cancel_all(self) -> None:

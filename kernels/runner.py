@@ -5,10 +5,14 @@ every running request in one batched pass (CUDA-graph replay on GPU), (3) one ve
 sampling call over all of them, (4) the flow for every ready chunk, batched by its
 (streaming, finalize) flags, and (5) HiFT for all those chunks (equal lengths share a call).
 Per-request tensors (flow prompt, speaker embedding, vocoder cache, RNGs) live here, keyed by
-request id; the scheduler owns everything else.
+request id; the scheduler owns everything else. `execute` runs a whole step on the caller's thread;
+the overlapped engine calls its halves instead: `execute_llm` (1-3) on the engine thread and
+`execute_chunks` (4-5) on the stage thread, at the same time for different requests.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -98,7 +102,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model.llm, self.kv, self.scratch_slot, graph_buckets)
-        self.last = StepTimings()
+        self.last_llm = StepTimings()
+        self.last_chunks = StepTimings()
+        # CUDA: a stage thread's flow/vocoder go on their own stream so they overlap the decode
+        self.stage_stream: torch.cuda.Stream | None = None
         # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py); its mel
         # equals the recompute path's to ~1e-6 (other matmul shapes). Requests over the per-request
         # budget recompute (the full-size model needs ~4.6 MB per mel frame).
@@ -108,7 +115,9 @@ class ModelRunner:
         # stays within the pool, so long or many requests fall back to recompute instead of running out.
         self.flow_pool_bytes = flow_cache_pool_bytes
         self.flow_reserved: dict[str, int] = {}
-        self.flow_reserved_bytes = 0  # their sum, refreshed on the engine thread (read by stats)
+        self.flow_reserved_bytes = 0  # their sum (read by stats)
+        # flow_states / flow_reserved change on the stage thread (chunks) and the engine thread (release)
+        self._flow_lock = threading.RLock()
         self.shards = ShardPool(stage_workers if self.device.type == "cpu" else 1)
 
     # ------------------------------------------------------------------ request state
@@ -129,18 +138,30 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-        self.flow_states.pop(request_id, None)
-        self.flow_reserved.pop(request_id, None)
-        self.flow_reserved_bytes = sum(self.flow_reserved.values())
+        with self._flow_lock:
+            self.flow_states.pop(request_id, None)
+            self.flow_reserved.pop(request_id, None)
+            self.flow_reserved_bytes = sum(self.flow_reserved.values())
 
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[StepResult, list[ChunkOutput]]:
+        """The whole step on the calling thread: releases, LLM, then the plan's chunks."""
         for rid in plan.released:
             self.release(rid)
+        llm = self.execute_llm(plan)
+        if not plan.chunks:
+            return llm, []
+        chunked, outputs = self.execute_chunks(plan.chunks)
+        merged = StepResult(sampled=llm.sampled, chunk_samples=chunked.chunk_samples,
+                            failed={**llm.failed, **chunked.failed})
+        return merged, outputs
+
+    @torch.inference_mode()
+    def execute_llm(self, plan: StepPlan) -> StepResult:
+        """Prefills + one decode position for every running request + sampling (the plan's chunks are ignored)."""
         timings = StepTimings()
-        failed: dict[str, str] = {}
         sampled: dict[str, int] = {}
         hidden_parts: list[Tensor] = []
         items: list = []  # PrefillItem | DecodeItem, aligned with the hidden rows
@@ -159,12 +180,31 @@ class ModelRunner:
         t3 = time.perf_counter()
         timings.prefill_s, timings.decode_s, timings.sample_s = t1 - t0, t2 - t1, t3 - t2
         self._charge_llm_time(items, t3 - t0)
+        self.last_llm = timings
+        return StepResult(sampled=sampled, chunk_samples={}, failed={})
+
+    @torch.inference_mode()
+    def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
+        """Flow + vocoder for these chunks. May run on a stage thread while the engine thread runs
+        `execute_llm`: it touches only the chunks' requests, whose state must not be released meanwhile."""
+        timings = StepTimings()
+        failed: dict[str, str] = {}
         outputs: list[ChunkOutput] = []
-        if plan.chunks:
-            outputs = self._chunks(plan.chunks, timings, failed)
-        self.last = timings
+        if self.stage_stream is not None:
+            # tensors of add_request were made on the default stream: order after that work
+            self.stage_stream.wait_stream(torch.cuda.default_stream(self.device))
+        with torch.cuda.stream(self.stage_stream) if self.stage_stream is not None else contextlib.nullcontext():
+            outputs = self._chunks(chunks, timings, failed)
+        self.last_chunks = timings
         chunk_samples = {o.request_id: int(o.pcm.shape[0]) for o in outputs}
-        return StepResult(sampled=sampled, chunk_samples=chunk_samples, failed=failed), outputs
+        return StepResult(sampled={}, chunk_samples=chunk_samples, failed=failed), outputs
+
+    @property
+    def last(self) -> StepTimings:
+        """The latest LLM and chunk timings as one step (for stats)."""
+        llm, ch = self.last_llm, self.last_chunks
+        return StepTimings(llm.prefill_s, llm.decode_s, llm.sample_s, ch.flow_s, ch.vocoder_s,
+                           llm.decode_batch, ch.flow_batch, ch.vocoder_batch)
 
     def _charge_llm_time(self, items: list, seconds: float) -> None:
         if not items:
@@ -247,7 +287,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         for (streaming, finalize), group in groups.items():
             mels.update(self._flow_group(group, streaming, finalize))
-        self.flow_reserved_bytes = sum(self.flow_reserved.values())
+        with self._flow_lock:
+            self.flow_reserved_bytes = sum(self.flow_reserved.values())
         t1 = time.perf_counter()
         vocoder_items = []
         for c in live:
@@ -285,25 +326,27 @@ class ModelRunner:
     def _flow_group(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
         """Each chunk's NEW mel frames [80, n]: incremental for non-final streaming chunks, else recompute."""
         if self.flow_inc is None or not streaming:
-            for c in group:
-                self.flow_states.pop(c.request_id, None)
-                self.flow_reserved.pop(c.request_id, None)
+            with self._flow_lock:
+                for c in group:
+                    self.flow_states.pop(c.request_id, None)
+                    self.flow_reserved.pop(c.request_id, None)
             return self._flow_mixed([], group, streaming, finalize)
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
         look = 0 if finalize else self.lookahead
-        for c in group:
-            st = self.requests[c.request_id]
-            first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
-            end = st.prompt_tokens.shape[0] + c.token_end - look
-            state = self.flow_states.pop(c.request_id, None)
-            self.flow_reserved.pop(c.request_id, None)
-            need = self.flow_inc.need_bytes(end)
-            if self.flow_inc.can_continue(state, first_kept, end) and self._pool_admits(need):
-                cached.append((c, state or FlowStreamState()))
-                self.flow_reserved[c.request_id] = need
-            else:  # off the grid or over budget/pool: recompute (a later chunk may start a fresh cache)
-                rest.append(c)
+        with self._flow_lock:
+            for c in group:
+                st = self.requests[c.request_id]
+                first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
+                end = st.prompt_tokens.shape[0] + c.token_end - look
+                state = self.flow_states.pop(c.request_id, None)
+                self.flow_reserved.pop(c.request_id, None)
+                need = self.flow_inc.need_bytes(end)
+                if self.flow_inc.can_continue(state, first_kept, end) and self._pool_admits(need):
+                    cached.append((c, state or FlowStreamState()))
+                    self.flow_reserved[c.request_id] = need
+                else:  # off the grid or over budget/pool: recompute (a later chunk may start a fresh cache)
+                    rest.append(c)
         return self._flow_mixed(cached, rest, streaming, finalize)
 
     def _flow_mixed(self, cached: list[tuple[ChunkItem, FlowStreamState]], rest: list[ChunkItem],
@@ -327,14 +370,16 @@ class ModelRunner:
         try:
             mels = self.shards.map(lambda part: self._flow_part(part, streaming, finalize), items, costs)
         except BaseException:  # the states stay dropped (popped by the caller); so do their reservations
-            for c, _ in cached:
-                self.flow_reserved.pop(c.request_id, None)
+            with self._flow_lock:
+                for c, _ in cached:
+                    self.flow_reserved.pop(c.request_id, None)
             raise
-        for c, state in cached:
-            if finalize or not self.flow_inc.keeps_state(state.tokens_done):
-                self.flow_reserved.pop(c.request_id, None)
-            else:
-                self.flow_states[c.request_id] = state
+        with self._flow_lock:
+            for c, state in cached:
+                if finalize or not self.flow_inc.keeps_state(state.tokens_done):
+                    self.flow_reserved.pop(c.request_id, None)
+                else:
+                    self.flow_states[c.request_id] = state
         return {c.request_id: mel for (c, _), mel in zip(items, mels)}
 
     def _flow_part(self, part: list[tuple[ChunkItem, StreamCall | None]], streaming: bool,

@@ -31,11 +31,17 @@ class ChunkPolicyConfig:
     # (the same context every other chunk gets), so the final chunk is incremental too.
     final_streaming: bool = False
     samples_per_token: int = 960  # 24 kHz / 25 Hz, for the audio margin
+    # When some ready chunk is urgent (a first chunk, or less than this much audio left to play), a
+    # step runs the urgent ones only: a new request's first packet then is not batched behind other
+    # requests' long chunks, which wait one batch (they have this much audio buffered). 0 = off.
+    urgent_margin_s: float = 1.0
     sample_rate: int = 24000
 
     def __post_init__(self) -> None:
         if min(self.first_hop, self.growth, self.grid, self.max_chunks_per_step) < 1:
             raise ValueError("first_hop, growth, grid, max_chunks_per_step must be >= 1")
+        if self.urgent_margin_s < 0:
+            raise ValueError("urgent_margin_s must be >= 0 (0 = off)")
         if self.max_hop < self.first_hop or self.lookahead < 0:
             raise ValueError("need max_hop >= first_hop and lookahead >= 0")
 
@@ -81,6 +87,14 @@ class ChunkPolicy:
             is_last=final,
         )
 
+    def far_ahead(self, req: Request) -> bool:
+        """Whether `req` has the tokens of its next chunk and of the one after (a chunk may be in flight)."""
+        if not req.stream:
+            return False  # one chunk after the LLM ends: its LLM never waits on audio
+        k = req.chunks_done
+        need = self.hop(k, req.flow_prompt_len) + self.hop(k + 1, req.flow_prompt_len) + self.config.lookahead
+        return len(req.speech_ids) - req.token_offset >= need
+
     def margin_s(self, req: Request, now_s: float) -> float:
         """Seconds of audio emitted minus seconds since the first chunk: how long until a stall."""
         if req.first_chunk_s is None:
@@ -88,6 +102,9 @@ class ChunkPolicy:
         return req.samples_emitted / self.config.sample_rate - (now_s - req.first_chunk_s)
 
     def pick(self, ready: Iterable[tuple[Request, ChunkItem]], now_s: float) -> list[ChunkItem]:
-        """At most max_chunks_per_step chunks, the ones needed soonest first."""
-        ordered = sorted(ready, key=lambda rc: (self.margin_s(rc[0], now_s), rc[0].arrival_s))
-        return [chunk for _, chunk in ordered[: self.config.max_chunks_per_step]]
+        """At most max_chunks_per_step chunks, the ones needed soonest first; only the urgent ones when
+        there are any (see `urgent_margin_s`)."""
+        keyed = sorted(((self.margin_s(r, now_s), r.arrival_s, c) for r, c in ready), key=lambda t: t[:2])
+        if self.config.urgent_margin_s > 0 and keyed and keyed[0][0] < self.config.urgent_margin_s:
+            keyed = [k for k in keyed if k[0] < self.config.urgent_margin_s]
+        return [chunk for _, _, chunk in keyed[: self.config.max_chunks_per_step]]

@@ -119,16 +119,21 @@ class Scheduler:
         return bool(self._waiting or self._running or self._draining)
 
     # ------------------------------------------------------------------ planning
-    def schedule(self) -> StepPlan:
+    def schedule(self, with_chunks: bool = True) -> StepPlan:
+        """The next step. with_chunks=False plans the LLM only: the engine does that while the previous
+        chunk batch is still running on its stage thread (so no chunk is planned twice); requests already
+        two chunks ahead of their audio then pause (`far_ahead`), leaving the cores to the chunks and to
+        requests that still need tokens for their next chunk, such as new ones on their way to a first packet."""
         released = tuple(self._ended)
         self._ended = {}
         self._step += 1
         prefills: list[PrefillItem] = []
         decodes: list[DecodeItem] = []
         for req in list(self._running.values()):
-            self._plan_llm(req, prefills, decodes)
+            if with_chunks or not self.chunks.far_ahead(req):
+                self._plan_llm(req, prefills, decodes)
         self._admit(prefills)
-        chunks = self._plan_chunks()
+        chunks = self._plan_chunks() if with_chunks else []
         self._last = self._step_stats(prefills, decodes, chunks)
         return StepPlan(self._step, tuple(prefills), tuple(decodes), tuple(chunks), released)
 

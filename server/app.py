@@ -129,6 +129,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     engine_config = EngineConfig(
         num_slots=config.max_batch,
         cuda_graphs=bool(config.cuda_graphs),
+        overlap_stages=bool(config.overlap_stages),
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
         stage_workers=config.stage_workers,
         llm_dtype=config.llm_dtype,

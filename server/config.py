@@ -31,6 +31,7 @@ class ServerConfig:
     max_batch: int = 32
     device: str = ""  # "" = cuda when available, else cpu
     cuda_graphs: int = 1  # 0 disables decode CUDA graphs (debugging); ignored on CPU
+    overlap_stages: int = 1  # flow/vocoder on a stage thread while the LLM decodes (0: one thread, serial)
     # CPU: torch intra-op threads of the engine (0 = torch's default, one per core). Small models
     # serve a lone request faster with 1 (their ops are too small to split); the 0.5B flow gains 1.7x from 2.
     threads: int = 0
@@ -103,6 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-dtype", choices=("fp32", "bf16", "fp16"), help="flow weights (default fp32)")
     p.add_argument("--flow-cache-mb", type=int, help="flow caches of all requests, MiB (-1 auto, 0 off)")
     p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
+    p.add_argument("--overlap-stages", type=int, choices=(0, 1),
+                   help="flow/vocoder on a stage thread while the LLM decodes (default 1)")
     p.add_argument("--store", choices=("local", "s3"), help="reference-audio store (default local)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS for --s3-region)")
     p.add_argument("--s3-bucket")

@@ -7,6 +7,7 @@ runs alone or among others of different lengths and modes.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -226,3 +227,118 @@ def test_bf16_llm_and_flow_engine_speaks_like_fp32(tiny_model_dir, voice):
     # bf16 logits change the sampled tokens, so the speech differs; its spectrum stays in range
     diff = (flow_prompt_mel(out["bf16"]) - flow_prompt_mel(out["fp32"])).abs().mean().item()
     assert diff < 0.6, diff  # measured 0.28 (streamed vs offline fp32: 0.29)
+
+
+# ---------------------------------------------------------------- overlapped stages
+
+
+def _engine(model, model_dir, **kw) -> Engine:
+    return Engine(model_dir, model=model, config=EngineConfig(num_slots=4, slot_len=1024, **kw))
+
+
+def test_overlapped_and_serial_stages_give_the_same_audio(model, tiny_model_dir, voice):
+    jobs = [
+        SpeechJob("z", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=3, fixed_tokens=140),
+        SpeechJob("x", Mode.CROSS_LINGUAL, voice, "Hello world, overlap test.", stream=True, seed=4),
+        SpeechJob("i", Mode.INSTRUCT, voice, TEXT, instruct="用四川话说", stream=False, seed=5),
+    ]
+    audio = {}
+    for overlap in (True, False):
+        engine = _engine(model, tiny_model_dir, overlap_stages=overlap)
+        try:
+            sinks = {job.request_id: Collector() for job in jobs}
+            for job in jobs:
+                engine.submit(job, sinks[job.request_id])
+            audio[overlap] = {rid: sink.audio() for rid, sink in sinks.items()}
+        finally:
+            engine.shutdown(1.0)
+    for rid in audio[False]:
+        assert audio[True][rid].shape == audio[False][rid].shape
+        np.testing.assert_allclose(audio[True][rid], audio[False][rid], atol=1e-5)
+
+
+class GatedChunks:
+    """Holds the runner's chunk calls (on the stage thread) until `open` is set; counts LLM steps meanwhile."""
+
+    def __init__(self, engine: Engine, fail: bool = False) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+        self.llm_steps_while_held = 0
+        self.fail = fail
+        runner = engine.runner
+        chunks, llm = runner.execute_chunks, runner.execute_llm
+
+        def gated(items):
+            self.entered.set()
+            assert self.open.wait(60)
+            if self.fail:
+                raise RuntimeError("flow exploded")
+            return chunks(items)
+
+        def counted(plan):
+            if self.entered.is_set() and not self.open.is_set():
+                self.llm_steps_while_held += 1
+            return llm(plan)
+
+        runner.execute_chunks, runner.execute_llm = gated, counted
+
+
+def test_llm_decodes_while_a_chunk_batch_runs(model, tiny_model_dir, voice):
+    engine = _engine(model, tiny_model_dir)
+    gate = GatedChunks(engine)
+    try:
+        sink = Collector()
+        engine.submit(SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=200), sink)
+        assert gate.entered.wait(60)
+        deadline = time.monotonic() + 30
+        while gate.llm_steps_while_held < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.llm_steps_while_held >= 20  # the serial engine would be stuck behind the chunk
+        gate.open.set()
+        assert sink.audio().shape[0] == 200 * 960
+    finally:
+        gate.open.set()
+        engine.shutdown(1.0)
+
+
+def test_cancel_while_its_chunk_runs_keeps_runner_state_until_the_chunk_is_back(model, tiny_model_dir, voice):
+    engine = _engine(model, tiny_model_dir)
+    gate = GatedChunks(engine)
+    try:
+        first = Collector()
+        handle = engine.submit(SpeechJob("c", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=300), first)
+        assert gate.entered.wait(60)
+        handle.cancel()
+        deadline = time.monotonic() + 30
+        while "c#0" not in engine._deferred and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "c#0" in engine._deferred and "c#0" in engine.runner.requests  # still used by the stage thread
+        gate.open.set()
+        second = Collector()
+        engine.submit(SpeechJob("d", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=2, fixed_tokens=60), second)
+        assert second.audio().shape[0] == 60 * 960
+        assert "c#0" not in engine.runner.requests and not engine._deferred
+        assert not any(isinstance(e, (Finished, AudioChunk)) for e in first.events)
+    finally:
+        gate.open.set()
+        engine.shutdown(1.0)
+
+
+def test_a_failing_chunk_batch_fails_its_requests_only(model, tiny_model_dir, voice):
+    engine = _engine(model, tiny_model_dir)
+    gate = GatedChunks(engine, fail=True)
+    try:
+        broken = Collector()
+        engine.submit(SpeechJob("f", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=100), broken)
+        assert gate.entered.wait(60)
+        gate.open.set()
+        assert broken.done.wait(60)
+        assert isinstance(broken.events[-1], Failed) and "flow exploded" in broken.events[-1].message
+        assert "f#0" not in engine.runner.requests
+        gate.fail = False
+        ok = Collector()
+        engine.submit(SpeechJob("g", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=2, fixed_tokens=60), ok)
+        assert ok.audio().shape[0] == 60 * 960
+    finally:
+        gate.open.set()
+        engine.shutdown(1.0)

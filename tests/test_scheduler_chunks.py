@@ -8,10 +8,10 @@ import pytest
 
 from scheduler.chunk_policy import ChunkPolicy, ChunkPolicyConfig
 from scheduler.config import SchedulerConfig
-from scheduler.plan import ChunkItem
+from scheduler.plan import ChunkItem, StepPlan
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
-from scheduler.testing import FakeClock, run_until_idle, step
+from scheduler.testing import FakeClock, answer, run_until_idle, step
 
 
 def sched(clock: FakeClock | None = None, **chunk_kw: object) -> Scheduler:
@@ -114,6 +114,21 @@ def test_chunk_order_by_margin_then_arrival() -> None:
     assert [c.request_id for c in policy.pick(ready, now)] == ["new_early", "new_late", "behind"]
 
 
+def test_urgent_chunks_go_alone() -> None:
+    now = 10.0
+    ahead = Request("ahead", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 5)  # +3 s
+    calm = Request("calm", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 4)  # +2 s
+    low = Request("low", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=int(24000 * 2.5))  # +0.5 s
+    new = Request("new", text_ids=[1], arrival_s=9.0)
+    item = lambda r: (r, ChunkItem(r.request_id, (), 0, 0, False, True, False, False))  # noqa: E731
+    policy = ChunkPolicy(ChunkPolicyConfig())
+    # a first packet (and a stream about to run dry) go without the chunks that can wait a batch
+    assert [c.request_id for c in policy.pick([item(r) for r in (ahead, new, calm, low)], now)] == ["new", "low"]
+    assert [c.request_id for c in policy.pick([item(r) for r in (ahead, calm)], now)] == ["calm", "ahead"]
+    off = ChunkPolicy(ChunkPolicyConfig(urgent_margin_s=0))
+    assert [c.request_id for c in off.pick([item(r) for r in (ahead, new, calm)], now)] == ["new", "calm", "ahead"]
+
+
 def test_scheduler_caps_chunks_per_step_and_serves_urgent_first() -> None:
     clock = FakeClock()
     s = sched(clock, max_chunks_per_step=1)
@@ -130,3 +145,44 @@ def test_scheduler_caps_chunks_per_step_and_serves_urgent_first() -> None:
     # both get their first chunk before either gets a second (no audio yet = most urgent)
     assert order[:2] == ["a", "b"]
     assert a.samples_emitted == b.samples_emitted == 960 * 200
+
+
+def _run_with_chunk_lag(lag: int) -> tuple[list[tuple[int, int, bool]], Request, int, int]:
+    """Drive the scheduler like the overlapped engine: a chunk batch's result comes back `lag` steps
+    after it was planned, LLM-only steps (schedule(with_chunks=False)) running meanwhile."""
+    s = sched()
+    r = Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71)
+    s.add_request(r)
+    in_flight: list | None = None  # [chunk-only plan, steps until its result]
+    planned: list[tuple[int, int, bool]] = []
+    decodes_while_in_flight = runahead = 0
+    while s.has_work():
+        plan = s.schedule(with_chunks=in_flight is None)
+        if in_flight is not None:
+            assert not plan.chunks  # nothing planned twice
+            decodes_while_in_flight += len(plan.decodes)
+            runahead = max(runahead, len(r.speech_ids) - r.token_offset)
+        llm = StepPlan(plan.step, plan.prefills, plan.decodes)
+        s.update(llm, answer(llm))
+        if plan.chunks:
+            in_flight = [StepPlan(plan.step, chunks=plan.chunks), lag]
+            planned += [(c.token_offset, c.token_end, c.finalize) for c in plan.chunks]
+        if in_flight is not None:
+            if in_flight[1] == 0:
+                s.update(in_flight[0], answer(in_flight[0]))
+                in_flight = None
+            else:
+                in_flight[1] -= 1
+    return planned, r, decodes_while_in_flight, runahead
+
+
+@pytest.mark.parametrize("lag", [7, 400])
+def test_chunk_results_arriving_steps_later_keep_the_same_chunks(lag: int) -> None:
+    serial, _, _, _ = _run_with_chunk_lag(0)
+    lagged, r, decodes, runahead = _run_with_chunk_lag(lag)
+    assert lagged == serial  # chunk boundaries depend on the hop schedule, not on timing
+    assert decodes > 0  # the LLM went on while chunks were out
+    assert r.token_offset == 300 and r.samples_emitted == 960 * 300
+    assert r.status is RequestStatus.FINISHED_STOPPED
+    # ... but paused two chunks ahead of its audio: the in-flight chunk (hop 29, 50, 100) + the next + look-ahead
+    assert runahead <= 100 + 100 + 3

@@ -310,7 +310,9 @@ def test_client_disconnect_frees_the_engine(server: ServerThread, voice: str) ->
     response.close()  # gone mid-stream
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if _metric(server, "cosyserve_inflight") == 0 and _metric(server, "cosyserve_engine_running") == 0:
+        # the cache is freed when the request's in-flight chunk (stage thread) is back: maybe a bit later
+        if (_metric(server, "cosyserve_inflight") == 0 and _metric(server, "cosyserve_engine_running") == 0
+                and _metric(server, "cosyserve_engine_flow_cache_bytes") == 0):
             break
         time.sleep(0.1)
     assert _metric(server, "cosyserve_inflight") == 0
