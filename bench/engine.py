@@ -486,10 +486,11 @@ def stage_table(result: dict[str, Any]) -> str:
     ]
     for r in runs:
         s = r["stage_seconds"]
+        other = r["wall_s"] - s["step_s"]  # < 0 when the stages ran side by side (overlapped engine)
         rows.append(
             f"| {r['concurrency']} | {r['mode']} | "
             + " | ".join(f"{s[k]:.2f}" for k in keys)
-            + f" | {r['wall_s'] - s['step_s']:.2f} |"
+            + (f" | {other:.2f} |" if other >= 0 else " | - (stages overlapped) |")
         )
     return "\n".join(rows)
 
@@ -505,7 +506,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"- model: {m['model']}",
         f"- threads: {json.dumps(m['threads'])}",
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
-        *([f"- overlapped stages: {m['overlap_stages']}"] if "overlap_stages" in m else []),
+        *([f"- overlapped stages: {m['overlap_stages']}"
+           + (" (LLM steps run beside the flow: LLM-stage tok/s includes waiting for cores and the GIL;"
+              " for the LLM's own batching use --llm-only or --overlap-stages 0)"
+              if m["overlap_stages"] and not m["llm_only"] else "")]
+          if "overlap_stages" in m else []),
         f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
         "",
         table(result),
