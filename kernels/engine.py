@@ -4,7 +4,8 @@ With `overlap_stages` (the default) a step's flow/vocoder chunks go to a stage t
 own CUDA stream) and the engine thread goes on with LLM-only steps until that batch is back; then
 the next batch is planned. Runner state of a request whose chunk is out is released only once it is
 back. While a batch is out, streams already two chunks ahead of their audio do not decode (the
-scheduler's pacing), so the cores go to the chunks and to requests still working to a next chunk.
+scheduler's pacing; one chunk ahead while the batch holds a first packet, except the batch's own
+requests), so the cores go to the chunks and to requests still working to a next chunk.
 
 The asyncio side talks to it only through `submit()` (returns a `JobHandle`) and the sink
 callable it passes in, which this thread calls with `AudioChunk`s and one final `Finished` or
@@ -122,6 +123,7 @@ class _InFlight:
     plan: StepPlan  # chunks only
     future: Future
     request_ids: frozenset[str]
+    has_first: bool  # holds some request's first chunk
 
 
 @dataclass
@@ -282,7 +284,11 @@ class Engine:
             if not self.scheduler.has_work():
                 self._collect(self.config.idle_wait_s)  # e.g. the chunks of a request cancelled meanwhile
                 continue
-            plan = self.scheduler.schedule(with_chunks=self._in_flight is None)
+            flight = self._in_flight
+            # a first packet in flight: other streams hold back to one chunk ahead, so it gets the cores sooner
+            first_out = flight is not None and flight.has_first
+            plan = self.scheduler.schedule(with_chunks=flight is None, chunks_ahead=1 if first_out else 2,
+                                           in_flight=flight.request_ids if flight is not None else ())
             for rid in plan.released:
                 self._release(rid)
             if plan.is_empty:
@@ -314,7 +320,8 @@ class Engine:
         if plan.chunks:
             chunk_plan = StepPlan(plan.step, chunks=plan.chunks)
             future = self._stage.submit(self.runner.execute_chunks, plan.chunks)
-            self._in_flight = _InFlight(chunk_plan, future, frozenset(c.request_id for c in plan.chunks))
+            self._in_flight = _InFlight(chunk_plan, future, frozenset(c.request_id for c in plan.chunks),
+                                        any(c.is_first for c in plan.chunks))
         llm_plan = replace(plan, chunks=(), released=())
         if llm_plan.is_empty:
             return

@@ -87,12 +87,12 @@ class ChunkPolicy:
             is_last=final,
         )
 
-    def far_ahead(self, req: Request) -> bool:
-        """Whether `req` has the tokens of its next chunk and of the one after (a chunk may be in flight)."""
+    def far_ahead(self, req: Request, chunks: int = 2) -> bool:
+        """Whether `req` has the tokens of its next `chunks` chunks (the first of them may be in flight)."""
         if not req.stream:
             return False  # one chunk after the LLM ends: its LLM never waits on audio
         k = req.chunks_done
-        need = self.hop(k, req.flow_prompt_len) + self.hop(k + 1, req.flow_prompt_len) + self.config.lookahead
+        need = sum(self.hop(k + i, req.flow_prompt_len) for i in range(chunks)) + self.config.lookahead
         return len(req.speech_ids) - req.token_offset >= need
 
     def margin_s(self, req: Request, now_s: float) -> float:

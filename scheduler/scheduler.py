@@ -11,7 +11,7 @@ Not thread-safe: the engine thread owns it (cancel/push_text are relayed to that
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from scheduler.bistream import FeederState, Outcome, runaway_cap
 from scheduler.chunk_policy import ChunkPolicy
@@ -119,18 +119,21 @@ class Scheduler:
         return bool(self._waiting or self._running or self._draining)
 
     # ------------------------------------------------------------------ planning
-    def schedule(self, with_chunks: bool = True) -> StepPlan:
+    def schedule(self, with_chunks: bool = True, chunks_ahead: int = 2, in_flight: Collection[str] = ()) -> StepPlan:
         """The next step. with_chunks=False plans the LLM only: the engine does that while the previous
-        chunk batch is still running on its stage thread (so no chunk is planned twice); requests already
-        two chunks ahead of their audio then pause (`far_ahead`), leaving the cores to the chunks and to
-        requests that still need tokens for their next chunk, such as new ones on their way to a first packet."""
+        chunk batch is still running on its stage thread (so no chunk is planned twice); requests that
+        already hold the tokens of their next `chunks_ahead` chunks then pause (`far_ahead`), leaving the
+        cores to the chunks and to requests that still need tokens for their next chunk, such as new ones
+        on their way to a first packet. Requests with a chunk `in_flight` may always get two ahead (the
+        one out and the next), so their audio does not gap when it is back."""
         released = tuple(self._ended)
         self._ended = {}
         self._step += 1
         prefills: list[PrefillItem] = []
         decodes: list[DecodeItem] = []
         for req in list(self._running.values()):
-            if with_chunks or not self.chunks.far_ahead(req):
+            ahead = 2 if req.request_id in in_flight else chunks_ahead
+            if with_chunks or not self.chunks.far_ahead(req, ahead):
                 self._plan_llm(req, prefills, decodes)
         self._admit(prefills)
         chunks = self._plan_chunks() if with_chunks else []

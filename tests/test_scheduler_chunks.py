@@ -147,7 +147,8 @@ def test_scheduler_caps_chunks_per_step_and_serves_urgent_first() -> None:
     assert a.samples_emitted == b.samples_emitted == 960 * 200
 
 
-def _run_with_chunk_lag(lag: int) -> tuple[list[tuple[int, int, bool]], Request, int, int]:
+def _run_with_chunk_lag(lag: int, chunks_ahead: int = 2, tell_in_flight: bool = False
+                        ) -> tuple[list[tuple[int, int, bool]], Request, int, int]:
     """Drive the scheduler like the overlapped engine: a chunk batch's result comes back `lag` steps
     after it was planned, LLM-only steps (schedule(with_chunks=False)) running meanwhile."""
     s = sched()
@@ -157,7 +158,8 @@ def _run_with_chunk_lag(lag: int) -> tuple[list[tuple[int, int, bool]], Request,
     planned: list[tuple[int, int, bool]] = []
     decodes_while_in_flight = runahead = 0
     while s.has_work():
-        plan = s.schedule(with_chunks=in_flight is None)
+        out = {c.request_id for c in in_flight[0].chunks} if in_flight is not None and tell_in_flight else ()
+        plan = s.schedule(with_chunks=in_flight is None, chunks_ahead=chunks_ahead, in_flight=out)
         if in_flight is not None:
             assert not plan.chunks  # nothing planned twice
             decodes_while_in_flight += len(plan.decodes)
@@ -186,3 +188,14 @@ def test_chunk_results_arriving_steps_later_keep_the_same_chunks(lag: int) -> No
     assert r.status is RequestStatus.FINISHED_STOPPED
     # ... but paused two chunks ahead of its audio: the in-flight chunk (hop 29, 50, 100) + the next + look-ahead
     assert runahead <= 100 + 100 + 3
+
+
+def test_pacing_one_chunk_ahead() -> None:
+    """What the engine asks while a first packet is in flight: hold back to the in-flight chunk's tokens."""
+    serial, _, _, _ = _run_with_chunk_lag(0)
+    lagged, r, _, runahead = _run_with_chunk_lag(400, chunks_ahead=1)
+    assert lagged == serial and r.token_offset == 300
+    assert runahead <= 100 + 3 + 1  # + the token of the step that planned the chunk (decoded unpaced)
+    # a request whose own chunk is out may still get its next chunk's tokens (no gap when it is back)
+    _, _, _, own = _run_with_chunk_lag(400, chunks_ahead=1, tell_in_flight=True)
+    assert own > 100 + 3 + 1 and own <= 100 + 100 + 3 + 1
