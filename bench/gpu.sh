@@ -6,7 +6,8 @@
 # MANIFEST defaults to shared/reference/manifest-0.5b.json (or ../shared/... beside the checkout).
 # Writes RESULTS_DIR/{engine.json,engine.md,load.json,load.png,load.md,nvidia-smi.txt,env.txt}:
 # first the engine alone (bench.engine: batched vs sequential, CUDA graphs on, ENGINE_CONCURRENCY, default
-# 1,8,32,64; ENGINE_CONCURRENCY= skips it), then the server under load.
+# 1,8,32,64; ENGINE_CONCURRENCY= skips it; once with overlapped stages -> engine.*, once serial ->
+# engine-serial.*, ENGINE_OVERLAP="1 0" by default), then the server under load.
 # Knobs (environment): PYTHON (default .venv/bin/python, else python3), MODEL_DIR (where the random
 # checkpoint goes; reused when it already holds cosyvoice2.yaml; default ./models/random-0.5b),
 # CONCURRENCY (default 1,2,4,8,16,32,64), REQUESTS per level (default 32; at least C are sent),
@@ -60,11 +61,14 @@ fi
 
 ENGINE_CONCURRENCY=${ENGINE_CONCURRENCY-1,8,32,64}
 if [[ -n $ENGINE_CONCURRENCY ]]; then
-  echo "== engine alone, C=$ENGINE_CONCURRENCY, batched vs sequential, CUDA graphs on"
-  PYTHONUNBUFFERED=1 "$PYTHON" -m bench.engine --model-dir "$MODEL_DIR" --device "${ENGINE_DEVICE:-cuda}" \
-    --concurrency "$ENGINE_CONCURRENCY" --tokens "${ENGINE_TOKENS:-150}" \
-    --model-label "${MODEL_LABEL:-CosyVoice2-0.5B full-size random weights}" \
-    --json "$OUT/engine.json" --markdown "$OUT/engine.md"
+  for overlap in ${ENGINE_OVERLAP:-1 0}; do
+    suffix=$([[ $overlap == 1 ]] && echo "" || echo "-serial")
+    echo "== engine alone, C=$ENGINE_CONCURRENCY, batched vs sequential, CUDA graphs on, overlapped stages $overlap"
+    PYTHONUNBUFFERED=1 "$PYTHON" -m bench.engine --model-dir "$MODEL_DIR" --device "${ENGINE_DEVICE:-cuda}" \
+      --concurrency "$ENGINE_CONCURRENCY" --tokens "${ENGINE_TOKENS:-150}" --overlap-stages "$overlap" \
+      --model-label "${MODEL_LABEL:-CosyVoice2-0.5B full-size random weights}" \
+      --json "$OUT/engine$suffix.json" --markdown "$OUT/engine$suffix.md"
+  done
 fi
 
 BASELINE_ARGS=()
