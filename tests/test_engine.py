@@ -342,3 +342,20 @@ def test_a_failing_chunk_batch_fails_its_requests_only(model, tiny_model_dir, vo
     finally:
         gate.open.set()
         engine.shutdown(1.0)
+
+
+def test_shutdown_with_a_chunk_batch_out_waits_for_it_then_cancels(model, tiny_model_dir, voice):
+    engine = _engine(model, tiny_model_dir)
+    gate = GatedChunks(engine)
+    sink = Collector()
+    engine.submit(SpeechJob("s", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=300), sink)
+    assert gate.entered.wait(60)
+    stopper = threading.Thread(target=engine.shutdown, args=(0.1,))
+    stopper.start()
+    time.sleep(0.3)  # the engine thread is now waiting for the stage thread's batch
+    assert not sink.done.is_set()
+    gate.open.set()
+    stopper.join(60)
+    engine._thread.join(60)  # shutdown's own join may time out first on a slow machine
+    assert not engine._thread.is_alive() and engine._in_flight is None
+    assert sink.done.is_set() and isinstance(sink.events[-1], Failed) and sink.events[-1].code == "Cancelled"
