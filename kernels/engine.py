@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -340,7 +341,7 @@ class Engine:
             return
         try:
             result, outputs = flight.future.result(wait_s)
-        except TimeoutError:
+        except FutureTimeout:
             return
         except Exception as exc:
             self._in_flight = None
