@@ -359,3 +359,52 @@ def test_shutdown_with_a_chunk_batch_out_waits_for_it_then_cancels(model, tiny_m
     engine._thread.join(60)  # shutdown's own join may time out first on a slow machine
     assert not engine._thread.is_alive() and engine._in_flight is None
     assert sink.done.is_set() and isinstance(sink.events[-1], Failed) and sink.events[-1].code == "Cancelled"
+
+
+def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice):
+    """Jobs cancelled on submit, at their first audio chunk (often with their next chunk out on the stage
+    thread) or never, mixed with duplex and multi-sentence jobs: the others finish, and afterwards the
+    runner, the flow-cache pool, the KV slots and the deferred releases are all empty."""
+    engine = Engine(tiny_model_dir, model=model,
+                    config=EngineConfig(num_slots=4, slot_len=1024, max_chunks_per_step=3))
+    handles, sinks, cancelled = {}, {}, set()
+
+    def cancel_at_first_chunk(rid: str, sink: Collector):
+        def on_event(event) -> None:
+            sink(event)
+            if isinstance(event, AudioChunk) and rid not in cancelled:
+                cancelled.add(rid)
+                handles[rid].cancel()
+        return on_event
+
+    try:
+        for i in range(12):
+            rid, sink = f"j{i}", Collector()
+            sinks[rid] = sink
+            duplex = i % 5 == 4
+            text = None if duplex else ["你好，这是一个测试。", "Hello world. A second sentence!"][i % 2]
+            job = SpeechJob(rid, Mode.CROSS_LINGUAL if i % 2 else Mode.ZERO_SHOT, voice, text, stream=i % 3 != 2,
+                            seed=i, fixed_tokens=[None, 40, 90][i % 3])
+            handles[rid] = engine.submit(job, cancel_at_first_chunk(rid, sink) if i % 4 == 1 else sink)
+            if duplex:
+                handles[rid].push_text("Hello, duplex ")
+                handles[rid].finish_text()
+            if i % 4 == 3:
+                cancelled.add(rid)
+                handles[rid].cancel()
+        for rid, sink in sinks.items():
+            if rid not in cancelled:
+                assert sink.done.wait(120), rid
+                assert isinstance(sink.events[-1], Finished), (rid, sink.events[-1])
+        deadline = time.monotonic() + 60
+        while (engine.scheduler.has_work() or engine._in_flight is not None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # one more loop pass collects the last batch and flushes deferred releases
+        runner = engine.runner
+        assert not engine.scheduler.has_work() and engine._in_flight is None and not engine._deferred
+        assert not runner.requests and not runner.flow_states and runner.flow_reserved_bytes == 0
+        assert engine.scheduler.kv.used_tokens == 0
+        # cancelled right after submit: never ran (a job cancelled at its first chunk may have finished already)
+        assert all(not sinks[f"j{i}"].events for i in range(3, 12, 4))
+    finally:
+        engine.shutdown(1.0)
