@@ -293,7 +293,7 @@ class Engine:
             for rid in plan.released:
                 self._release(rid)
             if plan.is_empty:
-                if self._in_flight is not None:
+                if flight is not None:
                     self._collect(self.config.idle_wait_s)  # nothing to decode: wait for the chunks
                 else:
                     self._drain_inbox_wait(self.config.idle_wait_s)  # e.g. bistream waiting for text
@@ -309,7 +309,7 @@ class Engine:
     def _step_serial(self, plan: StepPlan) -> None:
         """LLM then chunks on this thread, one update."""
         try:
-            result, outputs = self.runner.execute(replace(plan, released=()))
+            result, outputs = self.runner.execute(plan)
         except Exception as exc:
             log.exception("engine step failed")
             self._fail_plan(plan, f"internal error: {exc}")
@@ -323,7 +323,7 @@ class Engine:
             future = self._stage.submit(self.runner.execute_chunks, plan.chunks)
             self._in_flight = _InFlight(chunk_plan, future, frozenset(c.request_id for c in plan.chunks),
                                         any(c.is_first for c in plan.chunks))
-        llm_plan = replace(plan, chunks=(), released=())
+        llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return
         try:

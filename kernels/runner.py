@@ -147,9 +147,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[StepResult, list[ChunkOutput]]:
-        """The whole step on the calling thread: releases, LLM, then the plan's chunks."""
-        for rid in plan.released:
-            self.release(rid)
+        """The whole step on the calling thread: LLM, then the plan's chunks. `plan.released` is the
+        caller's to `release` (the engine defers it while a request's chunk is out)."""
         llm = self.execute_llm(plan)
         if not plan.chunks:
             return llm, []
