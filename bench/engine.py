@@ -33,6 +33,7 @@ import torch
 
 from bench.provenance import commit, cpu_name, now_iso
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
+from server.config import FLOW_DTYPES, LLM_DTYPES
 
 TEXT = "Hello, this is a steady benchmark sentence for the engine."
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
@@ -537,8 +538,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap-stages", type=int, default=1, choices=(0, 1),
                    help="flow/vocoder on a stage thread while the LLM decodes (default 1; both modes)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
-    p.add_argument("--llm-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--flow-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
+    p.add_argument("--flow-dtype", default="fp32", choices=FLOW_DTYPES)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument(

@@ -7,6 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+# Weight dtype names (kernels.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
+FLOW_DTYPES = ("fp32", "bf16", "fp16")
+LLM_DTYPES = ("auto", *FLOW_DTYPES)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -67,7 +71,7 @@ class ServerConfig:
             raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
         if self.threads < 0 or self.stage_workers < 0:
             raise ValueError("threads and stage_workers must be >= 0 (0 = automatic)")
-        if self.llm_dtype not in ("auto", "fp32", "bf16", "fp16") or self.flow_dtype not in ("fp32", "bf16", "fp16"):
+        if self.llm_dtype not in LLM_DTYPES or self.flow_dtype not in FLOW_DTYPES:
             raise ValueError(f"llm_dtype auto|fp32|bf16|fp16, flow_dtype fp32|bf16|fp16: {self.llm_dtype!r}, {self.flow_dtype!r}")
         if any(not t for t in self.tokens):
             raise ValueError("empty token")
@@ -100,8 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, help="CPU: engine intra-op threads (default: one per core)")
     p.add_argument("--stage-workers", type=int, help="CPU: 1-thread flow/vocoder workers (default: one per core)")
-    p.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16", "fp16"), help="LLM weights (auto: bf16 on CUDA)")
-    p.add_argument("--flow-dtype", choices=("fp32", "bf16", "fp16"), help="flow weights (default fp32)")
+    p.add_argument("--llm-dtype", choices=LLM_DTYPES, help="LLM weights (auto: bf16 on CUDA)")
+    p.add_argument("--flow-dtype", choices=FLOW_DTYPES, help="flow weights (default fp32)")
     p.add_argument("--flow-cache-mb", type=int, help="flow caches of all requests, MiB (-1 auto, 0 off)")
     p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
     p.add_argument("--overlap-stages", type=int, choices=(0, 1),
