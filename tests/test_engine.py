@@ -236,6 +236,21 @@ def _engine(model, model_dir, **kw) -> Engine:
     return Engine(model_dir, model=model, config=EngineConfig(num_slots=4, slot_len=1024, **kw))
 
 
+def wait_until(predicate, timeout_s: float) -> bool:
+    """Poll `predicate` (state the engine thread changes) until it holds or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def assert_speaks(engine: Engine, voice, rid: str, seed: int, tokens: int) -> None:
+    """A new streaming job on `engine` finishes with exactly `tokens` tokens' worth of audio."""
+    sink = Collector()
+    engine.submit(SpeechJob(rid, Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=seed, fixed_tokens=tokens), sink)
+    assert sink.audio().shape[0] == tokens * 960
+
+
 def test_overlapped_and_serial_stages_give_the_same_audio(model, tiny_model_dir, voice):
     jobs = [
         SpeechJob("z", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=3, fixed_tokens=140),
@@ -290,10 +305,7 @@ def test_llm_decodes_while_a_chunk_batch_runs(model, tiny_model_dir, voice):
         sink = Collector()
         engine.submit(SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=200), sink)
         assert gate.entered.wait(60)
-        deadline = time.monotonic() + 30
-        while gate.llm_steps_while_held < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gate.llm_steps_while_held >= 20  # the serial engine would be stuck behind the chunk
+        assert wait_until(lambda: gate.llm_steps_while_held >= 20, 30)  # the serial engine would be stuck
         gate.open.set()
         assert sink.audio().shape[0] == 200 * 960
     finally:
@@ -309,14 +321,10 @@ def test_cancel_while_its_chunk_runs_keeps_runner_state_until_the_chunk_is_back(
         handle = engine.submit(SpeechJob("c", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=300), first)
         assert gate.entered.wait(60)
         handle.cancel()
-        deadline = time.monotonic() + 30
-        while "c#0" not in engine._deferred and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert "c#0" in engine._deferred and "c#0" in engine.runner.requests  # still used by the stage thread
+        assert wait_until(lambda: "c#0" in engine._deferred, 30)
+        assert "c#0" in engine.runner.requests  # still used by the stage thread
         gate.open.set()
-        second = Collector()
-        engine.submit(SpeechJob("d", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=2, fixed_tokens=60), second)
-        assert second.audio().shape[0] == 60 * 960
+        assert_speaks(engine, voice, "d", seed=2, tokens=60)
         assert "c#0" not in engine.runner.requests and not engine._deferred
         assert not any(isinstance(e, (Finished, AudioChunk)) for e in first.events)
     finally:
@@ -336,9 +344,7 @@ def test_a_failing_chunk_batch_fails_its_requests_only(model, tiny_model_dir, vo
         assert isinstance(broken.events[-1], Failed) and "flow exploded" in broken.events[-1].message
         assert "f#0" not in engine.runner.requests
         gate.fail = False
-        ok = Collector()
-        engine.submit(SpeechJob("g", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=2, fixed_tokens=60), ok)
-        assert ok.audio().shape[0] == 60 * 960
+        assert_speaks(engine, voice, "g", seed=2, tokens=60)
     finally:
         gate.open.set()
         engine.shutdown(1.0)
@@ -396,9 +402,7 @@ def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice
             if rid not in cancelled:
                 assert sink.done.wait(120), rid
                 assert isinstance(sink.events[-1], Finished), (rid, sink.events[-1])
-        deadline = time.monotonic() + 60
-        while (engine.scheduler.has_work() or engine._in_flight is not None) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not engine.scheduler.has_work() and engine._in_flight is None, 60)
         time.sleep(0.2)  # one more loop pass collects the last batch and flushes deferred releases
         runner = engine.runner
         assert not engine.scheduler.has_work() and engine._in_flight is None and not engine._deferred
