@@ -40,6 +40,8 @@ def prompt_from_npz(source: str | os.PathLike[str] | io.BytesIO) -> VoicePrompt:
         return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
                            embedding=z["embedding"].astype(np.float32),
                            mel=z["mel"].astype(np.float32), text=str(z["text"]))
+
+
 _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL)"""
