@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 from bench.provenance import commit, cpu_name, now_iso
+from kernels.auto_settings import choose_settings
+from kernels.config import read_model_config
+from kernels.host_memory import usable_cores
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
 
@@ -398,7 +401,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "stream": args.stream,
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
-        "overlap_stages": bool(args.overlap_stages),
+        "overlap_stages": args.overlap,
         "torch": torch.__version__,
     }
 
@@ -535,9 +538,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--overlap-stages", type=int, default=1, choices=(0, 1),
-                   help="flow/vocoder on a stage thread while the LLM decodes (default 1; both modes)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--overlap-stages", default="auto", choices=("auto", "0", "1"),
+                   help="flow/vocoder on a stage thread while the LLM decodes (default: auto, as the server; "
+                        "both modes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="engine intra-op threads (default 0: auto, as the server: kernels/auto_settings.py)")
     p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
     p.add_argument("--flow-dtype", default="fp32", choices=FLOW_DTYPES)
     p.add_argument("--json", type=Path)
@@ -551,9 +556,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        return _main(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    settings = choose_settings(
+        threads=args.threads, stage_workers=0, overlap_stages=args.overlap_stages, cores=usable_cores(),
+        llm_hidden=read_model_config(args.model_dir).llm.qwen.hidden_size, cuda=args.device == "cuda")
+    print(f"settings: {settings.summary()}", file=sys.stderr)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    args.overlap = settings.overlap_stages
     torch.set_grad_enabled(False)
     from kernels.model import load_model
 
@@ -581,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         top = max(args.concurrency)
         warm = make_jobs(voice, top, args.tokens, args.stream, "warm")
         run_engine(model, args.model_dir, warm, top, False, cuda_graphs, slot_len, args.timeout,
-                   bool(args.overlap_stages))
+                   args.overlap)
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
         for sequential in (False, True):
@@ -591,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
                 run = run_engine(
                     model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                    bool(args.overlap_stages),
+                    args.overlap,
                 )
             runs.append(run)
             print(

@@ -34,6 +34,7 @@ import torch
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
+from kernels.attention import use_flash
 from kernels.flow_cache import DEFAULT_BUDGET_BYTES
 from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
@@ -257,6 +258,26 @@ class Engine:
             flow_cache_bytes=self.runner.flow_reserved_bytes,
             flow_cache_pool_bytes=self.runner.flow_pool_bytes or 0,
         )
+
+    def describe(self) -> str:
+        """One line for the start-up log: device, dtypes, threads, batch limits, attention, flow cache."""
+        model, runner, cfg = self.model, self.runner, self.config
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        llm_dtype = dtype.get(next(model.llm.parameters()).dtype, "?")
+        flow_dtype = dtype.get(next(model.flow.parameters()).dtype, "?")
+        attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend) else "torch SDPA"
+        pool = runner.flow_pool_bytes
+        cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
+        cpu = runner.device.type == "cpu"
+        parts = [
+            f"device {runner.device}", f"llm {llm_dtype}", f"flow {flow_dtype}",
+            f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
+            *([f"stage workers {runner.shards.workers}"] if cpu else []),
+            f"overlap {'on' if self._stage is not None else 'off'}",
+            f"max batch {cfg.num_slots}", f"max chunks/step {cfg.max_chunks_per_step}",
+            f"attention {attention}", f"flow cache {cache}",
+        ]
+        return ", ".join(parts)
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
         """Let running jobs finish until the deadline, then cancel what is left and stop."""

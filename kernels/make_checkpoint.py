@@ -25,12 +25,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from kernels.config import ModelConfig
 from kernels.layout import EMBED_TOKENS_KEY, LM_HEAD_KEY, Layout, expected_layout, full_config, tiny_config
+from kernels.progress import progress
 
 ASSETS = Path(__file__).parent / "assets"
 CORPUS = ASSETS / "corpus_zh_en.txt"
@@ -515,11 +517,32 @@ def blank_qwen_layout(llm_layout: Layout) -> Layout:
 
 
 def write_model_dir(out: Path, cfg: ModelConfig, layout: dict[str, Layout], seed: int, legacy_yaml: bool = False,
-                    log: Callable[[str], None] = print) -> None:
+                    log: Callable[[str], None] | None = None, progress_file: IO[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     qwen_dir = out / "CosyVoice-BlankEN"
     qwen_dir.mkdir(exist_ok=True)
     recipe = Recipe(seed=seed, hift_upsample_rates=cfg.hift.upsample_rates)
+    blank = blank_qwen_layout(layout["llm.pt"])
+    total = sum(math.prod(s) for lay in (*layout.values(), blank) for k, s in lay.items() if k != LM_HEAD_KEY)
+    with progress(total, "random weights", unit="param", unit_scale=True, file=progress_file) as bar:
+        _write_model_dir(out, cfg, layout, recipe, legacy_yaml, log or bar.write, _counted(bar))
+
+
+def _counted(bar: Any) -> Callable[[Callable[[str], torch.Tensor]], Callable[[str], torch.Tensor]]:
+    """Wrap a tensor maker so the bar advances by each tensor's size."""
+    def wrap(make: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+        def counted(key: str) -> torch.Tensor:
+            value = make(key)
+            bar.update(value.numel())
+            return value
+        return counted
+    return wrap
+
+
+def _write_model_dir(out: Path, cfg: ModelConfig, layout: dict[str, Layout], recipe: Recipe, legacy_yaml: bool,
+                     log: Callable[[str], None], counted: Callable[..., Callable[[str], torch.Tensor]]) -> None:
+    qwen_dir = out / "CosyVoice-BlankEN"
+    seed = recipe.seed
 
     def wrote(name: str, n_bytes: int, params: int | None = None, t0: float | None = None) -> None:
         extra = f", {params:,} params" if params is not None else ""
@@ -531,18 +554,20 @@ def write_model_dir(out: Path, cfg: ModelConfig, layout: dict[str, Layout], seed
     for file_name, lay in layout.items():
         t0 = time.perf_counter()
         tied = {LM_HEAD_KEY: EMBED_TOKENS_KEY} if file_name == "llm.pt" and LM_HEAD_KEY in lay else {}
-        size = save_streamed(out / file_name, lay, _tensor_fn(lay, recipe), tied)
+        size = save_streamed(out / file_name, lay, counted(_tensor_fn(lay, recipe)), tied)
         unique = sum(math.prod(s) for k, s in lay.items() if k not in tied)
         wrote(file_name, size, unique, t0)
     campplus_onnx(out / "campplus.onnx", seed)
     speech_tokenizer_onnx(out / "speech_tokenizer_v2.onnx", seed)
     wrote("campplus.onnx", (out / "campplus.onnx").stat().st_size)
     wrote("speech_tokenizer_v2.onnx", (out / "speech_tokenizer_v2.onnx").stat().st_size)
-    write_blank_en(qwen_dir, cfg, layout["llm.pt"], Recipe(seed, cfg.hift.upsample_rates, salt="blank:"), wrote)
+    write_blank_en(qwen_dir, cfg, layout["llm.pt"], Recipe(seed, cfg.hift.upsample_rates, salt="blank:"), wrote,
+                   counted)
 
 
 def write_blank_en(qwen_dir: Path, cfg: ModelConfig, llm_layout: Layout, recipe: Recipe,
-                   wrote: Callable[..., None]) -> None:
+                   wrote: Callable[..., None], counted: Callable[..., Callable[[str], torch.Tensor]] = lambda m: m
+                   ) -> None:
     n_bpe = train_tokenizer(qwen_dir)
     if cfg.llm.qwen.vocab_size < n_bpe + len(SPECIALS):
         raise ValueError(f"Qwen vocab_size {cfg.llm.qwen.vocab_size} < tokenizer size {n_bpe + len(SPECIALS)}")
@@ -555,7 +580,7 @@ def write_blank_en(qwen_dir: Path, cfg: ModelConfig, llm_layout: Layout, recipe:
         (qwen_dir / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
     blank = blank_qwen_layout(llm_layout)
-    size = save_safetensors_streamed(qwen_dir / "model.safetensors", blank, _tensor_fn(blank, recipe))
+    size = save_safetensors_streamed(qwen_dir / "model.safetensors", blank, counted(_tensor_fn(blank, recipe)))
     wrote("CosyVoice-BlankEN/model.safetensors", size, sum(math.prod(s) for s in blank.values()), t0)
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         wrote(f"CosyVoice-BlankEN/{name}", (qwen_dir / name).stat().st_size)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from kernels.checkpoint import CheckpointError, check_strict, clone_shared, load_state_dict_file
 from kernels.config import QWEN_DIR, YAML_NAME, ModelConfig, read_model_config
 from kernels.layout import LM_HEAD_KEY, expected_layout
+from kernels.progress import progress
 
 REQUIRED_FILES = (
     YAML_NAME,
@@ -126,6 +127,7 @@ def load_model(
     device: str | torch.device = "cpu",
     llm_dtype: torch.dtype | None = None,
     flow_dtype: torch.dtype | None = None,
+    progress_file: IO[str] | None = None,
 ) -> CosyVoice2Model:
     """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32."""
     from kernels.flow import CausalMaskedDiffWithXvec
@@ -139,9 +141,15 @@ def load_model(
     cfg = read_model_config(model_dir)
     layout = expected_layout(cfg)
     # Check all three before building anything: a bad hift.pt fails fast, not after the LLM.
-    llm_state = _timed_state(model_dir, "llm.pt", layout["llm.pt"], ignore=(LM_HEAD_KEY,))
-    flow_state = clone_shared(_timed_state(model_dir, "flow.pt", layout["flow.pt"]))
-    hift_state = fold_weight_norm(_timed_state(model_dir, "hift.pt", layout["hift.pt"]))
+    sizes = {name: (model_dir / name).stat().st_size for name in ("llm.pt", "flow.pt", "hift.pt")}
+    with progress(sum(sizes.values()), "loading weights", unit="B", unit_scale=True,
+                  file=progress_file) as bar:
+        llm_state = _timed_state(model_dir, "llm.pt", layout["llm.pt"], ignore=(LM_HEAD_KEY,))
+        bar.update(sizes["llm.pt"])
+        flow_state = clone_shared(_timed_state(model_dir, "flow.pt", layout["flow.pt"]))
+        bar.update(sizes["flow.pt"])
+        hift_state = fold_weight_norm(_timed_state(model_dir, "hift.pt", layout["hift.pt"]))
+        bar.update(sizes["hift.pt"])
 
     llm = _assign(_build_on_meta(lambda: Qwen2LM(cfg.llm)), clone_shared(llm_state), "llm.pt")
     flow = _assign(_build_on_meta(lambda: CausalMaskedDiffWithXvec(cfg.flow)), flow_state, "flow.pt")

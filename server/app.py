@@ -119,25 +119,42 @@ def resolve_model_dir(config: ServerConfig) -> Path:
 
 
 def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineProtocol:
-    """The one place the real engine is constructed (kernels.engine.Engine, imported lazily)."""
+    """The one place the real engine is constructed (kernels.engine.Engine, imported lazily), with
+    the CPU settings left on auto chosen from the model's size and the cores (logged)."""
     import torch
 
+    from kernels.auto_settings import choose_settings
+    from kernels.config import read_model_config
     from kernels.engine import Engine, EngineConfig  # lazy: torch
+    from kernels.host_memory import usable_cores
 
-    if config.threads:
-        torch.set_num_threads(config.threads)  # before the engine thread starts: it inherits the count
+    directory = model_dir if model_dir is not None else resolve_model_dir(config)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = choose_settings(
+        threads=config.threads, stage_workers=config.stage_workers, overlap_stages=config.overlap_stages,
+        llm_hidden=read_model_config(directory).llm.qwen.hidden_size, cores=usable_cores(),
+        cuda=device.startswith("cuda"))
+    for reason in settings.reasons:
+        log.info("auto setting: %s", reason)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
         num_slots=config.max_batch,
         cuda_graphs=bool(config.cuda_graphs),
-        overlap_stages=bool(config.overlap_stages),
+        overlap_stages=settings.overlap_stages,
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
-        stage_workers=config.stage_workers,
+        stage_workers=settings.stage_workers,
         llm_dtype=config.llm_dtype,
         flow_dtype=config.flow_dtype,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
     )
-    directory = model_dir if model_dir is not None else resolve_model_dir(config)
-    return Engine(directory, device=config.device or None, config=engine_config)  # type: ignore[return-value]
+    engine = Engine(directory, device=device, config=engine_config)
+    if engine.model.load_stats is not None:
+        log.info("model %s loaded in %.1f s", directory, engine.model.load_stats.seconds)
+    if config.warmup:
+        from kernels.warmup import warm_up
+        warm_up(engine)
+    return engine  # type: ignore[return-value]
 
 
 def build_extractor(model_dir: Path | None) -> ExtractPrompt:
@@ -177,7 +194,7 @@ async def drain(app: App, server: asyncio.base_events.Server) -> None:
 
 async def serve(app: App) -> None:
     server = await start(app, app.config.host, app.config.port)
-    log.info("listening on http://%s:%d", app.config.host, app.config.port)
+    log.info("ready on %s", startup_line(app, server.sockets[0].getsockname()[1]))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,6 +202,16 @@ async def serve(app: App) -> None:
     await stop.wait()
     log.info("shutting down: draining in-flight work (deadline %.1fs)", app.config.shutdown_deadline_s)
     await drain(app, server)
+
+
+def startup_line(app: App, port: int) -> str:
+    """The URL, then what the engine runs with (device, dtypes, threads, batch, attention, flow cache)."""
+    host = app.config.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    describe = getattr(app.engine, "describe", None)
+    engine = describe() if callable(describe) else type(app.engine).__name__
+    return (f"{url} · {engine}, max inflight {app.config.max_inflight} · "
+            f"model {app.config.model_dir or 'TINY RANDOM (noise)'} · store {app.config.store}")
 
 
 def run(app: App) -> None:

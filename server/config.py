@@ -1,61 +1,112 @@
-"""Server configuration: one frozen dataclass, filled from CLI flags over COSYSERVE_* env vars."""
+"""Server configuration: one frozen dataclass, filled from CLI flags over COSYSERVE_* env vars.
+
+Each field's help text lives in its metadata; the CLI is generated from the fields, so every flag
+has a help line that shows its default and its environment variable.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 # Weight dtype names (kernels.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
 FLOW_DTYPES = ("fp32", "bf16", "fp16")
 LLM_DTYPES = ("auto", *FLOW_DTYPES)
+ENV_PREFIX = "COSYSERVE_"
+
+
+def _doc(help: str, choices: Sequence[Any] | None = None, env_only: bool = False,
+         flag: str | None = None) -> dict[str, Any]:
+    """A field's CLI metadata: help, choices, `env_only` (secrets: never a flag), flag name if not its own."""
+    return {"help": help, "choices": choices, "env_only": env_only, "flag": flag}
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 = pick a free port (tests)
-    data_dir: Path = Path("./data")
-    tokens: tuple[str, ...] = ()
-    model_dir: Path | None = None  # None -> <data_dir>/tiny-model (random weights, loud warning)
-    # Limits. Uploads are <= 30 s of audio: a 30 s 48 kHz stereo 24-bit WAV is ~8.6 MB, so 16 MiB is ample.
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_header_bytes: int = 16 * 1024  # total request-head size; h11 refuses beyond it (431)
-    max_text_chars: int = 5000  # per request / per WS task (sum of continue-task pieces)
-    max_ws_message_bytes: int = 1024 * 1024  # a continue-task text frame; larger -> close 1009
-    header_timeout_s: float = 10.0  # slowloris guard: full request head must arrive within this
-    idle_timeout_s: float = 30.0  # keep-alive connection with no request in flight is closed after this
-    max_inflight: int = 256  # concurrent synthesis requests (HTTP + WS tasks) before 503
-    shutdown_deadline_s: float = 10.0  # graceful drain: in-flight work gets this long, then is cancelled
-    workers: int = 4  # thread pool for encoding, upload decoding and feature extraction
-    voice_cache_size: int = 256  # VoicePrompts kept in memory
-    retry_after_s: int = 1
-    # Engine. max_batch = KV slots = requests decoding at once; 1 turns batching off (bench baseline).
-    max_batch: int = 32
-    device: str = ""  # "" = cuda when available, else cpu
-    cuda_graphs: int = 1  # 0 disables decode CUDA graphs (debugging); ignored on CPU
-    overlap_stages: int = 1  # flow/vocoder on a stage thread while the LLM decodes (0: one thread, serial)
-    # CPU: torch intra-op threads of the engine (0 = torch's default, one per core). Small models
-    # serve a lone request faster with 1 (their ops are too small to split); the 0.5B flow gains 1.7x from 2.
-    threads: int = 0
-    stage_workers: int = 0  # CPU: flow/vocoder of a batch split over this many 1-thread workers (0 = one per core)
-    llm_dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    flow_dtype: str = "fp32"  # bf16: ~2x faster full-size flow on AVX512-BF16 CPUs, mel within ~3 %
-    # Streaming flow caches of all requests together, MiB (-1 = half the RAM / a third of free GPU
-    # memory; 0 = always recompute the flow over the whole prefix, as upstream does).
-    flow_cache_mb: int = -1
-    # Reference-audio store: "local" (data_dir: files + SQLite) or "s3" (one bucket shared by replicas).
-    store: str = "local"
-    s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333 or https://oss-cn-hangzhou.aliyuncs.com; "" = AWS
-    s3_bucket: str = ""
-    s3_prefix: str = ""  # objects go under <prefix>/voices/
-    s3_region: str = ""
-    s3_addressing_style: str = "auto"  # path (most self-hosted servers) | virtual (OSS) | auto
-    # Secrets: env only (COSYSERVE_S3_ACCESS_KEY / _SECRET_KEY), never a flag (visible in `ps`) or
-    # the repr (logs). Empty = boto3's standard chain (AWS_ACCESS_KEY_ID, ~/.aws, instance role).
-    s3_access_key: str = field(default="", repr=False)
-    s3_secret_key: str = field(default="", repr=False)
+    host: str = field(default="127.0.0.1", metadata=_doc(
+        "address to listen on (0.0.0.0: every interface)"))
+    port: int = field(default=8000, metadata=_doc(
+        "port to listen on (0: a free port)"))
+    data_dir: Path = field(default=Path("./data"), metadata=_doc(
+        "voices (files + SQLite) and the generated tiny model live here"))
+    tokens: tuple[str, ...] = field(default=(), metadata=_doc(
+        "bearer token clients must send (repeat the flag for several; env: comma-separated)", flag="token"))
+    model_dir: Path | None = field(default=None, metadata=_doc(
+        "the released CosyVoice2-0.5B directory; unset: a tiny model with RANDOM weights is generated "
+        "under --data-dir (noise, not speech)"))
+    # Uploads are <= 30 s of audio: a 30 s 48 kHz stereo 24-bit WAV is ~8.6 MB, so 16 MiB is ample.
+    max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=_doc(
+        "largest request body (an upload), bytes; 413 beyond"))
+    max_header_bytes: int = field(default=16 * 1024, metadata=_doc(
+        "largest request head, bytes; 431 beyond"))
+    max_text_chars: int = field(default=5000, metadata=_doc(
+        "longest text per request / per WebSocket task (all pieces), characters"))
+    max_ws_message_bytes: int = field(default=1024 * 1024, metadata=_doc(
+        "largest WebSocket message, bytes; close 1009 beyond"))
+    header_timeout_s: float = field(default=10.0, metadata=_doc(
+        "a request head must arrive within this (slowloris guard), seconds"))
+    idle_timeout_s: float = field(default=30.0, metadata=_doc(
+        "a keep-alive connection with nothing in flight closes after this, s"))
+    max_inflight: int = field(default=256, metadata=_doc(
+        "concurrent synthesis requests (HTTP + WebSocket tasks); 429 beyond"))
+    shutdown_deadline_s: float = field(default=10.0, metadata=_doc(
+        "on SIGTERM, in-flight work gets this long, then is cancelled, s"))
+    workers: int = field(default=4, metadata=_doc(
+        "thread pool for audio encoding, upload decoding and feature extraction"))
+    voice_cache_size: int = field(default=256, metadata=_doc(
+        "reference voices kept in memory"))
+    retry_after_s: int = field(default=1, metadata=_doc(
+        "Retry-After seconds on 429/503"))
+    # Engine.
+    max_batch: int = field(default=32, metadata=_doc(
+        "requests decoding at once (KV slots); 1 = batching off, one request at a time end to end "
+        "(the benchmark baseline)"))
+    device: str = field(default="", metadata=_doc(
+        "torch device: cuda, cuda:1, cpu (unset: cuda when available, else cpu)"))
+    cuda_graphs: int = field(default=1, metadata=_doc(
+        "CUDA: capture the LLM decode in CUDA graphs (0: eager, for debugging)", choices=(0, 1)))
+    overlap_stages: str = field(default="auto", metadata=_doc(
+        "flow/vocoder on a stage thread while the LLM decodes (auto: on with 2+ cores or CUDA; 0: one "
+        "thread does both in turn)", choices=("auto", "0", "1")))
+    threads: int = field(default=0, metadata=_doc(
+        "CPU: engine intra-op threads (0 = auto: 1 for small models such as the tiny one, whose ops "
+        "are too small to split; one per core for the 0.5B)"))
+    stage_workers: int = field(default=0, metadata=_doc(
+        "CPU: flow/vocoder of a batch split over this many 1-thread workers (0 = auto: one per core)"))
+    llm_dtype: str = field(default="auto", metadata=_doc(
+        "LLM weights (auto: bf16 on CUDA, fp32 on CPU)", choices=LLM_DTYPES))
+    flow_dtype: str = field(default="fp32", metadata=_doc(
+        "flow weights; bf16: ~2x faster full-size flow on AVX512-BF16 CPUs, mel within ~1 % of fp32",
+        choices=FLOW_DTYPES))
+    flow_cache_mb: int = field(default=-1, metadata=_doc(
+        "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
+        "memory; 0: recompute the prefix, as upstream)"))
+    warmup: int = field(default=1, metadata=_doc(
+        "run two short syntheses before listening, so the first request does not pay one-time costs", choices=(0, 1)))
+    # Reference-audio store.
+    store: str = field(default="local", metadata=_doc(
+        "reference-audio store: local (--data-dir: files + SQLite) or s3 (one bucket shared by "
+        "replicas)", choices=("local", "s3")))
+    s3_endpoint: str = field(default="", metadata=_doc(
+        "S3-compatible endpoint URL, e.g. http://127.0.0.1:8333 or "
+        "https://oss-cn-hangzhou.aliyuncs.com (unset: AWS)"))
+    s3_bucket: str = field(default="", metadata=_doc(
+        "bucket (required with --store s3)"))
+    s3_prefix: str = field(default="", metadata=_doc(
+        "key prefix inside the bucket (objects go under <prefix>/voices/)"))
+    s3_region: str = field(default="", metadata=_doc(
+        "bucket region"))
+    s3_addressing_style: str = field(default="auto", metadata=_doc(
+        "path (most self-hosted servers) | virtual (OSS) | auto", choices=("auto", "path", "virtual")))
+    # Secrets: env only (never a flag, visible in `ps`, nor the repr, in logs). Empty = boto3's
+    # standard chain (AWS_ACCESS_KEY_ID, ~/.aws, instance role).
+    s3_access_key: str = field(default="", repr=False, metadata=_doc(
+        "S3 access key", env_only=True))
+    s3_secret_key: str = field(default="", repr=False, metadata=_doc(
+        "S3 secret key", env_only=True))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -71,79 +122,79 @@ class ServerConfig:
             raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
         if self.threads < 0 or self.stage_workers < 0:
             raise ValueError("threads and stage_workers must be >= 0 (0 = automatic)")
-        if self.llm_dtype not in LLM_DTYPES or self.flow_dtype not in FLOW_DTYPES:
-            raise ValueError(f"llm_dtype auto|fp32|bf16|fp16, flow_dtype fp32|bf16|fp16: {self.llm_dtype!r}, {self.flow_dtype!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}: "
+                                 f"{getattr(self, f.name)!r}")
         if any(not t for t in self.tokens):
             raise ValueError("empty token")
-        if self.store not in ("local", "s3"):
-            raise ValueError(f"store must be local or s3: {self.store!r}")
         if self.store == "s3" and not self.s3_bucket:
             raise ValueError("--store s3 needs --s3-bucket")
-        if self.s3_addressing_style not in ("auto", "path", "virtual"):
-            raise ValueError(f"s3_addressing_style must be auto, path or virtual: {self.s3_addressing_style!r}")
 
 
-_ENV_PREFIX = "COSYSERVE_"
+def env_name(f: Field[Any]) -> str:
+    return ENV_PREFIX + f.name.upper()
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description="CosyVoice2 speech server")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--token", action="append", help="bearer token (repeatable); env COSYSERVE_TOKENS=a,b")
-    p.add_argument("--model-dir", type=Path)
-    p.add_argument("--max-body-bytes", type=int)
-    p.add_argument("--max-text-chars", type=int)
-    p.add_argument("--max-inflight", type=int)
-    p.add_argument("--header-timeout-s", type=float)
-    p.add_argument("--idle-timeout-s", type=float)
-    p.add_argument("--shutdown-deadline-s", type=float)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--max-batch", type=int, help="requests decoding at once (1 = batching off)")
-    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="CPU: engine intra-op threads (default: one per core)")
-    p.add_argument("--stage-workers", type=int, help="CPU: 1-thread flow/vocoder workers (default: one per core)")
-    p.add_argument("--llm-dtype", choices=LLM_DTYPES, help="LLM weights (auto: bf16 on CUDA)")
-    p.add_argument("--flow-dtype", choices=FLOW_DTYPES, help="flow weights (default fp32)")
-    p.add_argument("--flow-cache-mb", type=int, help="flow caches of all requests, MiB (-1 auto, 0 off)")
-    p.add_argument("--cuda-graphs", type=int, choices=(0, 1), help="decode CUDA graphs on/off (default 1)")
-    p.add_argument("--overlap-stages", type=int, choices=(0, 1),
-                   help="flow/vocoder on a stage thread while the LLM decodes (default 1)")
-    p.add_argument("--store", choices=("local", "s3"), help="reference-audio store (default local)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS for --s3-region)")
-    p.add_argument("--s3-bucket")
-    p.add_argument("--s3-prefix", help="key prefix inside the bucket (objects under <prefix>/voices/)")
-    p.add_argument("--s3-region")
-    p.add_argument("--s3-addressing-style", choices=("auto", "path", "virtual"))
+def flag_name(f: Field[Any]) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def _default_text(f: Field[Any]) -> str:
+    default = f.default if f.default is not MISSING else None
+    if default in ("", None, ()):
+        return "unset"
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"./{default}"
+    return str(default)
+
+
+def _arg_type(f: Field[Any]) -> Any:
+    kind = str(f.type)
+    if "Path" in kind:
+        return Path
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    secrets = ", ".join(env_name(f) for f in fields(ServerConfig) if f.metadata.get("env_only"))
+    p = argparse.ArgumentParser(
+        prog="python -m server", description="CosyVoice2 speech server (PAI-EAS CosyVoice2 API).",
+        epilog=f"Every flag can also be set by its environment variable; a flag wins over it. "
+               f"Secrets are read from the environment only: {secrets}.")
+    for f in fields(ServerConfig):
+        if f.metadata.get("env_only"):
+            continue
+        text = f"{f.metadata['help']} [default: {_default_text(f)}; env {env_name(f)}]".replace("%", "%%")
+        if f.name == "tokens":
+            p.add_argument(flag_name(f), dest="tokens", action="append", metavar="TOKEN", help=text)
+            continue
+        kind = _arg_type(f)
+        metavar = None if f.metadata.get("choices") else {int: "N", float: "X", Path: "DIR"}.get(kind, "TEXT")
+        p.add_argument(flag_name(f), dest=f.name, type=kind, choices=f.metadata.get("choices"),
+                       metavar=metavar, help=text)
     return p
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
     """CLI flags win over env vars (COSYSERVE_HOST, COSYSERVE_PORT, ..., COSYSERVE_TOKENS comma-separated)."""
     env = os.environ if env is None else env
-    args = vars(_build_parser().parse_args(argv))
-    types = {f.name: f.type for f in fields(ServerConfig)}
+    args = vars(build_parser().parse_args(argv))
     values: dict[str, object] = {}
     for f in fields(ServerConfig):
         if f.name == "tokens":
             continue
-        raw = env.get(_ENV_PREFIX + f.name.upper())
+        raw = env.get(env_name(f))
         if raw is not None:
-            values[f.name] = _coerce(str(types[f.name]), raw)
+            values[f.name] = _arg_type(f)(raw)
         if args.get(f.name) is not None:
             values[f.name] = args[f.name]
-    tokens = args.get("token") or [t for t in env.get(_ENV_PREFIX + "TOKENS", "").split(",") if t]
+    tokens = args.get("tokens") or [t for t in env.get(ENV_PREFIX + "TOKENS", "").split(",") if t]
     if not tokens:
         raise SystemExit("at least one --token (or COSYSERVE_TOKENS) is required")
     return ServerConfig(tokens=tuple(tokens), **values)  # type: ignore[arg-type]
-
-
-def _coerce(type_name: str, raw: str) -> object:
-    if "Path" in type_name:
-        return Path(raw)
-    if type_name.startswith("int"):
-        return int(raw)
-    if type_name.startswith("float"):
-        return float(raw)
-    return raw

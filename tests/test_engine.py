@@ -412,3 +412,31 @@ def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice
         assert all(not sinks[f"j{i}"].events for i in range(3, 12, 4))
     finally:
         engine.shutdown(1.0)
+
+
+def test_warm_up_runs_both_jobs_to_the_end_and_leaves_nothing(model, tiny_model_dir):
+    import io
+
+    from kernels.warmup import SPEECH_TOKENS, warm_up
+
+    engine = _engine(model, tiny_model_dir)
+    try:
+        bar = io.StringIO()
+        warm_up(engine, timeout_s=120, progress_file=bar)
+        # 2 jobs x 100 tokens x 40 ms = 8 audio seconds, all delivered
+        assert f"{2 * SPEECH_TOKENS / 25:.1f}/{2 * SPEECH_TOKENS / 25:.1f}" in bar.getvalue()
+        stats = engine.stats()
+        assert stats.steps > 0 and (stats.running, stats.waiting, stats.flow_cache_bytes) == (0, 0, 0)
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
+    engine = _engine(model, tiny_model_dir, overlap_stages=False, stage_workers=2)
+    try:
+        line = engine.describe()
+        for part in ("device cpu", "llm fp32", "flow fp32", "threads ", "stage workers 2", "overlap off",
+                     "max batch 4", "attention torch SDPA", "flow cache "):
+            assert part in line, (part, line)
+    finally:
+        engine.shutdown(1.0)

@@ -208,3 +208,27 @@ def test_load_model_names_bad_key(tiny_dir: Path, tmp_path: Path) -> None:
     torch.save(flow, broken / "flow.pt")
     with pytest.raises(CheckpointError, match=r"^flow\.pt: wrong shape: encoder_proj\.bias \(81,\)"):
         load_model(broken)
+
+
+def test_generation_shows_a_progress_bar_to_completion(tmp_path: Path) -> None:
+    import io
+
+    from kernels.layout import expected_layout, tiny_config
+    from kernels.make_checkpoint import write_model_dir
+
+    bar, lines = io.StringIO(), []
+    cfg = tiny_config()
+    write_model_dir(tmp_path, cfg, expected_layout(cfg), 1, log=lines.append, progress_file=bar)
+    assert "random weights: 100%" in bar.getvalue() and "16.2M/16.2M" in bar.getvalue()
+    assert any(line.startswith("wrote llm.pt") for line in lines)
+
+
+def test_loading_shows_a_progress_bar_over_the_three_files(tiny_model_dir: Path) -> None:
+    import io
+
+    from kernels.model import load_model
+
+    bar = io.StringIO()
+    load_model(tiny_model_dir, progress_file=bar)
+    total = sum((tiny_model_dir / f).stat().st_size for f in ("llm.pt", "flow.pt", "hift.pt"))
+    assert "loading weights: 100%" in bar.getvalue() and f"{total / 1e6:.1f}M/{total / 1e6:.1f}M" in bar.getvalue()

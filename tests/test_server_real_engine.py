@@ -323,3 +323,12 @@ def test_client_disconnect_frees_the_engine(server: ServerThread, voice: str) ->
     steps = _metric(server, "cosyserve_engine_steps_total")
     time.sleep(0.3)
     assert _metric(server, "cosyserve_engine_steps_total") == steps  # nothing left running
+
+
+def test_startup_line_names_url_and_the_auto_chosen_settings(server: ServerThread) -> None:
+    from server.app import startup_line
+
+    line = startup_line(server.app, server.port)
+    assert line.startswith(f"http://127.0.0.1:{server.port} · device cpu, llm fp32, flow fp32, threads 1, ")
+    for part in ("stage workers", "attention torch SDPA", "flow cache", "max batch 32", "max inflight 256"):
+        assert part in line, (part, line)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from kernels.parity import CaseResult
+from kernels.parity.reference import missing_message, reference_dir
 
 # Each section module exposes run(model_dir: Path, cases_dir: Path) -> list[CaseResult]
 # and is skipped (reported as FAIL) only if its fixture file is missing.
@@ -22,11 +23,17 @@ def run_all(model_dir: Path, cases_dir: Path, only: tuple[str, ...] = SECTIONS) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--cases", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog="python -m kernels.parity", description=__doc__)
+    ref = reference_dir()
+    parser.add_argument("--model-dir", type=Path, default=ref / "tiny",
+                        help="the reference tiny model (default: %(default)s)")
+    parser.add_argument("--cases", type=Path, default=ref / "cases",
+                        help="upstream's outputs on it (default: %(default)s)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     args = parser.parse_args(argv)
+    for path in (args.model_dir, args.cases):
+        if not path.is_dir():
+            parser.error(missing_message(path))
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,0 +1,64 @@
+"""The CLI generated from ServerConfig: every flag documented with its default and env variable."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from server.config import ServerConfig, build_parser, env_name, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flags() -> dict[str, str]:
+    """option string -> help text of every flag but --help."""
+    return {a.option_strings[0]: a.help or "" for a in build_parser()._actions if a.dest != "help"}
+
+
+def test_every_flag_has_help_with_default_and_env_variable() -> None:
+    for flag, text in _flags().items():
+        assert "[default: " in text and "; env COSYSERVE_" in text, flag
+        assert len(text.split("[default:")[0].strip()) > 10, f"{flag} has no help of its own"
+
+
+def test_every_setting_but_the_secrets_has_a_flag() -> None:
+    flags = _flags()
+    for f in fields(ServerConfig):
+        flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+        if f.metadata.get("env_only"):
+            assert flag not in flags, f"secret {f.name} must not be a flag (visible in ps)"
+        else:
+            assert flag in flags and env_name(f) in flags[flag], f.name
+
+
+def test_help_shows_defaults_of_the_dataclass() -> None:
+    flags = _flags()
+    assert "[default: 32; env COSYSERVE_MAX_BATCH]" in flags["--max-batch"]
+    assert "[default: auto; env COSYSERVE_OVERLAP_STAGES]" in flags["--overlap-stages"]
+    assert "[default: ./data; env COSYSERVE_DATA_DIR]" in flags["--data-dir"]
+    assert "[default: unset; env COSYSERVE_TOKENS]" in flags["--token"]
+
+
+def test_help_runs_from_the_command_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "--overlap-stages {auto,0,1}" in out and "COSYSERVE_S3_SECRET_KEY" in out  # secrets: epilog
+
+
+def test_env_then_flag_for_each_type() -> None:
+    env = {"COSYSERVE_OVERLAP_STAGES": "0", "COSYSERVE_IDLE_TIMEOUT_S": "2.5", "COSYSERVE_WARMUP": "0",
+           "COSYSERVE_MODEL_DIR": "/m", "COSYSERVE_TOKENS": "a,b"}
+    cfg = load_config([], env)
+    assert (cfg.overlap_stages, cfg.idle_timeout_s, cfg.warmup, cfg.model_dir, cfg.tokens) == \
+        ("0", 2.5, 0, Path("/m"), ("a", "b"))
+    assert load_config(["--overlap-stages", "1", "--token", "t"], env).overlap_stages == "1"
+
+
+def test_choices_are_checked_for_env_values_too() -> None:
+    with pytest.raises(ValueError, match="overlap_stages"):
+        load_config(["--token", "t"], {"COSYSERVE_OVERLAP_STAGES": "yes"})
+    with pytest.raises(SystemExit):
+        load_config(["--token", "t", "--warmup", "2"], {})
