@@ -14,11 +14,11 @@ from kernels.flow_cache import (
     _chunk_masked,
 )
 from kernels.parity.flow import _rows, load_flow
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 TINY = REFERENCE_DIR / "tiny"
 CASES = REFERENCE_DIR / "cases"
-pytestmark = pytest.mark.skipif(not (TINY / "flow.pt").is_file(), reason="tiny reference model not present")
+pytestmark = needs_reference("tiny/flow.pt", "cases/flow.safetensors")
 LOOK = 3
 
 

@@ -20,7 +20,7 @@ from frontend.onnx_models import (
     tokens_2d,
 )
 from frontend.prompt import PromptAudioError, PromptExtractor, align_prompt
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 CASES = REFERENCE_DIR / "cases"
 TINY = REFERENCE_DIR / "tiny"
@@ -124,13 +124,11 @@ def test_slaney_filters_shape_and_area() -> None:
     assert np.all(fb[:, 641:] == 0)  # nothing above fmax 8 kHz (bin 640 = 8000 Hz)
 
 
+@needs_reference("cases/features.safetensors")
 def test_filters_match_fixture() -> None:
     from safetensors.torch import load_file
 
-    path = CASES / "features.safetensors"
-    if not path.is_file():
-        pytest.skip("fixtures absent")
-    c = load_file(str(path))
+    c = load_file(str(CASES / "features.safetensors"))
     np.testing.assert_allclose(
         slaney_mel_filters(16000, 400, 128), c["whisper_mel_filters_128x201"].numpy(), atol=1e-7
     )
@@ -246,11 +244,11 @@ def test_extract_is_thread_safe(fake_model_dir: Path) -> None:
         np.testing.assert_array_equal(voice.embedding, serial[i % 4].embedding)
 
 
+@needs_reference("cases/features.safetensors", "cases/frontend.safetensors", f"tiny/{CAMPPLUS_FILE}",
+                 f"tiny/{SPEECH_TOKENIZER_FILE}")
 def test_tiny_model_fixture_prompt() -> None:
     from safetensors.torch import load_file
 
-    if not (CASES / "frontend.safetensors").is_file() or not (TINY / CAMPPLUS_FILE).is_file():
-        pytest.skip("fixtures absent")
     feats, ref = (
         load_file(str(CASES / "features.safetensors")),
         load_file(str(CASES / "frontend.safetensors")),

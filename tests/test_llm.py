@@ -11,10 +11,10 @@ import torch
 
 from kernels.kv_cache import KVCache
 from kernels.llm import TIED_LM_HEAD_KEY, Qwen2LM, generate, load_qwen2lm
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 TINY = REFERENCE_DIR / "tiny"
-pytestmark = pytest.mark.skipif(not (TINY / "llm.pt").is_file(), reason="tiny reference model missing")
+pytestmark = needs_reference("tiny/llm.pt")
 ATOL = 1e-5
 
 
