@@ -34,7 +34,7 @@ def fbank_tolerance(wav16k: np.ndarray, cfg: FbankConfig = FBANK, safety: float 
     other inputs and the O(u^2) terms. The bound is largest where a mel bin's energy is tiny next to the
     frame's, exactly where CPUs disagree most. For the shared prompt: median 4.9e-4, 73% below 1e-3,
     99th percentile 8.6e-3; the largest difference seen (AVX2/AVX-512/scalar kernels, 1 or 2 threads) is
-    under 1% of it, and pre-emphasis 0.971 instead of 0.97 exceeds it on a third of the elements.
+    under 1% of it, and pre-emphasis 0.971 instead of 0.97 exceeds it on two thirds of the elements.
     """
     x = np.asarray(wav16k, dtype=np.float64).reshape(-1)
     n_win, shift, n_fft = cfg.window_size, cfg.window_shift, cfg.padded_window_size
