@@ -1,4 +1,11 @@
-"""Shared fixtures: the project's own tiny random-weight model (generated once per session)."""
+"""Shared fixtures: the project's own tiny random-weight model (generated once per session), and the
+upstream reference fixtures (`../shared/reference` beside the checkout, or $COSYSERVE_REFERENCE_DIR).
+
+Tests that need the reference fixtures say so with `@needs_reference("tiny/flow.pt", ...)` (or a module's
+`pytestmark = needs_reference(...)`). Without the files such a test is skipped with a reason that names
+what is missing and where it looked; with COSYSERVE_REQUIRE_REFERENCE=1 (CI, `.ci/run`) every skip of
+such a test -- for that reason or any other -- is turned into a failure, so CI cannot pass without them.
+"""
 from __future__ import annotations
 
 import os
@@ -6,16 +13,69 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_ENV = "COSYSERVE_REFERENCE_DIR"
+REQUIRE_ENV = "COSYSERVE_REQUIRE_REFERENCE"
+_MARKER = "reference"
+
 
 def _reference_dir() -> Path:
-    """The upstream fixtures: $COSYSERVE_REFERENCE_DIR, else ../shared/reference beside the checkout."""
-    if os.environ.get("COSYSERVE_REFERENCE_DIR"):
-        return Path(os.environ["COSYSERVE_REFERENCE_DIR"])
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "reference", Path("/work/shared/reference")]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    """$COSYSERVE_REFERENCE_DIR if set, else <repo root>/../shared/reference (nothing else is tried)."""
+    configured = os.environ.get(REFERENCE_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared" / "reference").resolve()
 
 
 REFERENCE_DIR = _reference_dir()
+
+
+def reference_required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+def missing_reference(*paths: str) -> str | None:
+    """None when every path exists under REFERENCE_DIR, else the skip reason (what, where, how to point)."""
+    missing = [p for p in paths or (".",) if not (REFERENCE_DIR / p).exists()]
+    if not missing:
+        return None
+    origin = f"${REFERENCE_ENV}" if os.environ.get(REFERENCE_ENV) else f"<repo root>/../shared/reference (${REFERENCE_ENV} unset)"
+    return (f"upstream reference fixtures missing: {', '.join(missing)} not found in {REFERENCE_DIR} "
+            f"(looked in {origin}); set {REFERENCE_ENV} to the folder holding tiny/ and cases/")
+
+
+def needs_reference(*paths: str) -> pytest.MarkDecorator:
+    """Marks a test (or a module, as `pytestmark`) that reads these paths, relative to REFERENCE_DIR."""
+    return getattr(pytest.mark, _MARKER)(*paths)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{_MARKER}(*paths): needs the upstream reference fixtures (skipped without them; "
+        f"a failure under {REQUIRE_ENV}=1)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip before any fixture loads the files, so a missing folder reads as one clear reason."""
+    for mark in item.iter_markers(name=_MARKER):
+        reason = missing_reference(*mark.args)
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """Under COSYSERVE_REQUIRE_REFERENCE=1 a skipped reference test is reported as failed (exit code 1)."""
+    report: pytest.TestReport = yield
+    required = reference_required() and item.get_closest_marker(_MARKER) is not None
+    if report.skipped and required and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{REQUIRE_ENV}=1: this test needs the upstream reference fixtures and may not be "
+                           f"skipped, but it was: {reason}")
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -15,23 +15,23 @@ from frontend.split import ZH_ENDERS, cut_sentences, merge_sentences, split_para
 from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
 from frontend.tokenizer import COSYVOICE2_SPECIALS
 from scheduler.jobs import Mode, VoicePrompt
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 TINY = REFERENCE_DIR / "tiny"
 CASES = REFERENCE_DIR / "cases"
-needs_tiny = pytest.mark.skipif(not (TINY / "CosyVoice-BlankEN").is_dir(), reason="reference model absent")
+needs_tiny = needs_reference("tiny/CosyVoice-BlankEN", "tiny/tiny_info.json")  # every test that takes `tf`
+needs_cases = needs_reference("cases/frontend.json")
 
 
 @pytest.fixture(scope="module")
 def tf() -> TextFrontend:
-    if not (TINY / "CosyVoice-BlankEN").is_dir():
-        pytest.skip("reference model absent")
     return TextFrontend(TINY, use_wetext=False)
 
 
 # ---------------------------------------------------------------- tokenizer
 
 
+@needs_tiny
 def test_special_ids_match_tiny_info(tf: TextFrontend) -> None:
     info = json.loads((TINY / "tiny_info.json").read_text())
     assert tf.special_ids == info["special_token_ids"]
@@ -40,12 +40,15 @@ def test_special_ids_match_tiny_info(tf: TextFrontend) -> None:
     assert ids == list(range(643, 660))
 
 
+@needs_tiny
 def test_specials_are_single_ids_inside_text(tf: TextFrontend) -> None:
     ids = tf.encode("[breath]你好<|endofprompt|>[laughter]")
     assert ids[0] == tf.special_ids["[breath]"]
     assert ids[-2:] == [tf.endofprompt_id, tf.special_ids["[laughter]"]]
 
 
+@needs_tiny
+@needs_cases
 def test_encode_matches_fixture_and_round_trips(tf: TextFrontend) -> None:
     spec = json.loads((CASES / "frontend.json").read_text())
     for text, ids in spec["tokenizer_encode"].items():
@@ -53,6 +56,7 @@ def test_encode_matches_fixture_and_round_trips(tf: TextFrontend) -> None:
         assert tf.decode(ids) == text
 
 
+@needs_tiny
 def test_digits_are_single_tokens(tf: TextFrontend) -> None:
     # Qwen2 pre-tokenizer splits numbers into single digits.
     assert tf.encode("2025") == [tf.encode(d)[0] for d in "2025"]
@@ -61,6 +65,8 @@ def test_digits_are_single_tokens(tf: TextFrontend) -> None:
 # ---------------------------------------------------------------- normalisation
 
 
+@needs_tiny
+@needs_cases
 def test_fixture_cases_builtin_rules(tf: TextFrontend) -> None:
     spec = json.loads((CASES / "frontend.json").read_text())
     for raw, expected in spec["text_normalize_split_true"].items():
@@ -89,6 +95,7 @@ def test_replace_blank_edges() -> None:
     assert replace_blank("a  b") == "ab"  # a space beside another space is dropped
 
 
+@needs_tiny
 def test_en_path_spells_numbers(tf: TextFrontend) -> None:
     assert tf.normalize("I paid 1234 dollars in 2024!") == [
         "I paid one thousand, two hundred and thirty-four dollars in two thousand and twenty-four!"
@@ -124,12 +131,14 @@ def test_spell_out_digits_runs() -> None:
     assert number_to_words("1" * 40) == " ".join(["one"] * 40)  # beyond decillions: digit by digit
 
 
+@needs_tiny
 def test_markup_skips_normalisation(tf: TextFrontend) -> None:
     text = " 25 元<|endofprompt|> "
     assert tf.normalize(text) == [text]
     assert tf.normalize(text, split=False) == [text]
 
 
+@needs_tiny
 def test_blank_and_punctuation_only(tf: TextFrontend) -> None:
     assert tf.normalize("") == []
     assert tf.normalize("   ") == []
@@ -139,6 +148,7 @@ def test_blank_and_punctuation_only(tf: TextFrontend) -> None:
     assert not is_only_punctuation("a.")
 
 
+@needs_tiny
 def test_split_false_is_one_piece(tf: TextFrontend) -> None:
     text = "第一句。" * 40
     assert tf.normalize(text, split=False) == [text]
@@ -146,6 +156,7 @@ def test_split_false_is_one_piece(tf: TextFrontend) -> None:
     assert len(tf.normalize(text)) > 1
 
 
+@needs_tiny
 def test_zh_splitting_respects_limits(tf: TextFrontend) -> None:
     sentence = "这是一个用于测试切分的句子。"  # 14 characters
     pieces = tf.normalize(sentence * 20)
@@ -168,6 +179,7 @@ def test_closing_quote_sticks_to_sentence() -> None:
     assert cut_sentences("他说：“好。”然后走了。", ZH_ENDERS) == ["他说：", "“好。”", "然后走了。"]
 
 
+@needs_tiny
 def test_en_split_counts_tokens(tf: TextFrontend) -> None:
     text = " ".join(["This is sentence number one."] * 30)
     pieces = tf.normalize(text)
@@ -190,10 +202,9 @@ def test_split_keeps_every_character(parts: list[tuple[str, str]]) -> None:
     assert "".join(split_paragraph(text, "zh", len)) == text
 
 
+@needs_tiny
 def test_wetext_path_when_available() -> None:
     pytest.importorskip("wetext")
-    if not (TINY / "CosyVoice-BlankEN").is_dir():
-        pytest.skip("reference model absent")
     frontend = TextFrontend(TINY, use_wetext=True)
     if not frontend.use_wetext:
         pytest.skip("wetext failed to load")
@@ -209,16 +220,19 @@ def _voice(text: str = "希望你以后能够做的比我还好呦。") -> Voice
     )
 
 
+@needs_tiny
 def test_zero_shot_layout(tf: TextFrontend) -> None:
     voice = _voice(" 希望你 以后.")
     ids = llm_prompt_for(Mode.ZERO_SHOT, voice, tf, None)
     assert ids == LLMPromptIds(tf.encode("希望你以后。"), [0, 1, 2, 3, 4])
 
 
+@needs_tiny
 def test_cross_lingual_layout_is_empty(tf: TextFrontend) -> None:
     assert llm_prompt_for(Mode.CROSS_LINGUAL, _voice(), tf, "ignored") == LLMPromptIds([], [])
 
 
+@needs_tiny
 def test_instruct_layout_appends_endofprompt_once(tf: TextFrontend) -> None:
     plain = llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "用四川话说这句话")
     marked = llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "用四川话说这句话<|endofprompt|>")
@@ -228,6 +242,7 @@ def test_instruct_layout_appends_endofprompt_once(tf: TextFrontend) -> None:
     assert instruct_with_endofprompt("x 25.") == "x 25.<|endofprompt|>"  # not normalised
 
 
+@needs_tiny
 def test_instruct_requires_text(tf: TextFrontend) -> None:
     with pytest.raises(ValueError):
         llm_prompt_for(Mode.INSTRUCT, _voice(), tf, None)

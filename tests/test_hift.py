@@ -9,7 +9,7 @@ from torch.nn.utils import parametrizations
 from kernels.config import HiftConfig
 from kernels.hift import HiFTGenerator, fold_weight_norm, load_hift
 from kernels.vocoder_stream import SOURCE_CACHE_SAMPLES, VocoderState, stretch_mel, vocode_chunks
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 TINY = REFERENCE_DIR / "tiny"
 SMALL = HiftConfig(base_channels=16, f0_cond_channels=16)  # same topology as released, narrow
@@ -72,7 +72,7 @@ def test_fold_rejects_unpaired() -> None:
         fold_weight_norm(sd)
 
 
-@pytest.mark.skipif(not (TINY / "hift.pt").is_file(), reason="tiny reference model absent")
+@needs_reference("tiny/hift.pt")
 def test_tiny_checkpoint_loads_strict() -> None:
     from kernels.config import read_model_config
 
@@ -174,19 +174,19 @@ def test_stretch_mel_identity_and_constant() -> None:
     torch.testing.assert_close(stretch_mel(flat, 1.3), torch.full((80, int(40 / 1.3)), -3.0))
 
 
-@pytest.mark.skipif(not (TINY / "hift.pt").is_file(), reason="tiny reference model absent")
+@needs_reference("tiny/hift.pt", "cases/hift.safetensors", "cases/flow.safetensors")
 def test_parity_against_upstream_fixtures() -> None:
     from kernels.parity.hift import run
 
-    results = run(TINY, TINY.parent / "cases")
+    results = run(TINY, REFERENCE_DIR / "cases")
     failed = [r for r in results if not r.passed]
     assert len(results) >= 19 and not failed, failed
 
 
-MANIFEST = TINY.parent / "manifest-0.5b.json"
+MANIFEST = REFERENCE_DIR / "manifest-0.5b.json"
 
 
-@pytest.mark.skipif(not MANIFEST.is_file(), reason="manifest absent")
+@needs_reference("manifest-0.5b.json")
 def test_full_size_keys_match_release_manifest() -> None:
     import json
 

@@ -8,10 +8,10 @@ import torch
 
 from kernels.config import read_model_config
 from kernels.layout import FILES, expected_layout, full_config, numel, tiny_config, unique_numel
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 REF = REFERENCE_DIR
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason="shared reference fixtures not present")
+needs_ref = needs_reference("manifest-0.5b.json", "tiny")
 
 
 @needs_ref

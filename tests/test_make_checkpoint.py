@@ -15,7 +15,7 @@ from kernels.checkpoint import CheckpointError, check_strict, load_state_dict_fi
 from kernels.config import read_model_config
 from kernels.layout import EMBED_TOKENS_KEY, FILES, LM_HEAD_KEY, expected_layout, tiny_config
 from kernels.make_checkpoint import QWEN2_SPLIT, SPECIALS, cosyvoice2_yaml, main, save_streamed
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 REF_TINY = REFERENCE_DIR / "tiny"
 
@@ -168,7 +168,7 @@ def test_load_model_tiny_preset_runs_sanely(tiny_dir: Path) -> None:
     assert 0.001 < wav.std().item() and (wav.abs() >= 0.99).float().mean().item() < 0.01
 
 
-@pytest.mark.skipif(not REF_TINY.is_dir(), reason="shared reference fixtures not present")
+@needs_reference("tiny")
 def test_load_model_reference_tiny() -> None:
     from kernels.model import load_model
 

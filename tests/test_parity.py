@@ -1,27 +1,21 @@
 """`python -m kernels.parity` on the upstream reference fixtures (../shared/reference).
 
-CI has ../shared, so this must run there: a missing fixture folder FAILS unless the run opts out
-explicitly with COSYSERVE_SKIP_PARITY=1 (for a machine that only has this repository).
+Like every test that reads the fixtures, it is skipped where they are absent and FAILS under
+COSYSERVE_REQUIRE_REFERENCE=1, which CI (.ci/run) sets: there is no other way to opt out of it.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR, needs_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@needs_reference("tiny", "cases")
 def test_parity_cli_all_cases_pass() -> None:
-    if not (REFERENCE_DIR / "tiny").is_dir():
-        if os.environ.get("COSYSERVE_SKIP_PARITY") == "1":
-            pytest.skip("COSYSERVE_SKIP_PARITY=1 and no reference fixtures")
-        pytest.fail(f"reference fixtures not found at {REFERENCE_DIR} (set COSYSERVE_REFERENCE_DIR)")
     proc = subprocess.run(
         [sys.executable, "-m", "kernels.parity", "--model-dir", str(REFERENCE_DIR / "tiny"),
          "--cases", str(REFERENCE_DIR / "cases")],
