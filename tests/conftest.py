@@ -13,21 +13,14 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_ENV = "COSYSERVE_REFERENCE_DIR"
+from kernels.parity.reference import ENV as REFERENCE_ENV
+from kernels.parity.reference import reference_dir
+
 REQUIRE_ENV = "COSYSERVE_REQUIRE_REFERENCE"
 _MARKER = "reference"
-
-
-def _reference_dir() -> Path:
-    """$COSYSERVE_REFERENCE_DIR if set, else <repo root>/../shared/reference (nothing else is tried)."""
-    configured = os.environ.get(REFERENCE_ENV)
-    if configured:
-        return Path(configured).expanduser().resolve()
-    return (REPO_ROOT.parent / "shared" / "reference").resolve()
-
-
-REFERENCE_DIR = _reference_dir()
+# $COSYSERVE_REFERENCE_DIR if set, else <repo root>/../shared/reference (nothing else is tried); the same
+# lookup as `python -m kernels.parity`.
+REFERENCE_DIR = reference_dir().expanduser().resolve()
 
 
 def reference_required() -> bool:

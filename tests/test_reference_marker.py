@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from kernels.parity.reference import REPO as REPO_ROOT
 
 GENERATED = '''
 import pytest
