@@ -30,15 +30,23 @@ import soundfile as sf
 import websocket
 
 from tests.fakes import SAMPLE_RATE, SAMPLES_PER_CHAR, FakeEngine
-from tests.server_helpers import AUTH, TOKEN, continue_task, finish_task, run_task, running_server, speech_body, \
-    upload
+from tests.server_helpers import (
+    AUTH,
+    TOKEN,
+    continue_task,
+    finish_task,
+    run_task,
+    running_server,
+    speech_body,
+    upload,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "## Use the API"
 README_ADDR = "127.0.0.1:8000"
 README_TOKEN = "change-me"
-SHAPES = {"reference_audio", "delete", "error", "speech", "sse_event", "ws_task_started", "ws_result_generated",
-          "ws_task_finished", "ws_task_failed"}
+SHAPES = {"reference_audio", "delete", "error", "speech", "sse_event",
+          "ws_task_started", "ws_result_generated", "ws_task_finished", "ws_task_failed"}
 SCRIPTS = {"sse_audio.py", "ws_client.py"}
 BLOCK_RE = re.compile(r"<!--\s*readme-(test|shape)(?::\s*([\w.-]+))?\s*-->\s*\n```(\w+)\n(.*?)^```[ \t]*$",
                       re.S | re.M)
@@ -100,7 +108,7 @@ def _run_examples(port: int, workdir: Path) -> list[str]:
     (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bindir / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "LC_ALL": "C.UTF-8"}
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     proc = subprocess.run(["bash", "readme.sh"], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, f"README examples failed (rc {proc.returncode})\n--- stdout\n{proc.stdout}" \
@@ -212,7 +220,8 @@ def _live_shapes(url: str) -> dict[str, Any]:
         ws.close()
     live["delete"] = requests.delete(f"{url}/api/v1/audio/reference_audio/{voice}", headers=AUTH,
                                      timeout=10).json()
-    live["error"] = requests.get(f"{url}/api/v1/audio/reference_audio/{voice}", headers=AUTH, timeout=10).json()
+    live["error"] = requests.get(f"{url}/api/v1/audio/reference_audio/{voice}", headers=AUTH,
+                                 timeout=10).json()
     return live
 
 
