@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from frontend.prompt import PromptAudioError
 from scheduler.jobs import (
     AudioChunk,
     ChunkMetrics,
@@ -148,12 +149,16 @@ class FakeEngine:
 
 @dataclass
 class FakeExtractor:
-    """extract(wav, sr, text) -> VoicePrompt derived deterministically from the audio length."""
+    """extract(wav, sr, text) -> VoicePrompt derived deterministically from the audio length;
+    with `refuse` set, raises PromptAudioError(refuse) as the real one does on unusable audio."""
 
     calls: int = 0
+    refuse: str = ""
 
     def __call__(self, wav: np.ndarray, sample_rate: int, text: str) -> VoicePrompt:
         self.calls += 1
+        if self.refuse:
+            raise PromptAudioError(self.refuse)
         tokens = max(1, int(len(wav) / sample_rate * 25))
         return VoicePrompt(speech_tokens=np.arange(tokens, dtype=np.int32) % 6561,
                            embedding=np.full(192, 0.1, np.float32),

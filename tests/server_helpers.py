@@ -26,9 +26,10 @@ MODEL = "CosyVoice2-0.5B"
 
 
 @contextmanager
-def running_server(data_dir: Path, engine: FakeEngine | None = None, **overrides: Any) -> Iterator[ServerThread]:
+def running_server(data_dir: Path, engine: FakeEngine | None = None, extractor: FakeExtractor | None = None,
+                   **overrides: Any) -> Iterator[ServerThread]:
     cfg = ServerConfig(port=0, data_dir=data_dir, tokens=(TOKEN, "second-token"), workers=2, **overrides)
-    app = create_app(cfg, engine=engine or FakeEngine(), extract_prompt=FakeExtractor())
+    app = create_app(cfg, engine=engine or FakeEngine(), extract_prompt=extractor or FakeExtractor())
     with ServerThread(app) as srv:
         yield srv
 

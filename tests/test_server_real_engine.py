@@ -152,6 +152,14 @@ def test_upload_list_and_get(server: ServerThread, voices: dict[str, dict[str, A
     assert voices["44k"]["filename"] == "voice44k.wav"
 
 
+def test_upload_below_16k_is_400(server: ServerThread) -> None:
+    r = requests.post(f"{server.url}/api/v1/audio/reference_audio", headers=AUTH,
+                      files={"file": ("voice8k.wav", wav_file(2.0, 8000))}, data={"text": PROMPT_TEXT}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "InvalidParameter" and "8000 Hz" in r.json()["message"]
+    assert "16000 Hz" in r.json()["message"]
+
+
 # ---- one-shot JSON -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,fmt,rate,voice_key", [
