@@ -291,6 +291,15 @@ def test_websocket_two_tasks_on_one_connection(server: ServerThread, voice: str)
         ws.close()
 
 
+def test_websocket_finish_without_text_fails(server: ServerThread, voice: str) -> None:
+    ws = websocket.create_connection(server.url.replace("http://", "ws://") + WS_PATH, header=AUTH, timeout=60)
+    try:
+        events, audio, _ = _ws_task(ws, voice, [], "wav")
+    finally:
+        ws.close()
+    assert events == ["task-started", "task-failed"] and audio == b""  # no audio of an empty text
+
+
 # ---- load and cancellation ---------------------------------------------------------------------
 
 def test_32_simultaneous_streams(server: ServerThread, voice: str) -> None:
