@@ -56,8 +56,8 @@ def _is_pcm_name(filename: str) -> bool:
 
 def check_sample_rate(sample_rate: int) -> None:
     if sample_rate < MIN_SAMPLE_RATE:
-        raise InvalidParameter(f"reference audio sample rate is {sample_rate} Hz; at least {MIN_SAMPLE_RATE} Hz "
-                               f"is required")
+        raise InvalidParameter(f"reference audio sample rate is {sample_rate} Hz; "
+                               f"at least {MIN_SAMPLE_RATE} Hz is required")
 
 
 def check_duration(samples: np.ndarray, sample_rate: int) -> None:

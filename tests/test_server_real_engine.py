@@ -154,7 +154,8 @@ def test_upload_list_and_get(server: ServerThread, voices: dict[str, dict[str, A
 
 def test_upload_below_16k_is_400(server: ServerThread) -> None:
     r = requests.post(f"{server.url}/api/v1/audio/reference_audio", headers=AUTH,
-                      files={"file": ("voice8k.wav", wav_file(2.0, 8000))}, data={"text": PROMPT_TEXT}, timeout=30)
+                      files={"file": ("voice8k.wav", wav_file(2.0, 8000))}, data={"text": PROMPT_TEXT},
+                      timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["code"] == "InvalidParameter" and "8000 Hz" in r.json()["message"]
     assert "16000 Hz" in r.json()["message"]
@@ -292,7 +293,8 @@ def test_websocket_two_tasks_on_one_connection(server: ServerThread, voice: str)
 
 
 def test_websocket_finish_without_text_fails(server: ServerThread, voice: str) -> None:
-    ws = websocket.create_connection(server.url.replace("http://", "ws://") + WS_PATH, header=AUTH, timeout=60)
+    url = server.url.replace("http://", "ws://") + WS_PATH
+    ws = websocket.create_connection(url, header=AUTH, timeout=60)
     try:
         events, audio, _ = _ws_task(ws, voice, [], "wav")
     finally:
