@@ -72,6 +72,16 @@ def upload(requests_mod: Any, url: str, data: bytes | None = None, filename: str
                              data={"text": text, **(extra or {})}, timeout=10)
 
 
+def assert_ms_times(metrics: dict[str, Any]) -> None:
+    """Every time in a chunk's metrics is a float with at most 3 decimals (no float noise)."""
+    times = {k: v for k, v in metrics.items() if k in ("speech_len", "server_cost_time", "generate_time",
+                                                        "first_package_time")}
+    times |= {k: v for k, v in metrics.get("detail", {}).items() if k.endswith("_s")}
+    assert {"speech_len", "server_cost_time", "generate_time"} <= set(times)
+    for key, value in times.items():
+        assert isinstance(value, float) and value == round(value, 3), (key, value)
+
+
 # ---- WebSocket duplex messages and the document's client --------------------------------------
 
 def run_task(task_id: str, voice: str, **params: Any) -> str:

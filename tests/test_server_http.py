@@ -16,7 +16,16 @@ import soundfile as sf
 from sseclient import SSEClient
 
 from tests.fakes import AMPLITUDE, SAMPLES_PER_CHAR, FakeEngine
-from tests.server_helpers import AUTH, mp3_bytes, pcm_bytes, running_server, speech_body, upload, wav_bytes
+from tests.server_helpers import (
+    AUTH,
+    assert_ms_times,
+    mp3_bytes,
+    pcm_bytes,
+    running_server,
+    speech_body,
+    upload,
+    wav_bytes,
+)
 
 TEXT = "hello world, this is a test"
 
@@ -115,12 +124,13 @@ def test_stream_events_and_duration_matches_speech_len(server, voice: str) -> No
     for e in events:
         m = e["metrics"]
         assert {"speech_len", "server_cost_time", "generate_time", "rtf"} <= set(m)
+        assert_ms_times(m)
     audio = b"".join(base64.b64decode(e["output"]["audio"]["data"]) for e in events)
     # streaming WAV header has unknown sizes: read the PCM after the 44-byte header
     assert audio[:4] == b"RIFF" and audio[36:40] == b"data"
     n = (len(audio) - 44) // 2
     total_speech_len = sum(e["metrics"]["speech_len"] for e in events)
-    assert abs(n / 16000 - total_speech_len) < 0.01
+    assert abs(n / 16000 - total_speech_len) < 0.001  # whole ms per chunk, yet no rounding error piles up
 
 
 def test_stream_mp3_concatenates_to_valid_file(server, voice: str) -> None:

@@ -29,6 +29,7 @@ from tests.server_helpers import (
     AUTH,
     TOKEN,
     DocClient,
+    assert_ms_times,
     continue_task,
     finish_task,
     run_task,
@@ -100,6 +101,8 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
             pcm = b"".join(base64.b64decode(m["payload"]["output"]["audio"]["data"]) for m in chunks)
             assert len(pcm) // 2 == len("first piece second piece") * SAMPLES_PER_CHAR
             assert all(m["payload"]["metrics"]["speech_len"] > 0 for m in chunks)
+            for m in chunks:
+                assert_ms_times(m["payload"]["metrics"])
     finally:
         ws.close()
 
@@ -180,13 +183,13 @@ def test_metrics_count_ws_tasks_by_outcome(tmp_path: Path) -> None:
         while json.loads(ws.recv())["header"]["event"] != "result-generated":
             pass
         ws.sock.close()  # vanish mid-task: cancelled
-        want = ['cosyserve_ws_tasks_total{outcome="cancelled"} 1', 'cosyserve_ws_tasks_total{outcome="failed"} 2',
-                'cosyserve_ws_tasks_total{outcome="finished"} 1']
+        want = {f'cosyserve_ws_tasks_total{{outcome="{k}"}} {n}'
+                for k, n in (("cancelled", 1), ("failed", 2), ("finished", 1))}
         deadline = time.time() + 5
-        while time.time() < deadline and not set(want) <= set(_metrics_text(srv).splitlines()):
+        while time.time() < deadline and not want <= set(_metrics_text(srv).splitlines()):
             time.sleep(0.02)  # the cancelled runner ends on the server's loop, a moment after the close
         text = _metrics_text(srv)
-        assert set(want) <= set(text.splitlines()), text
+        assert want <= set(text.splitlines()), text
         assert 'route="ws_task"' not in text  # tasks have no HTTP status: not in requests_total
 
 
