@@ -1,4 +1,4 @@
-"""Uploaded reference audio -> float32 mono samples, validated (decodable, 0.5 .. 30 s).
+"""Uploaded reference audio -> float32 mono samples, validated (decodable, >= 16 kHz, 0.5 .. 30 s).
 
 WAV and MP3 (and anything else libsndfile reads) go through soundfile from memory. Raw PCM
 (signed 16-bit little-endian mono) has no header: it is recognised by its file name
@@ -18,6 +18,9 @@ MAX_DURATION_S = 30.0
 DEFAULT_PCM_SAMPLE_RATE = 16000
 PCM_RATE_RANGE = (8000, 48000)
 PCM_EXTENSIONS = (".pcm", ".raw")
+# The speech tokenizer's rate (frontend.prompt.MIN_INPUT_SR). Lower rates are refused, not
+# resampled up, as upstream does: the missing upper band would shape the voice's features.
+MIN_SAMPLE_RATE = 16000
 
 
 def parse_pcm_sample_rate(value: str | None) -> int | None:
@@ -51,6 +54,12 @@ def _is_pcm_name(filename: str) -> bool:
     return filename.lower().endswith(PCM_EXTENSIONS)
 
 
+def check_sample_rate(sample_rate: int) -> None:
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise InvalidParameter(f"reference audio sample rate is {sample_rate} Hz; "
+                               f"at least {MIN_SAMPLE_RATE} Hz is required")
+
+
 def check_duration(samples: np.ndarray, sample_rate: int) -> None:
     if len(samples) == 0:
         raise InvalidParameter("the audio file contains no samples")
@@ -76,5 +85,6 @@ def decode_upload(data: bytes, filename: str, pcm_sample_rate: int | None) -> tu
             if pcm_sample_rate is None:
                 raise
             samples, rate = decode_pcm_s16le(data, pcm_sample_rate)  # headerless, rate given: PCM
+    check_sample_rate(rate)
     check_duration(samples, rate)
     return samples, rate

@@ -17,20 +17,28 @@ def sse_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
+def ms(seconds: float) -> float:
+    """Seconds to the millisecond, as every emitted time is: `0.912`, not `0.9119999999999777`."""
+    return round(float(seconds), 3)
+
+
 def chunk_metrics(speech_len_s: float, server_cost_time_s: float, generate_time_s: float,
                   first_package_time_s: float | None = None,
                   detail: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The per-chunk `metrics` object (seconds); `rtf` = server_cost_time / speech_len."""
+    """The per-chunk `metrics` object (seconds, to the ms); `rtf` = server_cost_time / speech_len.
+
+    Times in `detail` are the keys ending in `_s`; its counts pass through."""
+    speech_len, cost = ms(speech_len_s), ms(server_cost_time_s)
     metrics: dict[str, Any] = {
-        "speech_len": speech_len_s,
-        "server_cost_time": server_cost_time_s,
-        "generate_time": generate_time_s,
-        "rtf": server_cost_time_s / speech_len_s if speech_len_s > 0 else 0.0,
+        "speech_len": speech_len,
+        "server_cost_time": cost,
+        "generate_time": ms(generate_time_s),
+        "rtf": round(cost / speech_len, 3) if speech_len > 0 else 0.0,
     }
     if first_package_time_s is not None:
-        metrics["first_package_time"] = first_package_time_s
+        metrics["first_package_time"] = ms(first_package_time_s)
     if detail:
-        metrics["detail"] = dict(detail)
+        metrics["detail"] = {k: ms(v) if k.endswith("_s") else v for k, v in detail.items()}
     return metrics
 
 

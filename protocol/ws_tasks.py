@@ -17,7 +17,8 @@ Error policy (the original document is silent; chosen here):
 - a message for another task_id, or a second run-task while one runs: task-failed for that
   task_id only; the running task goes on (a bad message changes nothing);
 - anything else wrong while a task runs (bad JSON, unknown action, empty text, text after
-  finish-task, too much text): the running task fails (CancelTask + task-failed).
+  finish-task, too much text, finish-task before any text): the running task fails
+  (CancelTask + task-failed).
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class FinishText:
 
 @dataclass(frozen=True)
 class CancelTask:
-    task_id: str  # stop the engine job now; its task-failed is already in the actions
+    task_id: str  # stop the engine job now
+    failed: bool = True  # its task-failed is in the actions; False: the client left, nothing is sent
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ class WsTaskMachine:
         self._check_task_id(action, task_id)
         if action == "continue-task":
             return self._continue_task(task_id, payload)
+        if self._text_chars == 0:  # the engine would speak its prompt alone: nothing was asked for
+            raise _ProtocolError(INVALID_PARAMETER, "no text was sent before finish-task", task_id)
         self._step("finish-task")
         return [FinishText(task_id)]
 
@@ -254,7 +258,7 @@ class WsTaskMachine:
             return []
         task_id = self.task_id or ""
         self._reset()
-        return [CancelTask(task_id)]
+        return [CancelTask(task_id, failed=False)]
 
     # ---- helpers ----
     def _is_current(self, task_id: str, what: str) -> bool:

@@ -43,6 +43,7 @@ class Histogram:
 class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
+        self.ws_tasks: Counter[str] = Counter()  # WebSocket tasks by outcome (no HTTP status of their own)
         self.errors: Counter[str] = Counter()  # by error code
         self.inflight = 0  # synthesis jobs (HTTP + WS) currently submitted to the engine
         self.connections = 0
@@ -52,6 +53,10 @@ class Metrics:
     def request_done(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
 
+    def ws_task_done(self, outcome: str) -> None:
+        """outcome: "finished", "failed" (task-failed sent) or "cancelled" (client gone, shutdown)."""
+        self.ws_tasks[outcome] += 1
+
     def error(self, code: str) -> None:
         self.errors[code] += 1
 
@@ -59,6 +64,9 @@ class Metrics:
         lines = ["# TYPE cosyserve_requests_total counter"]
         for (route, status), n in sorted(self.requests.items()):
             lines.append(f'cosyserve_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines.append("# TYPE cosyserve_ws_tasks_total counter")
+        for outcome, n in sorted(self.ws_tasks.items()):
+            lines.append(f'cosyserve_ws_tasks_total{{outcome="{outcome}"}} {n}')
         lines.append("# TYPE cosyserve_errors_total counter")
         for code, n in sorted(self.errors.items()):
             lines.append(f'cosyserve_errors_total{{code="{code}"}} {n}')

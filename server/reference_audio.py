@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from protocol.errors import InvalidParameter, NotFound
 from protocol.schema import parse_list_query
+from scheduler.jobs import VoicePrompt
+from server.app import App
 from server.routes import REFERENCE, Ctx
 from server.store import VoiceRecord
 
@@ -24,7 +28,7 @@ async def upload(ctx: Ctx) -> None:
         raise InvalidParameter(f"'text' is too long: at most {app.config.max_text_chars} characters")
     pcm_rate = _pcm_rate(fields.get("sample_rate"))
     wav, sr = await app.run_blocking(decode_upload, data, filename, pcm_rate)
-    prompt = await app.run_blocking(app.extract_prompt, wav, sr, text)
+    prompt = await _extract(app, wav, sr, text)
     record: VoiceRecord = await app.run_blocking(app.store.add, filename, data, text, prompt)
     app.voices.put(record.id, prompt)
     await ctx.json(record.to_json())
@@ -50,6 +54,14 @@ async def delete_voice(ctx: Ctx) -> None:
         raise NotFound(f"reference audio not found: {voice_id}")
     ctx.app.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
     await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
+
+
+async def _extract(app: App, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:
+    from frontend.prompt import PromptAudioError  # lazy, like the extractor itself
+    try:
+        return await app.run_blocking(app.extract_prompt, wav, sr, text)
+    except PromptAudioError as exc:  # audio the model cannot use is the client's to fix: 400, never 500
+        raise InvalidParameter(f"reference audio cannot be used: {exc}") from None
 
 
 def _voice_id(ctx: Ctx) -> str:

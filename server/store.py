@@ -6,6 +6,8 @@ then inserts the row; a crash at any point leaves either nothing visible or a
 complete voice. Files without a row (a crash between rename and insert) and
 temporary files are swept at start-up. Delete removes the row first, then the
 files; a synthesis already holding the in-memory VoicePrompt is unaffected.
+Rows keep the upload time in microseconds (`created_us`, added to older databases
+at start-up) so listings follow upload order within a second.
 Blocking (fsync, SQLite): call from a worker thread, not the event loop.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,8 @@ def prompt_from_npz(source: str | os.PathLike[str] | io.BytesIO) -> VoicePrompt:
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL)"""
+    created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL, created_us INTEGER)"""
+_COLUMNS = "id, filename, bytes, created_at, text, created_us"  # VoiceRecord's fields, in order
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,29 @@ class VoiceRecord:
     id: str
     filename: str
     bytes: int
-    created_at: int
+    created_at: int  # the API's whole seconds
     text: str
+    created_us: int  # upload time in microseconds: the listing order (two uploads in one second)
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        """The API's reference audio object (created_us stays inside the server)."""
+        obj = asdict(self)
+        del obj["created_us"]
+        return obj
+
+    def order_key(self) -> tuple[int, str]:
+        return self.created_us, self.id
+
+
+def now_us(clock: Callable[[], float]) -> tuple[int, int]:
+    """(created_at, created_us) of an upload now; created_at is derived so both orders agree."""
+    us = round(clock() * 1_000_000)
+    return us // 1_000_000, us
 
 
 class VoiceStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._dir = Path(data_dir) / "voices"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -69,6 +87,7 @@ class VoiceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._migrate()
         self._sweep()
 
     def close(self) -> None:
@@ -78,16 +97,15 @@ class VoiceStore:
     # -- queries -------------------------------------------------------------------------------
     def get(self, voice_id: str) -> VoiceRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT id, filename, bytes, created_at, text FROM voices WHERE id=?",
-                                   (voice_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM voices WHERE id=?", (voice_id,)).fetchone()
         return VoiceRecord(*row) if row else None
 
     def list(self, limit: int, order: str) -> list[VoiceRecord]:
         direction = "ASC" if order == "asc" else "DESC"  # never interpolate user text
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, filename, bytes, created_at, text FROM voices "
-                f"ORDER BY created_at {direction}, id {direction} LIMIT ?", (limit,)).fetchall()
+                f"SELECT {_COLUMNS} FROM voices "
+                f"ORDER BY created_us {direction}, id {direction} LIMIT ?", (limit,)).fetchall()
         return [VoiceRecord(*r) for r in rows]
 
     def load_prompt(self, voice_id: str) -> VoicePrompt | None:
@@ -107,10 +125,11 @@ class VoiceStore:
         self._write_atomic(audio_path, audio)
         self._write_atomic(feat_path, prompt_to_npz(prompt))
         _fsync_dir(self._dir)
-        record = VoiceRecord(voice_id, filename, len(audio), int(time.time()), text)
+        created_at, created_us = now_us(self._clock)
+        record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
         with self._lock:
-            self._db.execute("INSERT INTO voices VALUES (?,?,?,?,?,?)",
-                             (record.id, record.filename, record.bytes, record.created_at, record.text, ext))
+            self._db.execute(f"INSERT INTO voices ({_COLUMNS}, audio_ext) VALUES (?,?,?,?,?,?,?)",
+                             (*astuple(record), ext))
         return record
 
     def delete(self, voice_id: str) -> bool:
@@ -122,6 +141,14 @@ class VoiceStore:
         for path in (self._dir / f"{voice_id}{row[0]}", self._dir / f"{voice_id}.npz"):
             path.unlink(missing_ok=True)
         return True
+
+    def _migrate(self) -> None:
+        """Databases from before created_us: add the column; their rows keep whole-second times."""
+        with self._lock:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(voices)")}
+            if "created_us" not in columns:
+                self._db.execute("ALTER TABLE voices ADD COLUMN created_us INTEGER")
+            self._db.execute("UPDATE voices SET created_us = created_at * 1000000 WHERE created_us IS NULL")
 
     def _write_atomic(self, final: Path, data: bytes) -> None:
         tmp = final.with_name(_TMP_PREFIX + final.name)

@@ -2,8 +2,9 @@
 
 The option for several replicas sharing one bucket. Layout under `<prefix>/voices/<id>/`:
 `audio.<ext>` (the upload as sent), `features.npz` (prompt features) and `meta.json`
-(the VoiceRecord plus the audio extension). S3 PUTs are atomic per object, so
-visibility is the meta object, written LAST: a crash before it leaves objects nobody
+(the VoiceRecord, its microsecond upload time `created_us` included, plus the audio
+extension; older meta without `created_us` lists by its seconds). S3 PUTs are atomic per
+object, so visibility is the meta object, written LAST: a crash before it leaves objects nobody
 lists or loads (swept after a grace period, since another replica may be mid-upload).
 Delete removes meta.json first, then the rest, so a voice never half-disappears.
 
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scheduler.jobs import VoicePrompt
-from server.store import VoiceRecord, _safe_ext, prompt_from_npz, prompt_to_npz
+from server.store import VoiceRecord, _safe_ext, now_us, prompt_from_npz, prompt_to_npz
 
 _META = "meta.json"
 _FEATURES = "features.npz"
@@ -109,7 +110,7 @@ class S3VoiceStore:
         with self._lock:
             self._records = dict(known)  # also forgets voices deleted elsewhere
         reverse = order != "asc"
-        records = sorted(known.values(), key=lambda r: (r.created_at, r.id), reverse=reverse)
+        records = sorted(known.values(), key=VoiceRecord.order_key, reverse=reverse)
         return records[:limit]
 
     def load_prompt(self, voice_id: str) -> VoicePrompt | None:
@@ -125,8 +126,10 @@ class S3VoiceStore:
     def add(self, filename: str, audio: bytes, text: str, prompt: VoicePrompt) -> VoiceRecord:
         voice_id = str(uuid.uuid4())
         ext = _safe_ext(filename)
-        record = VoiceRecord(voice_id, filename, len(audio), int(self._clock()), text)
-        meta = json.dumps({**record.to_json(), "audio_ext": ext}, ensure_ascii=False).encode()
+        created_at, created_us = now_us(self._clock)
+        record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
+        meta = json.dumps({**record.to_json(), "created_us": created_us, "audio_ext": ext},
+                          ensure_ascii=False).encode()
         self._put(self._key(voice_id, _AUDIO + ext), audio, "application/octet-stream")
         self._put(self._key(voice_id, _FEATURES), prompt_to_npz(prompt), "application/octet-stream")
         self._put(self._key(voice_id, _META), meta, "application/json")  # last: now it is visible
@@ -225,8 +228,10 @@ class S3VoiceStore:
 
 
 def _record(meta: dict[str, Any]) -> VoiceRecord:
+    created_at = int(meta["created_at"])
     return VoiceRecord(id=str(meta["id"]), filename=str(meta["filename"]), bytes=int(meta["bytes"]),
-                       created_at=int(meta["created_at"]), text=str(meta["text"]))
+                       created_at=created_at, text=str(meta["text"]),
+                       created_us=int(meta.get("created_us", created_at * 1_000_000)))  # older meta: seconds
 
 
 def _is_voice_id(voice_id: str) -> bool:

@@ -58,7 +58,10 @@ class Synthesis:
         self._pipeline = OutputPipeline(params.output_format, params.sample_rate, params.bit_rate_kbps,
                                         params.volume, params.stream, in_rate=app.engine.sample_rate)
         self._arrived_s = arrived_s
-        self._last_s = arrived_s
+        # Emitted times are whole ms counted from arrival (and from the first sample), so the chunks'
+        # server_cost_time and speech_len telescope to the totals instead of piling up rounding error.
+        self._last_ms = 0
+        self._speech_ms = 0
         self._first = True
         self._speech_s = 0.0
         self.stream = EngineStream(app.engine, make_job(request_id, params, voice), self._loop)
@@ -71,7 +74,7 @@ class Synthesis:
 
     def restart_clock(self) -> None:
         """Duplex: count latency from the first text piece, not from run-task."""
-        self._arrived_s = self._last_s = self._loop.time()
+        self._arrived_s, self._last_ms = self._loop.time(), 0
 
     def close(self) -> None:
         self.stream.close()
@@ -83,30 +86,37 @@ class Synthesis:
         try:
             async for event in self.stream.events():
                 if isinstance(event, AudioChunk):
-                    before = self._pipeline.samples_out
                     data = await self._app.run_blocking(self._pipeline.feed, event.pcm)
-                    yield EncodedChunk(data, self._metrics(event, self._out_s(before, data)), last=False)
+                    yield EncodedChunk(data, self._metrics(event, self._out_s(data)), last=False)
                 elif isinstance(event, Failed):
                     raise EngineFailed(event)
                 else:
-                    before = self._pipeline.samples_out
                     tail = await self._app.run_blocking(self._pipeline.finish)
-                    yield EncodedChunk(tail, self._tail_metrics(self._out_s(before, tail)), last=True)
+                    yield EncodedChunk(tail, self._tail_metrics(self._out_s(tail)), last=True)
                     self._observe_rtf()
         finally:
             self.close()
 
-    def _out_s(self, samples_before: int, data: bytes) -> float:
+    def _out_s(self, data: bytes) -> float:
         """Seconds of output audio this chunk added (at the asked rate, after the resampler's delay),
         so the chunks' speech_len sum to the file's duration. A chunk with bytes but no new samples
         (the resampler/MP3 encoder flushing earlier audio) reports 1 ms: clients divide by it."""
-        seconds = (self._pipeline.samples_out - samples_before) / self._params.sample_rate
-        return max(seconds, 1e-3) if data else seconds
+        total_ms = round(self._pipeline.samples_out * 1000 / self._params.sample_rate)
+        added = total_ms - self._speech_ms
+        added = max(added, 1) if data else added
+        self._speech_ms += added
+        return added / 1000
+
+    def _cost_s(self) -> tuple[float, float]:
+        """(seconds since arrival, seconds since the previous chunk), both whole ms."""
+        now_ms = round((self._loop.time() - self._arrived_s) * 1000)
+        cost_ms, self._last_ms = now_ms - self._last_ms, now_ms
+        return now_ms / 1000, cost_ms / 1000
 
     def _metrics(self, chunk: AudioChunk, speech_len: float) -> dict[str, Any]:
-        now = self._loop.time()
+        since_arrival, cost = self._cost_s()
         self._speech_s += speech_len
-        first = now - self._arrived_s if self._first else None
+        first = since_arrival if self._first else None
         if first is not None:
             self._app.metrics.first_packet_s.observe(first)
         self._first = False
@@ -115,15 +125,10 @@ class Synthesis:
             m = chunk.metrics
             detail = {"llm_tokens": m.llm_tokens, "flow_batch": m.flow_batch, "vocoder_batch": m.vocoder_batch,
                       **m.detail}
-        metrics = chunk_metrics(speech_len, now - self._last_s, chunk.metrics.generate_time_s, first, detail)
-        self._last_s = now
-        return metrics
+        return chunk_metrics(speech_len, cost, chunk.metrics.generate_time_s, first, detail)
 
     def _tail_metrics(self, speech_len: float) -> dict[str, Any]:
-        now = self._loop.time()
-        metrics = chunk_metrics(speech_len, now - self._last_s, 0.0)
-        self._last_s = now
-        return metrics
+        return chunk_metrics(speech_len, self._cost_s()[1], 0.0)
 
     def _observe_rtf(self) -> None:
         if self._speech_s > 0:

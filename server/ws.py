@@ -37,6 +37,7 @@ class _Task:
         self.finish = False
         self.got_text = False
         self.runner: asyncio.Task[None] | None = None
+        self.outcome = "cancelled"  # for /metrics; the runner or a failing CancelTask says otherwise
 
     def push(self, text: str) -> None:
         if self.synth is None:
@@ -60,7 +61,8 @@ class _Task:
         if self.finish:
             synth.stream.finish_text()
 
-    def cancel(self) -> None:
+    def cancel(self, outcome: str = "cancelled") -> None:
+        self.outcome = outcome
         if self.runner is not None:
             self.runner.cancel()
         if self.synth is not None:
@@ -118,7 +120,7 @@ class WsConnection:
             elif isinstance(action, FinishText):
                 self.task.finish_text()
             elif isinstance(action, CancelTask):
-                self.task.cancel()
+                self.task.cancel("failed" if action.failed else "cancelled")
                 self.task = None
 
     def _start(self, task_id: str, params: SpeechParams) -> None:
@@ -127,6 +129,8 @@ class WsConnection:
         task.runner = asyncio.get_running_loop().create_task(self._run(task, params))
         self.app.tasks.add(task.runner)
         task.runner.add_done_callback(self.app.tasks.discard)
+        # Counted when the runner ends, however: a runner cancelled before its first step runs no finally.
+        task.runner.add_done_callback(lambda _: self.app.metrics.ws_task_done(task.outcome))
 
     async def _send(self, actions: list[Action]) -> None:
         self._do(actions)
@@ -143,24 +147,27 @@ class WsConnection:
                 if chunk.data:
                     b64 = base64.b64encode(chunk.data).decode("ascii")
                     await self._send(self.machine.audio(tid, b64, chunk.metrics))
+            task.outcome = "finished"
             await self._send(self.machine.finished(tid))
         except ApiError as err:
-            self.app.metrics.error(err.code)
-            self._do(self.machine.failed(tid, err.code, err.message))
+            self._fail(task, err.code, err.message)
         except EngineFailed as exc:
-            self.app.metrics.error(exc.code)
-            self._do(self.machine.failed(tid, exc.code, exc.message))
+            self._fail(task, exc.code, exc.message)
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("WebSocket task %s failed", tid)
-            self._do(self.machine.failed(tid, "InternalError", "internal error"))
+            self._fail(task, "InternalError", "internal error")
         finally:
             if task.synth is not None:
                 task.synth.close()
             if self.task is task:
                 self.task = None
-            self.app.metrics.request_done("ws_task", 200)
+
+    def _fail(self, task: _Task, code: str, message: str) -> None:
+        task.outcome = "failed"
+        self.app.metrics.error(code)
+        self._do(self.machine.failed(task.task_id, code, message))
 
     def close_normally(self) -> None:
         self.proto.write(self.session.send_close(CLOSE_NORMAL, ""))

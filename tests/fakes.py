@@ -5,15 +5,19 @@ FakeEngine: each job runs on its own thread; every text character becomes
 exact and RMS is known), emitted in chunks of at most `chunk_chars` characters, with
 `delay_s` of "model time" per chunk. Honours cancel (no event after it), push_text /
 finish_text for duplex jobs, stream=False (one chunk), and a `fail_after_chunks` hook.
+descending_ids: ids for the stores that sort against upload order.
 """
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
+from frontend.prompt import PromptAudioError
 from scheduler.jobs import (
     AudioChunk,
     ChunkMetrics,
@@ -148,13 +152,23 @@ class FakeEngine:
 
 @dataclass
 class FakeExtractor:
-    """extract(wav, sr, text) -> VoicePrompt derived deterministically from the audio length."""
+    """extract(wav, sr, text) -> VoicePrompt derived deterministically from the audio length;
+    with `refuse` set, raises PromptAudioError(refuse) as the real one does on unusable audio."""
 
     calls: int = 0
+    refuse: str = ""
 
     def __call__(self, wav: np.ndarray, sample_rate: int, text: str) -> VoicePrompt:
         self.calls += 1
+        if self.refuse:
+            raise PromptAudioError(self.refuse)
         tokens = max(1, int(len(wav) / sample_rate * 25))
         return VoicePrompt(speech_tokens=np.arange(tokens, dtype=np.int32) % 6561,
                            embedding=np.full(192, 0.1, np.float32),
                            mel=np.zeros((2 * tokens, 80), np.float32), text=text)
+
+
+def descending_ids() -> SimpleNamespace:
+    """Stands in for a store module's `uuid`: each new id sorts before the previous one."""
+    ids = (uuid.UUID(int=n) for n in range(1000, 0, -1))
+    return SimpleNamespace(uuid4=lambda: next(ids), UUID=uuid.UUID)

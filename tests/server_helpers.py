@@ -26,9 +26,10 @@ MODEL = "CosyVoice2-0.5B"
 
 
 @contextmanager
-def running_server(data_dir: Path, engine: FakeEngine | None = None, **overrides: Any) -> Iterator[ServerThread]:
+def running_server(data_dir: Path, engine: FakeEngine | None = None, extractor: FakeExtractor | None = None,
+                   **overrides: Any) -> Iterator[ServerThread]:
     cfg = ServerConfig(port=0, data_dir=data_dir, tokens=(TOKEN, "second-token"), workers=2, **overrides)
-    app = create_app(cfg, engine=engine or FakeEngine(), extract_prompt=FakeExtractor())
+    app = create_app(cfg, engine=engine or FakeEngine(), extract_prompt=extractor or FakeExtractor())
     with ServerThread(app) as srv:
         yield srv
 
@@ -69,6 +70,16 @@ def upload(requests_mod: Any, url: str, data: bytes | None = None, filename: str
     return requests_mod.post(f"{url}/api/v1/audio/reference_audio", headers=AUTH,
                              files={"file": (filename, data if data is not None else wav_bytes())},
                              data={"text": text, **(extra or {})}, timeout=10)
+
+
+def assert_ms_times(metrics: dict[str, Any]) -> None:
+    """Every time in a chunk's metrics is a float with at most 3 decimals (no float noise)."""
+    times = {k: v for k, v in metrics.items() if k in ("speech_len", "server_cost_time", "generate_time",
+                                                        "first_package_time")}
+    times |= {k: v for k, v in metrics.get("detail", {}).items() if k.endswith("_s")}
+    assert {"speech_len", "server_cost_time", "generate_time"} <= set(times)
+    for key, value in times.items():
+        assert isinstance(value, float) and value == round(value, 3), (key, value)
 
 
 # ---- WebSocket duplex messages and the document's client --------------------------------------

@@ -114,6 +114,15 @@ def test_sse_framing() -> None:
     assert err["output"]["finish_reason"] == "error" and err["error"] == {"code": "InternalError", "message": "boom"}
 
 
+def test_metrics_times_to_the_millisecond() -> None:
+    m = chunk_metrics(0.1 + 0.2, 0.9119999999999777, 0.30000000000000004, first_package_time_s=1 / 3,
+                      detail={"llm_s": 0.1 + 0.2, "llm_tokens": 7, "flow_batch": 2})
+    assert m == {"speech_len": 0.3, "server_cost_time": 0.912, "generate_time": 0.3, "rtf": 3.04,
+                 "first_package_time": 0.333, "detail": {"llm_s": 0.3, "llm_tokens": 7, "flow_batch": 2}}
+    assert b'"server_cost_time":0.912,' in sse_event(m)  # no float noise on the wire
+    assert isinstance(chunk_metrics(1, 0, 0)["generate_time"], float)  # numbers keep the contract's type
+
+
 def test_non_stream_body() -> None:
     obj = json.loads(speech_body("r", "a", "eA==", 1))
     assert obj == {"request_id": "r", "output": {"finish_reason": None, "audio": {"id": "a", "data": "eA=="}},

@@ -9,7 +9,7 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.audio_in import decode_upload, parse_pcm_sample_rate
+from protocol.audio_in import MIN_SAMPLE_RATE, decode_upload, parse_pcm_sample_rate
 from protocol.encoders import OutputPipeline
 from protocol.errors import ApiError
 from protocol.multipart import parse_multipart
@@ -102,17 +102,22 @@ def test_decode_wav_and_mp3() -> None:
 
 def test_decode_stereo_downmixed() -> None:
     buf = io.BytesIO()
-    sf.write(buf, np.stack([np.full(8000, 0.5), np.zeros(8000)], axis=1), 8000, format="WAV")
+    sf.write(buf, np.stack([np.full(16000, 0.5), np.zeros(16000)], axis=1), 16000, format="WAV")
     samples, _ = decode_upload(buf.getvalue(), "s.wav", None)
-    assert samples.shape == (8000,) and np.allclose(samples, 0.25, atol=1e-3)
+    assert samples.shape == (16000,) and np.allclose(samples, 0.25, atol=1e-3)
 
 
 def test_decode_pcm() -> None:
-    raw = np.full(8000, 16384, dtype="<i2").tobytes()
+    raw = np.full(16000, 16384, dtype="<i2").tobytes()
     samples, rate = decode_upload(raw, "voice.PCM", None)
-    assert rate == 16000 and len(samples) == 8000 and samples[0] == 0.5
-    assert decode_upload(raw, "voice.pcm", 8000)[1] == 8000
-    assert decode_upload(raw, "upload.bin", 8000)[1] == 8000  # headerless + explicit rate: PCM
+    assert rate == 16000 and len(samples) == 16000 and samples[0] == 0.5
+    assert decode_upload(raw, "voice.pcm", 24000)[1] == 24000
+    assert decode_upload(raw, "upload.bin", 24000)[1] == 24000  # headerless + explicit rate: PCM
+
+
+def test_min_rate_matches_the_extractor() -> None:
+    from frontend.prompt import MIN_INPUT_SR
+    assert MIN_SAMPLE_RATE == MIN_INPUT_SR
 
 
 @pytest.mark.parametrize("data,name,rate,words", [
@@ -120,7 +125,9 @@ def test_decode_pcm() -> None:
     (b"not audio at all" * 10, "a.wav", None, "decode"),
     (b"\x00" * 3, "a.pcm", None, "odd"),
     (b"\x00\x00" * 7000, "a.pcm", None, "too short"),
-    (b"\x00\x00" * 8000 * 31, "a.pcm", 8000, "too long"),
+    (b"\x00\x00" * 16000 * 31, "a.pcm", 16000, "too long"),
+    (b"\x00\x00" * 8000, "a.pcm", 8000, "at least 16000 Hz"),
+    (b"\x00\x00" * 22050, "a.pcm", 11025, "11025 Hz"),
 ])
 def test_decode_refusals(data: bytes, name: str, rate: int | None, words: str) -> None:
     with pytest.raises(ApiError) as e:

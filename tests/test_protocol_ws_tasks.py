@@ -149,9 +149,22 @@ def test_continue_after_finish_fails() -> None:
     m = WsTaskMachine()
     m.handle_client_message(run_task())
     m.started("t1")
+    m.handle_client_message(cont("text"))
     m.handle_client_message(finish())
     actions = m.handle_client_message(cont("more"))
     assert actions[0] == CancelTask("t1") and failed(actions)[1] == "InvalidState"
+
+
+@pytest.mark.parametrize("admitted", [False, True])
+def test_finish_without_text_fails(admitted: bool) -> None:
+    """Nothing to speak: task-failed rather than the audio of an empty text."""
+    m = WsTaskMachine()
+    m.handle_client_message(run_task())
+    if admitted:
+        m.started("t1")
+    actions = m.handle_client_message(finish())
+    assert actions[0] == CancelTask("t1") and failed(actions) == ("t1", "InvalidParameter")
+    assert "no text" in actions[-1].event["header"]["error_message"] and m.state is State.IDLE
 
 
 def test_text_in_run_task_input_is_pushed() -> None:
@@ -164,4 +177,4 @@ def test_connection_lost_cancels() -> None:
     m = WsTaskMachine()
     assert m.connection_lost() == []
     m.handle_client_message(run_task())
-    assert m.connection_lost() == [CancelTask("t1")] and m.state is State.IDLE
+    assert m.connection_lost() == [CancelTask("t1", failed=False)] and m.state is State.IDLE

@@ -10,6 +10,7 @@ import h11
 import pytest
 import requests
 
+from tests.fakes import FakeExtractor
 from tests.server_helpers import AUTH, MODEL, pcm_bytes, running_server, speech_body, upload, wav_bytes
 
 MAX_BODY = 3 * 1024 * 1024
@@ -97,7 +98,11 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("upload-json", "POST", REF, {"json": {"text": "t"}}, 415, "UnsupportedMediaType"),
     ("upload-too-short", "POST", REF, {"files": {"file": ("a.wav", wav_bytes(0.1))}, "data": {"text": "t"}},
      400, "InvalidParameter"),
-    ("upload-too-long", "POST", REF, {"files": {"file": ("a.pcm", pcm_bytes(40.0, 8000))},
+    ("upload-too-long", "POST", REF, {"files": {"file": ("a.pcm", pcm_bytes(31.0, 16000))},
+                                      "data": {"text": "t"}}, 400, "InvalidParameter"),
+    ("upload-wav-8khz", "POST", REF, {"files": {"file": ("a.wav", wav_bytes(1.0, 8000))},
+                                      "data": {"text": "t"}}, 400, "InvalidParameter"),
+    ("upload-pcm-8khz", "POST", REF, {"files": {"file": ("a.pcm", pcm_bytes(1.0, 8000))},
                                       "data": {"text": "t", "sample_rate": "8000"}}, 400, "InvalidParameter"),
     ("upload-bad-pcm-rate", "POST", REF, {"files": {"file": ("a.pcm", pcm_bytes())},
                                           "data": {"text": "t", "sample_rate": "fast"}}, 400, "InvalidParameter"),
@@ -145,6 +150,34 @@ def test_bad_input_is_refused_and_changes_nothing(server, voice: str, case) -> N
 
 def test_at_least_30_cases() -> None:
     assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("filename,data,extra", [
+    ("a.wav", wav_bytes(1.0, 8000), {}),
+    ("a.pcm", pcm_bytes(1.0, 8000), {"sample_rate": "8000"}),
+])
+def test_low_rate_upload_names_both_rates(server, filename: str, data: bytes, extra: dict[str, str]) -> None:
+    calls = server.app.extract_prompt.calls
+    r = upload(requests, server.url, data, filename, text="t", extra=extra)
+    assert r.status_code == 400, r.text
+    assert "8000 Hz" in r.json()["message"] and "16000 Hz" in r.json()["message"]
+    assert server.app.extract_prompt.calls == calls  # refused at decoding, before any feature extraction
+
+
+def test_extractor_refusal_is_400_and_stores_nothing(tmp_path) -> None:
+    """Whatever the extractor finds unusable (PromptAudioError) is the client's 400, never a 500."""
+    extractor = FakeExtractor()
+    with running_server(tmp_path, extractor=extractor) as srv:
+        srv.data_dir = tmp_path
+        before = _snapshot(srv)
+        for reason in ("prompt audio produced no speech tokens", "prompt audio is shorter than 0.1 s",
+                       "prompt audio contains NaN or infinite samples"):
+            extractor.refuse = reason
+            r = upload(requests, srv.url)
+            assert r.status_code == 400, r.text
+            assert r.json()["code"] == "InvalidParameter" and reason in r.json()["message"]
+        assert _snapshot(srv) == before
+        assert extractor.calls == 3
 
 
 # ---- raw sockets: framing-level limits, timeouts, pipelining ----

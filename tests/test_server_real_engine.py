@@ -152,6 +152,15 @@ def test_upload_list_and_get(server: ServerThread, voices: dict[str, dict[str, A
     assert voices["44k"]["filename"] == "voice44k.wav"
 
 
+def test_upload_below_16k_is_400(server: ServerThread) -> None:
+    r = requests.post(f"{server.url}/api/v1/audio/reference_audio", headers=AUTH,
+                      files={"file": ("voice8k.wav", wav_file(2.0, 8000))}, data={"text": PROMPT_TEXT},
+                      timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "InvalidParameter" and "8000 Hz" in r.json()["message"]
+    assert "16000 Hz" in r.json()["message"]
+
+
 # ---- one-shot JSON -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,fmt,rate,voice_key", [
@@ -281,6 +290,16 @@ def test_websocket_two_tasks_on_one_connection(server: ServerThread, voice: str)
             assert abs(len(samples) / 16000 - speech_len) < 0.002
     finally:
         ws.close()
+
+
+def test_websocket_finish_without_text_fails(server: ServerThread, voice: str) -> None:
+    url = server.url.replace("http://", "ws://") + WS_PATH
+    ws = websocket.create_connection(url, header=AUTH, timeout=60)
+    try:
+        events, audio, _ = _ws_task(ws, voice, [], "wav")
+    finally:
+        ws.close()
+    assert events == ["task-started", "task-failed"] and audio == b""  # no audio of an empty text
 
 
 # ---- load and cancellation ---------------------------------------------------------------------

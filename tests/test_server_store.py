@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from server.auth import token_ok
 from server.config import ServerConfig, load_config
 from server.store import VoiceStore
-from tests.fakes import FakeExtractor
+from tests.fakes import FakeExtractor, descending_ids
 
 PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, "hi")
 
@@ -32,6 +33,38 @@ def test_add_get_list_delete_and_restart(tmp_path: Path) -> None:
     assert store.delete(a.id) and not store.delete(a.id)
     assert store.get(a.id) is None and store.load_prompt(a.id) is None
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "voices").iterdir()) == [b.id, b.id]
+
+
+def test_same_second_uploads_list_in_upload_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.store.uuid", descending_ids())  # id order is the reverse of upload order
+    times = iter([1000.25, 1000.5, 1000.75])
+    store = VoiceStore(tmp_path, clock=lambda: next(times))
+    recs = [store.add(f"{i}.wav", b"x", str(i), PROMPT) for i in range(3)]
+    assert {r.created_at for r in recs} == {1000}
+    assert store.list(10, "asc") == recs and store.list(10, "desc") == recs[::-1]
+    assert store.list(1, "desc") == recs[-1:]
+    store.close()
+    assert VoiceStore(tmp_path).list(10, "asc") == recs  # the precise time is stored, not recomputed
+
+
+def test_database_without_created_us_is_migrated(tmp_path: Path) -> None:
+    """A database written before sub-second times: its rows keep their second order, new ones follow."""
+    db = sqlite3.connect(str(tmp_path / "voices.sqlite3"))
+    db.execute("CREATE TABLE voices (id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL, "
+               "created_at INTEGER NOT NULL, text TEXT NOT NULL, audio_ext TEXT NOT NULL)")
+    db.executemany("INSERT INTO voices VALUES (?,?,?,?,?,?)", [("b", "b.wav", 1, 500, "old b", ".wav"),
+                                                               ("a", "a.wav", 2, 500, "old a", ".wav"),
+                                                               ("c", "c.wav", 3, 400, "old c", ".wav")])
+    db.commit()
+    db.close()
+    store = VoiceStore(tmp_path, clock=lambda: 600.5)
+    assert [r.id for r in store.list(10, "asc")] == ["c", "a", "b"]
+    assert store.get("a").to_json() == {"id": "a", "filename": "a.wav", "bytes": 2, "created_at": 500,
+                                        "text": "old a"}
+    new = store.add("n.wav", b"n", "new", PROMPT)
+    assert new.created_at == 600 and [r.id for r in store.list(2, "desc")] == [new.id, "b"]
+    store.close()
+    assert [r.id for r in VoiceStore(tmp_path).list(10, "asc")] == ["c", "a", "b", new.id]  # migrates once
 
 
 def test_crash_mid_write_leaves_nothing_visible(tmp_path: Path) -> None:
@@ -63,7 +96,7 @@ def test_killed_process_mid_upload_leaves_nothing(tmp_path: Path) -> None:
     code = (
         "import os, sys, numpy as np\n"
         "from server.store import VoiceStore\n"
-        "from tests.fakes import FakeExtractor\n"
+        "from tests.fakes import FakeExtractor, descending_ids\n"
         "s = VoiceStore(sys.argv[1])\n"
         "import server.store as m\n"
         "orig = m._fsync_dir\n"

@@ -5,6 +5,7 @@ HTTP API of a server started with `--store s3`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig, load_config
-from tests.fakes import FakeExtractor
+from tests.fakes import FakeExtractor, descending_ids
 
 pytest.importorskip("boto3", reason="boto3 not installed (pip install '.[s3]')")
 from botocore.exceptions import BotoCoreError, ClientError
@@ -154,6 +155,34 @@ def test_list_order_limit_and_pagination(endpoint: str, monkeypatch: pytest.Monk
     monkeypatch.setattr(store._s3, "list_objects_v2", small_pages)
     fresh_cache = S3VoiceStore(_settings(endpoint, prefix), client=store._s3, sweep_grace_s=None)
     assert fresh_cache.list(100, "asc") == want_asc and pages["n"] >= 8
+
+
+def test_same_second_uploads_list_in_upload_order(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.store_s3.uuid", descending_ids())  # id order is the reverse of upload order
+    prefix = _prefix()
+    times = iter([1000.25, 1000.5, 1000.75])
+    store = _store(endpoint, prefix, clock=lambda: next(times))
+    recs = [store.add(f"{i}.wav", b"x", str(i), PROMPT) for i in range(3)]
+    assert {r.created_at for r in recs} == {1000}
+    assert store.list(10, "asc") == recs and store.list(10, "desc") == recs[::-1]
+    fresh_cache = _store(endpoint, prefix, sweep_grace_s=None)  # reads every meta.json back
+    assert fresh_cache.list(10, "asc") == recs and fresh_cache.get(recs[0].id) == recs[0]
+    assert set(recs[0].to_json()) == {"id", "filename", "bytes", "created_at", "text"}
+
+
+def test_meta_without_created_us_lists_by_seconds(endpoint: str) -> None:
+    """meta.json written before sub-second times: ordered by created_at (then id), as then."""
+    prefix = _prefix()
+    times = iter([2000.5, 1000.9])
+    store = _store(endpoint, prefix, clock=lambda: next(times))
+    later, old = store.add("a.wav", b"a", "later", PROMPT), store.add("b.wav", b"b", "old", PROMPT)
+    key = f"{prefix}/voices/{old.id}/meta.json"
+    meta = {**old.to_json(), "audio_ext": ".wav"}  # the old layout: no created_us
+    store._s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(meta).encode(),
+                         ContentType="application/json")
+    fresh_cache = _store(endpoint, prefix, sweep_grace_s=None)
+    listed = fresh_cache.list(10, "asc")
+    assert [r.id for r in listed] == [old.id, later.id] and listed[0].created_us == 1000 * 1_000_000
 
 
 def test_two_replicas_share_one_bucket(endpoint: str) -> None:

@@ -29,6 +29,7 @@ from tests.server_helpers import (
     AUTH,
     TOKEN,
     DocClient,
+    assert_ms_times,
     continue_task,
     finish_task,
     run_task,
@@ -100,6 +101,8 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
             pcm = b"".join(base64.b64decode(m["payload"]["output"]["audio"]["data"]) for m in chunks)
             assert len(pcm) // 2 == len("first piece second piece") * SAMPLES_PER_CHAR
             assert all(m["payload"]["metrics"]["speech_len"] > 0 for m in chunks)
+            for m in chunks:
+                assert_ms_times(m["payload"]["metrics"])
     finally:
         ws.close()
 
@@ -113,8 +116,10 @@ def test_two_tasks_on_one_connection(server, voice: str) -> None:
     (["RUN:bad-mode"], "InvalidParameter"),
     (["RUN:unknown-voice"], "NotFound"),
     (["RUN", continue_task("T", "")], "InvalidParameter"),
-    # a task with no text may finish before "late" arrives: then it is simply not started
-    (["RUN", finish_task("T"), continue_task("T", "late")], "InvalidState|TaskNotStarted"),
+    # the task may finish before "late" arrives: then it is simply not started
+    (["RUN", continue_task("T", "hi"), finish_task("T"), continue_task("T", "late")],
+     "InvalidState|TaskNotStarted"),
+    (["RUN", finish_task("T")], "InvalidParameter"),
 ])
 def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[str], code: str) -> None:
     ws = websocket.create_connection(_ws_url(server), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
@@ -139,6 +144,53 @@ def test_ws_protocol_errors_give_task_failed(server, voice: str, messages: list[
         assert _recv_until_done(ws)[-1]["header"]["event"] == "task-finished"
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("texts", [[], ["  \n "]])
+def test_finish_without_text_fails_with_no_audio(server, voice: str, texts: list[str]) -> None:
+    ws = websocket.create_connection(_ws_url(server), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
+    try:
+        ws.send(run_task("T", voice))
+        for text in texts:
+            ws.send(continue_task("T", text))
+        ws.send(finish_task("T"))
+        msgs = _recv_until_done(ws)
+    finally:
+        ws.close()
+    kinds = [m["header"]["event"] for m in msgs]
+    assert kinds[-1] == "task-failed" and "result-generated" not in kinds, kinds
+    assert msgs[-1]["header"]["error_code"] == "InvalidParameter"
+    assert msgs[-1]["header"]["error_message"] == ("no text was sent before finish-task" if not texts else
+                                                   "'payload.input.text' must not be empty")
+
+
+def _metrics_text(srv) -> str:
+    return requests.get(f"{srv.url}/metrics", headers=AUTH, timeout=5).text
+
+
+def test_metrics_count_ws_tasks_by_outcome(tmp_path: Path) -> None:
+    with running_server(tmp_path, FakeEngine(delay_s=0.05, chunk_chars=2)) as srv:
+        vid = upload(requests, srv.url).json()["id"]
+        ws = websocket.create_connection(_ws_url(srv), header=[f"Authorization: Bearer {TOKEN}"], timeout=10)
+        for messages in ([run_task("ok", vid), continue_task("ok", "hi"), finish_task("ok")],  # finished
+                         [run_task("empty", vid), finish_task("empty")],  # failed by the protocol
+                         [run_task("nf", "00000000-0000-4000-8000-000000000000")]):  # failed: unknown voice
+            for m in messages:
+                ws.send(m)
+            _recv_until_done(ws)
+        ws.send(run_task("gone", vid))
+        ws.send(continue_task("gone", "x" * 300))
+        while json.loads(ws.recv())["header"]["event"] != "result-generated":
+            pass
+        ws.sock.close()  # vanish mid-task: cancelled
+        want = {f'cosyserve_ws_tasks_total{{outcome="{k}"}} {n}'
+                for k, n in (("cancelled", 1), ("failed", 2), ("finished", 1))}
+        deadline = time.time() + 5
+        while time.time() < deadline and not want <= set(_metrics_text(srv).splitlines()):
+            time.sleep(0.02)  # the cancelled runner ends on the server's loop, a moment after the close
+        text = _metrics_text(srv)
+        assert want <= set(text.splitlines()), text
+        assert 'route="ws_task"' not in text  # tasks have no HTTP status: not in requests_total
 
 
 def _wsproto_handshake(server, headers: list[tuple[str, str]]) -> tuple[socket.socket, WSConnection, list]:
