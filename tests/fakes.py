@@ -72,7 +72,7 @@ class _FakeJob:
             return piece
 
     def _sine(self, chars: int) -> np.ndarray:
-        n = int(round(chars * SAMPLES_PER_CHAR / self.job.speed))
+        n = round(chars * SAMPLES_PER_CHAR / self.job.speed)
         t = self._phase + np.arange(n) * (2 * np.pi * 220.0 / SAMPLE_RATE)
         self._phase = float(t[-1] + 2 * np.pi * 220.0 / SAMPLE_RATE) if n else self._phase
         return (AMPLITUDE * np.sin(t)).astype(np.float32)

@@ -120,7 +120,7 @@ def test_urgent_chunks_go_alone() -> None:
     calm = Request("calm", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 4)  # +2 s
     low = Request("low", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=int(24000 * 2.5))  # +0.5 s
     new = Request("new", text_ids=[1], arrival_s=9.0)
-    item = lambda r: (r, ChunkItem(r.request_id, (), 0, 0, False, True, False, False))  # noqa: E731
+    item = lambda r: (r, ChunkItem(r.request_id, (), 0, 0, False, True, False, False))
     policy = ChunkPolicy(ChunkPolicyConfig())
     # a first packet (and a stream about to run dry) go without the chunks that can wait a batch
     assert [c.request_id for c in policy.pick([item(r) for r in (ahead, new, calm, low)], now)] == ["new", "low"]
