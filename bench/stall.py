@@ -1,0 +1,188 @@
+"""Does a long text stall the streams already running? The engine alone, no HTTP.
+
+`python -m bench.stall [--model-dir M] [--streams 8] [--chars 4500] [--rounds 2] [--json F] [--markdown F]`
+
+Each round starts `--streams` streaming jobs (fixed length, seeded) on a fresh engine, waits until each has
+sent its first chunk, then (mode `long-text`) submits one `--chars`-character text the way the server does,
+or (mode `quiet`) nothing. From that moment on, every gap between two consecutive chunks of a running
+stream is recorded; the table compares the gaps' p50 / p99 / max of the two modes, which alternate
+round by round so machine drift hits both. A long text whose normalisation (wetext: ~1 s for 4,300
+Chinese characters) runs on the decode thread shows up as one gap that long in every stream.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.engine import make_voice
+from bench.provenance import commit, cpu_name, now_iso
+from kernels.auto_settings import choose_settings
+from kernels.config import read_model_config
+from kernels.host_memory import usable_cores
+from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob
+
+STREAM_TEXT = "你好，这是一个测试。"
+# ~45 characters of ordinary Chinese prose with numbers, dates and units (what wetext works hardest on).
+LONG_UNIT = "二零二四年三月五日，我们在3号会议室讨论了第12季度的预算，总计约1500万元，增长了25%。"
+
+
+def long_text(chars: int) -> str:
+    return (LONG_UNIT * (chars // len(LONG_UNIT) + 1))[:chars]
+
+
+class Gaps:
+    """Chunk arrival times per running stream; gaps counted from `mark` on."""
+
+    def __init__(self, streams: int) -> None:
+        self.arrivals: dict[str, list[float]] = {}
+        self.first = threading.Semaphore(0)
+        self.ended = threading.Semaphore(0)
+        self.streams = streams
+        self.errors: list[str] = []
+
+    def sink(self, event: Any) -> None:  # engine thread
+        now = time.perf_counter()
+        if isinstance(event, AudioChunk):
+            times = self.arrivals.setdefault(event.request_id, [])
+            times.append(now)
+            if len(times) == 1:
+                self.first.release()
+            return
+        if isinstance(event, Failed):
+            self.errors.append(f"{event.request_id}: {event.code} {event.message}")
+        self.ended.release()
+
+    def after(self, mark: float) -> list[float]:
+        gaps = []
+        for times in self.arrivals.values():
+            later = [t for t in times if t >= mark]
+            previous = [t for t in times if t < mark][-1:]
+            seq = previous + later
+            gaps.extend(b - a for a, b in zip(seq, seq[1:], strict=False))
+        return gaps
+
+
+def submit(engine: Any, job: SpeechJob, sink: Any) -> None:
+    """As the server does: text prepared off the engine thread when the engine takes prepared jobs."""
+    prepare = getattr(engine, "prepare", None)
+    engine.submit(prepare(job) if prepare is not None else job, sink)
+
+
+def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace, long: bool) -> dict[str, Any]:
+    from kernels.engine import Engine, EngineConfig
+
+    engine = Engine(model_dir, model=model, config=EngineConfig(num_slots=args.streams + 2, slot_len=1024,
+                                                                    overlap_stages=args.overlap))
+    gaps = Gaps(args.streams)
+    try:
+        for i in range(args.streams):
+            submit(engine, SpeechJob(f"s{i}", Mode.ZERO_SHOT, voice, STREAM_TEXT, seed=i,
+                                     fixed_tokens=args.tokens), gaps.sink)
+        for _ in range(args.streams):
+            if not gaps.first.acquire(timeout=args.timeout):
+                raise TimeoutError("streams did not start")
+        mark = time.perf_counter()
+        if long:
+            sink = Gaps(1)
+            # the server prepares text on its pool: a thread of its own here
+            worker = threading.Thread(target=submit, args=(engine, SpeechJob(
+                "long", Mode.ZERO_SHOT, voice, long_text(args.chars), seed=99, fixed_tokens=25), sink.sink))
+            worker.start()
+        for _ in range(args.streams):
+            if not gaps.ended.acquire(timeout=args.timeout):
+                raise TimeoutError("streams did not finish")
+        if gaps.errors:
+            raise RuntimeError("; ".join(gaps.errors[:3]))
+        if long:
+            worker.join(args.timeout)
+    finally:
+        engine.shutdown(1.0)
+    ms = np.asarray(gaps.after(mark)) * 1000.0
+    return {"mode": "long-text" if long else "quiet", "gaps": int(ms.size),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "max_ms": round(float(ms.max()), 1)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, help="default: a tiny random model made in a temp dir")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--chars", type=int, default=4500, help="length of the long text")
+    p.add_argument("--tokens", type=int, default=250, help="speech tokens per running stream (10 s)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per mode (modes alternate)")
+    p.add_argument("--overlap-stages", default="auto", choices=("auto", "0", "1"))
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    tmp = None
+    try:
+        if args.model_dir is None:
+            from kernels.make_checkpoint import main as make_checkpoint
+
+            tmp = tempfile.TemporaryDirectory(prefix="cosy-stall-")
+            args.model_dir = Path(tmp.name)
+            make_checkpoint(["--preset", "tiny", "--out", tmp.name])
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from kernels.model import load_model
+
+    settings = choose_settings(threads=0, stage_workers=0, overlap_stages=args.overlap_stages,
+                               llm_hidden=read_model_config(args.model_dir).llm.qwen.hidden_size,
+                               cores=usable_cores(), cuda=False)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    args.overlap = settings.overlap_stages
+    torch.set_grad_enabled(False)
+    model = load_model(args.model_dir)
+    voice = make_voice(args.model_dir)
+    rounds = []
+    for r in range(args.rounds):
+        for long in (r % 2 == 0, r % 2 == 1):  # alternate which mode goes first
+            rounds.append(one_round(model, args.model_dir, voice, args, long))
+            print(json.dumps(rounds[-1]), file=sys.stderr)
+    result = {"meta": {"date": now_iso(), "machine": f"{cpu_name()}, {usable_cores()} cores",
+                       "commit": commit(), "settings": settings.summary(), "streams": args.streams,
+                       "chars": args.chars, "tokens": args.tokens},
+              "rounds": rounds}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    lines = [f"{m['date']} · {m['machine']} · commit {m['commit']} · {m['settings']} · {m['streams']} streams "
+             f"of {m['tokens']} tokens · long text {m['chars']} chars", "",
+             "| round | mode | gaps | p50 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {i // 2 + 1} | {r['mode']} | {r['gaps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
+              for i, r in enumerate(result["rounds"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
