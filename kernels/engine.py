@@ -24,15 +24,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from frontend.prompt import llm_prompt_for
+from frontend.prepare import TextPreparer
 from frontend.text_normalize import TextFrontend
 from kernels.attention import use_flash
 from kernels.flow_cache import DEFAULT_BUDGET_BYTES
@@ -40,6 +40,7 @@ from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ChunkOutput, ModelRunner
 from scheduler.chunk_policy import ChunkPolicyConfig
+from scheduler.commands import Cancel, Command, FinishText, PushTokens, Stop, Submit, TextCommand
 from scheduler.config import SchedulerConfig
 from scheduler.jobs import (
     AudioChunk,
@@ -48,10 +49,11 @@ from scheduler.jobs import (
     EventSink,
     Failed,
     Finished,
+    PreparedJob,
     SpeechJob,
 )
 from scheduler.plan import StepPlan, StepResult
-from scheduler.request import Request, RequestStatus
+from scheduler.request import Playback, Request, RequestStatus
 from scheduler.scheduler import RequestRejected, Scheduler
 
 log = logging.getLogger(__name__)
@@ -125,20 +127,25 @@ class _InFlight:
     plan: StepPlan  # chunks only
     future: Future
     request_ids: frozenset[str]
-    has_first: bool  # holds some request's first chunk
+    has_first: bool  # holds some listener's first audio (not a later sentence piece's)
 
 
 @dataclass
 class _Job:
-    job: SpeechJob
+    prepared: PreparedJob
     sink: EventSink
-    pieces: list[list[int]]  # token ids of text pieces not yet submitted
+    pieces: list[tuple[int, ...]]  # token ids of text pieces not yet submitted
     piece_index: int = 0
     active: list[str] = field(default_factory=list)  # request ids in order; [0] may emit audio
     held: dict[str, list[AudioChunk]] = field(default_factory=dict)  # audio of later pieces
     samples: int = 0
     tokens: int = 0
     done: bool = False
+    playback: Playback = field(default_factory=Playback)  # shared by the job's pieces: one listener
+
+    @property
+    def job(self) -> SpeechJob:
+        return self.prepared.job
 
 
 class JobHandle:
@@ -148,14 +155,18 @@ class JobHandle:
         self._engine = engine
         self.request_id = request_id
 
+    def push_tokens(self, ids: Sequence[int]) -> None:
+        self._engine._inbox.put(PushTokens(self.request_id, tuple(ids)))
+
     def push_text(self, text: str) -> None:
-        self._engine._inbox.put(("push", self.request_id, text))
+        """Tokenises on the calling thread (servers use `encode_text` on a worker, then push_tokens)."""
+        self.push_tokens(self._engine.encode_text(text))
 
     def finish_text(self) -> None:
-        self._engine._inbox.put(("finish", self.request_id, None))
+        self._engine._inbox.put(FinishText(self.request_id))
 
     def cancel(self) -> None:
-        self._engine._inbox.put(("cancel", self.request_id, None))
+        self._engine._inbox.put(Cancel(self.request_id))
 
 
 class Engine:
@@ -182,7 +193,8 @@ class Engine:
                                flow_dtype=weight_dtype(config.flow_dtype, False))
         self.model = model
         self.sample_rate = model.config.sample_rate
-        self.text = TextFrontend(Path(model_dir), use_wetext=config.use_wetext)
+        # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
+        self.text = TextPreparer(TextFrontend(Path(model_dir), use_wetext=config.use_wetext))
         chunk = ChunkPolicyConfig(
             max_chunks_per_step=config.max_chunks_per_step, final_streaming=config.final_chunk_streaming
         )
@@ -203,19 +215,19 @@ class Engine:
             flow_cache_pool_bytes=flow_pool_bytes(config.flow_cache_pool_bytes, device),
             stage_workers=config.stage_workers or usable_cores(),
         )
-        self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}
         self._owner: dict[str, str] = {}  # scheduler request id -> job id
         # submitted (callers, under a lock) - taken (the engine thread): jobs still in the inbox
         self._submit_lock = threading.Lock()
         self._submitted = 0
         self._taken = 0
-        self._backlog: list[tuple[SpeechJob, EventSink]] = []  # jobs over max_jobs, FIFO
-        self._backlog_text: dict[str, list[tuple[str, str | None]]] = {}  # duplex text sent while backlogged
+        self._backlog: list[Submit] = []  # jobs over max_jobs, FIFO
+        self._backlog_text: dict[str, list[TextCommand]] = {}  # duplex text sent while backlogged
         self._stop = threading.Event()
-        # (running, waiting, kv_used_tokens) as of the engine thread's latest loop pass: the
-        # scheduler's last-step stats go stale once the engine idles (no step after the last end)
-        self._live: tuple[int, int, int] = (0, 0, 0)
+        # Published by the engine thread every loop pass; what other threads read (stats, can_admit).
+        # Live counts, not the scheduler's last-step ones: those go stale once the engine idles.
+        self._snapshot = EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
         self._stage: ThreadPoolExecutor | None = None
         if config.overlap_stages:
             self._stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage")
@@ -228,36 +240,31 @@ class Engine:
 
     # ------------------------------------------------------------------ public API (any thread)
 
-    def submit(self, job: SpeechJob, sink: EventSink) -> JobHandle:
+    def prepare(self, job: SpeechJob) -> PreparedJob:
+        """Normalise, split and tokenise the job's text (thread-safe; call it from a worker thread)."""
+        return self.text.prepare(job)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A duplex text piece's token ids (thread-safe)."""
+        return self.text.encode(text)
+
+    def submit(self, job: PreparedJob | SpeechJob, sink: EventSink) -> JobHandle:
+        """A SpeechJob is prepared here, on the calling thread (tests, tools); servers pass PreparedJobs."""
+        prepared = job if isinstance(job, PreparedJob) else self.prepare(job)
         with self._submit_lock:
             self._submitted += 1
-            self._inbox.put(("submit", job.request_id, (job, sink)))
-        return JobHandle(self, job.request_id)
+            self._inbox.put(Submit(prepared, sink))
+        return JobHandle(self, prepared.request_id)
 
     def _pending_submits(self) -> int:
         return max(0, self._submitted - self._taken)
 
     def can_admit(self) -> bool:
-        waiting = self.scheduler.num_waiting + self._pending_submits() + len(self._backlog)
-        return waiting < self.config.max_waiting
+        return self._snapshot.waiting + self._pending_submits() < self.config.max_waiting
 
     def stats(self) -> EngineStats:
-        s = self.scheduler.stats()
-        last = s.last_step
-        timings = self.runner.last
-        running, waiting, kv_used = self._live
-        return EngineStats(
-            running=running,
-            waiting=waiting + self._pending_submits(),
-            kv_used_tokens=kv_used,
-            kv_total_tokens=last.kv_total_tokens,
-            last_decode_batch=last.decode_batch,
-            last_flow_batch=timings.flow_batch,
-            last_vocoder_batch=timings.vocoder_batch,
-            steps=s.totals.steps,
-            flow_cache_bytes=self.runner.flow_reserved_bytes,
-            flow_cache_pool_bytes=self.runner.flow_pool_bytes or 0,
-        )
+        """The engine thread's latest snapshot (other threads never read the scheduler or runner)."""
+        return replace(self._snapshot, waiting=self._snapshot.waiting + self._pending_submits())
 
     def describe(self) -> str:
         """One line for the start-up log: device, dtypes, threads, batch limits, attention, flow cache."""
@@ -284,7 +291,7 @@ class Engine:
         end = time.monotonic() + deadline_s
         while time.monotonic() < end and (self._jobs or self._pending_submits()):
             time.sleep(0.02)
-        self._inbox.put(("stop", "", None))
+        self._inbox.put(Stop())
         self._thread.join(timeout=max(1.0, deadline_s))
         if not self._thread.is_alive():
             if self._stage is not None:
@@ -296,7 +303,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            self._refresh_live()
+            self._publish_stats()
             self._admit_backlog()
             self._collect()
             block = not self.scheduler.has_work() and self._in_flight is None
@@ -343,7 +350,7 @@ class Engine:
             chunk_plan = StepPlan(plan.step, chunks=plan.chunks)
             future = self._stage.submit(self.runner.execute_chunks, plan.chunks)
             self._in_flight = _InFlight(chunk_plan, future, frozenset(c.request_id for c in plan.chunks),
-                                        any(c.is_first for c in plan.chunks))
+                                        any(self._starts_playback(c.request_id) for c in plan.chunks))
         llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return
@@ -354,6 +361,11 @@ class Engine:
             self._fail_plan(llm_plan, f"internal error: {exc}")
             return
         self._apply_result(llm_plan, result, [])
+
+    def _starts_playback(self, rid: str) -> bool:
+        """This request's next chunk is its listener's first audio (not a later sentence piece's)."""
+        req = self.scheduler.get(rid)
+        return req is not None and req.playback.start_s is None
 
     def _collect(self, wait_s: float | None = 0.0) -> None:
         """Apply the stage thread's chunk batch if it is done, waiting up to wait_s for it (None: until done)."""
@@ -389,10 +401,23 @@ class Engine:
         else:
             self.runner.release(rid)
 
-    def _refresh_live(self) -> None:
+    def _publish_stats(self) -> None:
         waiting = self.scheduler.num_waiting
         running = max(0, len(self._owner) - waiting)  # admitted scheduler requests (decoding or draining)
-        self._live = (running, waiting + len(self._backlog), self.scheduler.kv.used_tokens)
+        s = self.scheduler.stats()
+        timings = self.runner.last
+        self._snapshot = EngineStats(
+            running=running,
+            waiting=waiting + len(self._backlog),
+            kv_used_tokens=self.scheduler.kv.used_tokens,
+            kv_total_tokens=s.last_step.kv_total_tokens,
+            last_decode_batch=s.last_step.decode_batch,
+            last_flow_batch=timings.flow_batch,
+            last_vocoder_batch=timings.vocoder_batch,
+            steps=s.totals.steps,
+            flow_cache_bytes=self.runner.flow_reserved_bytes,
+            flow_cache_pool_bytes=self.runner.flow_pool_bytes or 0,
+        )
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; returns False on stop."""
@@ -414,53 +439,50 @@ class Engine:
         except queue.Empty:
             return
         if not self._apply(cmd):
-            self._inbox.put(("stop", "", None))  # re-queue so the main loop sees it
+            self._inbox.put(Stop())  # re-queue so the main loop sees it
             return
         self._drain_inbox(block=False)
 
-    def _apply(self, cmd: tuple[str, str, Any]) -> bool:
-        kind, job_id, payload = cmd
-        if kind == "stop":
-            return False
-        if kind == "submit":
-            self._taken += 1
-            if self.config.max_jobs and len(self._jobs) >= self.config.max_jobs:
-                self._backlog.append(payload)
-            else:
-                self._intake(*payload)
-        elif kind == "cancel":
-            self._backlog = [(j, s) for j, s in self._backlog if j.request_id != job_id]
-            self._backlog_text.pop(job_id, None)
-            self._cancel(job_id)
-        elif kind in ("push", "finish"):
-            if any(j.request_id == job_id for j, _ in self._backlog):
-                self._backlog_text.setdefault(job_id, []).append((kind, payload))  # replayed at intake
-            else:
-                self._feed_text(job_id, kind, payload)
+    def _apply(self, cmd: Command) -> bool:
+        """One command from another thread; False on stop."""
+        match cmd:
+            case Stop():
+                return False
+            case Submit():
+                self._taken += 1
+                if self.config.max_jobs and len(self._jobs) >= self.config.max_jobs:
+                    self._backlog.append(cmd)
+                else:
+                    self._intake(cmd)
+            case Cancel(job_id=job_id):
+                self._backlog = [b for b in self._backlog if b.job.request_id != job_id]
+                self._backlog_text.pop(job_id, None)
+                self._cancel(job_id)
+            case PushTokens(job_id=job_id) | FinishText(job_id=job_id):
+                if any(b.job.request_id == job_id for b in self._backlog):
+                    self._backlog_text.setdefault(job_id, []).append(cmd)  # replayed at intake
+                else:
+                    self._feed_text(cmd)
         return True
 
     # ------------------------------------------------------------------ intake
 
-    def _intake(self, job: SpeechJob, sink: EventSink) -> None:
+    def _intake(self, submit: Submit) -> None:
+        prepared, sink = submit.job, submit.sink
+        job = prepared.job
         if job.request_id in self._jobs:
             sink(Failed(job.request_id, "InvalidParameter", "duplicate request id"))
             return
+        if prepared.refusal is not None:
+            sink(Failed(job.request_id, "InvalidParameter", prepared.refusal))
+            return
         try:
-            if job.text is None:
-                state = _Job(job, sink, pieces=[])
-                self._jobs[job.request_id] = state
-                self._submit_piece(state, text_ids=[], bistream=True)
-                for kind, text in self._backlog_text.pop(job.request_id, []):
-                    self._feed_text(job.request_id, kind, text)
-                return
-            pieces = [self.text.encode(p) for p in self.text.normalize(job.text, split=True)]
-            pieces = [p for p in pieces if p]
-            if not pieces:
-                sink(Failed(job.request_id, "InvalidParameter", "text has nothing to speak after normalisation"))
-                return
-            state = _Job(job, sink, pieces=pieces[1:])
+            duplex = job.text is None
+            state = _Job(prepared, sink, pieces=list(prepared.pieces[1:]))
             self._jobs[job.request_id] = state
-            self._submit_piece(state, text_ids=pieces[0], bistream=False)
+            self._submit_piece(state, text_ids=() if duplex else prepared.pieces[0], bistream=duplex)
+            for cmd in self._backlog_text.pop(job.request_id, []) if duplex else ():
+                self._feed_text(cmd)
         except RequestRejected as exc:
             self._jobs.pop(job.request_id, None)
             sink(Failed(job.request_id, exc.code, str(exc)))
@@ -469,22 +491,22 @@ class Engine:
             self._jobs.pop(job.request_id, None)
             sink(Failed(job.request_id, "InternalError", f"could not prepare the request: {exc}"))
 
-    def _submit_piece(self, state: _Job, text_ids: list[int], bistream: bool) -> None:
-        job = state.job
-        prompt = llm_prompt_for(job.mode, job.voice, self.text, job.instruct)
+    def _submit_piece(self, state: _Job, text_ids: Sequence[int], bistream: bool) -> None:
+        job, prepared = state.job, state.prepared
         rid = f"{job.request_id}#{state.piece_index}"
         seed = None if job.seed is None else job.seed + 1000 * state.piece_index
         req = Request(
             request_id=rid,
             text_ids=list(text_ids),
-            prompt_text_ids=tuple(prompt.prompt_text_ids),
-            prompt_speech_ids=tuple(prompt.prompt_speech_tokens),
+            prompt_text_ids=prepared.prompt_text_ids,
+            prompt_speech_ids=prepared.prompt_speech_ids,
             flow_prompt_len=len(job.voice.speech_tokens),
             stream=job.stream,
             bistream=bistream,
             fixed_tokens=job.fixed_tokens,
             seed=seed,
             arrival_s=time.monotonic(),
+            playback=state.playback,
         )
         self.scheduler.add_request(req)
         self.runner.add_request(rid, job.voice, speed=job.speed, seed=seed)
@@ -492,23 +514,22 @@ class Engine:
         state.active.append(rid)
         state.piece_index += 1
 
-    def _feed_text(self, job_id: str, kind: str, text: str | None) -> None:
-        state = self._jobs.get(job_id)
+    def _feed_text(self, cmd: TextCommand) -> None:
+        state = self._jobs.get(cmd.job_id)
         if state is None or not state.active:
             return
         req = self.scheduler.get(state.active[-1])
         if req is None or not req.bistream:
             return
-        if kind == "push" and text:
-            ids = self.text.encode(text)
-            if ids:
-                req.push_text(ids)
-        elif kind == "finish":
-            req.finish_text()
+        match cmd:
+            case PushTokens(ids=ids) if ids:
+                req.push_text(list(ids))
+            case FinishText():
+                req.finish_text()
 
     def _admit_backlog(self) -> None:
         while self._backlog and (not self.config.max_jobs or len(self._jobs) < self.config.max_jobs):
-            self._intake(*self._backlog.pop(0))
+            self._intake(self._backlog.pop(0))
 
     def _advance_pieces(self) -> None:
         """Admit a job's next text piece once the current piece's LLM is done."""

@@ -55,7 +55,7 @@ def warm_up(engine: object, timeout_s: float = 300.0, progress_file: IO[str] | N
             done.release()
 
         for job in jobs:
-            engine.submit(job, sink)  # type: ignore[attr-defined]
+            engine.submit(engine.prepare(job), sink)  # type: ignore[attr-defined]
         finished = all(done.acquire(timeout=max(0.0, t0 + timeout_s - time.perf_counter())) for _ in jobs)
     seconds = time.perf_counter() - t0
     if not finished or failures:

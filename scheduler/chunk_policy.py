@@ -96,10 +96,13 @@ class ChunkPolicy:
         return len(req.speech_ids) - req.token_offset >= need
 
     def margin_s(self, req: Request, now_s: float) -> float:
-        """Seconds of audio emitted minus seconds since the first chunk: how long until a stall."""
-        if req.first_chunk_s is None:
+        """Seconds of audio handed to the listener minus seconds since it started playing: how long until
+        a stall. A job's later sentence piece shares its earlier pieces' playback, so its first chunk is
+        urgent only when the job's audio runs low, not merely for being a first chunk."""
+        play = req.playback
+        if play.start_s is None:
             return -math.inf
-        return req.samples_emitted / self.config.sample_rate - (now_s - req.first_chunk_s)
+        return play.samples / self.config.sample_rate - (now_s - play.start_s)
 
     def pick(self, ready: Iterable[tuple[Request, ChunkItem]], now_s: float) -> list[ChunkItem]:
         """At most max_chunks_per_step chunks, the ones needed soonest first; only the urgent ones when

@@ -6,7 +6,7 @@ engine thread, with `AudioChunk`s then exactly one `Finished` or `Failed`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +44,22 @@ class SpeechJob:
 
 
 @dataclass(frozen=True)
+class PreparedJob:
+    """A job with its text already normalised, split and tokenised (`EngineProtocol.prepare`, on a
+    worker thread): the engine thread only schedules token ids, it never runs the text frontend."""
+
+    job: SpeechJob
+    prompt_text_ids: tuple[int, ...] = ()  # LLM prompt: the voice's transcript, or the instruction
+    prompt_speech_ids: tuple[int, ...] = ()
+    pieces: tuple[tuple[int, ...], ...] = ()  # token ids of each sentence piece; () for duplex (text=None)
+    refusal: str | None = None  # why the job cannot run (nothing to speak, no instruction): InvalidParameter
+
+    @property
+    def request_id(self) -> str:
+        return self.job.request_id
+
+
+@dataclass(frozen=True)
 class ChunkMetrics:
     generate_time_s: float  # model time spent on this chunk (LLM share + flow + vocoder)
     llm_tokens: int  # speech tokens this chunk covers
@@ -78,7 +94,7 @@ EventSink = Callable[[EngineEvent], None]
 
 
 class JobControl(Protocol):
-    def push_text(self, text: str) -> None: ...  # duplex: more text for a job with text=None
+    def push_tokens(self, ids: Sequence[int]) -> None: ...  # duplex: more text (token ids, `encode_text`)
     def finish_text(self) -> None: ...  # duplex: no more text
     def cancel(self) -> None: ...  # stop at the next step, free the KV slot, no more events
 
@@ -102,7 +118,9 @@ class EngineProtocol(Protocol):
 
     sample_rate: int  # 24000
 
-    def submit(self, job: SpeechJob, sink: EventSink) -> JobControl: ...
+    def prepare(self, job: SpeechJob) -> PreparedJob: ...  # text -> ids; a worker thread, never the loop
+    def encode_text(self, text: str) -> list[int]: ...  # a duplex piece's ids; a worker thread too
+    def submit(self, job: PreparedJob, sink: EventSink) -> JobControl: ...
     def stats(self) -> EngineStats: ...
     def can_admit(self) -> bool: ...  # False when the waiting queue is full (server answers 429/503)
     def shutdown(self, deadline_s: float) -> None: ...

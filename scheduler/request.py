@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from scheduler.bistream import BistreamFeeder
 
 
+@dataclass
+class Playback:
+    """Audio handed to one listener: when its first sample went out, and how much has gone out since."""
+
+    start_s: float | None = None
+    samples: int = 0
+
+
 class RequestStatus(enum.IntEnum):
     """Ordered lifecycle: `status >= FINISHED_STOPPED` means finished."""
 
@@ -59,12 +67,17 @@ class Request:
     mel_frames_vocoded: int = 0
     samples_emitted: int = 0
     first_chunk_s: float | None = None
+    # The listener's timeline this request's audio joins: its own, or (a later sentence piece of a job)
+    # the one shared with the job's earlier pieces, whose audio plays first. Urgency is measured on it.
+    playback: Playback = field(default_factory=Playback)
     fail_reason: str | None = None
     text_finished: bool = False  # bistream: finish_text() was called
     feeder: BistreamFeeder | None = None  # bistream: attached by the scheduler at add_request
 
     def __post_init__(self) -> None:
         self.text_ids = list(self.text_ids)
+        if self.first_chunk_s is not None and self.playback.start_s is None:  # restored/constructed mid-way
+            self.playback.start_s, self.playback.samples = self.first_chunk_s, self.samples_emitted
         n = len(self.text_ids)
         if self.fixed_tokens is not None:
             if self.fixed_tokens < 1:

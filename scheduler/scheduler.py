@@ -308,11 +308,14 @@ class Scheduler:
             return
         if req.first_chunk_s is None:
             req.first_chunk_s = self.clock()
+        if req.playback.start_s is None:
+            req.playback.start_s = req.first_chunk_s
         lookahead = 0 if chunk.finalize else self.config.chunk.lookahead
         covered = chunk.token_end - lookahead - chunk.token_offset
         req.token_offset += covered
         req.mel_frames_vocoded += covered * self.config.token_mel_ratio
         req.samples_emitted += samples
+        req.playback.samples += samples
         req.chunks_done += 1
         self._counters.chunks += 1
         self._counters.samples_emitted += samples

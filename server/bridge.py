@@ -1,23 +1,38 @@
-"""Engine thread -> asyncio: the sink hops each event onto the loop; an async iterator reads them.
+"""Server <-> engine thread: text is prepared on the worker pool, events hop back onto the loop.
 
-The engine calls the sink on its own thread; `call_soon_threadsafe` puts the event into
-an asyncio.Queue owned by the loop. Leaving the `async for` early (client gone, error)
+Going in, one task per stream takes the job and then each duplex text piece in order: the job's text is
+normalised, split and tokenised (`engine.prepare`), and each piece tokenised (`engine.encode_text`), on
+the pool, so neither the loop nor the engine's decode thread ever runs the text frontend; then the ids
+go to the engine. Coming out, the engine calls the sink on its own thread; `call_soon_threadsafe` puts
+the event into an asyncio.Queue owned by the loop. Leaving the `async for` early (client gone, error)
 cancels the engine job at once via `close()`.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 from collections.abc import AsyncIterator
 
 from scheduler.jobs import AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl, SpeechJob
 
+log = logging.getLogger(__name__)
+_FINISH = object()  # "no more text" in the text queue
+
 
 class EngineStream:
-    def __init__(self, engine: EngineProtocol, job: SpeechJob, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: EngineProtocol, job: SpeechJob, loop: asyncio.AbstractEventLoop,
+                 executor: concurrent.futures.Executor | None = None) -> None:
+        self._engine = engine
         self._loop = loop
+        self._executor = executor
+        self._request_id = job.request_id
         self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._done = False
-        self.control: JobControl = engine.submit(job, self._sink)
+        self._text: asyncio.Queue[str | object] = asyncio.Queue()  # duplex pieces, then _FINISH
+        self._done = False  # the job ended or was given up: nothing more goes to the engine
+        self._closed = False
+        self.control: JobControl | None = None
+        self._feeder = loop.create_task(self._feed(job))
 
     def _sink(self, event: EngineEvent) -> None:
         try:
@@ -25,17 +40,45 @@ class EngineStream:
         except RuntimeError:  # loop closed during shutdown: nobody is listening any more
             pass
 
+    async def _feed(self, job: SpeechJob) -> None:
+        """Prepare and submit the job, then pass on its text pieces in order (duplex)."""
+        try:
+            prepared = await self._loop.run_in_executor(self._executor, self._engine.prepare, job)
+            if self._done:  # closed while preparing: nothing was submitted
+                return
+            self.control = self._engine.submit(prepared, self._sink)
+            while job.text is None:
+                piece = await self._text.get()
+                if self._done:
+                    return
+                if piece is _FINISH:
+                    self.control.finish_text()
+                    return
+                ids = await self._loop.run_in_executor(self._executor, self._engine.encode_text, piece)
+                if self._done:
+                    return
+                self.control.push_tokens(ids)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a text-frontend bug fails this request, not the server
+            log.exception("preparing request %s failed", self._request_id)
+            self._queue.put_nowait(Failed(self._request_id, "InternalError", f"could not prepare the text: {exc}"))
+
     def push_text(self, text: str) -> None:
-        self.control.push_text(text)
+        self._text.put_nowait(text)
 
     def finish_text(self) -> None:
-        self.control.finish_text()
+        self._text.put_nowait(_FINISH)
 
     def close(self) -> None:
-        """Cancel the engine job unless it already ended; idempotent."""
-        if not self._done:
-            self._done = True
+        """Cancel the engine job unless it already ended, and stop the feeder; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._done and self.control is not None:
             self.control.cancel()
+        self._done = True
+        self._text.put_nowait(_FINISH)  # wake the feeder so it sees _done
 
     async def events(self) -> AsyncIterator[AudioChunk | Finished | Failed]:
         """Yields AudioChunks, then exactly one Finished or Failed; cancels the job if abandoned."""

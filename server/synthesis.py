@@ -64,7 +64,7 @@ class Synthesis:
         self._speech_ms = 0
         self._first = True
         self._speech_s = 0.0
-        self.stream = EngineStream(app.engine, make_job(request_id, params, voice), self._loop)
+        self.stream = EngineStream(app.engine, make_job(request_id, params, voice), self._loop, app.pool)
         app.metrics.inflight += 1
         self._counted = True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from scheduler.jobs import (
     EventSink,
     Failed,
     Finished,
+    PreparedJob,
     SpeechJob,
     VoicePrompt,
 )
@@ -45,9 +47,9 @@ class _FakeJob:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     # JobControl
-    def push_text(self, text: str) -> None:
+    def push_tokens(self, ids: Sequence[int]) -> None:
         with self._cond:
-            self._pending += text
+            self._pending += "".join(map(chr, ids))
             self._cond.notify()
 
     def finish_text(self) -> None:
@@ -116,8 +118,19 @@ class FakeEngine:
         self._running: set[_FakeJob] = set()
         self._lock = threading.Lock()
         self.steps = 0
+        self.prepare_threads: list[str] = []  # where prepare / encode_text ran
 
-    def submit(self, job: SpeechJob, sink: EventSink) -> _FakeJob:
+    def prepare(self, job: SpeechJob) -> PreparedJob:
+        """One token per character (so audio length stays exact); the thread is recorded for tests."""
+        self.prepare_threads.append(threading.current_thread().name)
+        return PreparedJob(job, pieces=() if job.text is None else (tuple(map(ord, job.text)),))
+
+    def encode_text(self, text: str) -> list[int]:
+        self.prepare_threads.append(threading.current_thread().name)
+        return [ord(c) for c in text]
+
+    def submit(self, prepared: PreparedJob, sink: EventSink) -> _FakeJob:
+        job = prepared.job
         fake = _FakeJob(self, job, sink)
         with self._lock:
             self.jobs.append(job)

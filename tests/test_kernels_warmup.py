@@ -5,7 +5,7 @@ import io
 import logging
 
 from kernels.warmup import SPEECH_TOKENS, synthetic_voice, warm_up
-from scheduler.jobs import Failed, SpeechJob
+from scheduler.jobs import Failed, PreparedJob, SpeechJob
 from tests.fakes import FakeEngine
 
 
@@ -14,12 +14,15 @@ class _Silent:
 
     sample_rate = 24000
 
-    def submit(self, job: SpeechJob, sink: object) -> None:
+    def prepare(self, job: SpeechJob) -> PreparedJob:
+        return PreparedJob(job)
+
+    def submit(self, job: PreparedJob, sink: object) -> None:
         return None
 
 
 class _Failing(_Silent):
-    def submit(self, job: SpeechJob, sink) -> None:  # type: ignore[no-untyped-def]
+    def submit(self, job: PreparedJob, sink) -> None:  # type: ignore[no-untyped-def]
         sink(Failed(job.request_id, "InternalError", "boom"))
 
 

@@ -199,3 +199,32 @@ def test_pacing_one_chunk_ahead() -> None:
     # a request whose own chunk is out may still get its next chunk's tokens (no gap when it is back)
     _, _, _, own = _run_with_chunk_lag(400, chunks_ahead=1, tell_in_flight=True)
     assert own > 100 + 3 + 1 and own <= 100 + 100 + 3 + 1
+
+
+def test_a_later_sentence_piece_shares_its_jobs_playback() -> None:
+    """A job's second piece is a new request, but its listener already has the first piece's audio: its
+    first chunk is urgent only when that audio runs low (else long texts starve the other streams)."""
+    now = 10.0
+    first = Request("job#0", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=24000 * 5)  # +3 s
+    second = Request("job#1", text_ids=[1], arrival_s=9.0, playback=first.playback)
+    other = Request("other", text_ids=[1], arrival_s=0.0, first_chunk_s=8.0, samples_emitted=int(24000 * 2.5))
+    policy = ChunkPolicy(ChunkPolicyConfig())
+    assert policy.margin_s(second, now) == pytest.approx(3.0)
+    item = lambda r: (r, ChunkItem(r.request_id, (), 0, 0, False, True, False, False))
+    assert [c.request_id for c in policy.pick([item(second), item(other)], now)] == ["other"]
+    assert policy.margin_s(second, now + 2.5) == pytest.approx(0.5)  # the job's audio is running out
+    assert [c.request_id for c in policy.pick([item(second), item(other)], now + 2.5)] == ["other", "job#1"]
+
+
+def test_the_scheduler_counts_a_pieces_audio_on_the_shared_playback() -> None:
+    clock = FakeClock(5.0)
+    s = sched(clock)
+    first = Request("job#0", text_ids=[1, 2, 3], fixed_tokens=30, arrival_s=5.0)
+    s.add_request(first)
+    run_until_idle(s)
+    assert first.playback.start_s == 5.0 and first.playback.samples == first.samples_emitted > 0
+    second = Request("job#1", text_ids=[4, 5], fixed_tokens=30, arrival_s=5.0, playback=first.playback)
+    s.add_request(second)
+    run_until_idle(s)
+    assert first.playback.samples == first.samples_emitted + second.samples_emitted
+    assert second.first_chunk_s == 5.0 and second.playback.start_s == 5.0

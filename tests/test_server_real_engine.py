@@ -351,3 +351,31 @@ def test_startup_line_names_url_and_the_auto_chosen_settings(server: ServerThrea
     assert line.startswith(f"http://127.0.0.1:{server.port} · device cpu, llm fp32, flow fp32, threads 1, ")
     for part in ("stage workers", "attention torch SDPA", "flow cache", "max batch 32", "max inflight 256"):
         assert part in line, (part, line)
+
+
+def test_text_is_prepared_on_the_pool_never_the_engine_or_the_loop(server: ServerThread, voice: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Normalisation and tokenisation run on the server's worker threads: a long text must not stall
+    the decode thread (every running stream) nor the event loop (every connection)."""
+    from frontend.text_normalize import TextFrontend
+
+    calls: list[tuple[str, str]] = []
+    for name in ("normalize", "encode"):
+        original = getattr(TextFrontend, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append((_name, threading.current_thread().name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TextFrontend, name, spy)
+    events, _ = _sse(server, _body(voice, text="第一句话。第二句话，有数字123。"))
+    assert events[-1]["output"]["finish_reason"] == "stop"
+    ws = websocket.create_connection(server.url.replace("http://", "ws://") + WS_PATH, header=AUTH, timeout=60)
+    try:
+        ws_events, _, _ = _ws_task(ws, voice, ["你好，", "世界。"], "pcm")
+    finally:
+        ws.close()
+    assert ws_events[-1] == "task-finished", ws_events
+    assert {n for n, _ in calls} == {"normalize", "encode"}
+    threads = {t for _, t in calls}
+    assert threads and all(t.startswith("cosy-work") for t in threads), threads
