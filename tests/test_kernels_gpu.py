@@ -358,7 +358,8 @@ def test_flash_prefill_semantics_equal_prefill_attention():
     k = torch.randn(hkv, start + t, d, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(hkv, start + t, d, generator=g).to("cuda", torch.bfloat16)
     ours = prefill_attention(q, k, v, start)
-    flash = flash_attn_func(q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True)[0]
+    k_flash, v_flash = (x.transpose(0, 1).contiguous()[None] for x in (k, v))  # [1, S, Hkv, D]
+    flash = flash_attn_func(q[None], k_flash, v_flash, causal=True)[0]
     torch.testing.assert_close(flash.float(), ours.float(), **BF16_ATTN)
 
 
