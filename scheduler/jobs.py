@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from protocol.errors import ErrorCode, as_error_code
+
 
 class Mode(str, enum.Enum):
     ZERO_SHOT = "zero_shot"  # API fast_replication
@@ -69,8 +71,12 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     request_id: str
-    code: str  # PascalCase, e.g. "InternalError", "Overloaded", "Cancelled", "InvalidParameter"
+    code: ErrorCode  # e.g. INTERNAL_ERROR, OVERLOADED, CANCELLED, INVALID_PARAMETER
     message: str
+
+    def __post_init__(self) -> None:
+        # Callers that still pass the PascalCase string get the member (a StrEnum: equal either way).
+        object.__setattr__(self, "code", as_error_code(self.code))
 
 
 EngineEvent = AudioChunk | Finished | Failed
