@@ -5,7 +5,6 @@ engine thread, with `AudioChunk`s then exactly one `Finished` or `Failed`.
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -13,12 +12,10 @@ from typing import Protocol
 import numpy as np
 
 from protocol.errors import ErrorCode, as_error_code
+from protocol.speech_mode import Mode
 
-
-class Mode(str, enum.Enum):
-    ZERO_SHOT = "zero_shot"  # API fast_replication
-    CROSS_LINGUAL = "cross_lingual"  # API cross_lingual_replication
-    INSTRUCT = "instruct"  # API natural_language_replication (instruct2 layout)
+__all__ = ["AudioChunk", "ChunkMetrics", "EngineEvent", "EngineProtocol", "EngineStats", "ErrorCode", "EventSink",
+           "Failed", "Finished", "JobControl", "Mode", "SpeechJob", "VoicePrompt"]  # Mode, ErrorCode re-exported
 
 
 @dataclass(frozen=True)
