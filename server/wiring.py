@@ -17,6 +17,7 @@ from server.config import ServerConfig
 from server.state import ExtractPrompt, ServerState
 from server.store import VoiceStore
 from server.store_base import VoiceStoreBase
+from server.store_s3 import S3Settings, S3VoiceStore  # boto3, an optional extra, loads only when one is made
 from server.voices import VoiceCache
 
 log = logging.getLogger("server")
@@ -36,7 +37,6 @@ def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
 def build_store(config: ServerConfig) -> VoiceStoreBase:
     """`--store local` (default): data_dir; `--store s3`: a bucket that several replicas share."""
     if config.store == "s3":
-        from server.store_s3 import S3Settings, S3VoiceStore  # lazy: boto3 is an optional extra
         return S3VoiceStore(S3Settings(
             bucket=config.s3_bucket, prefix=config.s3_prefix, endpoint_url=config.s3_endpoint,
             region=config.s3_region, access_key=config.s3_access_key, secret_key=config.s3_secret_key,
