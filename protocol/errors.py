@@ -1,46 +1,106 @@
-"""API errors: one exception type carrying the HTTP status hint and the PascalCase code.
+"""API errors: the one vocabulary of error codes, and the one place they become responses.
 
-Raised anywhere in `protocol/` (and by the server); turned into a response body in
-exactly one place, `error_body`.
+`ErrorCode` is shared by the engine (`scheduler.jobs.Failed`, the scheduler's `RequestRejected`)
+and the server; a `StrEnum`, so a member equals its PascalCase string. `ApiError` carries a code,
+a message and the HTTP status (from `HTTP_STATUS` unless the raiser knows better: 429 vs 503,
+h11's hint). How an error looks on each transport:
+- HTTP: `http_error` -> status, headers, JSON body `{code, message, request_id}`;
+- SSE (after the stream began): `sse_error_event`;
+- WebSocket: `ws_task_failed` -> a `task-failed` event.
 """
 from __future__ import annotations
 
+import enum
 import json
+from typing import Any
+
+from protocol.sse import speech_error_event
+from protocol.ws_events import task_failed
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_PARAMETER = "InvalidParameter"
+    BAD_REQUEST = "BadRequest"  # malformed HTTP framing, not a parameter problem
+    UNAUTHORIZED = "Unauthorized"
+    NOT_FOUND = "NotFound"
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"
+    REQUEST_TIMEOUT = "RequestTimeout"
+    PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+    UNSUPPORTED_MEDIA_TYPE = "UnsupportedMediaType"
+    UPGRADE_REQUIRED = "UpgradeRequired"
+    HEADERS_TOO_LARGE = "RequestHeaderFieldsTooLarge"
+    OVERLOADED = "Overloaded"
+    INTERNAL_ERROR = "InternalError"
+    CANCELLED = "Cancelled"  # the engine stopped the job (shutdown)
+    # WebSocket task protocol (task-failed only; never an HTTP response)
+    INVALID_MESSAGE = "InvalidMessage"  # not JSON / not an object / no header.action
+    UNKNOWN_ACTION = "UnknownAction"
+    TASK_NOT_STARTED = "TaskNotStarted"  # continue/finish before run-task
+    TASK_ID_MISMATCH = "TaskIdMismatch"
+    TASK_ALREADY_RUNNING = "TaskAlreadyRunning"
+    INVALID_STATE = "InvalidState"  # e.g. continue-task after finish-task
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_PARAMETER: 400,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.REQUEST_TIMEOUT: 408,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.UPGRADE_REQUIRED: 426,
+    ErrorCode.HEADERS_TOO_LARGE: 431,
+    ErrorCode.OVERLOADED: 503,  # 429 when a per-server limit (max inflight) refuses
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.CANCELLED: 500,
+    ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.UNKNOWN_ACTION: 400,
+    ErrorCode.TASK_NOT_STARTED: 400,
+    ErrorCode.TASK_ID_MISMATCH: 400,
+    ErrorCode.TASK_ALREADY_RUNNING: 400,
+    ErrorCode.INVALID_STATE: 400,
+}
+assert set(HTTP_STATUS) == set(ErrorCode), "every error code needs an HTTP status"
+
+
+def as_error_code(value: ErrorCode | str) -> ErrorCode:
+    """A code from the engine side; one this vocabulary lacks is an internal error, never a crash."""
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return ErrorCode.INTERNAL_ERROR
 
 
 class ApiError(Exception):
-    """An error the client should see: `status` (HTTP), `code` (PascalCase), `message`."""
+    """An error the client should see: `code`, `message`, and `status` (HTTP)."""
 
-    status: int = 500
-    code: str = "InternalError"
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: ErrorCode | str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = status
         if code is not None:
-            self.code = code
+            self.code = ErrorCode(code)
+        self.status = status if status is not None else HTTP_STATUS[self.code]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
 
 
 class InvalidParameter(ApiError):
-    status = 400
-    code = "InvalidParameter"
+    code = ErrorCode.INVALID_PARAMETER
 
 
 class BadRequest(ApiError):
     """Malformed HTTP framing (not a parameter problem)."""
 
-    status = 400
-    code = "BadRequest"
+    code = ErrorCode.BAD_REQUEST
 
 
 class Unauthorized(ApiError):
-    status = 401
-    code = "Unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
     def __init__(self, message: str = "invalid or missing token") -> None:
         # Never tell the client which part of the credentials was wrong.
@@ -48,38 +108,41 @@ class Unauthorized(ApiError):
 
 
 class NotFound(ApiError):
-    status = 404
-    code = "NotFound"
+    code = ErrorCode.NOT_FOUND
 
 
 class MethodNotAllowed(ApiError):
-    status = 405
-    code = "MethodNotAllowed"
+    code = ErrorCode.METHOD_NOT_ALLOWED
 
     def __init__(self, message: str, allowed: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.allowed = allowed  # for the Allow header
 
 
+class RequestTimeout(ApiError):
+    code = ErrorCode.REQUEST_TIMEOUT
+
+
 class PayloadTooLarge(ApiError):
-    status = 413
-    code = "PayloadTooLarge"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(ApiError):
-    status = 415
-    code = "UnsupportedMediaType"
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+class UpgradeRequired(ApiError):
+    code = ErrorCode.UPGRADE_REQUIRED
 
 
 class HeadersTooLarge(ApiError):
-    status = 431
-    code = "RequestHeaderFieldsTooLarge"
+    code = ErrorCode.HEADERS_TOO_LARGE
 
 
 class Overloaded(ApiError):
-    """429 (per-client limit) or 503 (server full); `retry_after_s` becomes Retry-After."""
+    """429 (per-server limit) or 503 (server full); `retry_after_s` becomes Retry-After."""
 
-    code = "Overloaded"
+    code = ErrorCode.OVERLOADED
 
     def __init__(self, message: str = "server overloaded, retry later", *, status: int = 503,
                  retry_after_s: int = 1) -> None:
@@ -90,12 +153,21 @@ class Overloaded(ApiError):
 
 
 class InternalError(ApiError):
-    status = 500
-    code = "InternalError"
+    code = ErrorCode.INTERNAL_ERROR
 
     def __init__(self, message: str = "internal error") -> None:
         super().__init__(message)
 
+
+def engine_error(code: ErrorCode | str, message: str) -> ApiError:
+    """An engine `Failed` / `RequestRejected` as the error the client sees."""
+    code = as_error_code(code)
+    if code is ErrorCode.OVERLOADED:
+        return Overloaded(message)  # carries Retry-After like every other overload
+    return ApiError(message, code=code)
+
+
+# ---- the error on each transport ----
 
 def error_dict(err: ApiError, request_id: str) -> dict[str, str]:
     return {"code": err.code, "message": err.message, "request_id": request_id}
@@ -114,3 +186,18 @@ def error_headers(err: ApiError) -> list[tuple[str, str]]:
     if isinstance(err, MethodNotAllowed) and err.allowed:
         headers.append(("allow", ", ".join(err.allowed)))
     return headers
+
+
+def http_error(err: ApiError, request_id: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """HTTP: (status, headers, body)."""
+    return err.status, error_headers(err), error_body(err, request_id)
+
+
+def sse_error_event(err: ApiError, request_id: str) -> bytes:
+    """SSE, once the stream began: an event with `error` set and `finish_reason: "error"`."""
+    return speech_error_event(request_id, request_id, err.code, err.message)
+
+
+def ws_task_failed(task_id: str, err: ApiError) -> dict[str, Any]:
+    """WebSocket: `task-failed` with `header.error_code` / `header.error_message`."""
+    return task_failed(task_id, err.code, err.message)

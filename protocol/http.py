@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from protocol.errors import ApiError, BadRequest, HeadersTooLarge, PayloadTooLarge, error_body, error_headers
+from protocol.errors import ApiError, BadRequest, HeadersTooLarge, PayloadTooLarge, http_error
 
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # one reference-audio upload (30 s of WAV is ~3 MB; MP3 less)
@@ -188,7 +188,7 @@ class HttpConnection:
         read completely and is fine to follow (a 404 or 400 on a whole, well-framed request)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return b""  # a response already started: nothing sane can be sent
-        return self.send_response(err.status, error_headers(err), error_body(err, request_id))
+        return self.send_response(*http_error(err, request_id))
 
     def start_stream(self, status: int, headers: HeadersIn) -> bytes:
         """Response head without Content-Length: chunked for HTTP/1.1 (close-delimited for 1.0)."""

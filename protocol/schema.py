@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from protocol.errors import InvalidParameter, UnsupportedMediaType
-from scheduler.jobs import Mode
+from protocol.speech_mode import Mode
 
 HTTP_MODEL = "CosyVoice2-0.5B"
 WS_MODELS = ("cosyvoice-v2", HTTP_MODEL)

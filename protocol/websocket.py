@@ -13,7 +13,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
-from protocol.errors import ApiError, BadRequest
+from protocol.errors import BadRequest, UpgradeRequired
 from protocol.http import Upgrade
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # a continue-task text piece is small; 1 MiB is generous
@@ -60,7 +60,7 @@ def check_handshake(upgrade: Upgrade) -> str:
     if "upgrade" not in _tokens(req.header("connection")):
         raise HandshakeError("Connection header must contain 'Upgrade'")
     if req.header("sec-websocket-version") != "13":
-        raise ApiError("unsupported WebSocket version; use 13", status=426, code="UpgradeRequired")
+        raise UpgradeRequired("unsupported WebSocket version; use 13")
     key = req.header("sec-websocket-key")
     if not key:
         raise HandshakeError("missing Sec-WebSocket-Key")

@@ -27,17 +27,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.errors import ApiError
+from protocol.errors import ApiError, ErrorCode, ws_task_failed
 from protocol.schema import DEFAULT_MAX_TEXT_CHARS, SpeechParams, check_ws_text, parse_ws_run_task
+from protocol.ws_events import result_generated, task_failed, task_finished, task_started
 
-# error codes of task-failed (PascalCase like the HTTP codes)
-INVALID_MESSAGE = "InvalidMessage"  # not JSON / not an object / no header.action
-UNKNOWN_ACTION = "UnknownAction"
-TASK_NOT_STARTED = "TaskNotStarted"  # continue/finish before run-task
-TASK_ID_MISMATCH = "TaskIdMismatch"
-TASK_ALREADY_RUNNING = "TaskAlreadyRunning"
-INVALID_STATE = "InvalidState"  # e.g. continue-task after finish-task
-INVALID_PARAMETER = "InvalidParameter"
+__all__ = ["Action", "CancelTask", "FinishText", "PushText", "SendEvent", "StartTask", "State", "WsTaskMachine",
+           "result_generated", "task_failed", "task_finished", "task_started"]  # events re-exported for callers
 
 
 class State(enum.Enum):
@@ -104,35 +99,10 @@ class SendEvent:
 Action = StartTask | PushText | FinishText | CancelTask | SendEvent
 
 
-# ---- server -> client events (DashScope duplex shapes) ----
-def _event(task_id: str, name: str, payload: dict[str, Any], **header: Any) -> dict[str, Any]:
-    return {"header": {"task_id": task_id, "event": name, **header, "attributes": {}}, "payload": payload}
-
-
-def task_started(task_id: str) -> dict[str, Any]:
-    return _event(task_id, "task-started", {})
-
-
-def result_generated(task_id: str, audio_b64: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    return _event(task_id, "result-generated",
-                  {"output": {"audio": {"data": audio_b64}}, "metrics": metrics})
-
-
-def task_finished(task_id: str, characters: int | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {"output": {}}
-    if characters is not None:
-        payload["usage"] = {"characters": characters}
-    return _event(task_id, "task-finished", payload)
-
-
-def task_failed(task_id: str, error_code: str, error_message: str) -> dict[str, Any]:
-    return _event(task_id, "task-failed", {}, error_code=error_code, error_message=error_message)
-
-
-class _ProtocolError(Exception):
-    def __init__(self, code: str, message: str, task_id: str = "", own: bool = True) -> None:
-        super().__init__(message)
-        self.code, self.message, self.task_id = code, message, task_id
+class _ProtocolError(ApiError):
+    def __init__(self, code: ErrorCode, message: str, task_id: str = "", own: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.task_id = task_id
         self.own = own  # False: about another task; the running one is left alone
 
 
@@ -158,38 +128,38 @@ class WsTaskMachine:
         msg = _load(text)
         header = msg.get("header")
         if not isinstance(header, dict):
-            raise _ProtocolError(INVALID_MESSAGE, "message has no 'header' object")
+            raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "message has no 'header' object")
         task_id = header.get("task_id")
         task_id = task_id if isinstance(task_id, str) else ""
         action = header.get("action")
         if action not in CLIENT_ACTIONS:
-            raise _ProtocolError(UNKNOWN_ACTION, f"unknown action {action!r}", task_id)
+            raise _ProtocolError(ErrorCode.UNKNOWN_ACTION, f"unknown action {action!r}", task_id)
         payload = msg.get("payload", {})
         if not isinstance(payload, dict):
-            raise _ProtocolError(INVALID_MESSAGE, "'payload' must be an object", task_id)
+            raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "'payload' must be an object", task_id)
         if action == "run-task":
             return self._run_task(task_id, payload)
         self._check_task_id(action, task_id)
         if action == "continue-task":
             return self._continue_task(task_id, payload)
         if self._text_chars == 0:  # the engine would speak its prompt alone: nothing was asked for
-            raise _ProtocolError(INVALID_PARAMETER, "no text was sent before finish-task", task_id)
+            raise _ProtocolError(ErrorCode.INVALID_PARAMETER, "no text was sent before finish-task", task_id)
         self._step("finish-task")
         return [FinishText(task_id)]
 
     def _run_task(self, task_id: str, payload: dict[str, Any]) -> list[Action]:
         if self.active:
-            raise _ProtocolError(TASK_ALREADY_RUNNING, f"task {self.task_id} is still running; "
+            raise _ProtocolError(ErrorCode.TASK_ALREADY_RUNNING, f"task {self.task_id} is still running; "
                                  "send run-task after task-finished", task_id, own=task_id == self.task_id)
         if not task_id:
-            raise _ProtocolError(INVALID_MESSAGE, "run-task needs a non-empty header.task_id")
+            raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "run-task needs a non-empty header.task_id")
         try:
             params = parse_ws_run_task(payload.get("parameters"), payload.get("model"))  # type: ignore[arg-type]
             first_text = _input_text(payload)
             if first_text is not None:
                 first_text = check_ws_text(first_text, self._max_text_chars)
         except ApiError as err:
-            raise _ProtocolError(INVALID_PARAMETER, err.message, task_id) from None
+            raise _ProtocolError(ErrorCode.INVALID_PARAMETER, err.message, task_id) from None
         self._step("run-task")
         self.task_id, self._text_chars = task_id, 0
         actions: list[Action] = [StartTask(task_id, params)]
@@ -200,30 +170,30 @@ class WsTaskMachine:
 
     def _continue_task(self, task_id: str, payload: dict[str, Any]) -> list[Action]:
         if (self.state, "continue-task") not in TRANSITIONS:
-            raise _ProtocolError(INVALID_STATE, "continue-task after finish-task", task_id)
+            raise _ProtocolError(ErrorCode.INVALID_STATE, "continue-task after finish-task", task_id)
         try:
             text = check_ws_text(_input_text(payload), self._max_text_chars - self._text_chars)
         except ApiError as err:
-            raise _ProtocolError(INVALID_PARAMETER, err.message, task_id) from None
+            raise _ProtocolError(ErrorCode.INVALID_PARAMETER, err.message, task_id) from None
         self._text_chars += len(text)
         self._step("continue-task")
         return [PushText(task_id, text)]
 
     def _check_task_id(self, action: str, task_id: str) -> None:
         if not self.active:
-            raise _ProtocolError(TASK_NOT_STARTED, f"{action} before run-task", task_id)
+            raise _ProtocolError(ErrorCode.TASK_NOT_STARTED, f"{action} before run-task", task_id)
         if task_id != self.task_id:
-            raise _ProtocolError(TASK_ID_MISMATCH, f"{action} for task {task_id!r}, but the running "
+            raise _ProtocolError(ErrorCode.TASK_ID_MISMATCH, f"{action} for task {task_id!r}, but the running "
                                  f"task is {self.task_id!r}", task_id, own=False)
         if (self.state, action) not in TRANSITIONS:
-            raise _ProtocolError(INVALID_STATE, f"{action} not allowed now ({self.state.value})", task_id)
+            raise _ProtocolError(ErrorCode.INVALID_STATE, f"{action} not allowed now ({self.state.value})", task_id)
 
     def _on_error(self, err: _ProtocolError) -> list[Action]:
         if not self.active or not err.own:
-            return [SendEvent(task_failed(err.task_id, err.code, err.message))]
+            return [SendEvent(ws_task_failed(err.task_id, err))]
         task_id = self.task_id or ""
         self._reset()
-        return [CancelTask(task_id), SendEvent(task_failed(task_id, err.code, err.message))]
+        return [CancelTask(task_id), SendEvent(ws_task_failed(task_id, err))]
 
     # ---- engine / server input ----
     def started(self, task_id: str) -> list[Action]:
@@ -245,12 +215,12 @@ class WsTaskMachine:
         self._reset()
         return [SendEvent(task_finished(task_id, characters))]
 
-    def failed(self, task_id: str, error_code: str, error_message: str) -> list[Action]:
+    def failed(self, task_id: str, code: ErrorCode | str, message: str) -> list[Action]:
         """The engine/server failed the job (unknown reference, overload, internal error)."""
         if not self._is_current(task_id, "failed"):
             return []
         self._reset()
-        return [SendEvent(task_failed(task_id, error_code, error_message))]
+        return [SendEvent(ws_task_failed(task_id, ApiError(message, code=code)))]
 
     def connection_lost(self) -> list[Action]:
         """The client went away: cancel at once, nothing to send."""
@@ -275,9 +245,9 @@ def _load(text: str) -> dict[str, Any]:
     try:
         msg = json.loads(text)
     except ValueError as exc:
-        raise _ProtocolError(INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
+        raise _ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
-        raise _ProtocolError(INVALID_MESSAGE, "message must be a JSON object")
+        raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
     return msg
 
 

@@ -5,18 +5,17 @@ engine thread, with `AudioChunk`s then exactly one `Finished` or `Failed`.
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from protocol.errors import ErrorCode, as_error_code
+from protocol.speech_mode import Mode
 
-class Mode(str, enum.Enum):
-    ZERO_SHOT = "zero_shot"  # API fast_replication
-    CROSS_LINGUAL = "cross_lingual"  # API cross_lingual_replication
-    INSTRUCT = "instruct"  # API natural_language_replication (instruct2 layout)
+__all__ = ["AudioChunk", "ChunkMetrics", "EngineEvent", "EngineProtocol", "EngineStats", "ErrorCode", "EventSink",
+           "Failed", "Finished", "JobControl", "Mode", "SpeechJob", "VoicePrompt"]  # Mode, ErrorCode re-exported
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,12 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     request_id: str
-    code: str  # PascalCase, e.g. "InternalError", "Overloaded", "Cancelled", "InvalidParameter"
+    code: ErrorCode  # e.g. INTERNAL_ERROR, OVERLOADED, CANCELLED, INVALID_PARAMETER
     message: str
+
+    def __post_init__(self) -> None:
+        # Callers that still pass the PascalCase string get the member (a StrEnum: equal either way).
+        object.__setattr__(self, "code", as_error_code(self.code))
 
 
 EngineEvent = AudioChunk | Finished | Failed

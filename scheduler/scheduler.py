@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 
+from protocol.errors import ErrorCode, as_error_code
 from scheduler.bistream import FeederState, Outcome, runaway_cap
 from scheduler.chunk_policy import ChunkPolicy
 from scheduler.config import SchedulerConfig
@@ -36,11 +37,11 @@ from scheduler.stats import Counters, SchedulerStats, StepStats
 
 
 class RequestRejected(ValueError):
-    """add_request refused a request; `code` is the API error code (PascalCase)."""
+    """add_request refused a request; `code` is the API error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = as_error_code(code)
 
 
 class Scheduler:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from server.app import create_app, run
 from server.config import load_config
+from server.serving import run
+from server.wiring import create_app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,22 +10,23 @@ cancels the engine job at once via `close()`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from scheduler.jobs import AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl, SpeechJob
 
 log = logging.getLogger(__name__)
 _FINISH = object()  # "no more text" in the text queue
+RunBlocking = Callable[..., Awaitable[Any]]  # fn, *args -> awaitable result, off the loop
 
 
 class EngineStream:
     def __init__(self, engine: EngineProtocol, job: SpeechJob, loop: asyncio.AbstractEventLoop,
-                 executor: concurrent.futures.Executor | None = None) -> None:
+                 run_blocking: RunBlocking) -> None:
         self._engine = engine
         self._loop = loop
-        self._executor = executor
+        self._run_blocking = run_blocking  # the server's worker pool
         self._request_id = job.request_id
         self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._text: asyncio.Queue[str | object] = asyncio.Queue()  # duplex pieces, then _FINISH
@@ -43,7 +44,7 @@ class EngineStream:
     async def _feed(self, job: SpeechJob) -> None:
         """Prepare and submit the job, then pass on its text pieces in order (duplex)."""
         try:
-            prepared = await self._loop.run_in_executor(self._executor, self._engine.prepare, job)
+            prepared = await self._run_blocking(self._engine.prepare, job)
             if self._done:  # closed while preparing: nothing was submitted
                 return
             self.control = self._engine.submit(prepared, self._sink)
@@ -54,7 +55,7 @@ class EngineStream:
                 if piece is _FINISH:
                     self.control.finish_text()
                     return
-                ids = await self._loop.run_in_executor(self._executor, self._engine.encode_text, piece)
+                ids = await self._run_blocking(self._engine.encode_text, piece)
                 if self._done:
                     return
                 self.control.push_tokens(ids)

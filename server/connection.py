@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from protocol.errors import (
     ApiError,
@@ -21,15 +20,19 @@ from protocol.errors import (
     InternalError,
     NotFound,
     Overloaded,
+    RequestTimeout,
     Unauthorized,
-    error_body,
+    http_error,
 )
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
 from protocol.websocket import WebSocketSession
-from server.app import App, new_request_id
 from server.auth import authorized
+from server.context import Ctx, new_request_id
 from server.flow_control import FlowControl
-from server.routes import WS_SPEECH, Ctx, resolve, route_name
+from server.paths import WS_SPEECH, route_name
+from server.routes import resolve
+from server.state import ServerState
+from server.ws import WsConnection
 
 log = logging.getLogger("server.connection")
 
@@ -72,15 +75,15 @@ class _Responder:
 
 
 class HttpProtocol(asyncio.Protocol):
-    def __init__(self, app: App) -> None:
-        self.app = app
-        cfg = app.config
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        cfg = state.config
         self.conn = HttpConnection(max_header_bytes=cfg.max_header_bytes, max_body_bytes=cfg.max_body_bytes)
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl
         self.task: asyncio.Task[None] | None = None
-        self.ws: Any = None  # server.ws.WsConnection after an upgrade
+        self.ws: WsConnection | None = None  # after an upgrade
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._request_bytes = 0  # bytes of the request being read (0 = idle between requests)
@@ -90,9 +93,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
         self.flow = FlowControl(self.transport)
-        self.app.connections.add(self)
-        self.app.metrics.connections += 1
-        self._arm(self.app.config.idle_timeout_s)
+        self.state.connections.add(self)
+        self.state.metrics.connection_opened()
+        self._arm(self.state.config.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -100,8 +103,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self._disarm()
         self.flow.release()
-        self.app.connections.discard(self)
-        self.app.metrics.connections -= 1
+        self.state.connections.discard(self)
+        self.state.metrics.connection_closed()
         if self.task is not None:
             self.task.cancel()  # frees the engine job at once (EngineStream.close)
         if self.ws is not None:
@@ -114,7 +117,7 @@ class HttpProtocol(asyncio.Protocol):
         self.conn.receive_data(data)
         if self.task is not None:
             self._backlog += len(data)
-            if self._backlog > self.app.config.max_header_bytes:
+            if self._backlog > self.state.config.max_header_bytes:
                 self.flow.pause_reading()
             return
         self._note_request_progress(len(data))
@@ -162,17 +165,16 @@ class HttpProtocol(asyncio.Protocol):
         first = self._request_bytes == 0
         self._request_bytes += n
         if first:
-            self._arm(self.app.config.header_timeout_s)
-        elif self._request_bytes > self.app.config.max_header_bytes:
-            self._arm(self.app.config.idle_timeout_s)  # head done; the body keeps flowing
+            self._arm(self.state.config.header_timeout_s)
+        elif self._request_bytes > self.state.config.max_header_bytes:
+            self._arm(self.state.config.idle_timeout_s)  # head done; the body keeps flowing
 
     def _on_timeout(self) -> None:
         self._timer = None
         if self.task is not None or self.ws is not None:
             return
         if self._request_bytes:
-            err = ApiError("request not received in time", status=408, code="RequestTimeout")
-            self.write(self.conn.send_error(err, new_request_id()))
+            self.write(self.conn.send_error(RequestTimeout("request not received in time"), new_request_id()))
         self.close()
 
     # ---- request loop ----
@@ -192,7 +194,7 @@ class HttpProtocol(asyncio.Protocol):
             self._disarm()
             self._request_bytes = 0
             head = event.request if isinstance(event, Upgrade) else event
-            if _head_bytes(head) > self.app.config.max_header_bytes:
+            if _head_bytes(head) > self.state.config.max_header_bytes:
                 # h11 only bounds an *incomplete* head; one that arrived whole is measured here
                 self._refuse(HeadersTooLarge("request headers too large"))
                 return
@@ -200,19 +202,19 @@ class HttpProtocol(asyncio.Protocol):
                 self._upgrade(event)
                 return
             self.task = self.loop.create_task(self._handle(event))
-            self.app.tasks.add(self.task)
+            self.state.tasks.add(self.task)
 
     def _refuse(self, err: ApiError) -> None:
         """Malformed / oversized input: answer once and close (the request cannot be trusted further)."""
-        self.app.metrics.request_done("unknown", err.status)
-        self.app.metrics.error(err.code)
+        self.state.metrics.request_done("unknown", err.status)
+        self.state.metrics.error(err.code)
         self.write(self.conn.send_error(err, new_request_id()))
         self.close()
 
     async def _handle(self, req: HttpRequest) -> None:
         rid = new_request_id()
         out = _Responder(self)
-        ctx = Ctx(self.app, req, rid, out, self.loop.time())
+        ctx = Ctx(self.state, req, rid, out, self.loop.time())
         try:
             await resolve(ctx)(ctx)
         except ApiError as err:
@@ -223,13 +225,13 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("internal error in %s %s (request %s)", req.method, req.path, rid)
             await self._error(out, InternalError(), rid)
         finally:
-            self.app.metrics.request_done(route_name(req.path), out.status or 499)
-            self.app.tasks.discard(self.task)  # type: ignore[arg-type]
+            self.state.metrics.request_done(route_name(req.path), out.status or 499)
+            self.state.tasks.discard(self.task)  # type: ignore[arg-type]
             self.task = None
         self._next_cycle()
 
     async def _error(self, out: _Responder, err: ApiError, rid: str) -> None:
-        self.app.metrics.error(err.code)
+        self.state.metrics.error(err.code)
         if out.started:  # mid-stream failure without its own framing: all we can do is close
             self.close()
             return
@@ -241,39 +243,39 @@ class HttpProtocol(asyncio.Protocol):
     def _next_cycle(self) -> None:
         if self.closed:
             return
-        if self.app.draining or not self.conn.start_next_cycle():
+        if self.state.draining or not self.conn.start_next_cycle():
             self.close()
             return
         self._backlog = 0
         self.flow.resume_reading()
-        self._arm(self.app.config.idle_timeout_s)
+        self._arm(self.state.config.idle_timeout_s)
         self._pump()  # a pipelined request may already be buffered
 
     # ---- WebSocket ----
     def _upgrade(self, upgrade: Upgrade) -> None:
-        from server.ws import WsConnection
-        session = WebSocketSession(upgrade, self.app.config.max_ws_message_bytes)
+        session = WebSocketSession(upgrade, self.state.config.max_ws_message_bytes)
         req, rid = upgrade.request, new_request_id()
         err: ApiError | None = None
         if req.path.rstrip("/") != WS_SPEECH:
             err = NotFound(f"no WebSocket route for {req.path}")
-        elif not authorized(req.headers, self.app.config.tokens):
+        elif not authorized(req.headers, self.state.config.tokens):
             err = Unauthorized()
-        elif self.app.draining:
+        elif self.state.draining:
             err = Overloaded("server is shutting down")
         if err is None:
             try:
                 accept = session.accept_bytes()
             except ApiError as exc:
                 err = exc
-        self.app.metrics.request_done("ws_speech", err.status if err else 101)
+        self.state.metrics.request_done("ws_speech", err.status if err else 101)
         if err is not None:
-            self.app.metrics.error(err.code)
-            self.write(session.reject_bytes(err.status, error_body(err, rid)))
+            self.state.metrics.error(err.code)
+            status, _json_headers, body = http_error(err, rid)  # reject_bytes sets its own (JSON, close)
+            self.write(session.reject_bytes(status, body))
             self.close()
             return
         self.write(accept)
-        self.ws = WsConnection(self.app, session, self)
+        self.ws = WsConnection(self.state, session, self)
         self.ws.data_received(b"")  # frames that arrived with the upgrade request
 
 

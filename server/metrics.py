@@ -41,39 +41,67 @@ class Histogram:
 
 
 class Metrics:
+    """Changed only through its methods (handlers say what happened; the counting stays here)."""
+
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
-        self.ws_tasks: Counter[str] = Counter()  # WebSocket tasks by outcome (no HTTP status of their own)
-        self.errors: Counter[str] = Counter()  # by error code
-        self.inflight = 0  # synthesis jobs (HTTP + WS) currently submitted to the engine
-        self.connections = 0
-        self.first_packet_s = Histogram(_LATENCY_BUCKETS_S)
-        self.rtf = Histogram(_RTF_BUCKETS)
+        self._requests: Counter[tuple[str, int]] = Counter()  # (route, status)
+        self._ws_tasks: Counter[str] = Counter()  # WebSocket tasks by outcome (no HTTP status of their own)
+        self._errors: Counter[str] = Counter()  # by error code
+        self._inflight = 0  # synthesis jobs (HTTP + WS) currently submitted to the engine
+        self._connections = 0
+        self._first_packet_s = Histogram(_LATENCY_BUCKETS_S)
+        self._rtf = Histogram(_RTF_BUCKETS)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     def request_done(self, route: str, status: int) -> None:
-        self.requests[(route, status)] += 1
+        self._requests[(route, status)] += 1
 
     def ws_task_done(self, outcome: str) -> None:
         """outcome: "finished", "failed" (task-failed sent) or "cancelled" (client gone, shutdown)."""
-        self.ws_tasks[outcome] += 1
+        self._ws_tasks[outcome] += 1
 
     def error(self, code: str) -> None:
-        self.errors[code] += 1
+        self._errors[str(code)] += 1  # the label is the code's text, enum member or plain string
+
+    def connection_opened(self) -> None:
+        self._connections += 1
+
+    def connection_closed(self) -> None:
+        self._connections -= 1
+
+    def job_started(self) -> None:
+        self._inflight += 1
+
+    def job_ended(self) -> None:
+        self._inflight -= 1
+
+    def first_packet(self, seconds: float) -> None:
+        self._first_packet_s.observe(seconds)
+
+    def synthesis_done(self, rtf: float) -> None:
+        self._rtf.observe(rtf)
 
     def render(self, stats: EngineStats | None) -> str:
         lines = ["# TYPE cosyserve_requests_total counter"]
-        for (route, status), n in sorted(self.requests.items()):
+        for (route, status), n in sorted(self._requests.items()):
             lines.append(f'cosyserve_requests_total{{route="{route}",status="{status}"}} {n}')
         lines.append("# TYPE cosyserve_ws_tasks_total counter")
-        for outcome, n in sorted(self.ws_tasks.items()):
+        for outcome, n in sorted(self._ws_tasks.items()):
             lines.append(f'cosyserve_ws_tasks_total{{outcome="{outcome}"}} {n}')
         lines.append("# TYPE cosyserve_errors_total counter")
-        for code, n in sorted(self.errors.items()):
+        for code, n in sorted(self._errors.items()):
             lines.append(f'cosyserve_errors_total{{code="{code}"}} {n}')
-        lines += ["# TYPE cosyserve_inflight gauge", f"cosyserve_inflight {self.inflight}",
-                  "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self.connections}"]
-        lines += self.first_packet_s.render("cosyserve_first_packet_seconds")
-        lines += self.rtf.render("cosyserve_rtf")
+        lines += ["# TYPE cosyserve_inflight gauge", f"cosyserve_inflight {self._inflight}",
+                  "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self._connections}"]
+        lines += self._first_packet_s.render("cosyserve_first_packet_seconds")
+        lines += self._rtf.render("cosyserve_rtf")
         if stats is not None:
             lines += _engine_lines(stats)
         return "\n".join(lines) + "\n"

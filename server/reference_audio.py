@@ -5,44 +5,46 @@ from typing import Any
 
 import numpy as np
 
+from frontend.prompt import PromptAudioError
+from protocol.audio_in import decode_upload
 from protocol.errors import InvalidParameter, NotFound
+from protocol.multipart import parse_multipart
 from protocol.schema import parse_list_query
 from scheduler.jobs import VoicePrompt
-from server.app import App
-from server.routes import REFERENCE, Ctx
+from server.context import Ctx
+from server.paths import REFERENCE
+from server.state import ServerState
 from server.store import VoiceRecord
 
 
 async def upload(ctx: Ctx) -> None:
-    from protocol.audio_in import decode_upload
-    from protocol.multipart import parse_multipart
-    app = ctx.app
+    state = ctx.state
     fields, files = parse_multipart(ctx.req.body, ctx.req.headers.get("content-type", ""),
-                                    app.config.max_body_bytes)
+                                    state.config.max_body_bytes)
     filename, data = _file_part(files)
     text = fields.get("text")
     if text is None or not str(text).strip():
         raise InvalidParameter("'text' is required and must not be empty")
     text = str(text)
-    if len(text) > app.config.max_text_chars:
-        raise InvalidParameter(f"'text' is too long: at most {app.config.max_text_chars} characters")
+    if len(text) > state.config.max_text_chars:
+        raise InvalidParameter(f"'text' is too long: at most {state.config.max_text_chars} characters")
     pcm_rate = _pcm_rate(fields.get("sample_rate"))
-    wav, sr = await app.run_blocking(decode_upload, data, filename, pcm_rate)
-    prompt = await _extract(app, wav, sr, text)
-    record: VoiceRecord = await app.run_blocking(app.store.add, filename, data, text, prompt)
-    app.voices.put(record.id, prompt)
+    wav, sr = await state.run_blocking(decode_upload, data, filename, pcm_rate)
+    prompt = await _extract(state, wav, sr, text)
+    record: VoiceRecord = await state.run_blocking(state.store.add, filename, data, text, prompt)
+    state.voices.put(record.id, prompt)
     await ctx.json(record.to_json())
 
 
 async def list_voices(ctx: Ctx) -> None:
     limit, order = parse_list_query(ctx.req.query)
-    records = await ctx.app.run_blocking(ctx.app.store.list, limit, order)
+    records = await ctx.state.run_blocking(ctx.state.store.list, limit, order)
     await ctx.json([r.to_json() for r in records])
 
 
 async def get_voice(ctx: Ctx) -> None:
     voice_id = _voice_id(ctx)
-    record = await ctx.app.run_blocking(ctx.app.store.get, voice_id)
+    record = await ctx.state.run_blocking(ctx.state.store.get, voice_id)
     if record is None:
         raise NotFound(f"reference audio not found: {voice_id}")
     await ctx.json(record.to_json())
@@ -50,16 +52,15 @@ async def get_voice(ctx: Ctx) -> None:
 
 async def delete_voice(ctx: Ctx) -> None:
     voice_id = _voice_id(ctx)
-    if not await ctx.app.run_blocking(ctx.app.store.delete, voice_id):
+    if not await ctx.state.run_blocking(ctx.state.store.delete, voice_id):
         raise NotFound(f"reference audio not found: {voice_id}")
-    ctx.app.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
+    ctx.state.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
     await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
 
 
-async def _extract(app: App, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:
-    from frontend.prompt import PromptAudioError  # lazy, like the extractor itself
+async def _extract(state: ServerState, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:
     try:
-        return await app.run_blocking(app.extract_prompt, wav, sr, text)
+        return await state.run_blocking(state.extract_prompt, wav, sr, text)
     except PromptAudioError as exc:  # audio the model cannot use is the client's to fix: 400, never 500
         raise InvalidParameter(f"reference audio cannot be used: {exc}") from None
 

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import base64
 
-from protocol.errors import ApiError
+from protocol.errors import ApiError, sse_error_event
 from protocol.schema import parse_speech_request
-from protocol.sse import SSE_CONTENT_TYPE, speech_body, speech_chunk_event, speech_error_event
-from server.routes import Ctx
-from server.synthesis import EngineFailed, Synthesis
+from protocol.sse import SSE_CONTENT_TYPE, speech_body, speech_chunk_event
+from server.context import Ctx
+from server.synthesis import Synthesis
 
 
 async def synthesize(ctx: Ctx) -> None:
-    app = ctx.app
-    params = parse_speech_request(ctx.req.body, ctx.req.headers.get("content-type"), app.config.max_text_chars)
-    voice = await app.voice(params.reference_audio_id)
-    synth = Synthesis(app, ctx.request_id, params, voice, ctx.arrived_s)
+    state = ctx.state
+    params = parse_speech_request(ctx.req.body, ctx.req.headers.get("content-type"), state.config.max_text_chars)
+    voice = await state.voice(params.reference_audio_id)
+    synth = Synthesis(state, ctx.request_id, params, voice, ctx.arrived_s)
     try:
         if params.stream:
             await _stream(ctx, synth)
@@ -26,11 +26,8 @@ async def synthesize(ctx: Ctx) -> None:
 
 async def _one_shot(ctx: Ctx, synth: Synthesis) -> None:
     parts: list[bytes] = []
-    try:
-        async for chunk in synth.chunks():
-            parts.append(chunk.data)
-    except EngineFailed as exc:
-        raise exc.as_api_error() from None
+    async for chunk in synth.chunks():  # an engine failure raises its ApiError: a plain HTTP error
+        parts.append(chunk.data)
     audio = b"".join(parts)
     body = speech_body(ctx.request_id, ctx.request_id, base64.b64encode(audio).decode("ascii"), len(audio))
     await ctx.out.respond(200, [("content-type", "application/json")], body)
@@ -47,14 +44,9 @@ async def _stream(ctx: Ctx, synth: Synthesis) -> None:
             b64 = base64.b64encode(chunk.data).decode("ascii")
             await ctx.out.send_chunk(speech_chunk_event(rid, rid, b64, "stop" if chunk.last else None,
                                                         chunk.metrics))
-    except EngineFailed as exc:
-        if not ctx.out.started:
-            raise exc.as_api_error() from None
-        ctx.app.metrics.error(exc.code)
-        await ctx.out.send_chunk(speech_error_event(rid, rid, exc.code, exc.message))
-    except ApiError as exc:
+    except ApiError as err:
         if not ctx.out.started:
             raise
-        ctx.app.metrics.error(exc.code)
-        await ctx.out.send_chunk(speech_error_event(rid, rid, exc.code, exc.message))
+        ctx.state.metrics.error(err.code)
+        await ctx.out.send_chunk(sse_error_event(err, rid))
     await ctx.out.end_stream()

@@ -1,8 +1,9 @@
 """One synthesis, shared by HTTP (SSE / one-shot) and WebSocket: engine events -> encoded bytes + metrics.
 
 Encoding runs on the thread pool. In-flight accounting and the latency/RTF histograms
-live here so both transports count the same way. Leaving the iterator early cancels
-the engine job (EngineStream.close in the finally).
+live here so both transports count the same way. An engine `Failed` is raised as the
+ApiError its code maps to. Leaving the iterator early cancels the engine job
+(EngineStream.close in the finally).
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.encoders import OutputPipeline
-from protocol.errors import ApiError, InternalError, InvalidParameter, Overloaded
+from protocol.errors import engine_error
 from protocol.schema import SpeechParams
 from protocol.sse import chunk_metrics
 from scheduler.jobs import AudioChunk, Failed, SpeechJob, VoicePrompt
-from server.app import App
 from server.bridge import EngineStream
+from server.state import ServerState
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,6 @@ class EncodedChunk:
     data: bytes
     metrics: dict[str, Any]
     last: bool  # the encoder's tail after Finished (may be empty)
-
-
-class EngineFailed(Exception):
-    def __init__(self, failed: Failed) -> None:
-        super().__init__(failed.message)
-        self.code, self.message = failed.code, failed.message
-
-    def as_api_error(self) -> ApiError:
-        if self.code == "Overloaded":
-            return Overloaded(self.message)
-        if self.code == "InvalidParameter":
-            return InvalidParameter(self.message)
-        return InternalError(self.message) if self.code == "InternalError" else ApiError(
-            self.message, status=500, code=self.code)
 
 
 def make_job(request_id: str, params: SpeechParams, voice: VoicePrompt) -> SpeechJob:
@@ -49,14 +36,14 @@ def make_job(request_id: str, params: SpeechParams, voice: VoicePrompt) -> Speec
 class Synthesis:
     """Submit on construction; iterate `chunks()` once."""
 
-    def __init__(self, app: App, request_id: str, params: SpeechParams, voice: VoicePrompt,
+    def __init__(self, state: ServerState, request_id: str, params: SpeechParams, voice: VoicePrompt,
                  arrived_s: float) -> None:
-        app.admit()
-        self._app = app
+        state.admit()
+        self._state = state
         self._loop = asyncio.get_running_loop()
         self._params = params
         self._pipeline = OutputPipeline(params.output_format, params.sample_rate, params.bit_rate_kbps,
-                                        params.volume, params.stream, in_rate=app.engine.sample_rate)
+                                        params.volume, params.stream, in_rate=state.engine.sample_rate)
         self._arrived_s = arrived_s
         # Emitted times are whole ms counted from arrival (and from the first sample), so the chunks'
         # server_cost_time and speech_len telescope to the totals instead of piling up rounding error.
@@ -64,8 +51,8 @@ class Synthesis:
         self._speech_ms = 0
         self._first = True
         self._speech_s = 0.0
-        self.stream = EngineStream(app.engine, make_job(request_id, params, voice), self._loop, app.pool)
-        app.metrics.inflight += 1
+        self.stream = EngineStream(state.engine, make_job(request_id, params, voice), self._loop, state.run_blocking)
+        state.metrics.job_started()
         self._counted = True
 
     @property
@@ -80,18 +67,18 @@ class Synthesis:
         self.stream.close()
         if self._counted:
             self._counted = False
-            self._app.metrics.inflight -= 1
+            self._state.metrics.job_ended()
 
     async def chunks(self) -> AsyncIterator[EncodedChunk]:
         try:
             async for event in self.stream.events():
                 if isinstance(event, AudioChunk):
-                    data = await self._app.run_blocking(self._pipeline.feed, event.pcm)
+                    data = await self._state.run_blocking(self._pipeline.feed, event.pcm)
                     yield EncodedChunk(data, self._metrics(event, self._out_s(data)), last=False)
                 elif isinstance(event, Failed):
-                    raise EngineFailed(event)
+                    raise engine_error(event.code, event.message)
                 else:
-                    tail = await self._app.run_blocking(self._pipeline.finish)
+                    tail = await self._state.run_blocking(self._pipeline.finish)
                     yield EncodedChunk(tail, self._tail_metrics(self._out_s(tail)), last=True)
                     self._observe_rtf()
         finally:
@@ -118,7 +105,7 @@ class Synthesis:
         self._speech_s += speech_len
         first = since_arrival if self._first else None
         if first is not None:
-            self._app.metrics.first_packet_s.observe(first)
+            self._state.metrics.first_packet(first)
         self._first = False
         detail = None
         if self._params.debug:
@@ -132,4 +119,4 @@ class Synthesis:
 
     def _observe_rtf(self) -> None:
         if self._speech_s > 0:
-            self._app.metrics.rtf.observe((self._loop.time() - self._arrived_s) / self._speech_s)
+            self._state.metrics.synthesis_done((self._loop.time() - self._arrived_s) / self._speech_s)

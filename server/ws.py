@@ -11,20 +11,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from protocol.errors import ApiError
+from protocol.errors import ApiError, InternalError
 from protocol.schema import SpeechParams
 from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsClosed, WsMessage, WsSend
 from protocol.ws_tasks import Action, CancelTask, FinishText, PushText, SendEvent, StartTask, WsTaskMachine
-from server.app import App, new_request_id
-from server.synthesis import EngineFailed, Synthesis
-
-if TYPE_CHECKING:
-    from server.connection import HttpProtocol
+from server.context import new_request_id
+from server.flow_control import FlowControl
+from server.state import ServerState
+from server.synthesis import Synthesis
 
 log = logging.getLogger("server.ws")
 CLOSE_GOING_AWAY = 1001
+
+
+class Socket(Protocol):
+    """The connection underneath (server.connection.HttpProtocol after the upgrade)."""
+
+    flow: FlowControl
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
 
 
 class _Task:
@@ -70,11 +78,11 @@ class _Task:
 
 
 class WsConnection:
-    def __init__(self, app: App, session: WebSocketSession, proto: HttpProtocol) -> None:
-        self.app = app
+    def __init__(self, state: ServerState, session: WebSocketSession, proto: Socket) -> None:
+        self.state = state
         self.session = session
         self.proto = proto
-        self.machine = WsTaskMachine(app.config.max_text_chars)
+        self.machine = WsTaskMachine(state.config.max_text_chars)
         self.task: _Task | None = None
         self.closed = False
 
@@ -127,10 +135,10 @@ class WsConnection:
         task = _Task(task_id)
         self.task = task
         task.runner = asyncio.get_running_loop().create_task(self._run(task, params))
-        self.app.tasks.add(task.runner)
-        task.runner.add_done_callback(self.app.tasks.discard)
+        self.state.tasks.add(task.runner)
+        task.runner.add_done_callback(self.state.tasks.discard)
         # Counted when the runner ends, however: a runner cancelled before its first step runs no finally.
-        task.runner.add_done_callback(lambda _: self.app.metrics.ws_task_done(task.outcome))
+        task.runner.add_done_callback(lambda _: self.state.metrics.ws_task_done(task.outcome))
 
     async def _send(self, actions: list[Action]) -> None:
         self._do(actions)
@@ -139,8 +147,8 @@ class WsConnection:
     async def _run(self, task: _Task, params: SpeechParams) -> None:
         tid = task.task_id
         try:
-            voice = await self.app.voice(params.reference_audio_id)
-            synth = Synthesis(self.app, new_request_id(), params, voice, asyncio.get_running_loop().time())
+            voice = await self.state.voice(params.reference_audio_id)
+            synth = Synthesis(self.state, new_request_id(), params, voice, asyncio.get_running_loop().time())
             task.attach(synth)
             await self._send(self.machine.started(tid))
             async for chunk in synth.chunks():
@@ -149,25 +157,23 @@ class WsConnection:
                     await self._send(self.machine.audio(tid, b64, chunk.metrics))
             task.outcome = "finished"
             await self._send(self.machine.finished(tid))
-        except ApiError as err:
-            self._fail(task, err.code, err.message)
-        except EngineFailed as exc:
-            self._fail(task, exc.code, exc.message)
+        except ApiError as err:  # engine failures arrive as theirs too
+            self._fail(task, err)
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("WebSocket task %s failed", tid)
-            self._fail(task, "InternalError", "internal error")
+            self._fail(task, InternalError())
         finally:
             if task.synth is not None:
                 task.synth.close()
             if self.task is task:
                 self.task = None
 
-    def _fail(self, task: _Task, code: str, message: str) -> None:
+    def _fail(self, task: _Task, err: ApiError) -> None:
         task.outcome = "failed"
-        self.app.metrics.error(code)
-        self._do(self.machine.failed(task.task_id, code, message))
+        self.state.metrics.error(err.code)
+        self._do(self.machine.failed(task.task_id, err.code, err.message))
 
     def close_normally(self) -> None:
         self.proto.write(self.session.send_close(CLOSE_NORMAL, ""))

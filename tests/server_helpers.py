@@ -16,8 +16,9 @@ import numpy as np
 import soundfile as sf
 import websocket
 
-from server.app import ServerThread, create_app
 from server.config import ServerConfig
+from server.server_thread import ServerThread
+from server.wiring import create_app
 from tests.fakes import FakeEngine, FakeExtractor
 
 TOKEN = "test-token"

@@ -21,11 +21,19 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from scheduler.jobs import AudioChunk, ChunkMetrics, EngineStats, Finished, SpeechJob, VoicePrompt
-from server.app import App
+from scheduler.jobs import (
+    AudioChunk,
+    ChunkMetrics,
+    EngineStats,
+    Finished,
+    PreparedJob,
+    SpeechJob,
+    VoicePrompt,
+)
 from server.config import ServerConfig
 from server.connection import HttpProtocol
 from server.flow_control import FlowControl
+from server.state import ServerState
 from tests.server_helpers import continue_task, finish_task, run_task
 
 TOKEN = "flow-token"
@@ -128,7 +136,7 @@ class ManualJob:
         n = sum(len(p) for p in self.pcms)
         self.sink(Finished(self.job.request_id, total_samples=n, llm_tokens=n // 960))
 
-    def push_text(self, text: str) -> None:
+    def push_tokens(self, ids: Any) -> None:
         pass
 
     def finish_text(self) -> None:
@@ -144,8 +152,14 @@ class ManualEngine:
     def __init__(self) -> None:
         self.jobs: list[ManualJob] = []  # in submit order
 
-    def submit(self, job: SpeechJob, sink: Any) -> ManualJob:
-        self.jobs.append(ManualJob(job, sink))
+    def prepare(self, job: SpeechJob) -> PreparedJob:
+        return PreparedJob(job)
+
+    def encode_text(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def submit(self, prepared: PreparedJob, sink: Any) -> ManualJob:
+        self.jobs.append(ManualJob(prepared.job, sink))
         return self.jobs[-1]
 
     def can_admit(self) -> bool:
@@ -170,7 +184,7 @@ class Voices:
 class Harness:
     def __init__(self, **config: Any) -> None:
         self.engine = ManualEngine()
-        self.app = App(config=ServerConfig(tokens=(TOKEN,), **config), engine=self.engine, extract_prompt=None,
+        self.app = ServerState(config=ServerConfig(tokens=(TOKEN,), **config), engine=self.engine, extract_prompt=None,
                        store=None, voices=Voices())  # type: ignore[arg-type]
         self.encoded: list[int] = []  # id() of every PCM array the server encoded, in order
         self.app.run_blocking = self._inline  # type: ignore[method-assign]

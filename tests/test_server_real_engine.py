@@ -29,8 +29,9 @@ import soundfile as sf
 import websocket
 from sseclient import SSEClient
 
-from server.app import ServerThread, create_app
 from server.config import ServerConfig
+from server.server_thread import ServerThread
+from server.wiring import create_app
 from tests.server_helpers import DocClient
 
 TOKEN = "real-engine-token"
@@ -345,7 +346,7 @@ def test_client_disconnect_frees_the_engine(server: ServerThread, voice: str) ->
 
 
 def test_startup_line_names_url_and_the_auto_chosen_settings(server: ServerThread) -> None:
-    from server.app import startup_line
+    from server.wiring import startup_line
 
     line = startup_line(server.app, server.port)
     assert line.startswith(f"http://127.0.0.1:{server.port} · device cpu, llm fp32, flow fp32, threads 1, ")

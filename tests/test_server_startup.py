@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.app import create_app, startup_line
 from server.config import ServerConfig
+from server.wiring import create_app, startup_line
 from tests.fakes import FakeEngine, FakeExtractor
 
 

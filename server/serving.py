@@ -1,0 +1,56 @@
+"""Serve a built ServerState: listen, run until SIGTERM/SIGINT, then drain within the deadline."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+
+from server.connection import HttpProtocol
+from server.state import ServerState
+from server.wiring import startup_line
+
+log = logging.getLogger("server")
+
+
+async def start(state: ServerState, host: str, port: int) -> asyncio.base_events.Server:
+    state.loop = asyncio.get_running_loop()
+    return await state.loop.create_server(lambda: HttpProtocol(state), host, port, backlog=1024)
+
+
+async def drain(state: ServerState, server: asyncio.base_events.Server) -> None:
+    """Stop accepting, let in-flight work finish within the deadline, then cancel the rest."""
+    state.draining = True
+    server.close()
+    for conn in list(state.connections):
+        conn.close_if_idle()
+    pending = {t for t in state.tasks if not t.done()}
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=state.config.shutdown_deadline_s)
+        for t in late:
+            t.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
+    for conn in list(state.connections):
+        conn.abort()
+    await state.run_blocking(state.engine.shutdown, 1.0)
+    if state.pool is not None:
+        state.pool.shutdown(wait=False, cancel_futures=True)
+    state.store.close()
+
+
+async def serve(state: ServerState) -> None:
+    server = await start(state, state.config.host, state.config.port)
+    log.info("ready on %s", startup_line(state, server.sockets[0].getsockname()[1]))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight work (deadline %.1fs)", state.config.shutdown_deadline_s)
+    await drain(state, server)
+
+
+def run(state: ServerState) -> None:
+    uvloop.run(serve(state))

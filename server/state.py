@@ -1,0 +1,73 @@
+"""What every handler shares: config, engine, store, voice cache, metrics, thread pool, drain flag.
+
+Handlers depend on this module only, never on the wiring that fills it (server.wiring) or on
+the serving loop (server.serving).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar, TypeVarTuple
+
+import numpy as np
+
+from protocol.errors import NotFound, Overloaded
+from scheduler.jobs import EngineProtocol, VoicePrompt
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.store_base import VoiceStoreBase
+from server.voices import VoiceCache
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
+ExtractPrompt = Callable[[np.ndarray, int, str], VoicePrompt]
+
+
+class OpenConnection(Protocol):
+    """What the drain needs from a client connection."""
+
+    def close_if_idle(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: EngineProtocol
+    extract_prompt: ExtractPrompt
+    store: VoiceStoreBase
+    voices: VoiceCache
+    metrics: Metrics = field(default_factory=Metrics)
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    draining: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # in-flight handlers, for the drain
+    connections: set[OpenConnection] = field(default_factory=set)
+
+    async def run_blocking(self, fn: Callable[[*Args], T], *args: *Args) -> T:
+        """CPU/disk work (decode, encode, features, fsync) goes to the pool, never the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def voice(self, voice_id: str) -> VoicePrompt:
+        prompt = self.voices.peek(voice_id)
+        if prompt is not None and self.config.store == "s3" \
+                and await self.run_blocking(self.store.get, voice_id) is None:
+            # Replicas share the bucket: another one may have deleted the voice we cached (one GET).
+            self.voices.drop(voice_id)
+            raise NotFound(f"reference audio not found: {voice_id}")
+        prompt = prompt or await self.run_blocking(self.voices.get, voice_id)
+        if prompt is None:
+            raise NotFound(f"reference audio not found: {voice_id}")
+        return prompt
+
+    def admit(self) -> None:
+        """Raise 429/503 with Retry-After before anything is submitted."""
+        if self.draining:
+            raise Overloaded("server is shutting down", status=503, retry_after_s=self.config.retry_after_s)
+        if self.metrics.inflight >= self.config.max_inflight:
+            raise Overloaded("too many concurrent requests", status=429,
+                             retry_after_s=self.config.retry_after_s)
+        if not self.engine.can_admit():
+            raise Overloaded("engine queue is full", status=503, retry_after_s=self.config.retry_after_s)

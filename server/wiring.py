@@ -1,0 +1,115 @@
+"""Build the server's state from its config: store, voice cache, thread pool, engine, prompt extractor.
+
+`create_app(config, engine=..., extract_prompt=...)` takes the engine and the prompt extractor
+as injected objects (tests pass fakes); `build_engine(config)` and `build_extractor(model_dir)`
+construct the real ones; torch is imported only there, so that the server package stays
+importable (and testable) without loading it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from pathlib import Path
+
+from frontend.prompt import PromptExtractor  # light: it loads its onnxruntime models itself, lazily
+from scheduler.jobs import EngineProtocol
+from server.config import ServerConfig
+from server.state import ExtractPrompt, ServerState
+from server.store import VoiceStore
+from server.store_base import VoiceStoreBase
+from server.store_s3 import S3Settings, S3VoiceStore  # boto3, an optional extra, loads only when one is made
+from server.voices import VoiceCache
+
+log = logging.getLogger("server")
+
+
+def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
+               extract_prompt: ExtractPrompt | None = None) -> ServerState:
+    model_dir = resolve_model_dir(config) if engine is None or extract_prompt is None else None
+    engine = engine if engine is not None else build_engine(config, model_dir)
+    extract_prompt = extract_prompt if extract_prompt is not None else build_extractor(model_dir)
+    store = build_store(config)
+    return ServerState(config=config, engine=engine, extract_prompt=extract_prompt, store=store,
+                       voices=VoiceCache(store, config.voice_cache_size),
+                       pool=concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cosy-work"))
+
+
+def build_store(config: ServerConfig) -> VoiceStoreBase:
+    """`--store local` (default): data_dir; `--store s3`: a bucket that several replicas share."""
+    if config.store == "s3":
+        return S3VoiceStore(S3Settings(
+            bucket=config.s3_bucket, prefix=config.s3_prefix, endpoint_url=config.s3_endpoint,
+            region=config.s3_region, access_key=config.s3_access_key, secret_key=config.s3_secret_key,
+            addressing_style=config.s3_addressing_style, max_connections=config.workers + 10))  # + the list fetchers
+    return VoiceStore(config.data_dir)
+
+
+def resolve_model_dir(config: ServerConfig) -> Path:
+    if config.model_dir is not None:
+        return config.model_dir
+    out = config.data_dir / "tiny-model"
+    for line in ("=" * 72,
+                 f"NO --model-dir GIVEN: using a TINY model with RANDOM WEIGHTS at {out}",
+                 "Every response will be NOISE, not speech.",
+                 "Pass --model-dir /path/to/CosyVoice2-0.5B (the released directory) for real output.",
+                 "=" * 72):
+        log.warning(line)
+    if not (out / "cosyvoice2.yaml").exists():
+        from kernels.make_checkpoint import main as make_checkpoint  # lazy: pulls torch
+        make_checkpoint(["--preset", "tiny", "--out", str(out)])
+    return out
+
+
+def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineProtocol:
+    """The one place the real engine is constructed (kernels.engine.Engine), with the CPU settings
+    left on auto chosen from the model's size and the cores (logged)."""
+    # lazy: torch and the kernels load only when a real engine is wanted (tests inject fakes)
+    import torch
+
+    from kernels.auto_settings import choose_settings
+    from kernels.config import read_model_config
+    from kernels.engine import Engine, EngineConfig
+    from kernels.host_memory import usable_cores
+
+    directory = model_dir if model_dir is not None else resolve_model_dir(config)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = choose_settings(
+        threads=config.threads, stage_workers=config.stage_workers, overlap_stages=config.overlap_stages,
+        llm_hidden=read_model_config(directory).llm.qwen.hidden_size, cores=usable_cores(),
+        cuda=device.startswith("cuda"))
+    for reason in settings.reasons:
+        log.info("auto setting: %s", reason)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # before the engine thread starts: it inherits the count
+    engine_config = EngineConfig(
+        num_slots=config.max_batch,
+        cuda_graphs=bool(config.cuda_graphs),
+        overlap_stages=settings.overlap_stages,
+        max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
+        stage_workers=settings.stage_workers,
+        llm_dtype=config.llm_dtype,
+        flow_dtype=config.flow_dtype,
+        flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
+    )
+    engine = Engine(directory, device=device, config=engine_config)
+    if engine.model.load_stats is not None:
+        log.info("model %s loaded in %.1f s", directory, engine.model.load_stats.seconds)
+    if config.warmup:
+        from kernels.warmup import warm_up  # lazy: torch, as above
+        warm_up(engine)
+    return engine  # type: ignore[return-value]
+
+
+def build_extractor(model_dir: Path | None) -> ExtractPrompt:
+    assert model_dir is not None
+    return PromptExtractor(model_dir).extract  # type: ignore[no-any-return]
+
+
+def startup_line(state: ServerState, port: int) -> str:
+    """The URL, then what the engine runs with (device, dtypes, threads, batch, attention, flow cache)."""
+    host = state.config.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    describe = getattr(state.engine, "describe", None)
+    engine = describe() if callable(describe) else type(state.engine).__name__
+    return (f"{url} · {engine}, max inflight {state.config.max_inflight} · "
+            f"model {state.config.model_dir or 'TINY RANDOM (noise)'} · store {state.config.store}")
