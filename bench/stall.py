@@ -3,16 +3,18 @@
 `python -m bench.stall [--model-dir M] [--streams 8] [--chars 4500] [--rounds 2] [--json F] [--markdown F]`
 
 Each round starts `--streams` streaming jobs (fixed length, seeded) on a fresh engine, waits until each has
-sent its first chunk, then (mode `long-text`) submits one `--chars`-character text the way the server does
-(and cancels it at its first audio: its text intake is what is measured, not its synthesis), or (mode
-`quiet`) nothing. From that moment on, every gap between two consecutive chunks of a running
-stream is recorded; the table compares the gaps' p50 / p99 / max of the two modes, which alternate
-round by round so machine drift hits both. A long text whose normalisation (wetext: ~1 s for 4,300
-Chinese characters) runs on the decode thread shows up as one gap that long in every stream.
+sent its first chunk, then submits one more request the way the server does and cancels it at its first
+audio: a one-sentence text (mode `short text`, the baseline: what any new request costs the others), or a
+`--chars`-character one taken in on a worker thread or in the text child process. From that moment on,
+every gap between two consecutive chunks of a running stream is recorded; the table compares the gaps'
+p50 / p99 / max across modes, whose order rotates round by round so machine drift hits all. A long text
+whose normalisation (wetext: ~1 s for 4,300 Chinese characters) holds the decode thread, or the GIL,
+shows up as one gap that long in every stream.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -68,7 +70,7 @@ class Gaps:
             later = [t for t in times if t >= mark]
             previous = [t for t in times if t < mark][-1:]
             seq = previous + later
-            gaps.extend(b - a for a, b in zip(seq, seq[1:], strict=False))
+            gaps.extend(b - a for a, b in itertools.pairwise(seq))
         return gaps
 
 
@@ -99,11 +101,26 @@ class CancelAtFirstAudio:
             self.handle.cancel()
 
 
-def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace, long: bool) -> dict[str, Any]:
+def modes(text_process: list[int]) -> list[tuple[str, int | None]]:
+    """(label, text_process) per mode; None: quiet. An engine from before text preparation moved off the
+    decode thread has no text_process setting: one long-text mode, text taken in on the engine thread."""
+    from kernels.engine import EngineConfig
+
+    if "text_process" not in EngineConfig.__dataclass_fields__:
+        return [("short text", None), ("long text, on the engine thread", 0)]
+    where = {0: "long text, in a worker thread", 1: "long text, in a child process"}
+    return [("short text", None), *((where[t], t) for t in text_process)]
+
+
+def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace, label: str,
+              text_process: int | None) -> dict[str, Any]:
     from kernels.engine import Engine, EngineConfig
 
-    engine = Engine(model_dir, model=model, config=EngineConfig(num_slots=args.streams + 2, slot_len=1024,
-                                                                    overlap_stages=args.overlap))
+    chars = args.chars if text_process is not None else len(LONG_UNIT)
+    has_setting = "text_process" in EngineConfig.__dataclass_fields__
+    engine = Engine(model_dir, model=model, config=EngineConfig(
+        num_slots=args.streams + 2, slot_len=1024, overlap_stages=args.overlap,
+        **({"text_process": bool(text_process or 0)} if has_setting else {})))
     gaps = Gaps(args.streams)
     try:
         for i in range(args.streams):
@@ -113,22 +130,20 @@ def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace,
             if not gaps.first.acquire(timeout=args.timeout):
                 raise TimeoutError("streams did not start")
         mark = time.perf_counter()
-        if long:
-            taker = CancelAtFirstAudio(engine, SpeechJob("long", Mode.ZERO_SHOT, voice, long_text(args.chars),
-                                                         seed=99, fixed_tokens=25))
-            worker = threading.Thread(target=taker.run)
-            worker.start()
+        taker = CancelAtFirstAudio(engine, SpeechJob("new", Mode.ZERO_SHOT, voice, long_text(chars),
+                                                     seed=99, fixed_tokens=25))
+        worker = threading.Thread(target=taker.run)
+        worker.start()
         for _ in range(args.streams):
             if not gaps.ended.acquire(timeout=args.timeout):
                 raise TimeoutError("streams did not finish")
         if gaps.errors:
             raise RuntimeError("; ".join(gaps.errors[:3]))
-        if long:
-            worker.join(args.timeout)
+        worker.join(args.timeout)
     finally:
         engine.shutdown(1.0)
     ms = np.asarray(gaps.after(mark)) * 1000.0
-    return {"mode": "long-text" if long else "quiet", "gaps": int(ms.size),
+    return {"mode": label, "gaps": int(ms.size),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
             "max_ms": round(float(ms.max()), 1)}
 
@@ -141,6 +156,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=250, help="speech tokens per running stream (10 s)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per mode (modes alternate)")
     p.add_argument("--overlap-stages", default="auto", choices=("auto", "0", "1"))
+    p.add_argument("--text-process", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
+                   help="long-text modes: 1 = text normalised in a child process (the server's default), "
+                        "0 = on the submitting thread (default: both)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -178,9 +196,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model_dir)
     voice = make_voice(args.model_dir)
     rounds = []
+    order = modes(args.text_process)
     for r in range(args.rounds):
-        for long in (r % 2 == 0, r % 2 == 1):  # alternate which mode goes first
-            rounds.append(one_round(model, args.model_dir, voice, args, long))
+        for label, text_process in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            rounds.append({"round": r + 1, **one_round(model, args.model_dir, voice, args, label, text_process)})
             print(json.dumps(rounds[-1]), file=sys.stderr)
     result = {"meta": {"date": now_iso(), "machine": f"{cpu_name()}, {usable_cores()} cores",
                        "commit": commit(), "settings": settings.summary(), "streams": args.streams,
@@ -197,11 +216,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
-    lines = [f"{m['date']} · {m['machine']} · commit {m['commit']} · {m['settings']} · {m['streams']} streams "
-             f"of {m['tokens']} tokens · long text {m['chars']} chars", "",
+    lines = [(f"{m['date']} · {m['machine']} · commit {m['commit']} · {m['settings']} · {m['streams']} streams "
+             f"of {m['tokens']} tokens · long text {m['chars']} chars"), "",
              "| round | mode | gaps | p50 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {i // 2 + 1} | {r['mode']} | {r['gaps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
-              for i, r in enumerate(result["rounds"])]
+    lines += [f"| {r['round']} | {r['mode']} | {r['gaps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |"
+              for r in result["rounds"]]
     return "\n".join(lines) + "\n"
 
 

@@ -11,16 +11,19 @@ from collections import OrderedDict
 
 from frontend.prompt import llm_prompt_for
 from frontend.text_normalize import TextFrontend
+from frontend.text_process import TextProcess
 from scheduler.jobs import Mode, PreparedJob, SpeechJob
 
 NOTHING_TO_SPEAK = "text has nothing to speak after normalisation"
 
 
 class TextPreparer:
-    """Thread-safe; `prepare` a whole job, `encode` one duplex piece (tokenised as is, not normalised)."""
+    """Thread-safe; `prepare` a whole job, `encode` one duplex piece (tokenised as is, not normalised).
+    With a `process`, normalisation runs in that child process (see frontend/text_process.py)."""
 
-    def __init__(self, text: TextFrontend, transcripts_kept: int = 1024) -> None:
+    def __init__(self, text: TextFrontend, process: TextProcess | None = None, transcripts_kept: int = 1024) -> None:
         self.text = text
+        self.process = process
         self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._kept = transcripts_kept
         self._lock = threading.Lock()
@@ -33,13 +36,22 @@ class TextPreparer:
         speech = tuple(int(t) for t in job.voice.speech_tokens.reshape(-1)) if job.mode == Mode.ZERO_SHOT else ()
         if job.text is None:
             return PreparedJob(job, prompt_text, speech)
-        pieces = tuple(tuple(ids) for ids in map(self.text.encode, self.text.normalize(job.text, split=True)) if ids)
+        pieces = tuple(tuple(ids) for ids in self._pieces(job.text))
         if not pieces:
             return PreparedJob(job, prompt_text, speech, refusal=NOTHING_TO_SPEAK)
         return PreparedJob(job, prompt_text, speech, pieces)
 
     def encode(self, text: str) -> list[int]:
         return self.text.encode(text)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+
+    def _pieces(self, text: str) -> list[list[int]]:
+        if self.process is not None:
+            return self.process.pieces(text)
+        return [ids for ids in map(self.text.encode, self.text.normalize(text, split=True)) if ids]
 
     def _prompt_text_ids(self, job: SpeechJob) -> tuple[int, ...]:
         if job.mode != Mode.ZERO_SHOT:  # cross-lingual: none; instruct: the instruction, per request
@@ -50,7 +62,10 @@ class TextPreparer:
             if ids is not None:
                 self._prompts.move_to_end(key)
                 return ids
-        ids = tuple(llm_prompt_for(job.mode, job.voice, self.text, job.instruct).prompt_text_ids)
+        if self.process is not None:  # zero-shot: the normalised transcript, as llm_prompt_for makes it
+            ids = tuple(self.process.whole(job.voice.text))
+        else:
+            ids = tuple(llm_prompt_for(job.mode, job.voice, self.text, job.instruct).prompt_text_ids)
         with self._lock:
             self._prompts[key] = ids
             while len(self._prompts) > self._kept:

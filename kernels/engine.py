@@ -34,6 +34,7 @@ import torch
 
 from frontend.prepare import TextPreparer
 from frontend.text_normalize import TextFrontend
+from frontend.text_process import TextProcess
 from kernels.attention import use_flash
 from kernels.flow_cache import DEFAULT_BUDGET_BYTES
 from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
@@ -70,6 +71,9 @@ class EngineConfig:
     max_prefills_per_step: int = 16
     cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
     use_wetext: bool = True  # wetext text normalisation when installed
+    # Normalise text in a child process (the server's setting): in a thread its pure-Python work holds
+    # the GIL and slows the decode thread for as long (bench.stall). False: on the caller's thread.
+    text_process: bool = False
     idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
     # Non-final streaming chunks compute only their new mel frames (flow cache) instead of re-running
     # the flow on the whole prefix, within a per-request memory budget (else: recompute).
@@ -194,7 +198,9 @@ class Engine:
         self.model = model
         self.sample_rate = model.config.sample_rate
         # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
-        self.text = TextPreparer(TextFrontend(Path(model_dir), use_wetext=config.use_wetext))
+        self.text = TextPreparer(
+            TextFrontend(Path(model_dir), use_wetext=config.use_wetext),
+            TextProcess(Path(model_dir), use_wetext=config.use_wetext) if config.text_process else None)
         chunk = ChunkPolicyConfig(
             max_chunks_per_step=config.max_chunks_per_step, final_streaming=config.final_chunk_streaming
         )
@@ -293,6 +299,7 @@ class Engine:
             time.sleep(0.02)
         self._inbox.put(Stop())
         self._thread.join(timeout=max(1.0, deadline_s))
+        self.text.close()
         if not self._thread.is_alive():
             if self._stage is not None:
                 self._stage.shutdown(wait=True)

@@ -84,6 +84,9 @@ class ServerConfig:
     flow_cache_mb: int = field(default=-1, metadata=_doc(
         "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
         "memory; 0: recompute the prefix, as upstream)"))
+    text_process: int = field(default=1, metadata=_doc(
+        "normalise request text in a child process (0: on the worker threads, where its pure-Python work "
+        "holds the GIL and slows every running stream; see bench.stall)", choices=(0, 1)))
     warmup: int = field(default=1, metadata=_doc(
         "run two short syntheses before listening, so the first request does not pay one-time costs", choices=(0, 1)))
     # Reference-audio store.

@@ -82,6 +82,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     if settings.threads:
         torch.set_num_threads(settings.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
+        text_process=bool(config.text_process),
         num_slots=config.max_batch,
         cuda_graphs=bool(config.cuda_graphs),
         overlap_stages=settings.overlap_stages,
