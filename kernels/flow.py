@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from kernels.config import FlowConfig
 from kernels.flow_encoder import UpsampleConformerEncoder, length_mask
 from kernels.flow_estimator import CausalConditionalDecoder, EstimatorInputs
+from kernels.step_cache import NO_CACHE, StepCache
 
 NOISE_SEED = 0
 NOISE_SHA256 = "584a26e6eaad944407a96c5999aaa5cd0a6a359309a841eade68bf805c072322"  # cases/flow.json
@@ -49,18 +50,26 @@ class CausalConditionalCFM(nn.Module):
         self.estimator = CausalConditionalDecoder(cfg.estimator)
         self.register_buffer("rand_noise", fixed_noise(cfg.output_size, cfg.noise_frames), persistent=False)
 
-    def solve(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, streaming: bool) -> Tensor:
-        """Euler ODE solve with CFG for B rows (mu/cond `(B, 80, M)`, mask `(B, 1, M)`, spks `(B, 80)`)."""
+    def solve(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, streaming: bool,
+              x0: Tensor | None = None, caches: list[StepCache] | None = None) -> Tensor:
+        """Euler ODE solve with CFG for B rows (mu/cond `(B, 80, M)`, mask `(B, 1, M)`, spks `(B, 80)`).
+
+        x0: the start noise (default: the fixed noise from frame 0). caches: one per Euler step, for
+        streaming rows of new frames whose earlier frames are cached (kernels/flow_cache.py); each cache's
+        rows are [cond rows..., uncond rows...] like the estimator's batch."""
         b, _, m = mu.shape
-        if m > self.rand_noise.size(2):
-            raise ValueError(f"flow input of {m} mel frames exceeds the {self.rand_noise.size(2)}-frame noise buffer")
-        x = self.rand_noise[:, :, :m].float().expand(b, -1, -1)  # the ODE state stays fp32 (see _euler)
+        if x0 is None:
+            if m > self.rand_noise.size(2):
+                raise ValueError(
+                    f"flow input of {m} mel frames exceeds the {self.rand_noise.size(2)}-frame noise buffer")
+            x0 = self.rand_noise[:, :, :m].expand(b, -1, -1)
         inp = self.estimator.prepare(
             torch.cat([mask, mask]), torch.cat([mu, torch.zeros_like(mu)]),
-            torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)]), streaming)
-        return self._euler(x, inp, b)
+            torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, torch.zeros_like(cond)]), streaming,
+            cached=caches is not None)
+        return self._euler(x0.float(), inp, b, caches)  # the ODE state stays fp32 (see _euler)
 
-    def _euler(self, x: Tensor, inp: EstimatorInputs, b: int) -> Tensor:
+    def _euler(self, x: Tensor, inp: EstimatorInputs, b: int, caches: list[StepCache] | None) -> Tensor:
         # Same float32 time arithmetic as upstream: t accumulates dt, dt = t_span[k+1] - t. With a
         # bf16 estimator only its calls run in bf16: x, t and the update stay fp32 (mixed precision).
         t_span = cosine_t_span(self.cfg.n_timesteps, x.device, torch.float32)
@@ -68,7 +77,8 @@ class CausalConditionalCFM(nn.Module):
         rate = self.cfg.inference_cfg_rate
         dtype = inp.static.dtype
         for step in range(1, len(t_span)):
-            v = self.estimator.step(torch.cat([x, x]).to(dtype), t.expand(2 * b), inp).float()
+            cache = NO_CACHE if caches is None else caches[step - 1]
+            v = self.estimator.step(torch.cat([x, x]).to(dtype), t.expand(2 * b), inp, cache).float()
             v_cond, v_uncond = v[:b], v[b:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
@@ -95,14 +105,16 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def speaker(self, embedding: Tensor) -> Tensor:
         return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
-    def encode(self, tokens: Tensor, token_lens: Tensor, streaming: bool, finalize: bool) -> tuple[Tensor, Tensor]:
-        """-> (mu `(B, 80, Mmax)`, mel_lens `(B,)`); without finalize the last 3 tokens are context only."""
+    def encode(self, tokens: Tensor, token_lens: Tensor, streaming: bool, finalize: bool,
+               cache: StepCache = NO_CACHE) -> tuple[Tensor, Tensor]:
+        """-> (mu `(B, 80, Mmax)`, mel_lens `(B,)`); without finalize the last 3 tokens are context only.
+        With a cache, each row holds a streaming request's tokens after its cached ones."""
         valid = length_mask(token_lens, tokens.size(1)).unsqueeze(-1)
         x = self.input_embedding(tokens.clamp(min=0).long()) * valid.to(self.input_embedding.weight.dtype)
         enc_lens = token_lens if finalize else token_lens - self.cfg.pre_lookahead_len
         if bool((enc_lens < 1).any()):
             raise ValueError("every row needs at least one token to encode (plus 3 look-ahead when not finalizing)")
-        h = self.encoder(x, token_lens, enc_lens, streaming)
+        h = self.encoder(x, token_lens, enc_lens, streaming, cache)
         mu = self.encoder_proj(h).transpose(1, 2)
         return mu, enc_lens * self.cfg.token_mel_ratio
 

@@ -7,6 +7,9 @@ Pipeline on embedded tokens `(B, T, 512)`:
 Batch invariance: everything is causal or masked except the pre-lookahead conv, which reads 3 frames to the
 right. Each row's frames past its own context are zeroed right before that conv, so a padded row sees exactly
 what it would see alone (zeros when finalizing, its own 3 look-ahead tokens otherwise).
+
+`step()` is the one forward: on all tokens (`NO_CACHE`), or on a stream's new tokens against the caches of
+earlier calls (kernels/step_cache.py): the convs' left context and each conformer layer's keys/values.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.chunk_attention import chunk_hidden
 from kernels.config import EncoderConfig
+from kernels.step_cache import NO_CACHE, KVStore, Segment, StepCache, conv_step, last_frames, with_left
 
 UPSAMPLE_STRIDE = 2  # hard-coded upstream
 MAX_BD_ELEMENTS = 1 << 26  # rel-pos scores computed per group of rows of at most this many elements (256 MB)
@@ -93,11 +98,14 @@ def _build_rel_pos(n: int, d_model: int) -> Tensor:
 
 
 def rel_shift(bd: Tensor) -> Tensor:
-    """`(..., T, 2T-1)` -> `(..., T, T)` with out[i, j] = bd[i, T-1-i+j] (a strided view, no copy)."""
+    """`(..., T, E+T-1)` -> `(..., T, E)` with out[i, j] = bd[i, T-1-i+j] (a strided view, no copy).
+
+    Columns of bd are r = E-1 .. -(T-1) for the last T of E frames as queries against all E as keys
+    (E = T: the full pass); query i, key j then sits at r = E-T+i-j."""
     bd = bd.contiguous()
     t = bd.size(-2)
     width = bd.size(-1)
-    size = (*bd.shape[:-2], t, t)
+    size = (*bd.shape[:-2], t, width - t + 1)
     stride = (*bd.stride()[:-2], width - 1, 1)
     return bd.as_strided(size, stride, bd.storage_offset() + t - 1)
 
@@ -131,32 +139,78 @@ class RelPositionAttention(nn.Module):
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
+        self._projected: tuple[tuple, Tensor] | None = None  # memo of linear_pos(table), see positions()
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor, pos_emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, pos: RelPosTable) -> Tensor:
+        return self.step(x, mask, pos)[0]
+
+    def step(self, x: Tensor, mask: Tensor | None, pos: RelPosTable, kv: list[tuple[Segment, KVStore]] | None = None,
+             chunk: int = 0) -> tuple[Tensor, list[tuple[Segment, KVStore]] | None]:
+        """x `(B, T, d)`. Full pass (kv None): all frames, bool keep-`mask` `(B|1, 1, 1|T, T)`. Cached: each
+        segment's new queries over its store's keys (extended by the new ones), chunk-causal."""
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self._heads(self.linear_k(x))
         v = self._heads(self.linear_v(x))
-        p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)  # (1, H, 2T-1, d_k)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        # The position term is a (H, T, 2T-1) tensor per row (~0.6 GB at T = 3000): bound the transient
-        # memory by doing a few rows at a time.
-        rows = max(1, MAX_BD_ELEMENTS // (self.h * t * (2 * t - 1)))
-        out = torch.cat([
-            self._attend(q_u[i : i + rows], q_v[i : i + rows], k[i : i + rows], v[i : i + rows], p,
-                         mask[i : i + rows] if mask.size(0) > 1 else mask)
-            for i in range(0, b, rows)])
-        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))
+        if kv is None:
+            assert mask is not None
+            p = self.positions(pos, t, t, x.device, x.dtype)
+            hidden = ~mask
+            # The position term is a (H, T, 2T-1) tensor per row (~0.6 GB at T = 3000): bound the transient
+            # memory by doing a few rows at a time.
+            rows = max(1, MAX_BD_ELEMENTS // (self.h * t * (2 * t - 1)))
+            out = torch.cat([
+                self._attend(q_u[i : i + rows], q_v[i : i + rows], k[i : i + rows], v[i : i + rows], p,
+                             hidden[i : i + rows] if hidden.size(0) > 1 else hidden)
+                for i in range(0, b, rows)])
+        else:
+            out = torch.zeros_like(q_u)  # right padding stays zero (never read by valid frames)
+            for seg, store in kv:
+                rows, n = seg.rows, seg.new
+                keys, values = store.extend(k[rows, :, :n], v[rows, :, :n])
+                p = self.positions(pos, keys.size(2), n, x.device, x.dtype)
+                out[rows, :, :n] = self._attend(q_u[rows, :, :n], q_v[rows, :, :n], keys, values, p,
+                                                chunk_hidden(seg.start, n, chunk, x.device))
+        return self.linear_out(out.transpose(1, 2).reshape(b, t, self.h * self.d_k)), kv
 
-    def _attend(self, q_u: Tensor, q_v: Tensor, k: Tensor, v: Tensor, p: Tensor, mask: Tensor) -> Tensor:
+    def _attend(self, q_u: Tensor, q_v: Tensor, k: Tensor, v: Tensor, p: Tensor, hidden: Tensor) -> Tensor:
+        """Queries: the last T of the E keys; p rows r = E-1 .. -(T-1); hidden: True where masked."""
         scale = 1.0 / math.sqrt(self.d_k)
-        bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (b, H, T, T)
-        bias = (bd * scale).masked_fill(~mask, torch.finfo(bd.dtype).min)
+        bd = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))  # (b, H, T, E)
+        bias = (bd * scale).masked_fill(hidden, torch.finfo(bd.dtype).min)
         return F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias, scale=scale)
+
+    def positions(self, table: RelPosTable, keys: int, queries: int, device: torch.device,
+                  dtype: torch.dtype) -> Tensor:
+        """linear_pos of the rel-pos sinusoids for r = keys-1 .. -(queries-1): `(1, H, keys+queries-1, d_k)`.
+
+        The projection of the whole table is kept (grown on demand, like the table) so a stream's call does
+        not re-project thousands of positions per layer; it is redone when the weights change."""
+        w = self.linear_pos.weight
+        stamp = (device, dtype, w.data_ptr(), _version(w))
+        memo = self._projected
+        size = max(keys, queries)
+        if memo is None or memo[0] != stamp or memo[1].size(2) < 2 * size - 1:
+            grown = max(size, 0 if memo is None or memo[0] != stamp else (memo[1].size(2) + 1) // 2)
+            pe = table.get(grown, device, dtype)
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, as RelPosTable's
+                proj = self.linear_pos(pe).view(1, -1, self.h, self.d_k).transpose(1, 2).contiguous()
+            memo = self._projected = (stamp, proj)  # one assignment: racing shard workers each use their own
+        center = (memo[1].size(2) - 1) // 2
+        return memo[1][:, :, center - keys + 1 : center + queries]
+
+
+def _version(t: Tensor) -> int:
+    """In-place updates (load_state_dict) bump it; -1 where not tracked (inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 class ConformerFeedForward(nn.Module):
@@ -179,8 +233,9 @@ class ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(d, eps=1e-12)
         self.norm_mha = nn.LayerNorm(d, eps=1e-12)
 
-    def forward(self, x: Tensor, mask: Tensor, pos_emb: Tensor) -> Tensor:
-        x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
+    def forward(self, x: Tensor, mask: Tensor | None, pos: RelPosTable, cache: StepCache = NO_CACHE,
+                chunk: int = 0) -> Tensor:
+        x = x + self.self_attn.step(self.norm_mha(x), mask, pos, cache.kv(self.self_attn), chunk)[0]
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -194,10 +249,16 @@ class PreLookaheadLayer(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, 3)
 
     def forward(self, x: Tensor, right: Tensor) -> Tensor:
-        """x `(B, T, C)`; right `(B, T+lookahead, C)`: x's frames plus each row's right context, zeros beyond."""
+        return self.step(x, right)[0]
+
+    def step(self, x: Tensor, right: Tensor, tail: Tensor | None = None,
+             ends: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x `(B, T, C)` new frames; right `(B, T+lookahead, C)`: x's frames plus each row's right context,
+        zeros beyond; tail: conv2's 2 input frames before x (None: zeros) -> (output, next call's tail)."""
         out = F.leaky_relu(self.conv1(right.transpose(1, 2)), 0.01)
-        out = self.conv2(F.pad(out, (self.conv2.kernel_size[0] - 1, 0)))
-        return out.transpose(1, 2) + x
+        width = self.conv2.kernel_size[0] - 1
+        full = with_left(out, tail, width)
+        return self.conv2(full).transpose(1, 2) + x, last_frames(full, ends, width)
 
 
 class Upsample1D(nn.Module):
@@ -207,10 +268,16 @@ class Upsample1D(nn.Module):
         super().__init__()
         self.stride = stride
         self.conv = nn.Conv1d(channels, channels, stride * 2 + 1)
+        self.keep = 2  # the conv's left pad (2*stride upsampled frames) = 2 input frames
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.repeat_interleave(x, self.stride, dim=2)
-        return self.conv(F.pad(x, (self.stride * 2, 0)))
+        return self.step(x)[0]
+
+    def step(self, x: Tensor, tail: Tensor | None = None, ends: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x `(B, C, T)` new frames, tail the `keep` input frames before them (None: zeros) -> (output
+        `(B, C, stride*T)`, next call's tail). Zeros before upsampling = the conv's left pad after it."""
+        full = with_left(x, tail, self.keep)
+        return self.conv(torch.repeat_interleave(full, self.stride, dim=2)), last_frames(full, ends, self.keep)
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -231,29 +298,31 @@ class UpsampleConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
         self.rel_pos = RelPosTable(d)
 
-    def forward(self, tokens_emb: Tensor, visible_lens: Tensor, enc_lens: Tensor, streaming: bool) -> Tensor:
+    def forward(self, tokens_emb: Tensor, visible_lens: Tensor, enc_lens: Tensor, streaming: bool,
+                cache: StepCache = NO_CACHE) -> Tensor:
         """tokens_emb `(B, L, C)` embedded tokens; visible_lens: tokens per row incl. look-ahead context;
         enc_lens: tokens per row that produce output (visible - lookahead when not finalizing).
-        Returns h `(B, 2*max(enc_lens), d)`; row b is valid on its first 2*enc_lens[b] frames."""
+        Returns h `(B, 2*max(enc_lens), d)`; row b is valid on its first 2*enc_lens[b] frames.
+        With a cache (streaming only): the rows are each request's new tokens, after the cached ones."""
         look = self.pre_lookahead_layer.lookahead
         x = self.embed(tokens_emb)
         t_enc = int(enc_lens.max())
         # Zero everything after each row's context (what batch-1 upstream sees: zeros or its own context).
         right = x * length_mask(visible_lens, x.size(1)).unsqueeze(-1).to(x.dtype)
         right = F.pad(right, (0, 0, 0, max(0, t_enc + look - right.size(1))))[:, : t_enc + look]
-        x = self.pre_lookahead_layer(x[:, :t_enc], right)
+        x = conv_step(self.pre_lookahead_layer, cache, x[:, :t_enc], right)
         chunk = self.cfg.static_chunk_size if streaming else 0
-        x = self._layers(self.encoders, x, enc_lens, chunk)
+        x = self._layers(self.encoders, x, enc_lens, chunk, cache)
 
-        x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)
+        x = conv_step(self.up_layer, cache, x.transpose(1, 2)).transpose(1, 2)
         x = self.up_embed(x)
-        x = self._layers(self.up_encoders, x, enc_lens * UPSAMPLE_STRIDE, chunk * UPSAMPLE_STRIDE)
+        up = UPSAMPLE_STRIDE
+        x = self._layers(self.up_encoders, x, enc_lens * up, chunk * up, cache.scaled(up))
         return self.after_norm(x)
 
-    def _layers(self, layers: nn.ModuleList, x: Tensor, lens: Tensor, chunk: int) -> Tensor:
-        t = x.size(1)
-        mask = attention_mask(lens, t, chunk)
-        pos_emb = self.rel_pos.get(t, x.device, x.dtype)
+    def _layers(self, layers: nn.ModuleList, x: Tensor, lens: Tensor, chunk: int, cache: StepCache) -> Tensor:
+        # a cached pass masks per request (its chunk over its cached keys): no batch mask
+        mask = attention_mask(lens, x.size(1), chunk) if cache is NO_CACHE else None
         for layer in layers:
-            x = layer(x, mask, pos_emb)
+            x = layer(x, mask, self.rel_pos, cache, chunk)
         return x
