@@ -13,7 +13,7 @@ def test_stall_bench_runs_each_mode_and_writes_its_tables(tiny_model_dir: Path, 
                       "--rounds", "1", "--text-process", "1", "--json", str(out), "--markdown", str(md)])
     assert [r["mode"] for r in res["rounds"]] == ["short text", "long text, in a child process"]
     for r in res["rounds"]:
-        assert r["gaps"] >= 2 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["gaps"] >= 1 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert json.loads(out.read_text())["meta"]["streams"] == 2
     assert "long text, in a child process" in md.read_text()
 

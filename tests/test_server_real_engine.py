@@ -377,6 +377,8 @@ def test_text_is_prepared_on_the_pool_never_the_engine_or_the_loop(server: Serve
     finally:
         ws.close()
     assert ws_events[-1] == "task-finished", ws_events
-    assert {n for n, _ in calls} == {"normalize", "encode"}
+    # normalisation runs in the text child process (the server's default): never in this process's threads
+    assert server.app.engine.text.process is not None  # type: ignore[attr-defined]
+    assert {n for n, _ in calls} == {"encode"}
     threads = {t for _, t in calls}
     assert threads and all(t.startswith("cosy-work") for t in threads), threads
