@@ -12,7 +12,6 @@ fallback above the largest bucket, all writing the same KV cache.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ from kernels.engine import Engine, EngineConfig
 from kernels.kv_cache import KVCache
 from kernels.model import load_model
 from kernels.runner import ModelRunner
-from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
+from scheduler.jobs import AudioChunk, Finished, Mode, SpeechJob, VoicePrompt
 from scheduler.plan import (
     SOS,
     TASK,
@@ -44,6 +43,7 @@ from scheduler.plan import (
     speech_segment,
     text_segment,
 )
+from tests.test_engine import Collector
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False)"
@@ -412,17 +412,7 @@ def test_bf16_llm_decode_with_flash_tracks_sdpa(model_for, device, base, other):
 
 # ---------------------------------------------------------------- (c) the engine on CUDA, end to end
 
-class Sink:
-    """The engine's event sink (called on its thread): keeps events, signals the final one."""
-
-    def __init__(self) -> None:
-        self.events: list = []
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        self.events.append(event)
-        if isinstance(event, (Finished, Failed)):
-            self.done.set()
+Sink = Collector  # the engine's event sink: keeps events, signals the final one
 
 
 @needs_cuda
