@@ -25,12 +25,18 @@ def flash_attn_available() -> bool:
     return True
 
 
-def use_flash(device: torch.device, backend: str) -> bool:
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn has no fp32 kernels
+
+
+def use_flash(device: torch.device, backend: str, dtype: torch.dtype | None = None) -> bool:
+    """flash-attn for `auto` when it can run: CUDA, importable, and a half-precision model (an fp32 LLM,
+    `--llm-dtype fp32`, takes SDPA); `flash` insists and raises when it cannot."""
     if backend == "sdpa":
         return False
-    ok = device.type == "cuda" and flash_attn_available()
+    ok = device.type == "cuda" and flash_attn_available() and (dtype is None or dtype in FLASH_DTYPES)
     if backend == "flash" and not ok:
-        raise RuntimeError("attention backend 'flash' requested but flash-attn/CUDA is unavailable")
+        raise RuntimeError("attention backend 'flash' requested but it cannot run: it needs CUDA, an importable "
+                           "flash_attn and an fp16/bf16 model")
     return ok
 
 

@@ -278,7 +278,8 @@ class Engine:
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         llm_dtype = dtype.get(next(model.llm.parameters()).dtype, "?")
         flow_dtype = dtype.get(next(model.flow.parameters()).dtype, "?")
-        attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend) else "torch SDPA"
+        attention = ("flash-attn" if use_flash(runner.device, model.llm.attn_backend, next(model.llm.parameters()).dtype)
+                     else "torch SDPA")
         pool = runner.flow_pool_bytes
         cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
         cpu = runner.device.type == "cpu"

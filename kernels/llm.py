@@ -53,7 +53,7 @@ class Qwen2LM(nn.Module):
         self.llm = nn.ModuleDict({"model": nn.ModuleDict({"model": Qwen2Model(cfg.qwen)})})
         self.llm_decoder = nn.Linear(hidden, n_out)
         self.speech_embedding = nn.Embedding(n_out, cfg.llm_input_size)
-        self.attn_backend = "auto"  # "auto" | "sdpa" | "flash" (flash only on CUDA when importable)
+        self.attn_backend = "auto"  # "auto" | "sdpa" | "flash" (flash: CUDA, importable, fp16/bf16 only)
         # CPU decode attends per row on cache views once keys are long (see decode); below this
         # span one masked batched SDPA over a gathered copy is cheaper (fewer calls, small copy)
         self.cpu_rowwise_decode = True
@@ -158,7 +158,7 @@ class Qwen2LM(nn.Module):
         if self.cpu_rowwise_decode and embeds.device.type == "cpu" and span >= self.cpu_rowwise_min_span:
             return self._decode_rowwise(embeds, slots, positions, kv)
         valid = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
-        flash = use_flash(embeds.device, self.attn_backend)
+        flash = use_flash(embeds.device, self.attn_backend, embeds.dtype)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if flash:

@@ -303,6 +303,10 @@ def test_use_flash_only_on_cuda_and_when_asked():
     with pytest.raises(RuntimeError, match="flash"):
         use_flash(torch.device("cpu"), "flash")
     assert use_flash(torch.device("cuda"), "auto") == flash_attn_available()
+    assert use_flash(torch.device("cuda"), "auto", torch.bfloat16) == flash_attn_available()
+    assert not use_flash(torch.device("cuda"), "auto", torch.float32)  # flash-attn has no fp32 kernels
+    with pytest.raises(RuntimeError, match="flash"):
+        use_flash(torch.device("cuda"), "flash", torch.float32)
     if not flash_attn_available():  # asking for flash without it is an error, not a silent fallback
         with pytest.raises(RuntimeError, match="flash"):
             use_flash(torch.device("cuda"), "flash")
