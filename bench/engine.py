@@ -32,9 +32,7 @@ import numpy as np
 import torch
 
 from bench.provenance import commit, cpu_name, now_iso
-from kernels.auto_settings import choose_settings
-from kernels.config import read_model_config
-from kernels.host_memory import usable_cores
+from kernels.auto_settings import settings_for
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
 
@@ -564,9 +562,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    settings = choose_settings(
-        threads=args.threads, stage_workers=0, overlap_stages=args.overlap_stages, cores=usable_cores(),
-        llm_hidden=read_model_config(args.model_dir).llm.qwen.hidden_size, cuda=args.device == "cuda")
+    settings = settings_for(args.model_dir, threads=args.threads, overlap_stages=args.overlap_stages,
+                            cuda=args.device == "cuda")
     print(f"settings: {settings.summary()}", file=sys.stderr)
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -28,8 +28,7 @@ import torch
 
 from bench.engine import make_voice
 from bench.provenance import commit, cpu_name, now_iso
-from kernels.auto_settings import choose_settings
-from kernels.config import read_model_config
+from kernels.auto_settings import settings_for
 from kernels.host_memory import usable_cores
 from scheduler.jobs import AudioChunk, Failed, Mode, SpeechJob
 
@@ -45,11 +44,10 @@ def long_text(chars: int) -> str:
 class Gaps:
     """Chunk arrival times per running stream; gaps counted from `mark` on."""
 
-    def __init__(self, streams: int) -> None:
+    def __init__(self) -> None:
         self.arrivals: dict[str, list[float]] = {}
         self.first = threading.Semaphore(0)
         self.ended = threading.Semaphore(0)
-        self.streams = streams
         self.errors: list[str] = []
 
     def sink(self, event: Any) -> None:  # engine thread
@@ -101,12 +99,17 @@ class CancelAtFirstAudio:
             self.handle.cancel()
 
 
-def modes(text_process: list[int]) -> list[tuple[str, int | None]]:
-    """(label, text_process) per mode; None: quiet. An engine from before text preparation moved off the
-    decode thread has no text_process setting: one long-text mode, text taken in on the engine thread."""
+def _engine_takes_text_process() -> bool:
+    """False for an engine from before text preparation moved off the decode thread (the "before" runs)."""
     from kernels.engine import EngineConfig
 
-    if "text_process" not in EngineConfig.__dataclass_fields__:
+    return "text_process" in EngineConfig.__dataclass_fields__
+
+
+def modes(text_process: list[int]) -> list[tuple[str, int | None]]:
+    """(label, text_process) per mode; None: the short-text baseline. An older engine has one long-text
+    mode: text taken in on the engine thread."""
+    if not _engine_takes_text_process():
         return [("short text", None), ("long text, on the engine thread", 0)]
     where = {0: "long text, in a worker thread", 1: "long text, in a child process"}
     return [("short text", None), *((where[t], t) for t in text_process)]
@@ -117,11 +120,10 @@ def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace,
     from kernels.engine import Engine, EngineConfig
 
     chars = args.chars if text_process is not None else len(LONG_UNIT)
-    has_setting = "text_process" in EngineConfig.__dataclass_fields__
     engine = Engine(model_dir, model=model, config=EngineConfig(
         num_slots=args.streams + 2, slot_len=1024, overlap_stages=args.overlap,
-        **({"text_process": bool(text_process or 0)} if has_setting else {})))
-    gaps = Gaps(args.streams)
+        **({"text_process": bool(text_process)} if _engine_takes_text_process() else {})))
+    gaps = Gaps()
     try:
         for i in range(args.streams):
             submit(engine, SpeechJob(f"s{i}", Mode.ZERO_SHOT, voice, STREAM_TEXT, seed=i,
@@ -186,9 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from kernels.model import load_model
 
-    settings = choose_settings(threads=0, stage_workers=0, overlap_stages=args.overlap_stages,
-                               llm_hidden=read_model_config(args.model_dir).llm.qwen.hidden_size,
-                               cores=usable_cores(), cuda=False)
+    settings = settings_for(args.model_dir, overlap_stages=args.overlap_stages)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     args.overlap = settings.overlap_stages

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from frontend.prompt import llm_prompt_for
+from frontend.prompt import llm_prompt_for, voice_speech_ids
 from frontend.text_normalize import TextFrontend
 from frontend.text_process import TextProcess
 from scheduler.jobs import Mode, PreparedJob, SpeechJob
@@ -24,6 +24,7 @@ class TextPreparer:
     def __init__(self, text: TextFrontend, process: TextProcess | None = None, transcripts_kept: int = 1024) -> None:
         self.text = text
         self.process = process
+        self._normaliser: TextFrontend | TextProcess = process if process is not None else text
         self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._kept = transcripts_kept
         self._lock = threading.Lock()
@@ -33,10 +34,10 @@ class TextPreparer:
             prompt_text = self._prompt_text_ids(job)
         except ValueError as exc:  # e.g. instruct mode without an instruction
             return PreparedJob(job, refusal=str(exc))
-        speech = tuple(int(t) for t in job.voice.speech_tokens.reshape(-1)) if job.mode == Mode.ZERO_SHOT else ()
+        speech = tuple(voice_speech_ids(job.voice)) if job.mode == Mode.ZERO_SHOT else ()
         if job.text is None:
             return PreparedJob(job, prompt_text, speech)
-        pieces = tuple(tuple(ids) for ids in self._pieces(job.text))
+        pieces = tuple(tuple(ids) for ids in self._normaliser.encode_pieces(job.text))
         if not pieces:
             return PreparedJob(job, prompt_text, speech, refusal=NOTHING_TO_SPEAK)
         return PreparedJob(job, prompt_text, speech, pieces)
@@ -48,11 +49,6 @@ class TextPreparer:
         if self.process is not None:
             self.process.close()
 
-    def _pieces(self, text: str) -> list[list[int]]:
-        if self.process is not None:
-            return self.process.pieces(text)
-        return [ids for ids in map(self.text.encode, self.text.normalize(text, split=True)) if ids]
-
     def _prompt_text_ids(self, job: SpeechJob) -> tuple[int, ...]:
         if job.mode != Mode.ZERO_SHOT:  # cross-lingual: none; instruct: the instruction, per request
             return tuple(llm_prompt_for(job.mode, job.voice, self.text, job.instruct).prompt_text_ids)
@@ -62,10 +58,7 @@ class TextPreparer:
             if ids is not None:
                 self._prompts.move_to_end(key)
                 return ids
-        if self.process is not None:  # zero-shot: the normalised transcript, as llm_prompt_for makes it
-            ids = tuple(self.process.whole(job.voice.text))
-        else:
-            ids = tuple(llm_prompt_for(job.mode, job.voice, self.text, job.instruct).prompt_text_ids)
+        ids = tuple(self._normaliser.encode_whole(job.voice.text))  # as llm_prompt_for makes it
         with self._lock:
             self._prompts[key] = ids
             while len(self._prompts) > self._kept:

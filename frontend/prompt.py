@@ -132,14 +132,17 @@ def instruct_with_endofprompt(instruct: str) -> str:
     return instruct if ENDOFPROMPT in instruct else instruct + ENDOFPROMPT
 
 
+def voice_speech_ids(voice: VoicePrompt) -> list[int]:
+    """The voice's speech tokens as the zero-shot LLM prompt takes them."""
+    return [int(t) for t in np.asarray(voice.speech_tokens).reshape(-1)]
+
+
 def llm_prompt_for(
     mode: Mode, voice: VoicePrompt, text_frontend: TextFrontend, instruct: str | None
 ) -> LLMPromptIds:
     """The LLM prompt of one request; the flow always gets the voice's tokens, mel and embedding."""
     if mode == Mode.ZERO_SHOT:
-        transcript = text_frontend.normalize(voice.text, split=False)
-        ids = text_frontend.encode(transcript[0]) if transcript else []
-        return LLMPromptIds(ids, [int(t) for t in np.asarray(voice.speech_tokens).reshape(-1)])
+        return LLMPromptIds(text_frontend.encode_whole(voice.text), voice_speech_ids(voice))
     if mode == Mode.CROSS_LINGUAL:
         return LLMPromptIds([], [])
     if mode == Mode.INSTRUCT:

@@ -140,6 +140,14 @@ class TextFrontend:
         pieces = self.normalize(text, split=False)
         return pieces[0] if pieces else ""
 
+    def encode_pieces(self, text: str) -> list[list[int]]:
+        """Token ids of each normalised sentence piece (empty pieces dropped): text to be spoken."""
+        return [ids for ids in map(self.encode, self.normalize(text, split=True)) if ids]
+
+    def encode_whole(self, text: str) -> list[int]:
+        """Token ids of the text normalised as one piece: a prompt transcript."""
+        return self.encode(self.normalize_one(text))
+
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 

@@ -24,17 +24,16 @@ def _start(model_dir: str, use_wetext: bool) -> None:
 
 def _pieces(text: str) -> list[list[int]]:
     assert _frontend is not None
-    return [ids for ids in map(_frontend.encode, _frontend.normalize(text, split=True)) if ids]
+    return _frontend.encode_pieces(text)
 
 
 def _whole(text: str) -> list[int]:
     assert _frontend is not None
-    pieces = _frontend.normalize(text, split=False)
-    return _frontend.encode(pieces[0]) if pieces else []
+    return _frontend.encode_whole(text)
 
 
 class TextProcess:
-    """Sentence pieces' and a transcript's token ids, computed by one child process (thread-safe)."""
+    """`TextFrontend.encode_pieces` / `encode_whole`, computed by one child process (thread-safe)."""
 
     def __init__(self, model_dir: Path, use_wetext: bool = True, workers: int = 1) -> None:
         # spawn, not fork: the parent runs torch's and the server's threads, which a fork would copy mid-flight
@@ -42,12 +41,10 @@ class TextProcess:
                                          initializer=_start, initargs=(str(model_dir), use_wetext))
         self._pool.submit(_whole, "").result()  # started and warm before the first request
 
-    def pieces(self, text: str) -> list[list[int]]:
-        """Normalised, split into sentences, tokenised."""
+    def encode_pieces(self, text: str) -> list[list[int]]:
         return self._pool.submit(_pieces, text).result()
 
-    def whole(self, text: str) -> list[int]:
-        """Normalised as one piece (a prompt transcript), tokenised."""
+    def encode_whole(self, text: str) -> list[int]:
         return self._pool.submit(_whole, text).result()
 
     def close(self) -> None:

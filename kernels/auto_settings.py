@@ -14,6 +14,10 @@ On CUDA the device does the work: torch's thread default stays, shards are off, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.config import read_model_config
+from kernels.host_memory import usable_cores
 
 # LLM widths below this are "small" (tiny test model: 64; CosyVoice2-0.5B: 896).
 SMALL_MODEL_HIDDEN = 512
@@ -63,3 +67,11 @@ def choose_settings(*, threads: int, stage_workers: int, overlap_stages: str, ll
     else:
         overlap = overlap_stages == "1"
     return EngineSettings(threads, stage_workers, overlap, tuple(reasons))
+
+
+def settings_for(model_dir: str | Path, *, threads: int = 0, stage_workers: int = 0,
+                 overlap_stages: str = AUTO, cuda: bool = False) -> EngineSettings:
+    """`choose_settings` for the model in `model_dir` on the cores this process may use."""
+    return choose_settings(threads=threads, stage_workers=stage_workers, overlap_stages=overlap_stages,
+                           llm_hidden=read_model_config(model_dir).llm.qwen.hidden_size, cores=usable_cores(),
+                           cuda=cuda)

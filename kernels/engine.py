@@ -275,16 +275,15 @@ class Engine:
     def describe(self) -> str:
         """One line for the start-up log: device, dtypes, threads, batch limits, attention, flow cache."""
         model, runner, cfg = self.model, self.runner, self.config
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        llm_dtype = dtype.get(next(model.llm.parameters()).dtype, "?")
-        flow_dtype = dtype.get(next(model.flow.parameters()).dtype, "?")
-        attention = ("flash-attn" if use_flash(runner.device, model.llm.attn_backend, next(model.llm.parameters()).dtype)
-                     else "torch SDPA")
+        names = {dtype: name for name, dtype in DTYPES.items()}
+        llm_dtype = next(model.llm.parameters()).dtype
+        flow_dtype = next(model.flow.parameters()).dtype
+        attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend, llm_dtype) else "torch SDPA"
         pool = runner.flow_pool_bytes
         cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
         cpu = runner.device.type == "cpu"
         parts = [
-            f"device {runner.device}", f"llm {llm_dtype}", f"flow {flow_dtype}",
+            f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
             f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
             *([f"stage workers {runner.shards.workers}"] if cpu else []),
             f"overlap {'on' if self._stage is not None else 'off'}",

@@ -66,17 +66,13 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     # lazy: torch and the kernels load only when a real engine is wanted (tests inject fakes)
     import torch
 
-    from kernels.auto_settings import choose_settings
-    from kernels.config import read_model_config
+    from kernels.auto_settings import settings_for
     from kernels.engine import Engine, EngineConfig
-    from kernels.host_memory import usable_cores
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = choose_settings(
-        threads=config.threads, stage_workers=config.stage_workers, overlap_stages=config.overlap_stages,
-        llm_hidden=read_model_config(directory).llm.qwen.hidden_size, cores=usable_cores(),
-        cuda=device.startswith("cuda"))
+    settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
+                            overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"))
     for reason in settings.reasons:
         log.info("auto setting: %s", reason)
     if settings.threads:

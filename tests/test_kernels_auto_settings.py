@@ -41,3 +41,12 @@ def test_explicit_settings_are_kept_and_not_explained() -> None:
 def test_unknown_overlap_value_is_refused() -> None:
     with pytest.raises(ValueError, match="overlap_stages"):
         choose_settings(threads=0, stage_workers=0, overlap_stages="yes", llm_hidden=TINY, cores=2, cuda=False)
+
+
+def test_settings_for_reads_the_model_width_from_its_directory(tiny_model_dir) -> None:
+    from kernels.auto_settings import settings_for
+    from kernels.host_memory import usable_cores
+
+    s = settings_for(tiny_model_dir)
+    assert (s.threads, s.stage_workers) == (1, usable_cores())  # the tiny model is small
+    assert settings_for(tiny_model_dir, threads=3, cuda=True).threads == 3
