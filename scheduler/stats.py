@@ -1,7 +1,7 @@
 """Plain stats dataclasses: one per step and cumulative counters (formatted at the edge, /metrics)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class Counters:
     failed: int = 0
 
     def snapshot(self) -> CounterTotals:
-        return CounterTotals(**asdict(self))
+        # all ints: a shallow copy (asdict's deep copy cost ~12 us, and the engine publishes every pass)
+        return CounterTotals(**vars(self))
 
 
 @dataclass(frozen=True)
