@@ -206,20 +206,21 @@ def run_engine(
     overlap: bool = True,
 ) -> dict[str, Any]:
     from kernels.engine import Engine, EngineConfig
+    from scheduler.chunk_policy import ChunkPolicyConfig
+    from scheduler.config import SchedulerConfig
 
     if sequential:
         config = EngineConfig(
-            num_slots=1, max_jobs=1, slot_len=slot_len, cuda_graphs=cuda_graphs, use_wetext=False,
-            overlap_stages=overlap,
+            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len), max_jobs=1, cuda_graphs=cuda_graphs,
+            use_wetext=False, overlap_stages=overlap,
         )
     else:
         config = EngineConfig(
-            num_slots=max(1, concurrency),
-            slot_len=slot_len,
+            scheduler=SchedulerConfig(num_slots=max(1, concurrency), slot_len=slot_len,
+                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency))),
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
-            max_chunks_per_step=max(16, concurrency),
         )
     engine = Engine(model_dir, model=model, config=config)
     stats = StepStats()

@@ -120,8 +120,12 @@ def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace,
     from kernels.engine import Engine, EngineConfig
 
     chars = args.chars if text_process is not None else len(LONG_UNIT)
+    limits = {"num_slots": args.streams + 2, "slot_len": 1024}
+    if "scheduler" in EngineConfig.__dataclass_fields__:  # today's nested limits (older revisions: flat)
+        from scheduler.config import SchedulerConfig
+        limits = {"scheduler": SchedulerConfig(**limits)}
     engine = Engine(model_dir, model=model, config=EngineConfig(
-        num_slots=args.streams + 2, slot_len=1024, overlap_stages=args.overlap,
+        **limits, overlap_stages=args.overlap,
         **({"text_process": bool(text_process)} if _engine_takes_text_process() else {})))
     gaps = Gaps()
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from kernels.sampling import ras_sample, recent_window
 from kernels.shards import ShardPool
 from kernels.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
 from scheduler.jobs import VoicePrompt
-from scheduler.plan import ChunkItem, Segment, StepPlan, StepResult
+from scheduler.plan import ChunkItem, ChunkOutput, Segment, StepPlan, StepResult
 
 
 @dataclass
@@ -42,17 +42,6 @@ class RequestTensors:
     vocoder: VocoderState
     sampler: torch.Generator | None  # per-request LLM sampling RNG (seeded requests)
     llm_time_s: float = 0.0  # LLM time accrued since this request's last chunk
-
-
-@dataclass(frozen=True)
-class ChunkOutput:
-    request_id: str
-    pcm: np.ndarray  # float32 at 24 kHz
-    tokens: int  # speech tokens this chunk newly covers
-    generate_time_s: float
-    flow_batch: int
-    vocoder_batch: int
-    detail: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

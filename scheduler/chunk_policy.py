@@ -25,11 +25,11 @@ class ChunkPolicyConfig:
     lookahead: int = 3  # flow pre_lookahead_len
     grid: int = 25  # flow encoder chunk size in tokens
     drain_in_hops: bool = True  # after LLM end: full hops first, then the final chunk (upstream)
-    max_chunks_per_step: int = 8
+    max_chunks_per_step: int = 16  # flow/vocoder chunks batched in one step
     # Upstream runs a streaming request's final chunk with full attention (streaming=False), which
     # re-runs the flow over the whole utterance. True keeps the chunk masks of the earlier chunks
     # (the same context every other chunk gets), so the final chunk is incremental too.
-    final_streaming: bool = False
+    final_streaming: bool = True
     samples_per_token: int = 960  # 24 kHz / 25 Hz, for the audio margin
     # When some ready chunk is urgent (a first chunk, or less than this much audio left to play), a
     # step runs the urgent ones only: a new request's first packet then is not batched behind other

@@ -1,22 +1,22 @@
-"""Scheduler limits and the model constants it needs (token ids, hop schedule)."""
+"""Scheduler limits and the model constants it needs (token ids, hop schedule; kernels fills those in
+from the model directory: `kernels.engine.scheduler_config`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
 
 from scheduler.chunk_policy import ChunkPolicyConfig
-
-if TYPE_CHECKING:  # kernels.config is torch-free, but the scheduler only needs its numbers
-    from kernels.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     num_slots: int = 32  # KV slots the runner preallocates
     slot_len: int = 2048  # positions per slot: prompt + generated speech (2048 = ~75 s of speech)
-    max_running: int = 32  # requests holding a slot and decoding (decode batch bound)
+    max_running: int | None = None  # requests holding a slot and decoding (decode batch bound); None: num_slots
     max_waiting: int = 256  # queue bound; past it `can_admit()` is False (server answers 429/503)
-    max_prefills_per_step: int = 4  # prefills delay every running decode of the step
+    # Requests arriving together are prefilled together, so their chunk boundaries line up and their
+    # flow/vocoder calls batch (4 would split a burst of 8 into two flow batches of 4). Each prefill
+    # delays the step's running decodes, which `max_prefill_tokens_per_step` bounds.
+    max_prefills_per_step: int = 16
     max_prefill_tokens_per_step: int = 2048  # one longer prefill still runs, alone
     eos_token: int = 6561
     fill_token: int = 6563
@@ -27,33 +27,11 @@ class SchedulerConfig:
     chunk: ChunkPolicyConfig = field(default_factory=ChunkPolicyConfig)
 
     def __post_init__(self) -> None:
+        if self.max_running is None:
+            object.__setattr__(self, "max_running", self.num_slots)
         if min(self.num_slots, self.max_running, self.max_prefills_per_step) < 1:
             raise ValueError("num_slots, max_running, max_prefills_per_step must be >= 1")
         if self.slot_len < 2 or self.max_waiting < 0 or self.max_prefill_tokens_per_step < 1:
             raise ValueError("need slot_len >= 2, max_waiting >= 0, max_prefill_tokens_per_step >= 1")
         if self.eos_token not in self.stop_token_ids:
             raise ValueError("eos_token must be one of stop_token_ids")
-
-    @classmethod
-    def from_model(cls, model: ModelConfig, **limits: Any) -> SchedulerConfig:
-        """Token ids and hop constants from the model directory; limits from the caller."""
-        llm, flow = model.llm, model.flow
-        chunk = limits.pop("chunk", ChunkPolicyConfig())
-        chunk = replace(
-            chunk,
-            first_hop=model.chunk_size,
-            grid=model.chunk_size,
-            lookahead=flow.pre_lookahead_len,
-            samples_per_token=model.samples_per_token,
-            sample_rate=model.sample_rate,
-        )
-        return cls(
-            eos_token=llm.eos_token,
-            fill_token=llm.fill_token,
-            stop_token_ids=llm.stop_token_ids,
-            mix_ratio=llm.mix_ratio,
-            win_size=llm.win_size,
-            token_mel_ratio=flow.token_mel_ratio,
-            chunk=chunk,
-            **limits,
-        )

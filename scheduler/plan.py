@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+import numpy as np
+
 SegmentKind = Literal["sos", "text", "task", "speech"]
 
 
@@ -120,3 +122,16 @@ class StepResult:
     sampled: Mapping[str, int] = field(default_factory=dict)  # one token per prefill and per decode
     chunk_samples: Mapping[str, int] = field(default_factory=dict)  # samples emitted per chunk
     failed: Mapping[str, str] = field(default_factory=dict)  # request id -> reason
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    """One chunk's audio, as the runner answers it beside the `StepResult`."""
+
+    request_id: str
+    pcm: np.ndarray  # float32 at 24 kHz
+    tokens: int  # speech tokens this chunk newly covers
+    generate_time_s: float
+    flow_batch: int
+    vocoder_batch: int
+    detail: dict[str, float] = field(default_factory=dict)

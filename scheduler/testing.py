@@ -1,10 +1,15 @@
-"""Fakes for scheduler tests (and engine tests): a clock, and a runner that answers plans by hand."""
+"""Fakes for scheduler and engine-loop tests: a clock, a runner that answers plans by hand, a stage
+executor the test steps by hand. No model, no sleeps."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Any
 
-from scheduler.plan import ChunkItem, DecodeItem, PrefillItem, StepPlan, StepResult
+import numpy as np
+
+from scheduler.plan import ChunkItem, ChunkOutput, DecodeItem, PrefillItem, StepPlan, StepResult
 from scheduler.scheduler import Scheduler
 
 SAMPLES_PER_TOKEN = 960
@@ -53,3 +58,63 @@ def run_until_idle(sched: Scheduler, token: TokenFn | int = 100, max_steps: int 
     while sched.has_work() and len(plans) < max_steps:
         plans.append(step(sched, token)[0])
     return plans
+
+
+class FakeRunner:
+    """A RunnerPort without a model: tokens from `answer`, chunk audio filled with `fill(request_id)`
+    so tests can tell whose audio came out in which order. `fail_llm`/`fail_chunks` make the next call
+    raise; `added`/`released` record the runner-side state the loop asked for."""
+
+    def __init__(self, token: TokenFn | int = 100, fill: Callable[[str], float] = lambda rid: 0.5) -> None:
+        self.token = token
+        self.fill = fill
+        self.added: list[str] = []
+        self.released: list[str] = []
+        self.fail_llm = False
+        self.fail_chunks = False
+        self.llm_plans: list[StepPlan] = []
+        self.chunk_batches: list[tuple[ChunkItem, ...]] = []
+
+    def add_request(self, request_id: str, job: object, seed: int | None) -> None:
+        self.added.append(request_id)
+
+    def execute_llm(self, plan: StepPlan) -> StepResult:
+        self.llm_plans.append(plan)
+        if self.fail_llm:
+            self.fail_llm = False
+            raise RuntimeError("fake LLM failure")
+        return answer(StepPlan(plan.step, plan.prefills, plan.decodes), self.token)
+
+    def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
+        self.chunk_batches.append(chunks)
+        if self.fail_chunks:
+            self.fail_chunks = False
+            raise RuntimeError("fake chunk failure")
+        samples = {c.request_id: upstream_chunk_samples(c) for c in chunks}
+        outputs = [ChunkOutput(c.request_id, np.full(samples[c.request_id], self.fill(c.request_id), np.float32),
+                               tokens=c.token_end - c.token_offset, generate_time_s=0.0,
+                               flow_batch=len(chunks), vocoder_batch=len(chunks)) for c in chunks]
+        return StepResult(chunk_samples=samples), outputs
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+
+class ManualExecutor(Executor):
+    """A stage 'thread' that runs a submitted call only when the test says `finish()`."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Future, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self.pending.append((future, fn, args))
+        return future
+
+    def finish(self) -> None:
+        for future, fn, args in self.pending:
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to the loop like a real stage thread's error
+                future.set_exception(exc)
+        self.pending.clear()

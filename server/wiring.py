@@ -68,6 +68,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
 
     from kernels.auto_settings import settings_for
     from kernels.engine import Engine, EngineConfig
+    from scheduler.config import SchedulerConfig
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +80,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         torch.set_num_threads(settings.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
         text_process=bool(config.text_process),
-        num_slots=config.max_batch,
+        scheduler=SchedulerConfig(num_slots=config.max_batch),
         cuda_graphs=bool(config.cuda_graphs),
         overlap_stages=settings.overlap_stages,
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end

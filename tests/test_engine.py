@@ -17,10 +17,13 @@ import torch
 from frontend.mel import flow_prompt_mel
 from frontend.prompt import PromptExtractor
 from frontend.text_normalize import TextFrontend
-from kernels.engine import Engine, EngineConfig
+from kernels.config import read_model_config
+from kernels.engine import Engine, EngineConfig, scheduler_config
 from kernels.flow_cache import IncrementalFlow
 from kernels.model import load_model
 from kernels.synthesis import Synthesizer
+from scheduler.chunk_policy import ChunkPolicyConfig
+from scheduler.config import SchedulerConfig
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob
 
 TEXT = "你好，这是一个测试。"
@@ -81,7 +84,7 @@ class Trace:
 
 
 def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None) -> dict[str, np.ndarray]:
-    engine = Engine(model_dir, model=model, config=EngineConfig(num_slots=8, slot_len=1024))
+    engine = Engine(model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024)))
     if trace is not None:
         trace.spy_on(engine)
     try:
@@ -99,7 +102,7 @@ def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
     ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
-                      final_streaming=EngineConfig().final_chunk_streaming)
+                      final_streaming=ChunkPolicyConfig().final_streaming)
     expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
     got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)])["a"]
     assert got.shape == expected.shape
@@ -156,7 +159,7 @@ def test_speed_changes_duration(model, tiny_model_dir, voice):
 
 
 def test_cancel_frees_the_slot(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024))
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024)))
     try:
         first = Collector()
         handle = engine.submit(SpeechJob("long", Mode.ZERO_SHOT, voice, TEXT, seed=1, fixed_tokens=400), first)
@@ -170,7 +173,7 @@ def test_cancel_frees_the_slot(model, tiny_model_dir, voice):
 
 
 def test_duplex_text_pieces(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=2, slot_len=1024))
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=2, slot_len=1024)))
     try:
         sink = Collector()
         handle = engine.submit(SpeechJob("duplex", Mode.ZERO_SHOT, voice, None, seed=4), sink)
@@ -183,7 +186,7 @@ def test_duplex_text_pieces(model, tiny_model_dir, voice):
 
 
 def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024))
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024)))
     try:
         sink = Collector()
         engine.submit(SpeechJob("empty", Mode.ZERO_SHOT, voice, "。！", seed=1), sink)
@@ -195,7 +198,7 @@ def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
 
 def test_duplex_text_sent_while_queued_is_kept(model, tiny_model_dir, voice):
     # max_jobs=1: the second duplex job waits in the backlog while its text arrives
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(num_slots=1, slot_len=1024, max_jobs=1))
+    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024), max_jobs=1))
     try:
         sinks = [Collector(), Collector()]
         handles = [engine.submit(SpeechJob(f"d{i}", Mode.CROSS_LINGUAL, voice, None, seed=i), sinks[i]) for i in (0, 1)]
@@ -214,7 +217,7 @@ def test_bf16_llm_and_flow_engine_speaks_like_fp32(tiny_model_dir, voice):
     out = {}
     for dtype in ("fp32", "bf16"):
         engine = Engine(tiny_model_dir, device="cpu",
-                        config=EngineConfig(num_slots=2, slot_len=1024, llm_dtype=dtype, flow_dtype=dtype))
+                        config=EngineConfig(scheduler=SchedulerConfig(num_slots=2, slot_len=1024), llm_dtype=dtype, flow_dtype=dtype))
         try:
             assert next(engine.model.llm.parameters()).dtype is (torch.bfloat16 if dtype == "bf16" else torch.float32)
             sink = Collector()
@@ -233,7 +236,7 @@ def test_bf16_llm_and_flow_engine_speaks_like_fp32(tiny_model_dir, voice):
 
 
 def _engine(model, model_dir, **kw) -> Engine:
-    return Engine(model_dir, model=model, config=EngineConfig(num_slots=4, slot_len=1024, **kw))
+    return Engine(model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=4, slot_len=1024), **kw))
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -321,11 +324,11 @@ def test_cancel_while_its_chunk_runs_keeps_runner_state_until_the_chunk_is_back(
         handle = engine.submit(SpeechJob("c", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=300), first)
         assert gate.entered.wait(60)
         handle.cancel()
-        assert wait_until(lambda: "c#0" in engine._deferred, 30)
+        assert wait_until(lambda: "c#0" in engine.loop._deferred, 30)
         assert "c#0" in engine.runner.requests  # still used by the stage thread
         gate.open.set()
         assert_speaks(engine, voice, "d", seed=2, tokens=60)
-        assert "c#0" not in engine.runner.requests and not engine._deferred
+        assert "c#0" not in engine.runner.requests and not engine.loop._deferred
         assert not any(isinstance(e, (Finished, AudioChunk)) for e in first.events)
     finally:
         gate.open.set()
@@ -362,8 +365,8 @@ def test_shutdown_with_a_chunk_batch_out_waits_for_it_then_cancels(model, tiny_m
     assert not sink.done.is_set()
     gate.open.set()
     stopper.join(60)
-    engine._thread.join(60)  # shutdown's own join may time out first on a slow machine
-    assert not engine._thread.is_alive() and engine._in_flight is None
+    engine.loop._thread.join(60)  # shutdown's own join may time out first on a slow machine
+    assert not engine.loop._thread.is_alive() and engine.loop._in_flight is None
     assert sink.done.is_set() and isinstance(sink.events[-1], Failed) and sink.events[-1].code == "Cancelled"
 
 
@@ -372,7 +375,7 @@ def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice
     thread) or never, mixed with duplex and multi-sentence jobs: the others finish, and afterwards the
     runner, the flow-cache pool, the KV slots and the deferred releases are all empty."""
     engine = Engine(tiny_model_dir, model=model,
-                    config=EngineConfig(num_slots=4, slot_len=1024, max_chunks_per_step=3))
+                    config=EngineConfig(scheduler=SchedulerConfig(num_slots=4, slot_len=1024, chunk=ChunkPolicyConfig(max_chunks_per_step=3))))
     handles, sinks, cancelled = {}, {}, set()
 
     def cancel_at_first_chunk(rid: str, sink: Collector):
@@ -402,10 +405,10 @@ def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice
             if rid not in cancelled:
                 assert sink.done.wait(120), rid
                 assert isinstance(sink.events[-1], Finished), (rid, sink.events[-1])
-        wait_until(lambda: not engine.scheduler.has_work() and engine._in_flight is None, 60)
+        wait_until(lambda: not engine.scheduler.has_work() and engine.loop._in_flight is None, 60)
         time.sleep(0.2)  # one more loop pass collects the last batch and flushes deferred releases
         runner = engine.runner
-        assert not engine.scheduler.has_work() and engine._in_flight is None and not engine._deferred
+        assert not engine.scheduler.has_work() and engine.loop._in_flight is None and not engine.loop._deferred
         assert not runner.requests and not runner.flow_states and runner.flow_reserved_bytes == 0
         assert engine.scheduler.kv.used_tokens == 0
         # cancelled right after submit: never ran (a job cancelled at its first chunk may have finished already)
@@ -442,3 +445,10 @@ def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
             assert part in line, (part, line)
     finally:
         engine.shutdown(1.0)
+
+
+def test_scheduler_config_takes_the_model_constants_and_keeps_the_limits(tiny_model_dir):
+    cfg = scheduler_config(read_model_config(tiny_model_dir), SchedulerConfig(num_slots=3))
+    assert cfg.stop_token_ids == (6561, 6562, 6563) and cfg.fill_token == 6563 and cfg.num_slots == 3
+    assert (cfg.chunk.first_hop, cfg.chunk.lookahead, cfg.chunk.samples_per_token) == (25, 3, 960)
+    assert cfg.max_running == 3 and cfg.chunk.max_chunks_per_step == ChunkPolicyConfig().max_chunks_per_step

@@ -32,6 +32,7 @@ from kernels.engine import Engine, EngineConfig
 from kernels.kv_cache import KVCache
 from kernels.model import load_model
 from kernels.runner import ModelRunner
+from scheduler.config import SchedulerConfig
 from scheduler.jobs import AudioChunk, Finished, Mode, SpeechJob, VoicePrompt
 from scheduler.plan import (
     SOS,
@@ -430,7 +431,7 @@ def test_cuda_engine_streams_a_job_to_the_end(tiny_model_dir):
     job = SpeechJob("gpu", Mode.ZERO_SHOT, voice, "你好，这是一个测试。", stream=True, seed=5, fixed_tokens=tokens)
     audio = {}
     for device in ("cuda", "cpu"):
-        engine = Engine(tiny_model_dir, device=device, config=EngineConfig(num_slots=4, slot_len=1024))
+        engine = Engine(tiny_model_dir, device=device, config=EngineConfig(scheduler=SchedulerConfig(num_slots=4, slot_len=1024)))
         try:
             if device == "cuda":
                 assert next(engine.model.llm.parameters()).dtype is torch.bfloat16

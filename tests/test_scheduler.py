@@ -11,7 +11,6 @@ from scheduler.plan import SOS, TASK, Segment, StepResult
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import RequestRejected, Scheduler
 from scheduler.testing import FakeClock, answer, run_until_idle, step
-from tests.conftest import REFERENCE_DIR, needs_reference
 
 
 def make(num_slots: int = 4, slot_len: int = 512, **kw: object) -> Scheduler:
@@ -256,17 +255,6 @@ def test_recent_window_is_last_ten() -> None:
         step(s, lambda _item: next(counter))
     plan = s.schedule()
     assert plan.decodes[0].sample.recent_ids == tuple(range(1002, 1012))
-
-
-@needs_reference("tiny")
-def test_from_model_config_reads_token_ids() -> None:
-
-    from kernels.config import read_model_config
-
-    tiny = REFERENCE_DIR / "tiny"
-    cfg = SchedulerConfig.from_model(read_model_config(tiny), num_slots=3)
-    assert cfg.stop_token_ids == (6561, 6562, 6563) and cfg.fill_token == 6563 and cfg.num_slots == 3
-    assert (cfg.chunk.first_hop, cfg.chunk.lookahead, cfg.chunk.samples_per_token) == (25, 3, 960)
 
 
 def test_scheduler_never_imports_torch() -> None:

@@ -15,6 +15,8 @@ from scheduler.testing import FakeClock, answer, run_until_idle, step
 
 
 def sched(clock: FakeClock | None = None, **chunk_kw: object) -> Scheduler:
+    """Upstream's chunk schedule (its final chunk with full attention) unless a test says otherwise."""
+    chunk_kw.setdefault("final_streaming", False)
     cfg = SchedulerConfig(num_slots=8, slot_len=4096, max_running=8, chunk=ChunkPolicyConfig(**chunk_kw))
     return Scheduler(cfg, clock or FakeClock())
 

@@ -1,0 +1,217 @@
+"""The engine loop and its jobs with a fake runner, a fake clock and a hand-stepped stage: no model, no sleeps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocol.errors import ErrorCode
+from scheduler.commands import Cancel, FinishText, PushTokens, Stop
+from scheduler.config import SchedulerConfig
+from scheduler.engine_loop import EngineLoop
+from scheduler.jobs import (
+    AudioChunk,
+    EngineEvent,
+    Failed,
+    Finished,
+    Mode,
+    PreparedJob,
+    SpeechJob,
+    VoicePrompt,
+)
+from scheduler.scheduler import Scheduler
+from scheduler.testing import SAMPLES_PER_TOKEN, FakeClock, FakeRunner, ManualExecutor
+
+VOICE = VoicePrompt(speech_tokens=np.zeros(0, np.int32), embedding=np.zeros(192, np.float32),
+                    mel=np.zeros((0, 80), np.float32), text="")
+
+
+def piece_number(request_id: str) -> float:
+    return float(request_id.split("#")[1]) + 1  # audio of piece i is filled with i + 1
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[EngineEvent] = []
+
+    def __call__(self, event: EngineEvent) -> None:
+        self.events.append(event)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.events) and not isinstance(self.events[-1], AudioChunk)
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate([e.pcm for e in self.events if isinstance(e, AudioChunk)] or [np.zeros(0)])
+
+
+class Harness:
+    def __init__(self, overlap: bool = False, max_jobs: int = 0, max_waiting: int = 256, num_slots: int = 4) -> None:
+        self.clock = FakeClock()
+        self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots, slot_len=1024, max_waiting=max_waiting),
+                                   self.clock)
+        self.runner = FakeRunner(fill=piece_number)
+        self.stage = ManualExecutor() if overlap else None
+        self.loop = EngineLoop(self.scheduler, self.runner, stage=self.stage, clock=self.clock, max_jobs=max_jobs,
+                               idle_wait_s=0.0, new_request=self.runner.add_request)
+
+    def submit(self, rid: str, pieces: tuple[tuple[int, ...], ...] = ((1, 2, 3),), tokens: int = 30,
+               duplex: bool = False, refusal: str | None = None) -> Sink:
+        sink = Sink()
+        job = SpeechJob(rid, Mode.ZERO_SHOT, VOICE, None if duplex else "text", fixed_tokens=tokens)
+        self.loop.submit(PreparedJob(job, pieces=() if duplex else pieces, refusal=refusal), sink, lambda t: [7])
+        return sink
+
+    def run(self, until, max_passes: int = 5000) -> int:
+        for n in range(max_passes):
+            if until():
+                return n
+            assert self.loop.run_pass()
+            self.clock.now += 0.01
+            if self.stage is not None and n % 3 == 2:
+                self.stage.finish()  # the stage thread is slower than a decode step
+        raise AssertionError("condition not reached")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_jobs_sentence_pieces_play_in_order_and_add_up(overlap: bool) -> None:
+    h = Harness(overlap=overlap)
+    sink = h.submit("j", pieces=((1, 2), (3, 4), (5, 6)), tokens=30)
+    h.run(lambda: sink.ended)
+    assert isinstance(sink.events[-1], Finished)
+    audio = sink.audio
+    assert np.all(np.diff(audio) >= 0) and set(np.unique(audio)) == {1.0, 2.0, 3.0}  # piece 1, then 2, then 3
+    assert sink.events[-1].total_samples == audio.size == 3 * 30 * SAMPLES_PER_TOKEN
+    assert set(h.runner.released) == {"j#0", "j#1", "j#2"} and not h.scheduler.has_work()
+
+
+def test_the_next_piece_starts_before_the_previous_one_has_all_its_audio() -> None:
+    h = Harness()
+    sink = h.submit("j", pieces=((1, 2), (3, 4)), tokens=60)
+    h.run(lambda: sink.ended)
+    plans = h.runner.llm_plans  # serial steps: every plan, chunks included
+    second_starts = next(i for i, p in enumerate(plans) if any(x.request_id == "j#1" for x in p.prefills))
+    first_ends = next(i for i, p in enumerate(plans) if any(c.request_id == "j#0" and c.is_last for c in p.chunks))
+    assert second_starts <= first_ends  # planned with (not after) the previous piece's last chunk
+
+
+def test_jobs_over_max_jobs_wait_in_order_and_keep_their_duplex_text() -> None:
+    h = Harness(max_jobs=1)
+    first = h.submit("a", tokens=30)
+    second = h.submit("b", duplex=True)
+    h.loop.post(PushTokens("b", (4, 5, 6, 7, 8)))  # sent while "b" is backlogged
+    h.loop.post(FinishText("b"))
+    h.run(lambda: len(h.runner.added) == 1)
+    h.run(lambda: first.ended)
+    assert h.runner.added == ["a#0"]  # b waited for a
+    h.run(lambda: second.ended)
+    assert isinstance(second.events[-1], Finished) and second.audio.size > 0
+    assert h.scheduler.get("b#0") is None or h.scheduler.get("b#0").text_ids == [4, 5, 6, 7, 8]
+
+
+def test_refused_and_duplicate_jobs_fail_with_invalid_parameter() -> None:
+    h = Harness()
+    refused = h.submit("r", refusal="nothing to speak")
+    first = h.submit("d", tokens=200)
+    twin = h.submit("d")
+    h.run(lambda: refused.ended and twin.ended)
+    assert [(e.code, e.message) for e in refused.events] == [(ErrorCode.INVALID_PARAMETER, "nothing to speak")]
+    assert isinstance(twin.events[-1], Failed) and twin.events[-1].code is ErrorCode.INVALID_PARAMETER
+    assert not first.ended
+
+
+def test_a_full_queue_answers_overloaded() -> None:
+    h = Harness(max_waiting=1, num_slots=1)
+    running = h.submit("a", tokens=200)
+    h.run(lambda: h.scheduler.num_waiting == 0 and h.runner.added)
+    queued = h.submit("b")
+    over = h.submit("c")
+    h.run(lambda: over.ended)
+    assert over.events[-1].code is ErrorCode.OVERLOADED
+    assert not queued.ended and not running.ended
+
+
+def test_cancel_stops_events_and_frees_runner_state() -> None:
+    h = Harness()
+    sink = h.submit("j", pieces=((1, 2), (3, 4)), tokens=100)
+    h.run(lambda: len(sink.events) >= 1)
+    seen = len(sink.events)
+    h.loop.post(Cancel("j"))
+    h.run(lambda: not h.scheduler.has_work())
+    assert len(sink.events) == seen  # nothing after the cancel, not even Finished
+    assert set(h.runner.released) >= set(h.runner.added)
+
+
+def test_a_cancelled_requests_state_is_kept_until_its_chunk_batch_is_back() -> None:
+    h = Harness(overlap=True)
+    assert h.stage is not None
+    sink = h.submit("j", tokens=200)
+    for _ in range(500):
+        h.loop.run_pass()
+        if h.stage.pending:
+            break
+    assert h.stage.pending, "no chunk batch went out"
+    h.loop.post(Cancel("j"))
+    h.loop.run_pass()
+    assert "j#0" not in h.runner.released  # the stage thread still uses it
+    events = len(sink.events)
+    h.stage.finish()
+    h.loop.run_pass()
+    assert "j#0" in h.runner.released and len(sink.events) == events  # its audio is dropped
+
+
+def test_a_failing_step_fails_its_jobs_and_the_loop_goes_on() -> None:
+    h = Harness()
+    h.runner.fail_llm = True
+    failed = h.submit("a")
+    h.run(lambda: failed.ended)
+    assert failed.events[-1].code is ErrorCode.INTERNAL_ERROR and "fake LLM failure" in failed.events[-1].message
+    later = h.submit("b")
+    h.run(lambda: later.ended)
+    assert isinstance(later.events[-1], Finished)
+
+
+def test_a_failing_chunk_batch_fails_its_jobs() -> None:
+    h = Harness(overlap=True)
+    h.runner.fail_chunks = True
+    sink = h.submit("a")
+    h.run(lambda: sink.ended)
+    assert sink.events[-1].code is ErrorCode.INTERNAL_ERROR
+
+
+def test_stop_cancels_what_is_left_with_cancelled() -> None:
+    h = Harness()
+    sink = h.submit("a", tokens=500)
+    h.run(lambda: len(sink.events) >= 1)
+    h.loop.post(Stop())
+    assert not h.loop.run_pass()
+    h.loop.post(Stop())
+    h.loop.run()
+    assert sink.events[-1].code is ErrorCode.CANCELLED and not h.scheduler.has_work()
+
+
+def test_stats_count_the_inbox_and_the_backlog_as_waiting() -> None:
+    h = Harness(max_jobs=1, max_waiting=3)
+    for rid in "abc":
+        h.submit(rid, tokens=200)
+    assert h.loop.stats().waiting == 3 and not h.loop.can_admit()  # all still in the inbox
+    h.loop.run_pass()
+    h.loop.run_pass()
+    stats = h.loop.stats()
+    assert (stats.running, stats.waiting) == (1, 2) and h.loop.can_admit()
+
+
+def test_a_sink_that_raises_cancels_only_its_own_job() -> None:
+    h = Harness()
+    calls = []
+
+    def bad_sink(event: EngineEvent) -> None:
+        calls.append(event)
+        raise RuntimeError("client went away")
+
+    h.loop.submit(PreparedJob(SpeechJob("bad", Mode.ZERO_SHOT, VOICE, "t", fixed_tokens=60), pieces=((1,),)),
+                  bad_sink, lambda t: [])
+    good = h.submit("good", tokens=60)
+    h.run(lambda: good.ended)
+    assert isinstance(good.events[-1], Finished) and len(calls) == 1
+    assert "bad#0" in h.runner.released
