@@ -88,7 +88,8 @@ class Failed:
     message: str
 
     def __post_init__(self) -> None:
-        # Callers that still pass the PascalCase string get the member (a StrEnum: equal either way).
+        # Every caller should pass a member; kernels/engine.py still passes PascalCase strings, which
+        # become the member here (a StrEnum: equal either way; an unknown one is INTERNAL_ERROR).
         object.__setattr__(self, "code", as_error_code(self.code))
 
 

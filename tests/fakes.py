@@ -23,6 +23,7 @@ from scheduler.jobs import (
     AudioChunk,
     ChunkMetrics,
     EngineStats,
+    ErrorCode,
     EventSink,
     Failed,
     Finished,
@@ -92,7 +93,7 @@ class _FakeJob:
                 if self.cancelled.is_set():
                     return
                 if self.engine.fail_after_chunks is not None and chunks >= self.engine.fail_after_chunks:
-                    self.sink(Failed(self.job.request_id, "InternalError", "fake engine failure"))
+                    self.sink(Failed(self.job.request_id, ErrorCode.INTERNAL_ERROR, "fake engine failure"))
                     return
                 pcm = self._sine(len(piece))
                 total += len(pcm)
