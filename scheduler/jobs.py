@@ -20,12 +20,15 @@ __all__ = ["AudioChunk", "ChunkMetrics", "EngineEvent", "EngineProtocol", "Engin
 
 @dataclass(frozen=True)
 class VoicePrompt:
-    """Prompt features of one reference voice, computed once at upload."""
+    """Prompt features of one reference voice, computed once at upload and stored together."""
 
     speech_tokens: np.ndarray  # int32 [P], 25 Hz S3 tokens, aligned so mel has 2P frames
     embedding: np.ndarray  # float32 [192], campplus x-vector (not normalised)
     mel: np.ndarray  # float32 [2P, 80], 24 kHz log-mel of the prompt
-    text: str  # transcript as uploaded (normalised by the frontend at synthesis time)
+    text: str  # transcript as uploaded
+    # The transcript normalised as one piece and tokenised: the zero-shot LLM prompt text. None: not
+    # computed yet (a voice stored before the ids were kept, a tool's voice); the preparer then derives it.
+    text_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
