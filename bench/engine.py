@@ -63,9 +63,13 @@ def voiced_signal(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
 
 
 def make_voice(model_dir: Path) -> VoicePrompt:
-    from frontend.prompt import PromptExtractor
+    """The bench voice with its transcript ids kept, as the server keeps an uploaded voice's: jobs never
+    normalise the transcript (normalised as the bench's engines do, without wetext)."""
+    from frontend.prompt import PromptExtractor, with_transcript_ids
+    from frontend.text_normalize import TextFrontend
 
-    return PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)
+    voice = PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)
+    return with_transcript_ids(voice, TextFrontend(model_dir, use_wetext=False))
 
 
 def make_jobs(voice: VoicePrompt, n: int, tokens: int, stream: bool, tag: str) -> list[SpeechJob]:

@@ -8,7 +8,7 @@ token_len = min(T0 // 2, P0), tokens[:token_len], mel[:2 * token_len].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from scheduler.jobs import Mode, VoicePrompt
 
 if TYPE_CHECKING:
     from frontend.text_normalize import TextFrontend
+    from frontend.text_process import TextProcess
 
 TOKENIZER_SR = 16000  # speech tokens and speaker embedding
 FLOW_SR = 24000  # prompt mel
@@ -137,12 +138,27 @@ def voice_speech_ids(voice: VoicePrompt) -> list[int]:
     return [int(t) for t in np.asarray(voice.speech_tokens).reshape(-1)]
 
 
+def transcript_ids(voice: VoicePrompt, text_frontend: TextFrontend | TextProcess) -> tuple[int, ...]:
+    """The zero-shot LLM prompt text: the ids kept with the voice, else its transcript normalised as one
+    piece and tokenised now (`encode_whole`)."""
+    if voice.text_ids is not None:
+        return voice.text_ids
+    return tuple(text_frontend.encode_whole(voice.text))
+
+
+def with_transcript_ids(voice: VoicePrompt, text_frontend: TextFrontend | TextProcess) -> VoicePrompt:
+    """The voice with its transcript's ids kept (computed once here, never again per request)."""
+    if voice.text_ids is not None:
+        return voice
+    return replace(voice, text_ids=transcript_ids(voice, text_frontend))
+
+
 def llm_prompt_for(
     mode: Mode, voice: VoicePrompt, text_frontend: TextFrontend, instruct: str | None
 ) -> LLMPromptIds:
     """The LLM prompt of one request; the flow always gets the voice's tokens, mel and embedding."""
     if mode == Mode.ZERO_SHOT:
-        return LLMPromptIds(text_frontend.encode_whole(voice.text), voice_speech_ids(voice))
+        return LLMPromptIds(list(transcript_ids(voice, text_frontend)), voice_speech_ids(voice))
     if mode == Mode.CROSS_LINGUAL:
         return LLMPromptIds([], [])
     if mode == Mode.INSTRUCT:

@@ -78,7 +78,7 @@ class ApiError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, status: int | None = None, code: ErrorCode | str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -159,8 +159,8 @@ class InternalError(ApiError):
         super().__init__(message)
 
 
-def engine_error(code: ErrorCode | str, message: str) -> ApiError:
-    """An engine `Failed` / `RequestRejected` as the error the client sees."""
+def engine_error(code: ErrorCode, message: str) -> ApiError:
+    """An engine `Failed` / `RequestRejected` as the error the client sees (a stray string is coerced)."""
     code = as_error_code(code)
     if code is ErrorCode.OVERLOADED:
         return Overloaded(message)  # carries Retry-After like every other overload

@@ -25,8 +25,6 @@ import h11
 
 from protocol.errors import ApiError, BadRequest, HeadersTooLarge, PayloadTooLarge, http_error
 
-DEFAULT_MAX_HEADER_BYTES = 16 * 1024
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # one reference-audio upload (30 s of WAV is ~3 MB; MP3 less)
 DEFAULT_MAX_HEADER_COUNT = 100
 
 HeadersIn = Mapping[str, str] | Iterable[tuple[str, str]]
@@ -74,9 +72,10 @@ def _header_pairs(headers: HeadersIn) -> list[tuple[str, str]]:
 
 
 class HttpConnection:
-    def __init__(self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    def __init__(self, *, max_header_bytes: int, max_body_bytes: int,
                  max_header_count: int = DEFAULT_MAX_HEADER_COUNT) -> None:
+        """The size limits have no default here: they are the server's settings (`--max-header-bytes`,
+        `--max-body-bytes`, server/config.py), passed down, so each has one default, in one place."""
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._max_body_bytes = max_body_bytes
         self._max_header_count = max_header_count

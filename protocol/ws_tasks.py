@@ -215,7 +215,7 @@ class WsTaskMachine:
         self._reset()
         return [SendEvent(task_finished(task_id, characters))]
 
-    def failed(self, task_id: str, code: ErrorCode | str, message: str) -> list[Action]:
+    def failed(self, task_id: str, code: ErrorCode, message: str) -> list[Action]:
         """The engine/server failed the job (unknown reference, overload, internal error)."""
         if not self._is_current(task_id, "failed"):
             return []

@@ -20,12 +20,15 @@ __all__ = ["AudioChunk", "ChunkMetrics", "EngineEvent", "EngineProtocol", "Engin
 
 @dataclass(frozen=True)
 class VoicePrompt:
-    """Prompt features of one reference voice, computed once at upload."""
+    """Prompt features of one reference voice, computed once at upload and stored together."""
 
     speech_tokens: np.ndarray  # int32 [P], 25 Hz S3 tokens, aligned so mel has 2P frames
     embedding: np.ndarray  # float32 [192], campplus x-vector (not normalised)
     mel: np.ndarray  # float32 [2P, 80], 24 kHz log-mel of the prompt
-    text: str  # transcript as uploaded (normalised by the frontend at synthesis time)
+    text: str  # transcript as uploaded
+    # The transcript normalised as one piece and tokenised: the zero-shot LLM prompt text. None: not
+    # computed yet (a voice stored before the ids were kept, a tool's voice); the preparer then derives it.
+    text_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class Failed:
     message: str
 
     def __post_init__(self) -> None:
-        # Callers that still pass the PascalCase string get the member (a StrEnum: equal either way).
+        # Every caller should pass a member; kernels/engine.py still passes PascalCase strings, which
+        # become the member here (a StrEnum: equal either way; an unknown one is INTERNAL_ERROR).
         object.__setattr__(self, "code", as_error_code(self.code))
 
 

@@ -39,9 +39,9 @@ from scheduler.stats import Counters, SchedulerStats, StepStats
 class RequestRejected(ValueError):
     """add_request refused a request; `code` is the API error code."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = as_error_code(code)
+        self.code = as_error_code(code)  # a member; a stray PascalCase string is still coerced
 
 
 class Scheduler:
@@ -68,9 +68,9 @@ class Scheduler:
         self._counters.submitted += 1
         if not self.can_admit():
             self._counters.rejected += 1
-            raise RequestRejected("Overloaded", "waiting queue is full")
+            raise RequestRejected(ErrorCode.OVERLOADED, "waiting queue is full")
         if self.get(req.request_id) is not None:
-            raise RequestRejected("InvalidParameter", f"duplicate request id {req.request_id}")
+            raise RequestRejected(ErrorCode.INVALID_PARAMETER, f"duplicate request id {req.request_id}")
         self._fit_to_slot(req)
         if req.bistream:
             req.attach_feeder(self.config.eos_token, self.config.fill_token, self.config.mix_ratio)
@@ -81,7 +81,7 @@ class Scheduler:
         room = self.config.slot_len - (req.prompt_len if not req.bistream else self._bistream_prefix(req))
         if room < 1:
             self._counters.rejected += 1
-            raise RequestRejected("InvalidParameter", f"prompt does not fit a KV slot of {self.config.slot_len}")
+            raise RequestRejected(ErrorCode.INVALID_PARAMETER, f"prompt does not fit a KV slot of {self.config.slot_len}")
         if req.bistream:
             return  # no min/max length in bistream; bounded by the slot and the runaway cap
         assert req.max_len is not None and req.min_len is not None
@@ -89,7 +89,7 @@ class Scheduler:
         req.min_len = min(req.min_len, req.max_len)
         if req.max_len < 1:
             self._counters.rejected += 1
-            raise RequestRejected("InvalidParameter", "no text to speak")
+            raise RequestRejected(ErrorCode.INVALID_PARAMETER, "no text to speak")
 
     @staticmethod
     def _bistream_prefix(req: Request) -> int:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from protocol.errors import ErrorCode
 from scheduler.jobs import AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl, SpeechJob
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class EngineStream:
             raise
         except Exception as exc:  # a text-frontend bug fails this request, not the server
             log.exception("preparing request %s failed", self._request_id)
-            self._queue.put_nowait(Failed(self._request_id, "InternalError", f"could not prepare the text: {exc}"))
+            failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not prepare the text: {exc}")
+            self._queue.put_nowait(failed)
 
     def push_text(self, text: str) -> None:
         self._text.put_nowait(text)

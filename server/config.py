@@ -38,6 +38,7 @@ class ServerConfig:
         "the released CosyVoice2-0.5B directory; unset: a tiny model with RANDOM weights is generated "
         "under --data-dir (noise, not speech)"))
     # Uploads are <= 30 s of audio: a 30 s 48 kHz stereo 24-bit WAV is ~8.6 MB, so 16 MiB is ample.
+    # The one default of both HTTP limits: protocol.http.HttpConnection takes them from here.
     max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=_doc(
         "largest request body (an upload), bytes; 413 beyond"))
     max_header_bytes: int = field(default=16 * 1024, metadata=_doc(

@@ -15,6 +15,7 @@ from server.context import Ctx
 from server.paths import REFERENCE
 from server.state import ServerState
 from server.store import VoiceRecord
+from server.voices import with_text_ids
 
 
 async def upload(ctx: Ctx) -> None:
@@ -58,9 +59,14 @@ async def delete_voice(ctx: Ctx) -> None:
     await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
 
 
+def _features(state: ServerState, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:
+    """The prompt features and the transcript's token ids, stored together (one worker-pool hop)."""
+    return with_text_ids(state.engine, state.extract_prompt(wav, sr, text))
+
+
 async def _extract(state: ServerState, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:
     try:
-        return await state.run_blocking(state.extract_prompt, wav, sr, text)
+        return await state.run_blocking(_features, state, wav, sr, text)
     except PromptAudioError as exc:  # audio the model cannot use is the client's to fix: 400, never 500
         raise InvalidParameter(f"reference audio cannot be used: {exc}") from None
 

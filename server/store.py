@@ -30,19 +30,25 @@ _TMP_PREFIX = ".tmp-"
 
 
 def prompt_to_npz(prompt: VoicePrompt) -> bytes:
-    """A voice's prompt features as .npz bytes (the file both stores keep beside the audio)."""
+    """A voice's prompt features as .npz bytes (the file both stores keep beside the audio): speech tokens,
+    embedding, mel, the transcript and its token ids (`text_ids`, int32; absent when not computed)."""
     feats = io.BytesIO()
-    np.savez(feats, speech_tokens=prompt.speech_tokens, embedding=prompt.embedding, mel=prompt.mel,
-             text=np.array(prompt.text))
+    arrays = {"speech_tokens": prompt.speech_tokens, "embedding": prompt.embedding, "mel": prompt.mel,
+              "text": np.array(prompt.text)}
+    if prompt.text_ids is not None:
+        arrays["text_ids"] = np.asarray(prompt.text_ids, dtype=np.int32)
+    np.savez(feats, **arrays)
     return feats.getvalue()
 
 
 def prompt_from_npz(source: str | os.PathLike[str] | io.BytesIO) -> VoicePrompt:
-    """Inverse of `prompt_to_npz` (a path or an in-memory file)."""
+    """Inverse of `prompt_to_npz` (a path or an in-memory file). Files written before the transcript ids
+    were kept have no `text_ids`: the voice loads with None (the voice cache then computes them)."""
     with np.load(source) as z:
+        text_ids = tuple(int(i) for i in z["text_ids"]) if "text_ids" in z.files else None
         return VoicePrompt(speech_tokens=z["speech_tokens"].astype(np.int32),
                            embedding=z["embedding"].astype(np.float32),
-                           mel=z["mel"].astype(np.float32), text=str(z["text"]))
+                           mel=z["mel"].astype(np.float32), text=str(z["text"]), text_ids=text_ids)
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS voices (

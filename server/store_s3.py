@@ -1,7 +1,7 @@
 """Reference-audio store in S3-compatible object storage (AWS S3, Alibaba OSS, SeaweedFS, MinIO...).
 
 The option for several replicas sharing one bucket. Layout under `<prefix>/voices/<id>/`:
-`audio.<ext>` (the upload as sent), `features.npz` (prompt features) and `meta.json`
+`audio.<ext>` (the upload as sent), `features.npz` (prompt features, transcript ids) and `meta.json`
 (the VoiceRecord, its microsecond upload time `created_us` included, plus the audio
 extension; older meta without `created_us` lists by its seconds). S3 PUTs are atomic per
 object, so visibility is the meta object, written LAST: a crash before it leaves objects nobody

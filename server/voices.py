@@ -2,20 +2,37 @@
 
 A delete drops the cache entry; a synthesis that already holds the VoicePrompt keeps it
 alive (it is an immutable object), so deleting a voice in use is safe.
+A voice stored before transcript ids were kept with its features (`VoicePrompt.text_ids`) gets
+them once, when it is loaded into the cache (`complete`), not on every synthesis.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
-from scheduler.jobs import VoicePrompt
+from scheduler.jobs import EngineProtocol, Mode, SpeechJob, VoicePrompt
 from server.store_base import VoiceStoreBase
 
 
+def with_text_ids(engine: EngineProtocol, voice: VoicePrompt) -> VoicePrompt:
+    """The voice with its transcript's token ids (the zero-shot LLM prompt text), as the engine's own
+    text frontend computes them (its `prepare` of a zero-shot job without text: no pieces, only the
+    prompt). Blocking (normalisation): a worker thread. A voice that has them is returned as is."""
+    if voice.text_ids is not None:
+        return voice
+    prepared = engine.prepare(SpeechJob("voice-transcript", Mode.ZERO_SHOT, voice, text=None))
+    return dataclasses.replace(voice, text_ids=tuple(prepared.prompt_text_ids))
+
+
 class VoiceCache:
-    def __init__(self, store: VoiceStoreBase, capacity: int) -> None:
+    def __init__(self, store: VoiceStoreBase, capacity: int,
+                 complete: Callable[[VoicePrompt], VoicePrompt] | None = None) -> None:
+        """`complete`: adds what a stored voice lacks (its transcript ids) as it is loaded."""
         self._store = store
         self._capacity = capacity
+        self._complete = complete
         self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -26,6 +43,8 @@ class VoiceCache:
             return hit
         prompt = self._store.load_prompt(voice_id)
         if prompt is not None:
+            if prompt.text_ids is None and self._complete is not None:
+                prompt = self._complete(prompt)  # an older stored voice: its ids, once per load
             self.put(voice_id, prompt)
         return prompt
 

@@ -8,6 +8,7 @@ importable (and testable) without loading it.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from server.state import ExtractPrompt, ServerState
 from server.store import VoiceStore
 from server.store_base import VoiceStoreBase
 from server.store_s3 import S3Settings, S3VoiceStore  # boto3, an optional extra, loads only when one is made
-from server.voices import VoiceCache
+from server.voices import VoiceCache, with_text_ids
 
 log = logging.getLogger("server")
 
@@ -30,7 +31,7 @@ def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
     extract_prompt = extract_prompt if extract_prompt is not None else build_extractor(model_dir)
     store = build_store(config)
     return ServerState(config=config, engine=engine, extract_prompt=extract_prompt, store=store,
-                       voices=VoiceCache(store, config.voice_cache_size),
+                       voices=VoiceCache(store, config.voice_cache_size, functools.partial(with_text_ids, engine)),
                        pool=concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cosy-work"))
 
 

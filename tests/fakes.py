@@ -23,9 +23,11 @@ from scheduler.jobs import (
     AudioChunk,
     ChunkMetrics,
     EngineStats,
+    ErrorCode,
     EventSink,
     Failed,
     Finished,
+    Mode,
     PreparedJob,
     SpeechJob,
     VoicePrompt,
@@ -92,7 +94,7 @@ class _FakeJob:
                 if self.cancelled.is_set():
                     return
                 if self.engine.fail_after_chunks is not None and chunks >= self.engine.fail_after_chunks:
-                    self.sink(Failed(self.job.request_id, "InternalError", "fake engine failure"))
+                    self.sink(Failed(self.job.request_id, ErrorCode.INTERNAL_ERROR, "fake engine failure"))
                     return
                 pcm = self._sine(len(piece))
                 total += len(pcm)
@@ -119,11 +121,22 @@ class FakeEngine:
         self._lock = threading.Lock()
         self.steps = 0
         self.prepare_threads: list[str] = []  # where prepare / encode_text ran
+        self.transcripts_encoded: list[str] = []  # voice transcripts prepare had to encode (no kept ids)
 
     def prepare(self, job: SpeechJob) -> PreparedJob:
-        """One token per character (so audio length stays exact); the thread is recorded for tests."""
+        """One token per character (so audio length stays exact); the thread is recorded for tests.
+        Zero-shot: the voice's kept transcript ids, else its transcript encoded now (recorded)."""
         self.prepare_threads.append(threading.current_thread().name)
-        return PreparedJob(job, pieces=() if job.text is None else (tuple(map(ord, job.text)),))
+        prompt: tuple[int, ...] = ()
+        if job.mode == Mode.ZERO_SHOT:
+            prompt = job.voice.text_ids if job.voice.text_ids is not None else self._transcript(job.voice.text)
+        return PreparedJob(job, prompt_text_ids=prompt,
+                           pieces=() if job.text is None else (tuple(map(ord, job.text)),))
+
+    def _transcript(self, text: str) -> tuple[int, ...]:
+        with self._lock:
+            self.transcripts_encoded.append(text)
+        return tuple(map(ord, text))
 
     def encode_text(self, text: str) -> list[int]:
         self.prepare_threads.append(threading.current_thread().name)

@@ -1,5 +1,5 @@
 """Text preparation before the engine: the same ids in-process and in the child process; refusals;
-the transcript normalised once per voice."""
+a voice's transcript never normalised at synthesis time when the voice carries its ids."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from frontend.prepare import NOTHING_TO_SPEAK, TextPreparer
-from frontend.prompt import llm_prompt_for
+from frontend.prompt import llm_prompt_for, with_transcript_ids
 from frontend.text_normalize import TextFrontend
 from frontend.text_process import TextProcess
 from scheduler.jobs import Mode, SpeechJob, VoicePrompt
@@ -60,12 +60,54 @@ def test_refusals_are_returned_not_raised(frontend: TextFrontend) -> None:
     assert "instruct" in (prep.prepare(SpeechJob("n", Mode.INSTRUCT, VOICE, TEXT, instruct=" ")).refusal or "")
 
 
-def test_a_voice_transcript_is_normalised_once(frontend: TextFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+class CountingNormaliser:
+    """The frontend's normalise-then-encode calls, counted by text (stands in for the child process)."""
+
+    def __init__(self, frontend: TextFrontend) -> None:
+        self.frontend = frontend
+        self.whole: list[str] = []
+        self.pieces: list[str] = []
+
+    def encode_whole(self, text: str) -> list[int]:
+        self.whole.append(text)
+        return self.frontend.encode_whole(text)
+
+    def encode_pieces(self, text: str) -> list[list[int]]:
+        self.pieces.append(text)
+        return self.frontend.encode_pieces(text)
+
+
+def test_kept_transcript_ids_are_the_ids_prepare_would_derive(frontend: TextFrontend) -> None:
+    kept = with_transcript_ids(VOICE, frontend)
+    assert kept.text_ids == tuple(frontend.encode_whole(VOICE.text)) and kept.text_ids
+    assert with_transcript_ids(kept, frontend) is kept
     prep = TextPreparer(frontend)
-    seen: list[str] = []
-    original = TextFrontend.normalize
-    monkeypatch.setattr(TextFrontend, "normalize",
-                        lambda self, text, split=True: seen.append(text) or original(self, text, split))
+    for job in _jobs():  # every mode gives the same ids whether the voice carries them or not
+        assert prep.prepare(SpeechJob(job.request_id, job.mode, kept, job.text, job.instruct)).prompt_text_ids \
+            == prep.prepare(job).prompt_text_ids
+
+
+def test_a_voice_with_ids_is_never_normalised_at_synthesis(frontend: TextFrontend) -> None:
+    counting = CountingNormaliser(frontend)
+    prep = TextPreparer(frontend, counting)  # type: ignore[arg-type]
+    ids = (11, 22, 33)  # not what the transcript normalises to: prepare must take them as they are
+    voice = VoicePrompt(VOICE.speech_tokens, VOICE.embedding, VOICE.mel, VOICE.text, text_ids=ids)
     for i in range(3):
-        prep.prepare(SpeechJob(f"z{i}", Mode.ZERO_SHOT, VOICE, "你好。"))
-    assert seen.count(VOICE.text) == 1 and seen.count("你好。") == 3
+        got = prep.prepare(SpeechJob(f"z{i}", Mode.ZERO_SHOT, voice, "你好。"))
+        assert got.prompt_text_ids == ids and got.prompt_speech_ids == tuple(range(30))
+    assert prep.prepare(SpeechJob("d", Mode.ZERO_SHOT, voice, None)).prompt_text_ids == ids  # duplex
+    # Cross-lingual takes no prompt text, instruct its instruction: the kept ids change neither.
+    assert prep.prepare(SpeechJob("x", Mode.CROSS_LINGUAL, voice, "你好。")).prompt_text_ids == ()
+    instruct = prep.prepare(SpeechJob("i", Mode.INSTRUCT, voice, "你好。", instruct="用四川话说"))
+    assert instruct.prompt_text_ids == tuple(frontend.encode("用四川话说<|endofprompt|>"))
+    assert counting.whole == [] and counting.pieces == ["你好。"] * 5  # only the text to speak
+
+
+def test_a_voice_without_ids_falls_back_to_its_transcript(frontend: TextFrontend) -> None:
+    counting = CountingNormaliser(frontend)
+    prep = TextPreparer(frontend, counting)  # type: ignore[arg-type]
+    for i in range(2):
+        got = prep.prepare(SpeechJob(f"z{i}", Mode.ZERO_SHOT, VOICE, "你好。"))
+        assert got.prompt_text_ids == tuple(frontend.encode_whole(VOICE.text))
+    prep.prepare(SpeechJob("x", Mode.CROSS_LINGUAL, VOICE, "你好。"))
+    assert counting.whole == [VOICE.text, VOICE.text]  # per zero-shot job; never for cross-lingual

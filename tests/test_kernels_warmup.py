@@ -5,7 +5,7 @@ import io
 import logging
 
 from kernels.warmup import SPEECH_TOKENS, synthetic_voice, warm_up
-from scheduler.jobs import Failed, PreparedJob, SpeechJob
+from scheduler.jobs import ErrorCode, Failed, PreparedJob, SpeechJob
 from tests.fakes import FakeEngine
 
 
@@ -23,7 +23,7 @@ class _Silent:
 
 class _Failing(_Silent):
     def submit(self, job: PreparedJob, sink) -> None:  # type: ignore[no-untyped-def]
-        sink(Failed(job.request_id, "InternalError", "boom"))
+        sink(Failed(job.request_id, ErrorCode.INTERNAL_ERROR, "boom"))
 
 
 def test_synthetic_voice_has_the_prompt_shapes() -> None:

@@ -7,6 +7,14 @@ from hypothesis import strategies as st
 
 from protocol.errors import ApiError, InvalidParameter
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
+from server.config import ServerConfig
+
+
+def connection(**limits: int) -> HttpConnection:
+    """A connection with the server's default limits (server/config.py holds the one default of each)."""
+    defaults = ServerConfig()
+    return HttpConnection(**{"max_header_bytes": defaults.max_header_bytes,
+                             "max_body_bytes": defaults.max_body_bytes, **limits})
 
 
 def client_bytes(method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> bytes:
@@ -39,7 +47,7 @@ def client_events(data: bytes, method: str = "GET") -> list[object]:
 
 
 def test_simple_request_and_response() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("POST", "/api/v1/audio/speech?a=1", b'{"x":1}',
                                    [("Content-Type", "application/json"), ("X-A", "1"), ("x-a", "2")]))
     req = conn.next_request()
@@ -57,7 +65,7 @@ def test_simple_request_and_response() -> None:
 
 
 def test_keep_alive_pipelined_requests_answered_in_order() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("GET", "/a") + client_bytes("GET", "/b") + client_bytes("GET", "/c"))
     paths = []
     while True:
@@ -74,7 +82,7 @@ def test_keep_alive_pipelined_requests_answered_in_order() -> None:
 
 
 def test_chunked_stream_framing_parsed_by_h11_client() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("POST", "/s", b"{}"))
     assert isinstance(conn.next_request(), HttpRequest)
     out = conn.start_stream(200, [("content-type", "text/event-stream")])
@@ -88,7 +96,7 @@ def test_chunked_stream_framing_parsed_by_h11_client() -> None:
 
 
 def test_content_length_over_limit_is_413_at_once() -> None:
-    conn = HttpConnection(max_body_bytes=10)
+    conn = connection(max_body_bytes=10)
     conn.receive_data(b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n")  # no body yet
     with pytest.raises(ApiError) as e:
         conn.next_request()
@@ -99,7 +107,7 @@ def test_content_length_over_limit_is_413_at_once() -> None:
 
 
 def test_chunked_body_over_limit_is_413() -> None:
-    conn = HttpConnection(max_body_bytes=10)
+    conn = connection(max_body_bytes=10)
     conn.receive_data(client_bytes("POST", "/x", b"x" * 11, [("transfer-encoding", "chunked")]))
     with pytest.raises(ApiError) as e:
         conn.next_request()
@@ -107,7 +115,7 @@ def test_chunked_body_over_limit_is_413() -> None:
 
 
 def test_headers_too_big_is_431() -> None:
-    conn = HttpConnection(max_header_bytes=1024)
+    conn = connection(max_header_bytes=1024)
     conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 2000)
     with pytest.raises(ApiError) as e:
         conn.next_request()
@@ -115,7 +123,7 @@ def test_headers_too_big_is_431() -> None:
 
 
 def test_too_many_headers_is_431() -> None:
-    conn = HttpConnection(max_header_count=5)
+    conn = connection(max_header_count=5)
     conn.receive_data(client_bytes("GET", "/", headers=[(f"x-{i}", "v") for i in range(10)]))
     with pytest.raises(ApiError) as e:
         conn.next_request()
@@ -125,7 +133,7 @@ def test_too_many_headers_is_431() -> None:
 @pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n",  # no Host in 1.1
                                  b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n"])
 def test_malformed_is_400_and_error_can_still_be_sent(raw: bytes) -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(raw)
     with pytest.raises(ApiError) as e:
         conn.next_request()
@@ -135,7 +143,7 @@ def test_malformed_is_400_and_error_can_still_be_sent(raw: bytes) -> None:
 
 
 def test_error_after_whole_request_keeps_connection() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("GET", "/nope"))
     assert isinstance(conn.next_request(), HttpRequest)
     out = conn.send_error(InvalidParameter("bad"), "r")
@@ -143,23 +151,23 @@ def test_error_after_whole_request_keeps_connection() -> None:
 
 
 def test_http10_and_connection_close_are_not_kept_alive() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(b"GET / HTTP/1.0\r\n\r\n")
     req = conn.next_request()
     assert isinstance(req, HttpRequest) and not req.keep_alive
     conn.send_response(200, [], b"x")
     assert not conn.start_next_cycle()
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("GET", "/", headers=[("connection", "close")]))
     assert not conn.next_request().keep_alive  # type: ignore[union-attr]
     assert b"connection: close" in conn.send_response(200, [], b"").lower()
 
 
 def test_peer_close() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(b"")
     assert isinstance(conn.next_request(), ConnectionClosed)
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab")
     assert isinstance(conn.next_request(), NeedData)
     conn.receive_data(b"")
@@ -167,7 +175,7 @@ def test_peer_close() -> None:
 
 
 def test_expect_100_continue() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n")
     ev = conn.next_request()
     assert isinstance(ev, NeedData) and ev.to_send.startswith(b"HTTP/1.1 100 ")
@@ -177,7 +185,7 @@ def test_expect_100_continue() -> None:
 
 
 def test_upgrade_carries_trailing_data() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("GET", "/ws", headers=[("upgrade", "websocket"), ("connection", "Upgrade")])
                       + b"\x81\x85first-frame")
     up = conn.next_request()
@@ -187,7 +195,7 @@ def test_upgrade_carries_trailing_data() -> None:
 
 
 def test_upgrade_refused_with_plain_response_goes_on_as_http() -> None:
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(client_bytes("GET", "/a", headers=[("upgrade", "h2c"), ("connection", "Upgrade")])
                       + client_bytes("GET", "/b"))
     up = conn.next_request()
@@ -220,14 +228,14 @@ def _drain(conn: HttpConnection, data: bytes) -> list[HttpRequest]:
 def test_property_byte_by_byte_equals_whole(reqs: list[tuple[str, str, bytes, bool]]) -> None:
     data = b"".join(client_bytes(m, "/" + p, b, [("transfer-encoding", "chunked")] if chunked and b else None)
                     for m, p, b, chunked in reqs)
-    got = _drain(HttpConnection(), data)
+    got = _drain(connection(), data)
     assert [(r.method, r.path, r.body) for r in got] == [(m, "/" + p, b) for m, p, b, _ in reqs]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=200))
 def test_property_garbage_never_crashes(data: bytes) -> None:
-    conn = HttpConnection(max_body_bytes=50)
+    conn = connection(max_body_bytes=50)
     try:
         _drain(conn, data)
     except ApiError as e:

@@ -19,13 +19,21 @@ from wsproto.events import (
 from protocol.errors import ApiError
 from protocol.http import HttpConnection, Upgrade
 from protocol.websocket import WebSocketSession, WsClosed, WsMessage, WsSend
+from server.config import ServerConfig
+
+
+def connection(**limits: int) -> HttpConnection:
+    """A connection with the server's default limits (server/config.py holds the one default of each)."""
+    defaults = ServerConfig()
+    return HttpConnection(**{"max_header_bytes": defaults.max_header_bytes,
+                             "max_body_bytes": defaults.max_body_bytes, **limits})
 
 
 def handshake(extra: bytes = b"") -> tuple[WSConnection, WebSocketSession]:
     client = WSConnection(ConnectionType.CLIENT)
     raw = client.send(Request(host="x", target="/api-ws/v1/audio/speech",
                               extra_headers=[(b"authorization", b"Bearer t")]))
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(raw + extra)
     up = conn.next_request()
     assert isinstance(up, Upgrade) and up.request.header("authorization") == "Bearer t"
@@ -57,7 +65,7 @@ def test_frames_sent_with_the_handshake_are_kept() -> None:
     # A client may pipeline its first frame; build it on a second client already "open".
     other, _ = accepted()
     frame = other.send(Message(data="early"))
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(raw + frame)
     up = conn.next_request()
     assert isinstance(up, Upgrade)
@@ -79,7 +87,7 @@ def test_invalid_handshake_raises() -> None:
     raw = c.send(h11.Request(method="GET", target="/ws", headers=[
         ("host", "x"), ("upgrade", "websocket"), ("connection", "upgrade"), ("sec-websocket-version", "8"),
         ("sec-websocket-key", "abc")])) + c.send(h11.EndOfMessage())
-    conn = HttpConnection()
+    conn = connection()
     conn.receive_data(raw)
     up = conn.next_request()
     assert isinstance(up, Upgrade)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from protocol.errors import ErrorCode
 from protocol.ws_tasks import (
     CancelTask,
     FinishText,
@@ -97,7 +98,7 @@ def test_text_before_task_started_is_queued() -> None:
 def test_engine_failure_and_late_events_dropped() -> None:
     m = WsTaskMachine()
     m.handle_client_message(run_task())
-    assert failed(m.failed("t1", "NotFound", "unknown reference audio")) == ("t1", "NotFound")
+    assert failed(m.failed("t1", ErrorCode.NOT_FOUND, "unknown reference audio")) == ("t1", "NotFound")
     assert m.state is State.IDLE
     assert m.audio("t1", "x", {}) == [] and m.finished("t1") == [] and m.started("t1") == []
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import json
 import threading
@@ -151,6 +152,13 @@ def test_upload_list_and_get(server: ServerThread, voices: dict[str, dict[str, A
         got = requests.get(f"{server.url}/api/v1/audio/reference_audio/{v['id']}", headers=AUTH, timeout=10)
         assert got.status_code == 200 and got.json() == v
     assert voices["44k"]["filename"] == "voice44k.wav"
+
+
+def test_upload_keeps_the_transcript_ids_the_engine_would_derive(server: ServerThread, voice: str) -> None:
+    stored = server.app.store.load_prompt(voice)  # what the upload wrote beside the features
+    assert stored is not None and stored.text_ids
+    without = dataclasses.replace(stored, text_ids=None)
+    assert stored.text_ids == server.app.engine.text.transcript_ids(without)  # type: ignore[attr-defined]
 
 
 def test_upload_below_16k_is_400(server: ServerThread) -> None:

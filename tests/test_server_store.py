@@ -1,6 +1,8 @@
 """Voice store atomicity / restart, auth and config parsing (no sockets)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import sqlite3
 import subprocess
@@ -10,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scheduler.jobs import VoicePrompt
 from server.auth import token_ok
 from server.config import ServerConfig, load_config
 from server.store import VoiceStore
-from tests.fakes import FakeExtractor, descending_ids
+from server.voices import VoiceCache, with_text_ids
+from tests.fakes import FakeEngine, FakeExtractor, descending_ids
 
 PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, "hi")
 
@@ -149,3 +153,68 @@ def test_dtype_flags() -> None:
         ServerConfig(flow_cache_mb=-2)
     with pytest.raises(ValueError, match="flow_dtype"):
         ServerConfig(flow_dtype="int8")
+
+
+# ---------------------------------------------------------------- transcript ids kept with the features
+
+def _write_old_features(store_dir: Path, voice_id: str, prompt: VoicePrompt) -> None:
+    """The features file exactly as servers wrote it before the transcript ids were kept."""
+    np.savez(store_dir / "voices" / f"{voice_id}.npz", speech_tokens=prompt.speech_tokens,
+             embedding=prompt.embedding, mel=prompt.mel, text=np.array(prompt.text))
+
+
+def test_transcript_ids_are_stored_with_the_features(tmp_path: Path) -> None:
+    store = VoiceStore(tmp_path)
+    kept = store.add("a.wav", b"A", "hi", dataclasses.replace(PROMPT, text_ids=(5, 6, 151643)))
+    empty = store.add("b.wav", b"B", "hi", dataclasses.replace(PROMPT, text_ids=()))
+    none = store.add("c.wav", b"C", "hi", PROMPT)
+    store.close()
+    store = VoiceStore(tmp_path)  # restart
+    loaded = store.load_prompt(kept.id)
+    assert loaded is not None and loaded.text_ids == (5, 6, 151643) and loaded.text == "hi"
+    assert np.array_equal(loaded.speech_tokens, PROMPT.speech_tokens)
+    assert store.load_prompt(empty.id).text_ids == ()  # type: ignore[union-attr]  # () is not "missing"
+    assert store.load_prompt(none.id).text_ids is None  # type: ignore[union-attr]
+
+
+def test_a_voice_stored_without_ids_gets_them_once_when_loaded(tmp_path: Path) -> None:
+    store = VoiceStore(tmp_path)
+    old = store.add("a.wav", b"A", "hi", PROMPT)
+    _write_old_features(tmp_path, old.id, PROMPT)
+    assert store.load_prompt(old.id).text_ids is None  # type: ignore[union-attr]  # still loadable
+    engine = FakeEngine()
+    cache = VoiceCache(store, 4, functools.partial(with_text_ids, engine))
+    first = cache.get(old.id)
+    assert first is not None and first.text_ids == tuple(map(ord, "hi"))
+    assert cache.get(old.id) is first and engine.transcripts_encoded == ["hi"]  # cached: computed once
+    assert np.array_equal(first.mel, PROMPT.mel) and first.text == "hi"
+
+
+def test_upload_keeps_the_ids_and_synthesis_never_recomputes_them(tmp_path: Path) -> None:
+    import requests
+
+    from tests.server_helpers import AUTH, running_server, speech_body, upload
+
+    def speak(url: str, voice_id: str) -> None:
+        r = requests.post(f"{url}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice_id), timeout=10)
+        assert r.status_code == 200, r.text
+
+    engine = FakeEngine()
+    with running_server(tmp_path, engine) as srv:
+        voice_id = upload(requests, srv.url, text="transcript").json()["id"]
+        assert engine.transcripts_encoded == ["transcript"]  # at upload, with the features
+        speak(srv.url, voice_id)
+        speak(srv.url, voice_id)
+        assert engine.transcripts_encoded == ["transcript"]
+    store = VoiceStore(tmp_path)
+    stored = store.load_prompt(voice_id)
+    store.close()
+    assert stored is not None and stored.text_ids == tuple(map(ord, "transcript"))
+
+    # The upgrade path: the same voice as an older server stored it (no ids) after a restart.
+    _write_old_features(tmp_path, voice_id, stored)
+    engine = FakeEngine()
+    with running_server(tmp_path, engine) as srv:
+        speak(srv.url, voice_id)
+        speak(srv.url, voice_id)
+        assert engine.transcripts_encoded == ["transcript"]  # once, when the voice was loaded

@@ -5,6 +5,9 @@ HTTP API of a server started with `--store s3`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import io
 import json
 import os
 import shutil
@@ -21,12 +24,13 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig, load_config
-from tests.fakes import FakeExtractor, descending_ids
+from tests.fakes import FakeEngine, FakeExtractor, descending_ids
 
 pytest.importorskip("boto3", reason="boto3 not installed (pip install '.[s3]')")
 from botocore.exceptions import BotoCoreError, ClientError
 
 from server.store_s3 import S3Settings, S3VoiceStore, make_client
+from server.voices import VoiceCache, with_text_ids
 
 PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, "hi")
 ACCESS, SECRET, BUCKET = "cosy-test-key", "cosy-test-secret", "cosy-voices"
@@ -197,6 +201,35 @@ def test_two_replicas_share_one_bucket(endpoint: str) -> None:
     assert one.get(rec.id) is None and one.list(10, "desc") == []  # one's listing cache forgets it
     assert one.load_prompt(rec.id) is None and not one.delete(rec.id)
     assert _keys(endpoint, prefix) == []
+
+
+def test_transcript_ids_travel_with_the_features(endpoint: str) -> None:
+    prefix = _prefix()
+    one, two = _store(endpoint, prefix), _store(endpoint, prefix)
+    rec = one.add("ref.wav", b"W" * 3, "hi", dataclasses.replace(PROMPT, text_ids=(7, 8, 151643)))
+    loaded = two.load_prompt(rec.id)  # another replica reads them from the bucket
+    assert loaded is not None and loaded.text_ids == (7, 8, 151643) and loaded.text == "hi"
+    assert np.array_equal(loaded.mel, PROMPT.mel)
+    one.close()
+    two.close()
+
+
+def test_a_voice_stored_without_ids_gets_them_once_when_loaded(endpoint: str) -> None:
+    prefix = _prefix()
+    store = _store(endpoint, prefix)
+    rec = store.add("ref.wav", b"W" * 3, "hi", PROMPT)
+    old = io.BytesIO()  # features.npz exactly as servers wrote it before the transcript ids were kept
+    np.savez(old, speech_tokens=PROMPT.speech_tokens, embedding=PROMPT.embedding, mel=PROMPT.mel,
+             text=np.array(PROMPT.text))
+    make_client(_settings(endpoint, prefix)).put_object(
+        Bucket=BUCKET, Key=f"{prefix}/voices/{rec.id}/features.npz", Body=old.getvalue())
+    assert store.load_prompt(rec.id).text_ids is None  # type: ignore[union-attr]  # still loadable
+    engine = FakeEngine()
+    cache = VoiceCache(store, 4, functools.partial(with_text_ids, engine))
+    first = cache.get(rec.id)
+    assert first is not None and first.text_ids == tuple(map(ord, "hi"))
+    assert cache.get(rec.id) is first and engine.transcripts_encoded == ["hi"]
+    store.close()
 
 
 @pytest.mark.parametrize("crash_on", ["features.npz", "meta.json"])
