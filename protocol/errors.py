@@ -65,14 +65,6 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 assert set(HTTP_STATUS) == set(ErrorCode), "every error code needs an HTTP status"
 
 
-def as_error_code(value: ErrorCode | str) -> ErrorCode:
-    """A code from the engine side; one this vocabulary lacks is an internal error, never a crash."""
-    try:
-        return ErrorCode(value)
-    except ValueError:
-        return ErrorCode.INTERNAL_ERROR
-
-
 class ApiError(Exception):
     """An error the client should see: `code`, `message`, and `status` (HTTP)."""
 
@@ -160,8 +152,7 @@ class InternalError(ApiError):
 
 
 def engine_error(code: ErrorCode, message: str) -> ApiError:
-    """An engine `Failed` / `RequestRejected` as the error the client sees (a stray string is coerced)."""
-    code = as_error_code(code)
+    """An engine `Failed` / `RequestRejected` as the error the client sees."""
     if code is ErrorCode.OVERLOADED:
         return Overloaded(message)  # carries Retry-After like every other overload
     return ApiError(message, code=code)

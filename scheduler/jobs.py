@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.errors import ErrorCode, as_error_code
+from protocol.errors import ErrorCode
 from protocol.speech_mode import Mode
 
 __all__ = ["AudioChunk", "ChunkMetrics", "EngineEvent", "EngineProtocol", "EngineStats", "ErrorCode", "EventSink",
@@ -89,11 +89,6 @@ class Failed:
     request_id: str
     code: ErrorCode  # e.g. INTERNAL_ERROR, OVERLOADED, CANCELLED, INVALID_PARAMETER
     message: str
-
-    def __post_init__(self) -> None:
-        # Every caller should pass a member; kernels/engine.py still passes PascalCase strings, which
-        # become the member here (a StrEnum: equal either way; an unknown one is INTERNAL_ERROR).
-        object.__setattr__(self, "code", as_error_code(self.code))
 
 
 EngineEvent = AudioChunk | Finished | Failed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 
-from protocol.errors import ErrorCode, as_error_code
+from protocol.errors import ErrorCode
 from scheduler.bistream import FeederState, Outcome, runaway_cap
 from scheduler.chunk_policy import ChunkPolicy
 from scheduler.config import SchedulerConfig
@@ -41,7 +41,7 @@ class RequestRejected(ValueError):
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = as_error_code(code)  # a member; a stray PascalCase string is still coerced
+        self.code = code
 
 
 class Scheduler:
