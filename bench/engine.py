@@ -65,7 +65,8 @@ def voiced_signal(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
 def make_voice(model_dir: Path) -> VoicePrompt:
     """The bench voice with its transcript ids kept, as the server keeps an uploaded voice's: jobs never
     normalise the transcript (normalised as the bench's engines do, without wetext)."""
-    from frontend.prompt import PromptExtractor, with_transcript_ids
+    from frontend.extractor import PromptExtractor
+    from frontend.prompt import with_transcript_ids
     from frontend.text_normalize import TextFrontend
 
     voice = PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)

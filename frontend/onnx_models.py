@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-SPEECH_TOKENIZER_FILE = "speech_tokenizer_v2.onnx"
-CAMPPLUS_FILE = "campplus.onnx"
 MAX_TOKENIZER_SECONDS = 30.0  # upstream asserts this for speech-token extraction
 
 _ORT_INT_TYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}

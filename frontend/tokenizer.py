@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kernels.config import QWEN_DIR
+from frontend.model_files import QWEN_DIR
 
 # The Qwen2 pre-tokenizer split (isolated): contractions, letter runs with one optional leading
 # non-letter, ONE digit at a time, punctuation runs, newlines, whitespace.

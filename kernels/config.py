@@ -18,8 +18,7 @@ from typing import Any
 
 import yaml
 
-YAML_NAME = "cosyvoice2.yaml"
-QWEN_DIR = "CosyVoice-BlankEN"
+from frontend.model_files import QWEN_DIR, YAML_NAME
 
 
 class ModelDirError(ValueError):

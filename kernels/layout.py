@@ -8,6 +8,7 @@ loading (kernels/checkpoint.py) and for the random-checkpoint maker (kernels/mak
 """
 from __future__ import annotations
 
+from frontend.model_files import WEIGHT_FILES
 from kernels.config import (
     EncoderConfig,
     EstimatorConfig,
@@ -21,7 +22,7 @@ from kernels.config import (
 Shape = tuple[int, ...]
 Layout = dict[str, Shape]
 
-FILES = ("llm.pt", "flow.pt", "hift.pt")
+FILES = WEIGHT_FILES
 LM_HEAD_KEY = "llm.model.lm_head.weight"
 EMBED_TOKENS_KEY = "llm.model.model.embed_tokens.weight"
 NUM_UP_BLOCKS_CONV_STRIDE = 2  # Upsample1D(stride 2): conv kernel = 2 * stride + 1

@@ -16,18 +16,17 @@ from typing import IO, TypeVar
 import torch
 from torch import nn
 
+from frontend.model_files import CAMPPLUS_FILE, QWEN_DIR, SPEECH_TOKENIZER_FILE, WEIGHT_FILES, YAML_NAME
 from kernels.checkpoint import CheckpointError, check_strict, clone_shared, load_state_dict_file
-from kernels.config import QWEN_DIR, YAML_NAME, ModelConfig, read_model_config
+from kernels.config import ModelConfig, read_model_config
 from kernels.layout import LM_HEAD_KEY, expected_layout
 from kernels.progress import progress
 
 REQUIRED_FILES = (
     YAML_NAME,
-    "llm.pt",
-    "flow.pt",
-    "hift.pt",
-    "campplus.onnx",
-    "speech_tokenizer_v2.onnx",
+    *WEIGHT_FILES,
+    CAMPPLUS_FILE,
+    SPEECH_TOKENIZER_FILE,
     f"{QWEN_DIR}/config.json",
     f"{QWEN_DIR}/vocab.json",
     f"{QWEN_DIR}/merges.txt",

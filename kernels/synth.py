@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from frontend.prompt import PromptExtractor
+    from frontend.extractor import PromptExtractor
     from frontend.text_normalize import TextFrontend
     from kernels.model import load_model
     from kernels.synthesis import Synthesizer

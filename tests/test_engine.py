@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from frontend.extractor import PromptExtractor
 from frontend.mel import flow_prompt_mel
-from frontend.prompt import PromptExtractor
 from frontend.text_normalize import TextFrontend
 from kernels.config import read_model_config
 from kernels.engine import Engine, EngineConfig, scheduler_config

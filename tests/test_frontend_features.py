@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from frontend.extractor import PromptExtractor
 from frontend.fbank import FbankConfig, campplus_features, kaldi_fbank, num_frames
 from frontend.mel import flow_prompt_mel, slaney_mel_filters, whisper_log_mel
-from frontend.onnx_models import (
-    CAMPPLUS_FILE,
-    SPEECH_TOKENIZER_FILE,
-    SpeakerEncoder,
-    SpeechTokenizer,
-    tokens_2d,
-)
-from frontend.prompt import PromptAudioError, PromptExtractor, align_prompt
+from frontend.model_files import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE
+from frontend.onnx_models import SpeakerEncoder, SpeechTokenizer, tokens_2d
+from frontend.prompt import PromptAudioError, align_prompt
 from tests.conftest import REFERENCE_DIR, needs_reference
 from tests.tolerances import fbank_tolerance
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from frontend.extractor import PromptExtractor
 from frontend.mel import flow_prompt_mel
-from frontend.prompt import PromptExtractor
 from kernels.attention import (
     decode_attention,
     flash_attn_available,

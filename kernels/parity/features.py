@@ -50,7 +50,8 @@ def _feature_cases(c: dict[str, torch.Tensor]) -> list[CaseResult]:
 def _onnx_cases(
     model_dir: Path, c: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
 ) -> list[CaseResult]:
-    from frontend.onnx_models import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE, SpeakerEncoder, SpeechTokenizer
+    from frontend.model_files import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE
+    from frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 
     tokens = SpeechTokenizer(model_dir / SPEECH_TOKENIZER_FILE)(c["whisper_logmel128"].numpy())
     embedding = SpeakerEncoder(model_dir / CAMPPLUS_FILE)(c["campplus_input"].numpy())

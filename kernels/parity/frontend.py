@@ -107,7 +107,7 @@ def _mode_cases(
 
 
 def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
-    from frontend.prompt import PromptExtractor
+    from frontend.extractor import PromptExtractor
     from frontend.text_normalize import TextFrontend
 
     model_dir = Path(model_dir)
