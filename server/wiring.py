@@ -12,7 +12,7 @@ import functools
 import logging
 from pathlib import Path
 
-from frontend.prompt import PromptExtractor  # light: it loads its onnxruntime models itself, lazily
+from frontend.extractor import PromptExtractor  # light: it loads its onnxruntime models and torch lazily
 from scheduler.jobs import EngineProtocol
 from server.config import ServerConfig
 from server.state import ExtractPrompt, ServerState
@@ -65,20 +65,19 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     """The one place the real engine is constructed (kernels.engine.Engine), with the CPU settings
     left on auto chosen from the model's size and the cores (logged)."""
     # lazy: torch and the kernels load only when a real engine is wanted (tests inject fakes)
-    import torch
-
     from kernels.auto_settings import settings_for
+    from kernels.device import default_device, set_intra_op_threads
     from kernels.engine import Engine, EngineConfig
     from scheduler.config import SchedulerConfig
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"))
     for reason in settings.reasons:
         log.info("auto setting: %s", reason)
     if settings.threads:
-        torch.set_num_threads(settings.threads)  # before the engine thread starts: it inherits the count
+        set_intra_op_threads(settings.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
         text_process=bool(config.text_process),
         scheduler=SchedulerConfig(num_slots=config.max_batch),
