@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from scheduler.chunk_policy import ChunkPolicyConfig
+from scheduler.flow_budget import FlowBudgetConfig
 
 if TYPE_CHECKING:  # kernels.config is torch-free, but the scheduler only needs its numbers
     from kernels.config import ModelConfig
@@ -25,6 +26,8 @@ class SchedulerConfig:
     win_size: int = 10  # repetition-aware sampling window handed to the runner
     token_mel_ratio: int = 2
     chunk: ChunkPolicyConfig = field(default_factory=ChunkPolicyConfig)
+    # which streaming chunks run against a flow cache (off by default: every chunk recomputes)
+    flow_cache: FlowBudgetConfig = field(default_factory=FlowBudgetConfig)
 
     def __post_init__(self) -> None:
         if min(self.num_slots, self.max_running, self.max_prefills_per_step) < 1:
@@ -33,10 +36,14 @@ class SchedulerConfig:
             raise ValueError("need slot_len >= 2, max_waiting >= 0, max_prefill_tokens_per_step >= 1")
         if self.eos_token not in self.stop_token_ids:
             raise ValueError("eos_token must be one of stop_token_ids")
+        flow = self.flow_cache
+        if flow.enabled and (flow.lookahead, flow.mel_ratio) != (self.chunk.lookahead, self.token_mel_ratio):
+            raise ValueError("flow_cache lookahead / mel_ratio must match chunk.lookahead / token_mel_ratio")
 
     @classmethod
     def from_model(cls, model: ModelConfig, **limits: Any) -> SchedulerConfig:
-        """Token ids and hop constants from the model directory; limits from the caller."""
+        """Token ids and hop constants from the model directory; limits (and `flow_cache`, whose numbers
+        kernels.flow_cache.flow_budget_config derives from the loaded flow) from the caller."""
         llm, flow = model.llm, model.flow
         chunk = limits.pop("chunk", ChunkPolicyConfig())
         chunk = replace(
