@@ -36,7 +36,7 @@ from frontend.prepare import TextPreparer
 from frontend.text_normalize import TextFrontend
 from frontend.text_process import TextProcess
 from kernels.attention import use_flash
-from kernels.flow_cache import DEFAULT_BUDGET_BYTES
+from kernels.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ChunkOutput, ModelRunner
@@ -213,12 +213,13 @@ class Engine:
                 max_waiting=config.max_waiting,
                 max_prefills_per_step=config.max_prefills_per_step,
                 chunk=chunk,
+                flow_cache=flow_budget_config(model.flow, config.incremental_flow, config.flow_cache_bytes,
+                                              flow_pool_bytes(config.flow_cache_pool_bytes, device)),
             )
         )
         self.runner = ModelRunner(
             model, config.num_slots, config.slot_len, cuda_graphs=config.cuda_graphs,
-            incremental_flow=config.incremental_flow, flow_cache_bytes=config.flow_cache_bytes,
-            flow_cache_pool_bytes=flow_pool_bytes(config.flow_cache_pool_bytes, device),
+            incremental_flow=config.incremental_flow,
             stage_workers=config.stage_workers or usable_cores(),
         )
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -279,7 +280,7 @@ class Engine:
         llm_dtype = next(model.llm.parameters()).dtype
         flow_dtype = next(model.flow.parameters()).dtype
         attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend, llm_dtype) else "torch SDPA"
-        pool = runner.flow_pool_bytes
+        pool = self.scheduler.config.flow_cache.pool_bytes
         cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
         cpu = runner.device.type == "cpu"
         parts = [
@@ -422,8 +423,8 @@ class Engine:
             last_flow_batch=timings.flow_batch,
             last_vocoder_batch=timings.vocoder_batch,
             steps=s.totals.steps,
-            flow_cache_bytes=self.runner.flow_reserved_bytes,
-            flow_cache_pool_bytes=self.runner.flow_pool_bytes or 0,
+            flow_cache_bytes=s.flow_cache_bytes,
+            flow_cache_pool_bytes=s.flow_cache_pool_bytes,
         )
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -514,9 +515,10 @@ class Engine:
             seed=seed,
             arrival_s=time.monotonic(),
             playback=state.playback,
+            voice=job.voice,
+            speed=job.speed,
         )
         self.scheduler.add_request(req)
-        self.runner.add_request(rid, job.voice, speed=job.speed, seed=seed)
         self._owner[rid] = job.request_id
         state.active.append(rid)
         state.piece_index += 1
