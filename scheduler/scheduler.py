@@ -54,6 +54,9 @@ class Scheduler:
         self.kv = KVSlotManager(config.num_slots, config.slot_len)
         self.chunks = ChunkPolicy(config.chunk)
         self.flow_cache = FlowCacheBudget(config.flow_cache)
+        # requests with a planned chunk not yet back (update): an ended one keeps its flow-cache
+        # reservation until then, since the runner's cache lives while the chunk runs
+        self._chunks_out: set[str] = set()
         self._waiting: dict[str, Request] = {}  # insertion-ordered FIFO, O(1) cancel
         self._running: dict[str, Request] = {}  # holds a KV slot
         self._draining: dict[str, Request] = {}  # LLM done, chunks left
@@ -134,6 +137,8 @@ class Scheduler:
         released = tuple(self._ended)
         self._ended = {}
         self._step += 1
+        if with_chunks:  # no chunk batch is out now (see above): free what ended requests still held
+            self._chunks_back(list(self._chunks_out))
         prefills: list[PrefillItem] = []
         decodes: list[DecodeItem] = []
         admitted: list[NewRequest] = []
@@ -227,6 +232,7 @@ class Scheduler:
         picked = self.chunks.pick(ready, self.clock())
         if not picked:
             return picked
+        self._chunks_out.update(c.request_id for c in picked)
         prompt = {req.request_id: req.flow_prompt_len for req, _ in ready}
         return self.flow_cache.plan([(c, prompt[c.request_id]) for c in picked])
 
@@ -260,6 +266,7 @@ class Scheduler:
             self._apply_token(d.request_id, d.position + 1, result)
         for c in plan.chunks:
             self._apply_chunk(c, result)
+        self._chunks_back([c.request_id for c in plan.chunks])
         self._counters.steps += 1
         ended, self._ended_now = self._ended_now, []
         return ended
@@ -311,6 +318,12 @@ class Scheduler:
             if final and len(req.speech_ids) >= runaway_cap(req.num_text_tokens):
                 self._end_llm(req)
 
+    def _chunks_back(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._chunks_out.discard(rid)
+            if self._live(rid) is None:
+                self.flow_cache.release(rid)
+
     def _apply_chunk(self, chunk: ChunkItem, result: StepResult) -> None:
         req = self._live(chunk.request_id)
         if req is None:
@@ -357,7 +370,8 @@ class Scheduler:
 
     def _end(self, req: Request, status: RequestStatus) -> None:
         self._release_slot(req)
-        self.flow_cache.release(req.request_id)
+        if req.request_id not in self._chunks_out:
+            self.flow_cache.release(req.request_id)  # else when its chunk is back
         self._waiting.pop(req.request_id, None)
         self._draining.pop(req.request_id, None)
         req.status = status

@@ -173,6 +173,29 @@ def test_cancel_releases_the_reservation() -> None:
     assert s.flow_cache.reserved_bytes == 0 and s.stats().flow_cache_bytes == 0
 
 
+def test_a_request_ended_with_its_chunk_out_keeps_its_reservation_until_the_chunk_is_back() -> None:
+    s = sched()
+    s.add_request(Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
+    plan = s.schedule()
+    while not plan.chunks:
+        s.update(plan, answer(plan))
+        plan = s.schedule()
+    assert s.cancel("a") and s.flow_cache.reserved_bytes == need(100)  # the runner's cache lives meanwhile
+    s.update(plan, answer(plan))
+    assert s.flow_cache.reserved_bytes == 0
+    # a failed batch is never updated: the next plan with chunks (no batch out then) frees it
+    s.add_request(Request("b", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
+    plan = s.schedule()
+    while not plan.chunks:
+        s.update(plan, answer(plan))
+        plan = s.schedule()
+    assert s.fail("b", "flow exploded") and s.flow_cache.reserved_bytes == need(100)
+    s.schedule(with_chunks=False)
+    assert s.flow_cache.reserved_bytes == need(100)
+    s.schedule()
+    assert s.flow_cache.reserved_bytes == 0
+
+
 def test_runner_reported_recompute_drops_the_budget_cache() -> None:
     s = sched()
     s.add_request(Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
