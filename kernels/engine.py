@@ -19,7 +19,7 @@ from frontend.text_normalize import TextFrontend
 from frontend.text_process import TextProcess
 from kernels.attention import use_flash
 from kernels.config import ModelConfig
-from kernels.flow_cache import DEFAULT_BUDGET_BYTES
+from kernels.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.model import CosyVoice2Model, load_model
 from kernels.runner import ModelRunner
@@ -129,26 +129,23 @@ class Engine:
         self.text = TextPreparer(
             TextFrontend(Path(model_dir), use_wetext=config.use_wetext),
             TextProcess(Path(model_dir), use_wetext=config.use_wetext) if config.text_process else None)
-        self.scheduler = Scheduler(scheduler_config(model.config, config.scheduler))
-        self.runner = self._build_runner(model, device)
+        flow_cache = flow_budget_config(model.flow, config.incremental_flow, config.flow_cache_bytes,
+                                        flow_pool_bytes(config.flow_cache_pool_bytes, device))
+        self.scheduler = Scheduler(replace(scheduler_config(model.config, config.scheduler), flow_cache=flow_cache))
+        self.runner = self._build_runner(model)
         stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage") if config.overlap_stages else None
         if stage is not None and device.startswith("cuda"):
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
-                               idle_wait_s=config.idle_wait_s, new_request=self._new_request)
+                               idle_wait_s=config.idle_wait_s)
         self.loop.start(on_thread_start=lambda: torch.set_grad_enabled(False))
 
-    def _build_runner(self, model: CosyVoice2Model, device: str) -> ModelRunner:
+    def _build_runner(self, model: CosyVoice2Model) -> ModelRunner:
         cfg, limits = self.config, self.config.scheduler
         return ModelRunner(
             model, limits.num_slots, limits.slot_len, cuda_graphs=cfg.cuda_graphs,
-            incremental_flow=cfg.incremental_flow, flow_cache_bytes=cfg.flow_cache_bytes,
-            flow_cache_pool_bytes=flow_pool_bytes(cfg.flow_cache_pool_bytes, device),
-            stage_workers=cfg.stage_workers or usable_cores(),
+            incremental_flow=cfg.incremental_flow, stage_workers=cfg.stage_workers or usable_cores(),
         )
-
-    def _new_request(self, request_id: str, job: SpeechJob, seed: int | None) -> None:
-        self.runner.add_request(request_id, job.voice, speed=job.speed, seed=seed)
 
     # ------------------------------------------------------------------ EngineProtocol (any thread)
     def prepare(self, job: SpeechJob) -> PreparedJob:
@@ -177,7 +174,7 @@ class Engine:
         llm_dtype = next(model.llm.parameters()).dtype
         flow_dtype = next(model.flow.parameters()).dtype
         attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend, llm_dtype) else "torch SDPA"
-        pool = runner.flow_pool_bytes
+        pool = self.scheduler.config.flow_cache.pool_bytes
         cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
         cpu = runner.device.type == "cpu"
         parts = [

@@ -19,10 +19,12 @@ full pass. This module only orchestrates: which cache belongs to which request a
 row), batching the new tokens of several requests (right padded; attention runs per request over its own
 cache length, so a row equals running it alone), buffer growth, planning and memory accounting.
 
-Exactness needs the call to start on the chunk grid and right where the cache ends; `IncrementalFlow.plan`
+Exactness needs the call to start on the chunk grid and right where the cache ends; `IncrementalFlow.can_start`
 says whether a call can use the cache. A call that ends off the grid is still exact (its queries see every
 key they would see in a full pass) but its last chunk is incomplete, so the state is dropped afterwards.
 The final call (finalize=True, streaming=False: full attention) is not incremental: callers recompute it.
+In the engine, which chunks run incrementally within what memory is the scheduler's decision
+(scheduler/flow_budget.py, whose arithmetic this module uses; `flow_budget_config` gives it the numbers).
 """
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ from kernels.chunk_attention import chunk_hidden as _chunk_masked  # noqa: F401 
 from kernels.flow import CausalMaskedDiffWithXvec
 from kernels.flow_encoder import UPSAMPLE_STRIDE
 from kernels.step_cache import KVStore, Segment
+from scheduler import flow_budget
+from scheduler.flow_budget import DEFAULT_REQUEST_BYTES, FlowBudgetConfig
 
-DEFAULT_BUDGET_BYTES = 8 << 30  # per request; beyond it the request falls back to recomputing
+DEFAULT_BUDGET_BYTES = DEFAULT_REQUEST_BYTES  # per request; beyond it the request falls back to recomputing
 GROWTH = 1.5  # TimeBuffer capacity after a grow: 1.5x what is needed (capped at doubling), so <= 1.5x used
 
 
@@ -159,23 +163,39 @@ class IncrementalFlow:
         size = next(self.flow.parameters()).element_size()
         return int((enc + est_floats) * size)
 
-    def can_continue(self, state: FlowStreamState | None, start: int, end: int) -> bool:
-        """Whether a call wanting the frames of tokens [start, end) (prompt included) can run incrementally.
+    def can_start(self, state: FlowStreamState | None, start: int, end: int) -> bool:
+        """Whether a call wanting the frames of tokens [start, end) (prompt included) can run on this cache.
 
         It computes from the end of the cache (`tokens_done`, 0 for a new request: the first call encodes
         the prompt too), so the cache must not end after `start`; frames before `start` are dropped.
         """
-        done = 0 if state is None else state.tokens_done
-        fits = self.need_bytes(end) <= self.budget_bytes
-        return done <= start < end and done % self.token_chunk == 0 and fits
+        return flow_budget.can_continue(0 if state is None else state.tokens_done, start, end, self.token_chunk)
+
+    def can_continue(self, state: FlowStreamState | None, start: int, end: int) -> bool:
+        """`can_start`, and the cache up to `end` fits this object's per-request budget."""
+        return self.can_start(state, start, end) and self.need_bytes(end) <= self.budget_bytes
 
     def need_bytes(self, end: int) -> int:
         """Cache bytes a request may hold once its frames up to token `end` are cached (with buffer slack)."""
-        return int((GROWTH * self.ratio * end + 64) * self.bytes_per_frame())
+        return flow_budget.need_bytes(end, self.bytes_per_frame(), self.ratio, GROWTH)
 
     def keeps_state(self, end: int) -> bool:
         """After a call ending at `end`, the cache stays valid only on the chunk grid."""
-        return end % self.token_chunk == 0
+        return flow_budget.keeps_state(end, self.token_chunk)
+
+    def budget_config(self, enabled: bool = True, per_request_bytes: int | None = None,
+                      pool_bytes: int | None = None) -> FlowBudgetConfig:
+        """The scheduler's flow-cache budget for this flow (per request: this object's budget by default)."""
+        return FlowBudgetConfig(
+            enabled=enabled,
+            bytes_per_frame=self.bytes_per_frame(),
+            per_request_bytes=self.budget_bytes if per_request_bytes is None else per_request_bytes,
+            pool_bytes=pool_bytes,
+            token_chunk=self.token_chunk,
+            mel_ratio=self.ratio,
+            growth=GROWTH,
+            lookahead=self.flow.cfg.pre_lookahead_len,
+        )
 
     # ------------------------------------------------------------------ the call
 
@@ -242,3 +262,9 @@ class IncrementalFlow:
         if hi > start:
             cond[0, :, : hi - start] = feat[start:hi].transpose(0, 1)
         return cond
+
+
+def flow_budget_config(flow: CausalMaskedDiffWithXvec, enabled: bool, per_request_bytes: int,
+                       pool_bytes: int | None) -> FlowBudgetConfig:
+    """The numbers the scheduler's FlowCacheBudget needs: this flow's shapes and dtype, and the limits."""
+    return IncrementalFlow(flow, per_request_bytes).budget_config(enabled, pool_bytes=pool_bytes)

@@ -4,8 +4,9 @@ One step = (1) every prefill of the plan packed into one LLM pass, (2) one decod
 every running request in one batched pass (CUDA-graph replay on GPU), (3) one vectorised RAS
 sampling call over all of them, (4) the flow for every ready chunk, batched by its
 (streaming, finalize) flags, and (5) HiFT for all those chunks (equal lengths share a call).
-Per-request tensors (flow prompt, speaker embedding, vocoder cache, RNGs) live here, keyed by
-request id; the scheduler owns everything else. `execute` runs a whole step on the caller's thread;
+Per-request tensors (flow prompt, speaker embedding, vocoder cache, RNGs, flow cache) live here,
+keyed by request id, created from the plan's `admitted` entries; the scheduler owns everything else,
+including which chunks run against a flow cache (`ChunkItem.incremental`, scheduler/flow_budget.py). `execute` runs a whole step on the caller's thread;
 the overlapped engine calls its halves instead: `execute_llm` (1-3) on the engine thread and
 `execute_chunks` (4-5) on the stage thread, at the same time for different requests.
 """
@@ -21,14 +22,13 @@ import torch
 from torch import Tensor
 
 from kernels.cuda_graphs import DecodeGraphs
-from kernels.flow_cache import DEFAULT_BUDGET_BYTES, FlowStreamState, IncrementalFlow, StreamCall
+from kernels.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.kv_cache import KVCache
 from kernels.model import CosyVoice2Model
 from kernels.sampling import ras_sample, recent_window
 from kernels.shards import ShardPool
 from kernels.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
-from scheduler.jobs import VoicePrompt
-from scheduler.plan import ChunkItem, ChunkOutput, Segment, StepPlan, StepResult
+from scheduler.plan import ChunkItem, ChunkOutput, NewRequest, Segment, StepPlan, StepResult
 
 
 @dataclass
@@ -72,9 +72,7 @@ class ModelRunner:
         slot_len: int,
         cuda_graphs: bool = True,
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-        incremental_flow: bool = False,
-        flow_cache_bytes: int = DEFAULT_BUDGET_BYTES,  # per request; full-size model: ~4.6 MB per mel frame
-        flow_cache_pool_bytes: int | None = None,  # all requests together; None = no shared limit
+        incremental_flow: bool = False,  # False: incremental chunks recompute (reported in StepResult)
         stage_workers: int = 1,  # CPU: flow/vocoder shards of a batch run on this many single-threaded workers
     ) -> None:
         self.model = model
@@ -95,30 +93,29 @@ class ModelRunner:
         self.last_chunks = StepTimings()
         # CUDA: a stage thread's flow/vocoder go on their own stream so they overlap the decode
         self.stage_stream: torch.cuda.Stream | None = None
-        # Non-final streaming chunks compute only their new mel frames (kernels/flow_cache.py); its mel
-        # equals the recompute path's to ~1e-6 (other matmul shapes). Requests over the per-request
-        # budget recompute (the full-size model needs ~4.6 MB per mel frame).
-        self.flow_inc = IncrementalFlow(model.flow, flow_cache_bytes) if incremental_flow else None
+        # Chunks the scheduler marks incremental compute only their new mel frames (kernels/flow_cache.py);
+        # their mel equals the recompute path's to ~1e-6 (other matmul shapes). Which requests may keep a
+        # cache, and how much memory that takes, is the scheduler's call (scheduler/flow_budget.py).
+        self.flow_inc = IncrementalFlow(model.flow) if incremental_flow else None
         self.flow_states: dict[str, FlowStreamState] = {}
-        # Bytes each incremental request may hold (its projected cache at its latest chunk); their sum
-        # stays within the pool, so long or many requests fall back to recompute instead of running out.
-        self.flow_pool_bytes = flow_cache_pool_bytes
-        self.flow_reserved: dict[str, int] = {}
-        self.flow_reserved_bytes = 0  # their sum (read by stats)
-        # flow_states / flow_reserved change on the stage thread (chunks) and the engine thread (release)
+        # flow_states change on the stage thread (chunks) and the engine thread (release)
         self._flow_lock = threading.RLock()
         self.shards = ShardPool(stage_workers if self.device.type == "cpu" else 1)
 
     # ------------------------------------------------------------------ request state
 
-    def add_request(self, request_id: str, voice: VoicePrompt, speed: float = 1.0, seed: int | None = None) -> None:
+    def _add_request(self, new: NewRequest) -> None:
+        """A newly admitted request's state (from `StepPlan.admitted`, before its first prefill)."""
+        voice, seed = new.voice, new.seed
+        if voice is None:
+            raise ValueError("the request has no voice prompt")
         dev = self.device
         flow_dtype = next(self.model.flow.parameters()).dtype
-        self.requests[request_id] = RequestTensors(
+        self.requests[new.request_id] = RequestTensors(
             prompt_tokens=torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
             prompt_mel=torch.as_tensor(np.asarray(voice.mel), dtype=flow_dtype, device=dev),
             embedding=torch.as_tensor(np.asarray(voice.embedding), dtype=flow_dtype, device=dev),
-            speed=float(speed),
+            speed=float(new.speed),
             # the vocoder noise RNG lives on the CPU: cheap, and identical on every device
             vocoder=VocoderState(generator=_generator(None if seed is None else seed + 1, torch.device("cpu"))),
             # sampling RNG on the host too: per step a CUDA batch then costs one copy, not B RNG launches
@@ -129,8 +126,6 @@ class ModelRunner:
         self.requests.pop(request_id, None)
         with self._flow_lock:
             self.flow_states.pop(request_id, None)
-            self.flow_reserved.pop(request_id, None)
-            self.flow_reserved_bytes = sum(self.flow_reserved.values())
 
     # ------------------------------------------------------------------ one step
 
@@ -143,20 +138,28 @@ class ModelRunner:
             return llm, []
         chunked, outputs = self.execute_chunks(plan.chunks)
         merged = StepResult(sampled=llm.sampled, chunk_samples=chunked.chunk_samples,
-                            failed={**llm.failed, **chunked.failed})
+                            failed={**llm.failed, **chunked.failed}, flow_recomputed=chunked.flow_recomputed)
         return merged, outputs
 
     @torch.inference_mode()
     def execute_llm(self, plan: StepPlan) -> StepResult:
-        """Prefills + one decode position for every running request + sampling (the plan's chunks are ignored)."""
+        """The plan's new requests' state, then prefills + one decode position for every running request +
+        sampling (the plan's chunks are ignored). A new request whose state cannot be made fails alone."""
         timings = StepTimings()
         sampled: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        for new in plan.admitted:
+            try:
+                self._add_request(new)
+            except (ValueError, TypeError, RuntimeError) as exc:  # a bad voice prompt: this request only
+                failed[new.request_id] = f"could not prepare the request: {exc}"
+        prefills = tuple(p for p in plan.prefills if p.request_id not in failed) if failed else plan.prefills
         hidden_parts: list[Tensor] = []
         items: list = []  # PrefillItem | DecodeItem, aligned with the hidden rows
         t0 = time.perf_counter()
-        if plan.prefills:
-            hidden_parts.append(self._prefill(plan.prefills))
-            items.extend(plan.prefills)
+        if prefills:
+            hidden_parts.append(self._prefill(prefills))
+            items.extend(prefills)
         t1 = time.perf_counter()
         if plan.decodes:
             hidden_parts.append(self._decode(plan.decodes))
@@ -169,7 +172,7 @@ class ModelRunner:
         timings.prefill_s, timings.decode_s, timings.sample_s = t1 - t0, t2 - t1, t3 - t2
         self._charge_llm_time(items, t3 - t0)
         self.last_llm = timings
-        return StepResult(sampled=sampled, chunk_samples={}, failed={})
+        return StepResult(sampled=sampled, chunk_samples={}, failed=failed)
 
     @torch.inference_mode()
     def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
@@ -177,15 +180,17 @@ class ModelRunner:
         `execute_llm`: it touches only the chunks' requests, whose state must not be released meanwhile."""
         timings = StepTimings()
         failed: dict[str, str] = {}
+        recomputed: set[str] = set()
         outputs: list[ChunkOutput] = []
         if self.stage_stream is not None:
-            # tensors of add_request were made on the default stream: order after that work
+            # request tensors were made on the default stream (execute_llm): order after that work
             self.stage_stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self.stage_stream) if self.stage_stream is not None else contextlib.nullcontext():
-            outputs = self._chunks(chunks, timings, failed)
+            outputs = self._chunks(chunks, timings, failed, recomputed)
         self.last_chunks = timings
         chunk_samples = {o.request_id: int(o.pcm.shape[0]) for o in outputs}
-        return StepResult(sampled={}, chunk_samples=chunk_samples, failed=failed), outputs
+        return StepResult(sampled={}, chunk_samples=chunk_samples, failed=failed,
+                          flow_recomputed=frozenset(recomputed)), outputs
 
     @property
     def last(self) -> StepTimings:
@@ -263,7 +268,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ flow + vocoder
 
-    def _chunks(self, chunks: tuple[ChunkItem, ...], timings: StepTimings, failed: dict[str, str]) -> list[ChunkOutput]:
+    def _chunks(self, chunks: tuple[ChunkItem, ...], timings: StepTimings, failed: dict[str, str],
+                recomputed: set[str]) -> list[ChunkOutput]:
         live = [c for c in chunks if c.request_id in self.requests]
         for c in chunks:
             if c.request_id not in self.requests:
@@ -275,8 +281,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         for (streaming, finalize), group in groups.items():
             mels.update(self._flow_group(group, streaming, finalize))
-        with self._flow_lock:
-            self.flow_reserved_bytes = sum(self.flow_reserved.values())
+        recomputed.update(c.request_id for c in live if c.incremental and not self._can_run_incremental(c))
         t1 = time.perf_counter()
         vocoder_items = []
         for c in live:
@@ -311,36 +316,37 @@ class ModelRunner:
             state.llm_time_s = 0.0
         return outputs
 
+    def _can_run_incremental(self, chunk: ChunkItem) -> bool:
+        """Whether this runner can run a chunk against a flow cache. An incremental chunk it cannot run
+        recomputes and is reported (`StepResult.flow_recomputed`), so the scheduler forgets the cache."""
+        return self.flow_inc is not None and chunk.streaming
+
     def _flow_group(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> dict[str, Tensor]:
-        """Each chunk's NEW mel frames [80, n]: incremental for non-final streaming chunks, else recompute."""
-        if self.flow_inc is None or not streaming:
-            with self._flow_lock:
-                for c in group:
-                    self.flow_states.pop(c.request_id, None)
-                    self.flow_reserved.pop(c.request_id, None)
-            return self._flow_mixed([], group, streaming, finalize)
+        """Each chunk's NEW mel frames [80, n], as the scheduler marked it: against the request's flow cache
+        (`incremental`, see `_can_run_incremental`) or recomputed (its cache, if any, dropped). A cache that
+        cannot continue into its chunk (none: a new request, or lost) is started afresh: that computes the
+        prefix too, exactly, and leaves the cache where the scheduler's budget expects it."""
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
         look = 0 if finalize else self.lookahead
         with self._flow_lock:
             for c in group:
+                state = self.flow_states.pop(c.request_id, None)
+                if not (c.incremental and self._can_run_incremental(c)):
+                    rest.append(c)
+                    continue
                 st = self.requests[c.request_id]
                 first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
                 end = st.prompt_tokens.shape[0] + c.token_end - look
-                state = self.flow_states.pop(c.request_id, None)
-                self.flow_reserved.pop(c.request_id, None)
-                need = self.flow_inc.need_bytes(end)
-                if self.flow_inc.can_continue(state, first_kept, end) and self._pool_admits(need):
-                    cached.append((c, state or FlowStreamState()))
-                    self.flow_reserved[c.request_id] = need
-                else:  # off the grid or over budget/pool: recompute (a later chunk may start a fresh cache)
-                    rest.append(c)
+                if state is None or not self.flow_inc.can_start(state, first_kept, end):
+                    state = FlowStreamState()
+                cached.append((c, state))
         return self._flow_mixed(cached, rest, streaming, finalize)
 
     def _flow_mixed(self, cached: list[tuple[ChunkItem, FlowStreamState]], rest: list[ChunkItem],
                     streaming: bool, finalize: bool) -> dict[str, Tensor]:
         """Incremental and recompute chunks in ONE shard map, so every worker has work even when the
-        pool lets only some requests keep caches. Cost ~ frames computed x (keys + a per-frame constant)."""
+        budget lets only some requests keep caches. Cost ~ frames computed x (keys + a per-frame constant)."""
         dev = self.device
         items: list[tuple[ChunkItem, StreamCall | None]] = []
         costs: list[float] = []
@@ -355,18 +361,11 @@ class ModelRunner:
             total = self.requests[c.request_id].prompt_tokens.shape[0] + c.token_end
             items.append((c, None))
             costs.append(float(total * (total + 100)))
-        try:
-            mels = self.shards.map(lambda part: self._flow_part(part, streaming, finalize), items, costs)
-        except BaseException:  # the states stay dropped (popped by the caller); so do their reservations
-            with self._flow_lock:
-                for c, _ in cached:
-                    self.flow_reserved.pop(c.request_id, None)
-            raise
+        # on an exception the states stay dropped (popped by the caller); the batch's requests fail
+        mels = self.shards.map(lambda part: self._flow_part(part, streaming, finalize), items, costs)
         with self._flow_lock:
             for c, state in cached:
-                if finalize or not self.flow_inc.keeps_state(state.tokens_done):
-                    self.flow_reserved.pop(c.request_id, None)
-                else:
+                if not finalize and self.flow_inc.keeps_state(state.tokens_done):  # else it is spent
                     self.flow_states[c.request_id] = state
         return {c.request_id: mel for (c, _), mel in zip(items, mels)}
 
@@ -386,9 +385,6 @@ class ModelRunner:
             for i, mel in zip(rec, self._flow_recompute_batch([part[i][0] for i in rec], streaming, finalize)):
                 out[i] = mel
         return out  # type: ignore[return-value]
-
-    def _pool_admits(self, need: int) -> bool:
-        return self.flow_pool_bytes is None or sum(self.flow_reserved.values()) + need <= self.flow_pool_bytes
 
     def _flow_recompute_batch(self, group: list[ChunkItem], streaming: bool, finalize: bool) -> list[Tensor]:
         """One flow call over prompt + all tokens so far for these chunks; each chunk's NEW mel frames."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler.chunk_policy import ChunkPolicyConfig
+from scheduler.flow_budget import FlowBudgetConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SchedulerConfig:
     win_size: int = 10  # repetition-aware sampling window handed to the runner
     token_mel_ratio: int = 2
     chunk: ChunkPolicyConfig = field(default_factory=ChunkPolicyConfig)
+    # which streaming chunks run against a flow cache (off by default: every chunk recomputes)
+    flow_cache: FlowBudgetConfig = field(default_factory=FlowBudgetConfig)
 
     def __post_init__(self) -> None:
         if self.max_running is None:
@@ -35,3 +38,7 @@ class SchedulerConfig:
             raise ValueError("need slot_len >= 2, max_waiting >= 0, max_prefill_tokens_per_step >= 1")
         if self.eos_token not in self.stop_token_ids:
             raise ValueError("eos_token must be one of stop_token_ids")
+        flow = self.flow_cache
+        if flow.enabled and (flow.lookahead, flow.mel_ratio) != (self.chunk.lookahead, self.token_mel_ratio):
+            raise ValueError("flow_cache lookahead / mel_ratio must match chunk.lookahead / token_mel_ratio")
+

@@ -28,7 +28,7 @@ from typing import Protocol
 from protocol.errors import ErrorCode
 from scheduler.commands import Cancel, Command, FinishText, PushTokens, Stop, Submit
 from scheduler.job_book import JobBook
-from scheduler.jobs import EngineStats, EventSink, PreparedJob, SpeechJob
+from scheduler.jobs import EngineStats, EventSink, PreparedJob
 from scheduler.plan import ChunkItem, ChunkOutput, StepPlan, StepResult
 from scheduler.scheduler import Scheduler
 
@@ -84,16 +84,15 @@ class EngineLoop:
         clock: Callable[[], float] = time.monotonic,
         max_jobs: int = 0,
         idle_wait_s: float = 0.05,
-        new_request: Callable[[str, SpeechJob, int | None], None] | None = None,
     ) -> None:
         """`stage`: where chunk batches run beside the LLM (None: serial steps); `max_jobs`: jobs in flight
         at once (0 = no limit beyond the scheduler's queue); `idle_wait_s`: how long the thread waits on its
-        inbox with nothing to do; `new_request(rid, job, seed)`: the runner's hook for a new piece."""
+        inbox with nothing to do."""
         self.scheduler = scheduler
         self.runner = runner
         self.stage = stage
         self.idle_wait_s = idle_wait_s
-        self.book = JobBook(scheduler, self._release, clock, max_jobs, new_request)
+        self.book = JobBook(scheduler, self._release, clock, max_jobs)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # submitted (callers, under a lock) - taken (this thread): jobs still in the inbox
         self._submit_lock = threading.Lock()
@@ -279,12 +278,9 @@ class EngineLoop:
             last_flow_batch=flow_batch,
             last_vocoder_batch=vocoder_batch,
             steps=s.totals.steps,
-            flow_cache_bytes=self.runner_flow_bytes()[0],
-            flow_cache_pool_bytes=self.runner_flow_bytes()[1],
+            flow_cache_bytes=s.flow_cache_bytes,
+            flow_cache_pool_bytes=s.flow_cache_pool_bytes,
         )
-
-    def runner_flow_bytes(self) -> tuple[int, int]:
-        return (getattr(self.runner, "flow_reserved_bytes", 0), getattr(self.runner, "flow_pool_bytes", 0) or 0)
 
     # ------------------------------------------------------------------ commands
     def _drain_inbox(self, block: bool) -> bool:

@@ -58,7 +58,7 @@ class Job:
 
 class JobBook:
     """The engine thread's jobs. `release(rid)` drops a request's runner state (the loop defers it while
-    the request's chunk is out); `new_request(rid, job, seed)` tells the runner about a new piece."""
+    the request's chunk is out)."""
 
     def __init__(
         self,
@@ -66,13 +66,11 @@ class JobBook:
         release: Callable[[str], None],
         clock: Callable[[], float],
         max_jobs: int = 0,
-        new_request: Callable[[str, SpeechJob, int | None], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self._release = release
         self._clock = clock
         self.max_jobs = max_jobs  # 0 = no limit beyond the scheduler's queue
-        self._new_request = new_request
         self._jobs: dict[str, Job] = {}
         self._owner: dict[str, str] = {}  # scheduler request id -> job id
         self._backlog: list[Submit] = []  # jobs over max_jobs, FIFO
@@ -170,11 +168,11 @@ class JobBook:
             bistream=bistream,
             fixed_tokens=job.fixed_tokens,
             seed=seed,
+            voice=job.voice,  # the runner's per-request state is made from these at admission (StepPlan.admitted)
+            speed=job.speed,
             arrival_s=self._clock(),
             playback=state.playback,
         ))
-        if self._new_request is not None:
-            self._new_request(rid, job, seed)
         self._owner[rid] = job.request_id
         state.active.append(rid)
         state.piece_index += 1

@@ -2,7 +2,8 @@
 
 One engine step: `Scheduler.schedule() -> StepPlan`, the runner executes it and answers a
 `StepResult`, then `Scheduler.update(plan, result)`. The runner takes no decisions: every
-position, input token, sampling flag, forced token and chunk boundary is spelled out here.
+position, input token, sampling flag, forced token, chunk boundary and flow-cache use is spelled
+out here, and so is every new request's data (voice, speed, seed) when its first prefill runs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
+
+from scheduler.jobs import VoicePrompt
 
 SegmentKind = Literal["sos", "text", "task", "speech"]
 
@@ -90,6 +93,8 @@ class ChunkItem:
 
     Non-final: token_end includes the look-ahead tokens (audio up to token_end - lookahead).
     Final: finalize=True, streaming=False (upstream runs the last chunk with full attention).
+    incremental: run the flow against the request's flow cache, starting one if it has none (the
+    scheduler's `FlowCacheBudget` decided it fits); False: recompute, and drop any cache of the request.
     """
 
     request_id: str
@@ -100,6 +105,18 @@ class ChunkItem:
     streaming: bool
     is_first: bool
     is_last: bool
+    incremental: bool = False
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request whose first prefill is in this plan: the runner creates its state from this first
+    (prompt tensors, speaker embedding, vocoder state, RNGs, speed)."""
+
+    request_id: str
+    voice: VoicePrompt | None  # None only for scheduler-only tests (a runner fails such a request)
+    speed: float = 1.0
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,7 @@ class StepPlan:
     decodes: tuple[DecodeItem, ...] = ()
     chunks: tuple[ChunkItem, ...] = ()
     released: tuple[str, ...] = ()  # requests that ended since the last plan: drop runner-side state
+    admitted: tuple[NewRequest, ...] = ()  # requests whose first prefill is in this plan
 
     @property
     def is_empty(self) -> bool:
@@ -122,6 +140,9 @@ class StepResult:
     sampled: Mapping[str, int] = field(default_factory=dict)  # one token per prefill and per decode
     chunk_samples: Mapping[str, int] = field(default_factory=dict)  # samples emitted per chunk
     failed: Mapping[str, str] = field(default_factory=dict)  # request id -> reason
+    # incremental chunks the runner recomputed instead (it had no flow cache to run them): the
+    # scheduler's budget forgets those requests' caches, so both sides agree again
+    flow_recomputed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler.bistream import BistreamFeeder
+from scheduler.jobs import VoicePrompt
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Request:
     fixed_tokens: int | None = None  # bench: ignore every stop id, generate exactly this many
     seed: int | None = None
     arrival_s: float = 0.0
+    # handed to the runner (`StepPlan.admitted`) with the request's first prefill
+    voice: VoicePrompt | None = None  # flow prompt tokens / mel, speaker embedding
+    speed: float = 1.0  # mel time-stretch before the vocoder
 
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None

@@ -2,8 +2,9 @@
 
 Per step, `schedule()` builds a `StepPlan`: one decode for every running request that has an
 input (bistream requests waiting for text are skipped), prefills for newly admitted requests
-(and bistream extends), and the flow/vocoder chunks that are ready, most urgent first. The
-runner executes it; `update(plan, result)` applies the sampled tokens (stop ids, min/max
+(and bistream extends) with the data of newly admitted requests, and the flow/vocoder chunks that
+are ready, most urgent first, each marked incremental or recompute by the flow-cache budget
+(scheduler/flow_budget.py). The runner executes it; `update(plan, result)` applies the sampled tokens (stop ids, min/max
 length, fixed_tokens, bistream rules), frees KV slots as soon as the LLM of a request ends,
 advances chunk progress and returns the ids of requests that ended in this step.
 Not thread-safe: the engine thread owns it (cancel/push_text are relayed to that thread).
@@ -17,12 +18,14 @@ from protocol.errors import ErrorCode
 from scheduler.bistream import FeederState, Outcome, runaway_cap
 from scheduler.chunk_policy import ChunkPolicy
 from scheduler.config import SchedulerConfig
+from scheduler.flow_budget import FlowCacheBudget
 from scheduler.kv_slots import KVSlotManager
 from scheduler.plan import (
     SOS,
     TASK,
     ChunkItem,
     DecodeItem,
+    NewRequest,
     PrefillItem,
     SampleSpec,
     Segment,
@@ -50,6 +53,10 @@ class Scheduler:
         self.clock = clock
         self.kv = KVSlotManager(config.num_slots, config.slot_len)
         self.chunks = ChunkPolicy(config.chunk)
+        self.flow_cache = FlowCacheBudget(config.flow_cache)
+        # requests with a planned chunk not yet back (update): an ended one keeps its flow-cache
+        # reservation until then, since the runner's cache lives while the chunk runs
+        self._chunks_out: set[str] = set()
         self._waiting: dict[str, Request] = {}  # insertion-ordered FIFO, O(1) cancel
         self._running: dict[str, Request] = {}  # holds a KV slot
         self._draining: dict[str, Request] = {}  # LLM done, chunks left
@@ -130,16 +137,19 @@ class Scheduler:
         released = tuple(self._ended)
         self._ended = {}
         self._step += 1
+        if with_chunks:  # no chunk batch is out now (see above): free what ended requests still held
+            self._chunks_back(list(self._chunks_out))
         prefills: list[PrefillItem] = []
         decodes: list[DecodeItem] = []
+        admitted: list[NewRequest] = []
         for req in list(self._running.values()):
             ahead = 2 if req.request_id in in_flight else chunks_ahead
             if with_chunks or not self.chunks.far_ahead(req, ahead):
                 self._plan_llm(req, prefills, decodes)
-        self._admit(prefills)
+        self._admit(prefills, admitted)
         chunks = self._plan_chunks() if with_chunks else []
         self._last = self._step_stats(prefills, decodes, chunks)
-        return StepPlan(self._step, tuple(prefills), tuple(decodes), tuple(chunks), released)
+        return StepPlan(self._step, tuple(prefills), tuple(decodes), tuple(chunks), released, tuple(admitted))
 
     def _plan_llm(self, req: Request, prefills: list[PrefillItem], decodes: list[DecodeItem]) -> None:
         assert req.slot is not None
@@ -160,7 +170,7 @@ class Scheduler:
         else:
             prefills.append(PrefillItem(req.request_id, req.slot, req.num_computed, feed.segments, spec))
 
-    def _admit(self, prefills: list[PrefillItem]) -> None:
+    def _admit(self, prefills: list[PrefillItem], admitted: list[NewRequest]) -> None:
         budget = self.config.max_prefill_tokens_per_step - sum(p.num_tokens for p in prefills)
         for req in list(self._waiting.values()):
             if len(prefills) >= self.config.max_prefills_per_step or not self._has_room():
@@ -184,6 +194,7 @@ class Scheduler:
                 forced=feed.forced_token if feed else None,
             )
             prefills.append(PrefillItem(req.request_id, slot, 0, segments, spec))
+            admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed))
             budget -= n
 
     def _has_room(self) -> bool:
@@ -218,7 +229,12 @@ class Scheduler:
             chunk = self.chunks.next_chunk(req)
             if chunk is not None:
                 ready.append((req, chunk))
-        return self.chunks.pick(ready, self.clock())
+        picked = self.chunks.pick(ready, self.clock())
+        if not picked:
+            return picked
+        self._chunks_out.update(c.request_id for c in picked)
+        prompt = {req.request_id: req.flow_prompt_len for req, _ in ready}
+        return self.flow_cache.plan([(c, prompt[c.request_id]) for c in picked])
 
     def _step_stats(self, prefills: list[PrefillItem], decodes: list[DecodeItem], chunks: list[ChunkItem]) -> StepStats:
         return StepStats(
@@ -240,6 +256,8 @@ class Scheduler:
         update (also those ended by cancel()/fail()/a full slot): check `get(id).status`."""
         for rid, reason in result.failed.items():
             self.fail(rid, reason)
+        for rid in result.flow_recomputed:
+            self.flow_cache.release(rid)  # the runner had no cache for it: neither does the budget now
         for p in plan.prefills:
             self._counters.prefill_tokens += p.num_tokens
             self._apply_token(p.request_id, p.start_pos + p.num_tokens, result)
@@ -248,6 +266,7 @@ class Scheduler:
             self._apply_token(d.request_id, d.position + 1, result)
         for c in plan.chunks:
             self._apply_chunk(c, result)
+        self._chunks_back([c.request_id for c in plan.chunks])
         self._counters.steps += 1
         ended, self._ended_now = self._ended_now, []
         return ended
@@ -299,6 +318,12 @@ class Scheduler:
             if final and len(req.speech_ids) >= runaway_cap(req.num_text_tokens):
                 self._end_llm(req)
 
+    def _chunks_back(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._chunks_out.discard(rid)
+            if self._live(rid) is None:
+                self.flow_cache.release(rid)
+
     def _apply_chunk(self, chunk: ChunkItem, result: StepResult) -> None:
         req = self._live(chunk.request_id)
         if req is None:
@@ -345,6 +370,8 @@ class Scheduler:
 
     def _end(self, req: Request, status: RequestStatus) -> None:
         self._release_slot(req)
+        if req.request_id not in self._chunks_out:
+            self.flow_cache.release(req.request_id)  # else when its chunk is back
         self._waiting.pop(req.request_id, None)
         self._draining.pop(req.request_id, None)
         req.status = status
@@ -359,7 +386,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(last_step=self._last, totals=self._counters.snapshot())
+        return SchedulerStats(last_step=self._last, totals=self._counters.snapshot(),
+                              flow_cache_bytes=self.flow_cache.reserved_bytes,
+                              flow_cache_pool_bytes=self.flow_cache.pool_bytes or 0)
 
     @property
     def num_waiting(self) -> int:

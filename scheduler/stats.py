@@ -58,3 +58,5 @@ class CounterTotals:
 class SchedulerStats:
     last_step: StepStats
     totals: CounterTotals
+    flow_cache_bytes: int = 0  # flow-cache bytes reserved by requests now (FlowCacheBudget)
+    flow_cache_pool_bytes: int = 0  # their shared limit (0: none, or nothing fits)

@@ -75,11 +75,9 @@ class FakeRunner:
         self.llm_plans: list[StepPlan] = []
         self.chunk_batches: list[tuple[ChunkItem, ...]] = []
 
-    def add_request(self, request_id: str, job: object, seed: int | None) -> None:
-        self.added.append(request_id)
-
     def execute_llm(self, plan: StepPlan) -> StepResult:
         self.llm_plans.append(plan)
+        self.added.extend(new.request_id for new in plan.admitted)
         if self.fail_llm:
             self.fail_llm = False
             raise RuntimeError("fake LLM failure")

@@ -409,7 +409,7 @@ def test_cancels_at_any_point_leave_no_state_behind(model, tiny_model_dir, voice
         time.sleep(0.2)  # one more loop pass collects the last batch and flushes deferred releases
         runner = engine.runner
         assert not engine.scheduler.has_work() and engine.loop._in_flight is None and not engine.loop._deferred
-        assert not runner.requests and not runner.flow_states and runner.flow_reserved_bytes == 0
+        assert not runner.requests and not runner.flow_states and engine.scheduler.flow_cache.reserved_bytes == 0
         assert engine.scheduler.kv.used_tokens == 0
         # cancelled right after submit: never ran (a job cancelled at its first chunk may have finished already)
         assert all(not sinks[f"j{i}"].events for i in range(3, 12, 4))

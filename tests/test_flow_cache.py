@@ -6,6 +6,7 @@ import torch
 
 from kernels.flow import CausalMaskedDiffWithXvec
 from kernels.flow_cache import (
+    DEFAULT_BUDGET_BYTES,
     FlowStreamState,
     IncrementalFlow,
     StreamCall,
@@ -128,46 +129,110 @@ def test_time_buffer_grows_and_keeps_prefix() -> None:
     assert buf.length == 276 and buf.data is not None and buf.data.size(2) >= 276
 
 
-@pytest.mark.parametrize("budget", [512 << 20, 1])
-def test_runner_streaming_chunks_match_recompute_and_drop_state(tiny_model_dir, budget: int) -> None:
-    """The runner's wiring: two requests batched chunk by chunk, incremental == recompute, state freed;
-    over budget (1 byte) every chunk falls back to recomputing."""
+def _runner(model, incremental: bool = True, rids_voices=()):
+    """A runner with these requests' state made as the engine does: from a plan's `admitted` entries."""
+    from kernels.runner import ModelRunner
+    from scheduler.plan import NewRequest, StepPlan
+
+    runner = ModelRunner(model, 1, 64, incremental_flow=incremental)
+    runner.execute_llm(StepPlan(0, admitted=tuple(NewRequest(rid, voice) for rid, voice in rids_voices)))
+    return runner
+
+
+def _voice(tokens: torch.Tensor, feat: torch.Tensor, emb: torch.Tensor):
     import numpy as np
 
-    from kernels.model import load_model
-    from kernels.runner import ModelRunner
     from scheduler.jobs import VoicePrompt
+
+    p = feat.size(0) // 2
+    return VoicePrompt(tokens[:p].numpy().astype(np.int32), emb.numpy(), feat.numpy(), "")
+
+
+def _stream_chunk(rid: str, tokens: torch.Tensor, p: int, offset: int, hop: int, first: bool):
+    from scheduler.plan import ChunkItem
+
+    end = offset + hop + LOOK
+    return ChunkItem(rid, tuple(int(t) for t in tokens[p : p + end]), offset, end, finalize=False, streaming=True,
+                     is_first=first, is_last=False)
+
+
+@pytest.mark.parametrize("budget", [512 << 20, 1])
+def test_runner_streaming_chunks_match_recompute_and_drop_state(tiny_model_dir, budget: int) -> None:
+    """The runner obeys the scheduler's budget: two requests batched chunk by chunk, incremental ==
+    recompute, state freed; over the per-request budget (1 byte) every chunk is planned to recompute."""
+    from kernels.flow_cache import flow_budget_config
+    from kernels.model import load_model
+    from scheduler.flow_budget import FlowCacheBudget
     from scheduler.plan import ChunkItem
 
     model = load_model(tiny_model_dir)
-    runners = [ModelRunner(model, 1, 64, incremental_flow=flag, flow_cache_bytes=budget) for flag in (True, False)]
     reqs = {f"r{p}": _request(20 + p, p, 200) for p in (21, 40)}
-    for runner in runners:
-        for rid, (tokens, feat, emb) in reqs.items():
-            p = feat.size(0) // 2
-            voice = VoicePrompt(tokens[:p].numpy().astype(np.int32), emb.numpy(), feat.numpy(), "")
-            runner.add_request(rid, voice)
+    voices = [(rid, _voice(*r)) for rid, r in reqs.items()]
+    runners = [_runner(model, flag, voices) for flag in (True, False)]
+    plan = FlowCacheBudget(flow_budget_config(model.flow, True, budget, None))
     offsets = {rid: 0 for rid in reqs}
     for k in range(3):
         chunks = []
         for rid, (tokens, feat, _) in reqs.items():
             p, off = feat.size(0) // 2, offsets[rid]
-            end = off + _hops(p, k + 1)[-1] + LOOK
-            gen = tuple(int(t) for t in tokens[p : p + end])
-            chunks.append(ChunkItem(rid, gen, off, end, finalize=False, streaming=True, is_first=k == 0,
-                                    is_last=False))
-            offsets[rid] = end - LOOK
+            chunks.append((_stream_chunk(rid, tokens, p, off, _hops(p, k + 1)[-1], k == 0), p))
+            offsets[rid] = chunks[-1][0].token_end - LOOK
+        chunks = plan.plan(chunks)
+        assert all(c.incremental == (budget > 1) for c in chunks)
         with torch.inference_mode():
             inc, ref = (r._flow_group(chunks, True, False) for r in runners)
         for c in chunks:
             torch.testing.assert_close(inc[c.request_id], ref[c.request_id], atol=1e-5, rtol=0)
     assert set(runners[0].flow_states) == (set(reqs) if budget > 1 else set())
+    for rid, (_, feat, _) in reqs.items():
+        assert runners[0].flow_states.get(rid, FlowStreamState()).tokens_done == plan.tokens_done(rid)
     last = ChunkItem("r21", tuple(int(t) for t in reqs["r21"][0][21:]), offsets["r21"], 200, finalize=True,
                      streaming=False, is_first=False, is_last=True)
+    (last,) = plan.plan([(last, 21)])
+    assert not last.incremental and plan.tokens_done("r21") == 0
     with torch.inference_mode():
         runners[0]._flow_group([last], False, True)
     runners[0].release("r40")
-    assert runners[0].flow_states == {}
+    plan.release("r40")
+    assert runners[0].flow_states == {} and plan.reserved_bytes == 0
+
+
+def test_runner_without_a_cache_starts_one_or_recomputes_and_says_so(tiny_model_dir) -> None:
+    """An incremental chunk whose cache the runner lost starts a fresh one (exact, it computes the prefix
+    too); a runner without incremental flow recomputes it and reports that in its StepResult."""
+    from dataclasses import replace
+
+    from kernels.model import load_model
+
+    model = load_model(tiny_model_dir)
+    tokens, feat, emb = _request(7, 30, 200)
+    voice = [("a", _voice(tokens, feat, emb))]
+    runner, ref, plain = (_runner(model, flag, voice) for flag in (True, False, False))
+    first = _stream_chunk("a", tokens, 30, 0, _hops(30, 1)[0], True)
+    second = _stream_chunk("a", tokens, 30, first.token_end - LOOK, 50, False)
+    with torch.inference_mode():
+        runner._flow_group([replace(first, incremental=True)], True, False)
+        assert runner.flow_states["a"].tokens_done == 75  # prompt 30 + hop 45
+        runner.flow_states.clear()  # lost (e.g. an exception dropped it)
+        got = runner._flow_group([replace(second, incremental=True)], True, False)
+        assert runner.flow_states["a"].tokens_done == 125
+        want = ref._flow_group([second], True, False)
+        torch.testing.assert_close(got["a"], want["a"], atol=1e-5, rtol=0)
+        result, _ = plain.execute_chunks((replace(first, incremental=True),))
+    assert result.flow_recomputed == {"a"} and result.chunk_samples["a"] > 0 and not plain.flow_states
+
+
+def test_plan_admitted_makes_runner_state_and_a_bad_voice_fails_alone(tiny_model_dir) -> None:
+    from kernels.model import load_model
+    from scheduler.plan import NewRequest, StepPlan
+
+    model = load_model(tiny_model_dir)
+    voice = _voice(*_request(8, 10, 0))
+    runner = _runner(model)
+    result = runner.execute_llm(StepPlan(1, admitted=(NewRequest("ok", voice, speed=1.5, seed=3),
+                                                      NewRequest("bad", None))))
+    assert set(runner.requests) == {"ok"} and runner.requests["ok"].speed == 1.5
+    assert runner.requests["ok"].sampler is not None and set(result.failed) == {"bad"}
 
 
 @pytest.mark.parametrize(("seed", "prompt", "tail"), [(4, 21, 37), (5, 50, 3)])
@@ -202,34 +267,29 @@ def test_chunk_causal_attention_equals_one_masked_call(start: int, n: int) -> No
 
 
 def test_shared_pool_admits_what_fits_and_frees_it(tiny_model_dir) -> None:
-    """Two requests, a pool with room for one: the first chunk of each is exact either way, one request
-    keeps a cache (its reservation counted), the other recomputes; finishing frees the reservation."""
-    import numpy as np
-
+    """Two requests, a pool with room for one: the budget lets the first keep a cache (its reservation
+    counted) and plans the other to recompute; the first chunk of each is exact either way; the runner's
+    cache stays within the reservation; releasing frees it."""
+    from kernels.flow_cache import flow_budget_config
     from kernels.model import load_model
-    from kernels.runner import ModelRunner
-    from scheduler.jobs import VoicePrompt
-    from scheduler.plan import ChunkItem
+    from scheduler.flow_budget import FlowCacheBudget
 
     model = load_model(tiny_model_dir)
     probe = IncrementalFlow(model.flow)
     reqs = {rid: _request(30 + i, 50, 100) for i, rid in enumerate(("a", "b"))}
     need = probe.need_bytes(50 + _hops(50, 1)[0])  # frames up to the first chunk's end (prompt included)
-    runner = ModelRunner(model, 1, 64, incremental_flow=True, flow_cache_pool_bytes=need + need // 2)
-    ref = ModelRunner(model, 1, 64, incremental_flow=False)
-    chunks = []
-    for rid, (tokens, feat, emb) in reqs.items():
-        voice = VoicePrompt(tokens[:50].numpy().astype(np.int32), emb.numpy(), feat.numpy(), "")
-        for r in (runner, ref):
-            r.add_request(rid, voice)
-        end = _hops(50, 1)[0] + LOOK
-        chunks.append(ChunkItem(rid, tuple(int(t) for t in tokens[50 : 50 + end]), 0, end, finalize=False,
-                                streaming=True, is_first=True, is_last=False))
+    budget = FlowCacheBudget(flow_budget_config(model.flow, True, DEFAULT_BUDGET_BYTES, need + need // 2))
+    voices = [(rid, _voice(*r)) for rid, r in reqs.items()]
+    runner, ref = _runner(model, True, voices), _runner(model, False, voices)
+    chunks = budget.plan([(_stream_chunk(rid, r[0], 50, 0, _hops(50, 1)[0], True), 50) for rid, r in reqs.items()])
+    assert [c.incremental for c in chunks] == [True, False]
+    assert budget.reservation("a") == need and budget.reserved_bytes == need
     with torch.inference_mode():
         got, want = runner._flow_group(chunks, True, False), ref._flow_group(chunks, True, False)
     for c in chunks:
         torch.testing.assert_close(got[c.request_id], want[c.request_id], atol=1e-5, rtol=0)
-    assert list(runner.flow_states) == ["a"] and runner.flow_reserved == {"a": need}
+    assert list(runner.flow_states) == ["a"]
     assert 0 < runner.flow_states["a"].nbytes <= need  # the reservation covers what the cache really holds
     runner.release("a")
-    assert runner.flow_states == {} and runner.flow_reserved == {} and runner.flow_reserved_bytes == 0
+    budget.release("a")
+    assert runner.flow_states == {} and budget.reserved_bytes == 0

@@ -38,6 +38,7 @@ from scheduler.plan import (
     SOS,
     TASK,
     DecodeItem,
+    NewRequest,
     PrefillItem,
     SampleSpec,
     StepPlan,
@@ -137,13 +138,13 @@ def run_llm(runner: ModelRunner, forced: dict[str, list[int]] | None = None) -> 
     def spec(rid: str, step: int) -> SampleSpec:  # stop ids masked: every request runs its full length
         return SampleSpec(ignore_eos=True, recent_ids=tuple(history[rid][-win:]), step=step, ignore_all_stops=True)
 
-    prefills = []
+    prefills, admitted = [], []
     for slot, (rid, (n_text, n_speech, _)) in enumerate(REQUESTS.items()):
-        runner.add_request(rid, DUMMY_VOICE, seed=7 + slot)
+        admitted.append(NewRequest(rid, DUMMY_VOICE, seed=7 + slot))
         segments = _prompt(runner.model, slot, n_text, n_speech)
         prefills.append(PrefillItem(rid, slot, 0, segments, spec(rid, 0)))
         position[rid] = sum(s.length for s in segments)
-    take(runner.execute_llm(StepPlan(step=0, prefills=tuple(prefills))).sampled)
+    take(runner.execute_llm(StepPlan(step=0, prefills=tuple(prefills), admitted=tuple(admitted))).sampled)
     for step in range(1, max(steps for _, _, steps in REQUESTS.values()) + 1):
         decodes = tuple(
             DecodeItem(rid, slot, position[rid], history[rid][-1], spec(rid, step))

@@ -53,7 +53,7 @@ class Harness:
         self.runner = FakeRunner(fill=piece_number)
         self.stage = ManualExecutor() if overlap else None
         self.loop = EngineLoop(self.scheduler, self.runner, stage=self.stage, clock=self.clock, max_jobs=max_jobs,
-                               idle_wait_s=0.0, new_request=self.runner.add_request)
+                               idle_wait_s=0.0)
 
     def submit(self, rid: str, pieces: tuple[tuple[int, ...], ...] = ((1, 2, 3),), tokens: int = 30,
                duplex: bool = False, refusal: str | None = None) -> Sink:
