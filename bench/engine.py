@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from bench.provenance import commit, cpu_name, now_iso
-from kernels.auto_settings import settings_for
+from kernels.runtime.auto_settings import settings_for
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
 
@@ -65,9 +65,9 @@ def voiced_signal(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
 def make_voice(model_dir: Path) -> VoicePrompt:
     """The bench voice with its transcript ids kept, as the server keeps an uploaded voice's: jobs never
     normalise the transcript (normalised as the bench's engines do, without wetext)."""
-    from frontend.extractor import PromptExtractor
     from frontend.prompt import with_transcript_ids
     from frontend.text_normalize import TextFrontend
+    from kernels.features.extractor import PromptExtractor
 
     voice = PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)
     return with_transcript_ids(voice, TextFrontend(model_dir, use_wetext=False))
@@ -210,7 +210,7 @@ def run_engine(
     timeout_s: float,
     overlap: bool = True,
 ) -> dict[str, Any]:
-    from kernels.engine import Engine, EngineConfig
+    from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
@@ -279,7 +279,7 @@ def _llm_batch(
 ) -> tuple[float, int, list[int]]:
     """Prefill `batch` copies of the prompt (packed), then `tokens - 1` batched decode steps with RAS
     sampling (stop ids masked: fixed length). Returns (seconds to first token, tokens, decode batches)."""
-    from kernels.sampling import ras_sample, recent_window
+    from kernels.networks.sampling import ras_sample, recent_window
 
     lm, cfg = model.llm, model.llm.cfg
     dev = embeds.device
@@ -324,7 +324,7 @@ def run_llm_only(
     model: Any, embeds: torch.Tensor, n_jobs: int, concurrency: int, sequential: bool, tokens: int
 ) -> dict[str, Any]:
     """Rounds of `concurrency` jobs (sequential: one job at a time); no flow, no vocoder."""
-    from kernels.kv_cache import KVCache
+    from kernels.networks.kv_cache import KVCache
 
     batch = 1 if sequential else concurrency
     dtype = next(model.llm.parameters()).dtype
@@ -546,7 +546,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="flow/vocoder on a stage thread while the LLM decodes (default: auto, as the server; "
                         "both modes)")
     p.add_argument("--threads", type=int, default=0,
-                   help="engine intra-op threads (default 0: auto, as the server: kernels/auto_settings.py)")
+                   help="engine intra-op threads (default 0: auto, as the server: kernels/runtime/auto_settings.py)")
     p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
     p.add_argument("--flow-dtype", default="fp32", choices=FLOW_DTYPES)
     p.add_argument("--json", type=Path)
@@ -575,10 +575,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     args.overlap = settings.overlap_stages
     torch.set_grad_enabled(False)
-    from kernels.model import load_model
+    from kernels.weights.model import load_model
 
     device = args.device
-    from kernels.engine import weight_dtype
+    from kernels.runtime.engine import weight_dtype
 
     llm_dtype = weight_dtype(args.llm_dtype, device == "cuda")
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 if [[ ! -f $MODEL_DIR/cosyvoice2.yaml ]]; then
   echo "== writing a full-size RANDOM checkpoint to $MODEL_DIR (output will be noise)"
-  "$PYTHON" -m kernels.make_checkpoint --manifest "$MANIFEST" --out "$MODEL_DIR"
+  "$PYTHON" -m kernels.weights.make_checkpoint --manifest "$MANIFEST" --out "$MODEL_DIR"
 fi
 
 ENGINE_CONCURRENCY=${ENGINE_CONCURRENCY-1,8,32,64}

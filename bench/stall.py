@@ -28,8 +28,8 @@ import torch
 
 from bench.engine import make_voice
 from bench.provenance import commit, cpu_name, now_iso
-from kernels.auto_settings import settings_for
-from kernels.host_memory import usable_cores
+from kernels.runtime.auto_settings import settings_for
+from kernels.runtime.host_memory import usable_cores
 from scheduler.jobs import AudioChunk, Failed, Mode, SpeechJob
 
 STREAM_TEXT = "你好，这是一个测试。"
@@ -101,7 +101,7 @@ class CancelAtFirstAudio:
 
 def _engine_takes_text_process() -> bool:
     """False for an engine from before text preparation moved off the decode thread (the "before" runs)."""
-    from kernels.engine import EngineConfig
+    from kernels.runtime.engine import EngineConfig
 
     return "text_process" in EngineConfig.__dataclass_fields__
 
@@ -117,7 +117,7 @@ def modes(text_process: list[int]) -> list[tuple[str, int | None]]:
 
 def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace, label: str,
               text_process: int | None) -> dict[str, Any]:
-    from kernels.engine import Engine, EngineConfig
+    from kernels.runtime.engine import Engine, EngineConfig
 
     chars = args.chars if text_process is not None else len(LONG_UNIT)
     limits = {"num_slots": args.streams + 2, "slot_len": 1024}
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = None
     try:
         if args.model_dir is None:
-            from kernels.make_checkpoint import main as make_checkpoint
+            from kernels.weights.make_checkpoint import main as make_checkpoint
 
             tmp = tempfile.TemporaryDirectory(prefix="cosy-stall-")
             args.model_dir = Path(tmp.name)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from kernels.model import load_model
+    from kernels.weights.model import load_model
 
     settings = settings_for(args.model_dir, overlap_stages=args.overlap_stages)
     if settings.threads:

@@ -1,5 +1,5 @@
 """Scheduler limits and the model constants it needs (token ids, hop schedule; kernels fills those in
-from the model directory: `kernels.engine.scheduler_config`)."""
+from the model directory: `kernels.runtime.engine.scheduler_config`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

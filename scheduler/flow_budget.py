@@ -1,6 +1,6 @@
 """Which streaming chunks run against a flow cache and which recompute: the flow-cache budget. Torch-free.
 
-Like a block manager for the KV cache, but for the incremental flow (kernels/flow_cache.py): the runner
+Like a block manager for the KV cache, but for the incremental flow (kernels/runtime/flow_cache.py): the runner
 keeps, per request, the flow activations of the frames it has computed, so a non-final streaming chunk
 only computes its new frames. That cache is exact only while it ends on the flow encoder's chunk grid
 (`token_chunk` tokens, prompt included) and no later than the chunk's first kept token; it costs about
@@ -48,7 +48,7 @@ def keeps_state(end: int, token_chunk: int) -> bool:
 
 @dataclass(frozen=True)
 class FlowBudgetConfig:
-    """The model's numbers come from kernels (`kernels.flow_cache.flow_budget_config`); off by default."""
+    """The model's numbers come from kernels (`kernels.runtime.flow_cache.flow_budget_config`); off by default."""
 
     enabled: bool = False  # False: every chunk recomputes
     bytes_per_frame: int = 0  # cache bytes per mel frame (model shapes x dtype), without buffer slack
@@ -56,7 +56,7 @@ class FlowBudgetConfig:
     pool_bytes: int | None = None  # all requests together; None = no shared limit, 0 = nothing fits
     token_chunk: int = 25  # flow encoder static_chunk_size: the grid a cache must end on
     mel_ratio: int = 2  # mel frames per token
-    growth: float = 1.5  # buffer slack of the runner's caches (kernels/flow_cache.py GROWTH)
+    growth: float = 1.5  # buffer slack of the runner's caches (kernels/runtime/flow_cache.py GROWTH)
     lookahead: int = 3  # flow pre_lookahead_len: a non-final chunk's last tokens are look-ahead only
 
     def __post_init__(self) -> None:

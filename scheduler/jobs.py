@@ -116,7 +116,7 @@ class EngineStats:
 
 
 class EngineProtocol(Protocol):
-    """What the server needs from an engine (the real one lives in kernels/engine.py)."""
+    """What the server needs from an engine (the real one lives in kernels/runtime/engine.py)."""
 
     sample_rate: int  # 24000
 

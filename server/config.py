@@ -12,7 +12,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# Weight dtype names (kernels.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
+# Weight dtype names (kernels.runtime.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
 FLOW_DTYPES = ("fp32", "bf16", "fp16")
 LLM_DTYPES = ("auto", *FLOW_DTYPES)
 ENV_PREFIX = "COSYSERVE_"

@@ -12,7 +12,9 @@ import functools
 import logging
 from pathlib import Path
 
-from frontend.extractor import PromptExtractor  # light: it loads its onnxruntime models and torch lazily
+from kernels.features.extractor import (
+    PromptExtractor,  # light: it loads its onnxruntime models and torch lazily
+)
 from scheduler.jobs import EngineProtocol
 from server.config import ServerConfig
 from server.state import ExtractPrompt, ServerState
@@ -56,18 +58,18 @@ def resolve_model_dir(config: ServerConfig) -> Path:
                  "=" * 72):
         log.warning(line)
     if not (out / "cosyvoice2.yaml").exists():
-        from kernels.make_checkpoint import main as make_checkpoint  # lazy: pulls torch
+        from kernels.weights.make_checkpoint import main as make_checkpoint  # lazy: pulls torch
         make_checkpoint(["--preset", "tiny", "--out", str(out)])
     return out
 
 
 def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineProtocol:
-    """The one place the real engine is constructed (kernels.engine.Engine), with the CPU settings
+    """The one place the real engine is constructed (kernels.runtime.engine.Engine), with the CPU settings
     left on auto chosen from the model's size and the cores (logged)."""
     # lazy: torch and the kernels load only when a real engine is wanted (tests inject fakes)
-    from kernels.auto_settings import settings_for
-    from kernels.device import default_device, set_intra_op_threads
-    from kernels.engine import Engine, EngineConfig
+    from kernels.runtime.auto_settings import settings_for
+    from kernels.runtime.device import default_device, set_intra_op_threads
+    from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.config import SchedulerConfig
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
@@ -93,7 +95,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     if engine.model.load_stats is not None:
         log.info("model %s loaded in %.1f s", directory, engine.model.load_stats.seconds)
     if config.warmup:
-        from kernels.warmup import warm_up  # lazy: torch, as above
+        from kernels.runtime.warmup import warm_up  # lazy: torch, as above
         warm_up(engine)
     return engine  # type: ignore[return-value]
 

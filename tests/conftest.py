@@ -73,8 +73,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`python -m kernels.make_checkpoint --preset tiny` into a session temp dir (no ../shared needed)."""
-    from kernels.make_checkpoint import main
+    """`python -m kernels.weights.make_checkpoint --preset tiny` into a session temp dir (no ../shared needed)."""
+    from kernels.weights.make_checkpoint import main
 
     out = tmp_path_factory.mktemp("tiny-model")
     main(["--preset", "tiny", "--out", str(out)])

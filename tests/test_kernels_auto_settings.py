@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.auto_settings import SMALL_MODEL_HIDDEN, choose_settings
+from kernels.runtime.auto_settings import SMALL_MODEL_HIDDEN, choose_settings
 
 AUTO = {"threads": 0, "stage_workers": 0, "overlap_stages": "auto"}
 TINY, FULL = 64, 896  # LLM widths: the tiny test model, CosyVoice2-0.5B
@@ -44,8 +44,8 @@ def test_unknown_overlap_value_is_refused() -> None:
 
 
 def test_settings_for_reads_the_model_width_from_its_directory(tiny_model_dir) -> None:
-    from kernels.auto_settings import settings_for
-    from kernels.host_memory import usable_cores
+    from kernels.runtime.auto_settings import settings_for
+    from kernels.runtime.host_memory import usable_cores
 
     s = settings_for(tiny_model_dir)
     assert (s.threads, s.stage_workers) == (1, usable_cores())  # the tiny model is small

@@ -19,19 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from frontend.extractor import PromptExtractor
-from frontend.mel import flow_prompt_mel
-from kernels.attention import (
+from kernels.features.extractor import PromptExtractor
+from kernels.features.mel import flow_prompt_mel
+from kernels.networks.attention import (
     decode_attention,
     flash_attn_available,
     flash_decode_attention,
     prefill_attention,
     use_flash,
 )
-from kernels.engine import Engine, EngineConfig
-from kernels.kv_cache import KVCache
-from kernels.model import load_model
-from kernels.runner import ModelRunner
+from kernels.networks.kv_cache import KVCache
+from kernels.runtime.engine import Engine, EngineConfig
+from kernels.runtime.runner import ModelRunner
+from kernels.weights.model import load_model
 from scheduler.config import SchedulerConfig
 from scheduler.jobs import AudioChunk, Finished, Mode, SpeechJob, VoicePrompt
 from scheduler.plan import (
@@ -45,7 +45,7 @@ from scheduler.plan import (
     speech_segment,
     text_segment,
 )
-from tests.test_engine import Collector
+from tests.test_kernels_engine import Collector
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False)"

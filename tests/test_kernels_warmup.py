@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import logging
 
-from kernels.warmup import SPEECH_TOKENS, synthetic_voice, warm_up
+from kernels.runtime.warmup import SPEECH_TOKENS, synthetic_voice, warm_up
 from scheduler.jobs import ErrorCode, Failed, PreparedJob, SpeechJob
 from tests.fakes import FakeEngine
 
@@ -34,19 +34,19 @@ def test_synthetic_voice_has_the_prompt_shapes() -> None:
 
 def test_warm_up_over_a_working_engine_logs_its_time(caplog) -> None:
     bar = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="kernels.warmup"):
+    with caplog.at_level(logging.INFO, logger="kernels.runtime.warmup"):
         warm_up(FakeEngine(), timeout_s=30, progress_file=bar)
     assert "warm-up: 2 requests in" in caplog.text
     assert f"/{2 * SPEECH_TOKENS / 25:.1f}" in bar.getvalue()
 
 
 def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog) -> None:
-    with caplog.at_level(logging.ERROR, logger="kernels.warmup"):
+    with caplog.at_level(logging.ERROR, logger="kernels.runtime.warmup"):
         warm_up(_Failing(), timeout_s=5, progress_file=io.StringIO())
     assert "warm-up did not complete (boom; boom)" in caplog.text
 
 
 def test_a_stuck_warm_up_times_out(caplog) -> None:
-    with caplog.at_level(logging.ERROR, logger="kernels.warmup"):
+    with caplog.at_level(logging.ERROR, logger="kernels.runtime.warmup"):
         seconds = warm_up(_Silent(), timeout_s=0.2, progress_file=io.StringIO())
     assert seconds < 5 and "timed out" in caplog.text

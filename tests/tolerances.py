@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from frontend.fbank import FBANK, FbankConfig, kaldi_mel_banks
+from kernels.features.fbank import FBANK, FbankConfig, kaldi_mel_banks
 
 U32 = 2.0**-24  # unit roundoff of float32
 

@@ -34,6 +34,6 @@ def compare(name: str, ours, ref, tolerance: float, note: str = "") -> CaseResul
 @functools.lru_cache(maxsize=2)
 def loaded_model(model_dir: Path):
     """The model as the server loads it (strict checks, weight-norm folding): parity proves the loader too."""
-    from kernels.model import load_model
+    from kernels.weights.model import load_model
 
     return load_model(Path(model_dir), device="cpu")

@@ -25,8 +25,8 @@ def _missing(name: str, path: Path) -> list[CaseResult]:
 
 
 def _feature_cases(c: dict[str, torch.Tensor]) -> list[CaseResult]:
-    from frontend.fbank import campplus_features, kaldi_fbank
-    from frontend.mel import FLOW_MEL, flow_prompt_mel, slaney_mel_filters, whisper_log_mel
+    from kernels.features.fbank import campplus_features, kaldi_fbank
+    from kernels.features.mel import FLOW_MEL, flow_prompt_mel, slaney_mel_filters, whisper_log_mel
 
     wav16k, wav24k = c["wav_16k"][0], c["wav_24k"][0]
     basis = slaney_mel_filters(
@@ -51,7 +51,7 @@ def _onnx_cases(
     model_dir: Path, c: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
 ) -> list[CaseResult]:
     from frontend.model_files import CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE
-    from frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
+    from kernels.features.onnx_models import SpeakerEncoder, SpeechTokenizer
 
     tokens = SpeechTokenizer(model_dir / SPEECH_TOKENIZER_FILE)(c["whisper_logmel128"].numpy())
     embedding = SpeakerEncoder(model_dir / CAMPPLUS_FILE)(c["campplus_input"].numpy())

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels.flow import NOISE_SHA256, CausalMaskedDiffWithXvec, noise_sha256
+from kernels.networks.flow import NOISE_SHA256, CausalMaskedDiffWithXvec, noise_sha256
 from kernels.parity import CaseResult, compare, loaded_model
 
 TOL = 1e-4  # flow mel fp32 CPU (reference README)

@@ -107,8 +107,8 @@ def _mode_cases(
 
 
 def run(model_dir: Path, cases_dir: Path) -> list[CaseResult]:
-    from frontend.extractor import PromptExtractor
     from frontend.text_normalize import TextFrontend
+    from kernels.features.extractor import PromptExtractor
 
     model_dir = Path(model_dir)
     paths = [cases_dir / FRONTEND_JSON, cases_dir / FRONTEND_FILE, cases_dir / FEATURES_FILE]

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kernels.hift import HiFTGenerator
+from kernels.networks.hift import HiFTGenerator
 from kernels.parity import CaseResult, compare, loaded_model
-from kernels.vocoder_stream import MEL_CACHE_FRAMES, VocoderState, cross_fade, vocode_chunks
+from kernels.runtime.vocoder_stream import MEL_CACHE_FRAMES, VocoderState, cross_fade, vocode_chunks
 
 TOL_F0_HZ = 2e-3  # f0 up to ~160 Hz; fp32 vs fp64 differs by 9e-5
 TOL_WAV = 2e-4  # waveform / source, |x| <= 1

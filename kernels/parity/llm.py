@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.kv_cache import KVCache
-from kernels.llm import Qwen2LM
+from kernels.networks.kv_cache import KVCache
+from kernels.networks.llm import Qwen2LM
 from kernels.parity import CaseResult, compare, loaded_model
 
 LAYOUTS = ("zero_shot", "cross_lingual", "instruct2")

@@ -1,0 +1,1 @@
+"""The plain single-request synthesis path the batched engine is checked against, and its CLI."""

@@ -1,0 +1,198 @@
+"""The real engine: builds the model, its runner, the scheduler and the text frontend, and runs the
+engine loop (scheduler/engine_loop.py) on its own thread.
+
+The asyncio side calls `prepare()`/`encode_text()` on worker threads (text never reaches the engine
+thread), then `submit()`, which returns a `JobHandle`; the engine thread calls the job's sink with
+`AudioChunk`s and one final `Finished` or `Failed`. Everything here beyond construction is a thin
+delegation: the loop, the jobs and every policy are torch-free and tested without the model.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from frontend.prepare import TextPreparer
+from frontend.text_normalize import TextFrontend
+from frontend.text_process import TextProcess
+from kernels.config import ModelConfig
+from kernels.networks.attention import use_flash
+from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
+from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
+from kernels.runtime.runner import ModelRunner
+from kernels.weights.model import CosyVoice2Model, load_model
+from scheduler.config import SchedulerConfig
+from scheduler.engine_loop import EngineLoop, JobHandle
+from scheduler.jobs import EngineStats, EventSink, PreparedJob, SpeechJob
+from scheduler.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Slots, queue bound, batch limits and the chunk policy; the model's token ids and hop constants are
+    # filled in from the model directory at start (`scheduler_config`).
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cuda_graphs: bool = True  # decode graphs on CUDA (ignored on CPU)
+    use_wetext: bool = True  # wetext text normalisation when installed
+    # Normalise text in a child process (the server's setting): in a thread its pure-Python work holds
+    # the GIL and slows the decode thread for as long (bench.stall). False: on the caller's thread.
+    text_process: bool = False
+    idle_wait_s: float = 0.05  # how long the thread sleeps on its inbox when there is no work
+    # Non-final streaming chunks compute only their new mel frames (flow cache) instead of re-running
+    # the flow on the whole prefix, within a per-request memory budget (else: recompute).
+    incremental_flow: bool = True
+    # Per request, and for all requests together (-1 = auto: half the host's RAM on CPU, a third
+    # of the free device memory on CUDA, measured at start). The full-size model needs ~4.6 MB per mel
+    # frame in fp32 (an 11 s sentence: ~3.5 GB) and computes its flow 1.9x faster than by recomputing.
+    flow_cache_bytes: int = DEFAULT_BUDGET_BYTES
+    flow_cache_pool_bytes: int = -1
+    max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
+    # CPU only: the flow/vocoder requests of a step split into this many shards, each on its own
+    # single-threaded worker (kernels/runtime/shards.py); 0 = one per usable core; 1 = off.
+    stage_workers: int = 0
+    # Weights' dtypes: "auto" = bf16 LLM on CUDA, fp32 on CPU; the flow defaults to fp32 (parity). "bf16"
+    # flow runs the estimator/encoder in bf16 with the ODE state in fp32: 2.1x faster for the full-size
+    # flow on an AVX512-BF16 CPU, mel within ~0.6 % of fp32 on random weights
+    # (mean relative difference on the tiny model, tests/test_kernels_flow_dtype.py). HiFT is always fp32.
+    llm_dtype: str = "auto"
+    flow_dtype: str = "fp32"
+    # Run each step's flow/vocoder chunks on a stage thread (its own CUDA stream on a GPU) while the
+    # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
+    # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
+    overlap_stages: bool = True
+
+
+def scheduler_config(model: ModelConfig, limits: SchedulerConfig) -> SchedulerConfig:
+    """`limits` with the model's token ids and hop constants (from the model directory)."""
+    llm, flow = model.llm, model.flow
+    chunk = replace(limits.chunk, first_hop=model.chunk_size, grid=model.chunk_size,
+                    lookahead=flow.pre_lookahead_len, samples_per_token=model.samples_per_token,
+                    sample_rate=model.sample_rate)
+    return replace(limits, eos_token=llm.eos_token, fill_token=llm.fill_token, stop_token_ids=llm.stop_token_ids,
+                   mix_ratio=llm.mix_ratio, win_size=llm.win_size, token_mel_ratio=flow.token_mel_ratio,
+                   chunk=chunk)
+
+
+def flow_pool_bytes(setting: int, device: str) -> int:
+    """The shared flow-cache pool: `setting` when >= 0, else half the RAM (CPU) or a third of the
+    device's free memory (CUDA, after the weights are loaded)."""
+    if setting >= 0:
+        return setting
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free // 3
+    return host_ram_bytes() // 2
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype(name: str, cuda: bool) -> torch.dtype:
+    """`auto` -> bf16 on CUDA, fp32 elsewhere; else one of DTYPES."""
+    if name == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _configure_device(device: str) -> None:
+    if device.startswith("cuda"):
+        # flow/HiFT stay fp32 for fidelity; TF32 tensor cores make that cheap on Ampere and later
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        tune_allocator()  # keep freed activations in the process (kernels/runtime/host_memory.py)
+
+
+class Engine:
+    """EngineProtocol implementation over the real model."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        config: EngineConfig = EngineConfig(),
+        model: CosyVoice2Model | None = None,
+    ) -> None:
+        self.config = config
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _configure_device(device)
+        if model is None:
+            model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
+                               flow_dtype=weight_dtype(config.flow_dtype, False))
+        self.model = model
+        self.sample_rate = model.config.sample_rate
+        # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
+        self.text = TextPreparer(
+            TextFrontend(Path(model_dir), use_wetext=config.use_wetext),
+            TextProcess(Path(model_dir), use_wetext=config.use_wetext) if config.text_process else None)
+        flow_cache = flow_budget_config(model.flow, config.incremental_flow, config.flow_cache_bytes,
+                                        flow_pool_bytes(config.flow_cache_pool_bytes, device))
+        self.scheduler = Scheduler(replace(scheduler_config(model.config, config.scheduler), flow_cache=flow_cache))
+        self.runner = self._build_runner(model)
+        stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage") if config.overlap_stages else None
+        if stage is not None and device.startswith("cuda"):
+            self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
+        self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
+                               idle_wait_s=config.idle_wait_s)
+        self.loop.start(on_thread_start=lambda: torch.set_grad_enabled(False))
+
+    def _build_runner(self, model: CosyVoice2Model) -> ModelRunner:
+        cfg, limits = self.config, self.config.scheduler
+        return ModelRunner(
+            model, limits.num_slots, limits.slot_len, cuda_graphs=cfg.cuda_graphs,
+            incremental_flow=cfg.incremental_flow, stage_workers=cfg.stage_workers or usable_cores(),
+        )
+
+    # ------------------------------------------------------------------ EngineProtocol (any thread)
+    def prepare(self, job: SpeechJob) -> PreparedJob:
+        """Normalise, split and tokenise the job's text (thread-safe; call it from a worker thread)."""
+        return self.text.prepare(job)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A duplex text piece's token ids (thread-safe)."""
+        return self.text.encode(text)
+
+    def submit(self, job: PreparedJob | SpeechJob, sink: EventSink) -> JobHandle:
+        """A SpeechJob is prepared here, on the calling thread (tests, tools); servers pass PreparedJobs."""
+        prepared = job if isinstance(job, PreparedJob) else self.prepare(job)
+        return self.loop.submit(prepared, sink, self.encode_text)
+
+    def can_admit(self) -> bool:
+        return self.loop.can_admit()
+
+    def stats(self) -> EngineStats:
+        return self.loop.stats()
+
+    def describe(self) -> str:
+        """One line for the start-up log: device, dtypes, threads, batch limits, attention, flow cache."""
+        model, runner, cfg = self.model, self.runner, self.config
+        names = {dtype: name for name, dtype in DTYPES.items()}
+        llm_dtype = next(model.llm.parameters()).dtype
+        flow_dtype = next(model.flow.parameters()).dtype
+        attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend, llm_dtype) else "torch SDPA"
+        pool = self.scheduler.config.flow_cache.pool_bytes
+        cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
+        cpu = runner.device.type == "cpu"
+        parts = [
+            f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
+            f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
+            *([f"stage workers {runner.shards.workers}"] if cpu else []),
+            f"overlap {'on' if self.loop.overlap else 'off'}",
+            f"max batch {self.scheduler.config.num_slots}",
+            f"max chunks/step {self.scheduler.config.chunk.max_chunks_per_step}",
+            f"attention {attention}", f"flow cache {cache}",
+        ]
+        return ", ".join(parts)
+
+    def shutdown(self, deadline_s: float = 5.0) -> None:
+        """Let running jobs finish until the deadline, then cancel what is left and stop."""
+        stopped = self.loop.stop(deadline_s)
+        self.text.close()
+        if stopped:
+            if self.loop.stage is not None:
+                self.loop.stage.shutdown(wait=True)
+            self.runner.shards.close()
