@@ -98,6 +98,7 @@ class EngineLoop:
         self._submit_lock = threading.Lock()
         self._submitted = 0
         self._taken = 0
+        self._taken_published = 0  # `_taken` as of the snapshot: a job taken since is in neither count
         self._in_flight: _InFlight | None = None
         self._deferred: set[str] = set()  # runner state to drop once the in-flight batch is back
         self._last_batches = (0, 0)  # flow, vocoder batch of the latest chunk step
@@ -116,7 +117,7 @@ class EngineLoop:
         return JobHandle(self, prepared.request_id, encode)
 
     def pending_submits(self) -> int:
-        return max(0, self._submitted - self._taken)
+        return max(0, self._submitted - self._taken_published)
 
     def can_admit(self) -> bool:
         return self._snapshot.waiting + self.pending_submits() < self.scheduler.config.max_waiting
@@ -158,7 +159,19 @@ class EngineLoop:
             pass
         self._collect(None)
         self.book.cancel_all(ErrorCode.CANCELLED, "server shutting down")
+        self._refuse_late_submits()
         self._publish_stats()
+
+    def _refuse_late_submits(self) -> None:
+        """Jobs submitted after the stop get their final event too (clients never wait on a dead engine)."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, Submit):
+                self._taken += 1
+                self.book.refuse(cmd, ErrorCode.CANCELLED, "server shutting down")
 
     def run_pass(self) -> bool:
         """One pass: commands, then one step (or a short wait when there is nothing to do). False on stop."""
@@ -200,7 +213,7 @@ class EngineLoop:
             self._fail_plan(plan, f"internal error: {exc}")
             return
         merged = StepResult(sampled=llm.sampled, chunk_samples=chunked.chunk_samples,
-                            failed={**llm.failed, **chunked.failed})
+                            failed={**llm.failed, **chunked.failed}, flow_recomputed=chunked.flow_recomputed)
         self._apply_result(plan, merged, outputs)
 
     def _step_overlapped(self, plan: StepPlan) -> None:
@@ -252,11 +265,11 @@ class EngineLoop:
             self.book.on_request_end(rid)
 
     def _fail_plan(self, plan: StepPlan, message: str) -> None:
+        """Every request of a step that raised fails; through `update`, so the scheduler also takes its
+        chunks back (their flow-cache reservations) and reports each end once."""
         rids = {p.request_id for p in plan.prefills} | {d.request_id for d in plan.decodes}
         rids |= {c.request_id for c in plan.chunks}
-        for rid in rids:
-            self.scheduler.fail(rid, message)
-            self.book.on_request_end(rid)  # the scheduler reports it again at the next update: a no-op then
+        self._apply_result(plan, StepResult(failed=dict.fromkeys(rids, message)), [])
 
     def _release(self, rid: str) -> None:
         """Drop a request's runner state, or defer that while the stage thread is using it."""
@@ -266,6 +279,7 @@ class EngineLoop:
             self.runner.release(rid)
 
     def _publish_stats(self) -> None:
+        self._taken_published = self._taken
         waiting = self.scheduler.num_waiting
         s = self.scheduler.stats()
         flow_batch, vocoder_batch = self._last_batches

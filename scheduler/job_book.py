@@ -117,10 +117,21 @@ class JobBook:
         return state
 
     def cancel_all(self, code: ErrorCode, message: str) -> None:
+        """Every job, running or backlogged, ends with Failed(code)."""
         for job_id in list(self._jobs):
             state = self.cancel(job_id)
             if state is not None:
                 self._deliver(state, Failed(job_id, code, message))
+        backlog, self._backlog = self._backlog, []
+        self._backlog_text.clear()
+        for submit in backlog:
+            self.refuse(submit, code, message)
+
+    def refuse(self, submit: Submit, code: ErrorCode, message: str) -> None:
+        try:
+            submit.sink(Failed(submit.job.request_id, code, message))
+        except Exception:
+            log.exception("sink raised on refusal of job %s", submit.job.request_id)
 
     def admit_backlog(self) -> None:
         while self._backlog and self._has_room():
@@ -182,11 +193,14 @@ class JobBook:
         req = self.scheduler.get(state.active[-1]) if state is not None and state.active else None
         if req is None or not req.bistream:
             return
-        match cmd:
-            case PushTokens(ids=ids) if ids:
-                req.push_text(list(ids))
-            case FinishText():
-                req.finish_text()
+        try:
+            match cmd:
+                case PushTokens(ids=ids) if ids:
+                    req.push_text(list(ids))
+                case FinishText():
+                    req.finish_text()
+        except ValueError as exc:  # text after finish_text: the caller's mistake, not the engine's
+            log.warning("job %s: %s", cmd.job_id, exc)
 
     def advance_pieces(self) -> None:
         """Add a job's next text piece once the current piece's LLM is done."""
@@ -195,10 +209,13 @@ class JobBook:
                 continue
             last = self.scheduler.get(state.active[-1])
             if last is None or last.status >= RequestStatus.DRAINING:
-                try:
-                    self._submit_piece(state, state.pieces.pop(0), bistream=False)
-                except RequestRejected as exc:
-                    self._finish(state, Failed(state.job_id, exc.code, str(exc)))
+                self._next_piece(state)
+
+    def _next_piece(self, state: Job) -> None:
+        try:
+            self._submit_piece(state, state.pieces.pop(0), bistream=False)
+        except RequestRejected as exc:
+            self._finish(state, Failed(state.job_id, exc.code, str(exc)))
 
     # ------------------------------------------------------------------ results
     def starts_playback(self, rid: str) -> bool:
@@ -240,7 +257,9 @@ class JobBook:
         if state.active:  # the next piece may now speak: flush what it produced meanwhile
             for chunk in state.held.pop(state.active[0], []):
                 self._emit(state, chunk)
-        if not state.active and not state.pieces:
+        if not state.active and state.pieces:  # a piece that ended without speech: go on with the next
+            self._next_piece(state)
+        elif not state.active:
             self._finish(state, Finished(state.job_id, state.samples, state.tokens))
 
     def _emit(self, state: Job, chunk: AudioChunk) -> None:

@@ -215,3 +215,41 @@ def test_a_sink_that_raises_cancels_only_its_own_job() -> None:
     h.run(lambda: good.ended)
     assert isinstance(good.events[-1], Finished) and len(calls) == 1
     assert "bad#0" in h.runner.released
+
+
+def test_a_job_just_taken_still_counts_as_busy_so_stop_waits_for_it() -> None:
+    h = Harness()
+    h.submit("a")
+    h.loop.run_pass()  # taken from the inbox after this pass's snapshot was published
+    assert h.runner.added == ["a#0"] and h.loop.busy() and h.loop.stats().waiting + h.loop.stats().running == 1
+
+
+def test_stop_gives_backlogged_and_late_jobs_their_final_event() -> None:
+    h = Harness(max_jobs=1)
+    running = h.submit("a", tokens=500)
+    backlogged = h.submit("b")
+    h.run(lambda: bool(running.events))
+    h.loop.post(Stop())
+    late = h.submit("c")  # behind the Stop in the inbox
+    h.loop.run()
+    for sink in (running, backlogged, late):
+        assert sink.events[-1].code is ErrorCode.CANCELLED
+    assert h.loop.pending_submits() == 0
+
+
+def test_a_piece_that_ends_without_speech_does_not_stall_its_job() -> None:
+    h = Harness()
+    h.runner.token = lambda item: 6562 if item.request_id == "j#1" else 100  # piece 1 stops at once
+    sink = h.submit("j", pieces=((1, 2), (3, 4), (5, 6)), tokens=30)
+    h.run(lambda: sink.ended)
+    assert isinstance(sink.events[-1], Finished) and set(np.unique(sink.audio)) == {1.0, 3.0}
+
+
+def test_text_after_finish_text_is_ignored_and_the_loop_goes_on() -> None:
+    h = Harness()
+    sink = h.submit("d", duplex=True)
+    h.loop.post(PushTokens("d", (4, 5, 6, 7, 8)))
+    h.loop.post(FinishText("d"))
+    h.loop.post(PushTokens("d", (9,)))
+    h.run(lambda: sink.ended)
+    assert isinstance(sink.events[-1], Finished)
