@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,11 @@ class Gaps:
         return gaps
 
 
-def submit(engine: Any, job: SpeechJob, sink: Any) -> Any:
-    """As the server does: text prepared off the engine thread when the engine takes prepared jobs."""
+def submit(engine: Any, job: Any, sink: Any) -> Any:
+    """As the server does: text prepared off the engine thread when the engine takes prepared jobs (a job
+    prepared already goes as it is)."""
     prepare = getattr(engine, "prepare", None)
-    return engine.submit(prepare(job) if prepare is not None else job, sink)
+    return engine.submit(prepare(job) if prepare is not None and isinstance(job, SpeechJob) else job, sink)
 
 
 class CancelAtFirstAudio:
@@ -111,7 +113,9 @@ def modes(text_process: list[int]) -> list[tuple[str, int | None]]:
     mode: text taken in on the engine thread."""
     if not _engine_takes_text_process():
         return [("short text", None), ("long text, on the engine thread", 0)]
-    where = {0: "long text, in a worker thread", 1: "long text, in a child process"}
+    where = {0: "long text, in a worker thread", 1: "long text, in a child process",
+             2: "long text, prepared beforehand (engine intake only)",
+             3: "its first sentence only, prepared beforehand"}
     return [("short text", None), *((where[t], t) for t in text_process)]
 
 
@@ -126,8 +130,13 @@ def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace,
         limits = {"scheduler": SchedulerConfig(**limits)}
     engine = Engine(model_dir, model=model, config=EngineConfig(
         **limits, overlap_stages=args.overlap,
-        **({"text_process": bool(text_process)} if _engine_takes_text_process() else {})))
+        **({"text_process": text_process == 1} if _engine_takes_text_process() else {})))
     gaps = Gaps()
+    long_job: Any = SpeechJob("new", Mode.ZERO_SHOT, voice, long_text(chars), seed=99, fixed_tokens=25)
+    if text_process in (2, 3):  # its text work done before the streams start: what is left is the engine's
+        long_job = engine.prepare(long_job)
+    if text_process == 3:  # one piece: without the next sentence that starts once the first one's LLM is done
+        long_job = replace(long_job, pieces=long_job.pieces[:1])
     try:
         for i in range(args.streams):
             submit(engine, SpeechJob(f"s{i}", Mode.ZERO_SHOT, voice, STREAM_TEXT, seed=i,
@@ -136,8 +145,7 @@ def one_round(model: Any, model_dir: Path, voice: Any, args: argparse.Namespace,
             if not gaps.first.acquire(timeout=args.timeout):
                 raise TimeoutError("streams did not start")
         mark = time.perf_counter()
-        taker = CancelAtFirstAudio(engine, SpeechJob("new", Mode.ZERO_SHOT, voice, long_text(chars),
-                                                     seed=99, fixed_tokens=25))
+        taker = CancelAtFirstAudio(engine, long_job)
         worker = threading.Thread(target=taker.run)
         worker.start()
         for _ in range(args.streams):
@@ -164,7 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap-stages", default="auto", choices=("auto", "0", "1"))
     p.add_argument("--text-process", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
                    help="long-text modes: 1 = text normalised in a child process (the server's default), "
-                        "0 = on the submitting thread (default: both)")
+                        "0 = on the submitting thread, 2 = prepared before the streams start (what the "
+                        "engine's own intake costs), 3 = as 2 with its first sentence only (default: 0,1)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)

@@ -98,10 +98,11 @@ class ChunkPolicy:
     def margin_s(self, req: Request, now_s: float) -> float:
         """Seconds of audio handed to the listener minus seconds since it started playing: how long until
         a stall. A job's later sentence piece shares its earlier pieces' playback, so its first chunk is
-        urgent only when the job's audio runs low, not merely for being a first chunk."""
+        urgent only when the job's audio runs low, not merely for being a first chunk; before the job's
+        first audio it comes last (it cannot be heard before that audio anyway)."""
         play = req.playback
         if play.start_s is None:
-            return -math.inf
+            return math.inf if req.follows else -math.inf
         return play.samples / self.config.sample_rate - (now_s - play.start_s)
 
     def pick(self, ready: Iterable[tuple[Request, ChunkItem]], now_s: float) -> list[ChunkItem]:

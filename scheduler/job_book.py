@@ -183,6 +183,7 @@ class JobBook:
             speed=job.speed,
             arrival_s=self._clock(),
             playback=state.playback,
+            follows=state.piece_index > 0,
         ))
         self._owner[rid] = job.request_id
         state.active.append(rid)
@@ -203,9 +204,10 @@ class JobBook:
             log.warning("job %s: %s", cmd.job_id, exc)
 
     def advance_pieces(self) -> None:
-        """Add a job's next text piece once the current piece's LLM is done."""
+        """Add a job's next text piece once the current piece's LLM is done; one piece ahead at most (the one
+        speaking and the next), so a job of many short sentences does not run its LLM ever further ahead."""
         for state in list(self._jobs.values()):
-            if not state.pieces or state.done or not state.active:
+            if not state.pieces or state.done or len(state.active) != 1:
                 continue
             last = self.scheduler.get(state.active[-1])
             if last is None or last.status >= RequestStatus.DRAINING:
@@ -221,7 +223,7 @@ class JobBook:
     def starts_playback(self, rid: str) -> bool:
         """This request's next chunk is its listener's first audio (not a later sentence piece's)."""
         req = self.scheduler.get(rid)
-        return req is not None and req.playback.start_s is None
+        return req is not None and req.playback.start_s is None and not req.follows
 
     def on_chunk(self, out: ChunkOutput) -> None:
         job_id = self._owner.get(out.request_id)

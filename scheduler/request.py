@@ -74,6 +74,9 @@ class Request:
     # The listener's timeline this request's audio joins: its own, or (a later sentence piece of a job)
     # the one shared with the job's earlier pieces, whose audio plays first. Urgency is measured on it.
     playback: Playback = field(default_factory=Playback)
+    # A later sentence piece: its audio plays only after the earlier pieces', so its chunks are never a
+    # listener's first audio (nor urgent before that audio has started).
+    follows: bool = False
     fail_reason: str | None = None
     text_finished: bool = False  # bistream: finish_text() was called
     feeder: BistreamFeeder | None = None  # bistream: attached by the scheduler at add_request

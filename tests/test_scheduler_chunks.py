@@ -230,3 +230,14 @@ def test_the_scheduler_counts_a_pieces_audio_on_the_shared_playback() -> None:
     run_until_idle(s)
     assert first.playback.samples == first.samples_emitted + second.samples_emitted
     assert second.first_chunk_s == 5.0 and second.playback.start_s == 5.0
+
+
+def test_a_later_sentence_piece_waits_for_its_jobs_first_audio() -> None:
+    """Its chunk cannot be heard before the job's first piece has played: last in line, never urgent."""
+    s = sched()
+    first = Request("j#0", text_ids=[1], fixed_tokens=30)
+    later = Request("j#1", text_ids=[1], fixed_tokens=30, playback=first.playback, follows=True)
+    other = Request("o", text_ids=[1], fixed_tokens=30)
+    assert s.chunks.margin_s(later, 0.0) == float("inf") and s.chunks.margin_s(other, 0.0) == float("-inf")
+    first.playback.start_s = 0.0  # the job's audio has started: the later piece is timed on it
+    assert s.chunks.margin_s(later, 0.5) == -0.5

@@ -62,13 +62,13 @@ class Harness:
         self.loop.submit(PreparedJob(job, pieces=() if duplex else pieces, refusal=refusal), sink, lambda t: [7])
         return sink
 
-    def run(self, until, max_passes: int = 5000) -> int:
+    def run(self, until, max_passes: int = 5000, stage_every: int = 3) -> int:
         for n in range(max_passes):
             if until():
                 return n
             assert self.loop.run_pass()
             self.clock.now += 0.01
-            if self.stage is not None and n % 3 == 2:
+            if self.stage is not None and n % stage_every == stage_every - 1:
                 self.stage.finish()  # the stage thread is slower than a decode step
         raise AssertionError("condition not reached")
 
@@ -253,3 +253,22 @@ def test_text_after_finish_text_is_ignored_and_the_loop_goes_on() -> None:
     h.loop.post(PushTokens("d", (9,)))
     h.run(lambda: sink.ended)
     assert isinstance(sink.events[-1], Finished)
+
+
+def test_a_job_of_many_short_sentences_runs_one_piece_ahead_at_most() -> None:
+    """While a slow chunk batch is out, short pieces finish their LLM quickly: without the bound, every
+    piece would be admitted in turn and their first chunks would crowd the next batch."""
+    h = Harness(overlap=True, num_slots=12)
+    streams = [h.submit(f"s{i}", tokens=150) for i in range(3)]
+    job = h.submit("j", pieces=tuple((i,) for i in range(8)), tokens=4)
+    alive_most = 0
+
+    def done() -> bool:
+        nonlocal alive_most
+        alive = [r for i in range(8) if (r := h.scheduler.get(f"j#{i}")) is not None and not r.is_finished]
+        alive_most = max(alive_most, len(alive))
+        return job.ended and all(s.ended for s in streams)
+
+    h.run(done, stage_every=40)
+    assert isinstance(job.events[-1], Finished) and alive_most == 2
+    assert np.all(np.diff(job.audio) >= 0)  # still in order
