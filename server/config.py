@@ -12,6 +12,9 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from protocol.schema import DEFAULT_MAX_TEXT_CHARS
+from protocol.websocket import DEFAULT_MAX_MESSAGE_BYTES
+
 # Weight dtype names (kernels.runtime.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
 FLOW_DTYPES = ("fp32", "bf16", "fp16")
 LLM_DTYPES = ("auto", *FLOW_DTYPES)
@@ -43,9 +46,9 @@ class ServerConfig:
         "largest request body (an upload), bytes; 413 beyond"))
     max_header_bytes: int = field(default=16 * 1024, metadata=_doc(
         "largest request head, bytes; 431 beyond"))
-    max_text_chars: int = field(default=5000, metadata=_doc(
+    max_text_chars: int = field(default=DEFAULT_MAX_TEXT_CHARS, metadata=_doc(
         "longest text per request / per WebSocket task (all pieces), characters"))
-    max_ws_message_bytes: int = field(default=1024 * 1024, metadata=_doc(
+    max_ws_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata=_doc(
         "largest WebSocket message, bytes; close 1009 beyond"))
     header_timeout_s: float = field(default=10.0, metadata=_doc(
         "a request head must arrive within this (slowloris guard), seconds"))
