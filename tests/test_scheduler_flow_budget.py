@@ -7,7 +7,7 @@ from scheduler.chunk_policy import ChunkPolicyConfig
 from scheduler.config import SchedulerConfig
 from scheduler.flow_budget import FlowBudgetConfig, FlowCacheBudget, need_bytes
 from scheduler.jobs import VoicePrompt
-from scheduler.plan import ChunkItem, StepResult
+from scheduler.plan import ChunkItem, StepPlan, StepResult
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler
 from scheduler.testing import FakeClock, answer, run_until_idle, step
@@ -122,6 +122,15 @@ def sched(flow: FlowBudgetConfig | None = None, **chunk_kw: object) -> Scheduler
     return Scheduler(cfg, FakeClock())
 
 
+def plan_with_chunks(s: Scheduler) -> StepPlan:
+    """Step until a plan holds chunks; that plan is returned unanswered (its batch is "out")."""
+    plan = s.schedule()
+    while not plan.chunks:
+        s.update(plan, answer(plan))
+        plan = s.schedule()
+    return plan
+
+
 def flags(plans: list, rid: str) -> list[bool]:
     return [c.incremental for p in plans for c in p.chunks if c.request_id == rid]
 
@@ -177,19 +186,13 @@ def test_cancel_releases_the_reservation() -> None:
 def test_a_request_ended_with_its_chunk_out_keeps_its_reservation_until_the_chunk_is_back() -> None:
     s = sched()
     s.add_request(Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
-    plan = s.schedule()
-    while not plan.chunks:
-        s.update(plan, answer(plan))
-        plan = s.schedule()
+    plan = plan_with_chunks(s)
     assert s.cancel("a") and s.flow_cache.reserved_bytes == need(100)  # the runner's cache lives meanwhile
     s.update(plan, answer(plan))
     assert s.flow_cache.reserved_bytes == 0
     # a failed batch is never updated: the next plan with chunks (no batch out then) frees it
     s.add_request(Request("b", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
-    plan = s.schedule()
-    while not plan.chunks:
-        s.update(plan, answer(plan))
-        plan = s.schedule()
+    plan = plan_with_chunks(s)
     assert s.fail("b", "flow exploded") and s.flow_cache.reserved_bytes == need(100)
     s.schedule(with_chunks=False)
     assert s.flow_cache.reserved_bytes == need(100)
@@ -200,10 +203,7 @@ def test_a_request_ended_with_its_chunk_out_keeps_its_reservation_until_the_chun
 def test_runner_reported_recompute_drops_the_budget_cache() -> None:
     s = sched()
     s.add_request(Request("a", text_ids=[1], fixed_tokens=300, flow_prompt_len=71))
-    plan = s.schedule()
-    while not plan.chunks:
-        s.update(plan, answer(plan))
-        plan = s.schedule()
+    plan = plan_with_chunks(s)
     assert plan.chunks[0].incremental and s.flow_cache.tokens_done("a") == 100
     res = answer(plan)
     s.update(plan, StepResult(res.sampled, res.chunk_samples, flow_recomputed=frozenset({"a"})))
