@@ -2,13 +2,19 @@
 
     python -m bench.engine --model-dir DIR --concurrency 1,8 [--tokens 150] [--requests-per-level N]
         [--stream/--no-stream] [--device cpu|cuda] [--no-cuda-graphs] [--threads T] [--json FILE]
-        [--markdown FILE] [--llm-only]
+        [--markdown FILE] [--llm-only] [--sequential-concurrency 1,8]
 
 For each concurrency C the same jobs (fixed_tokens, fixed seeds) run twice:
 - "batched": one Engine(num_slots >= C), C jobs in flight (closed loop: a finished job submits the
   next until requests-per-level are done);
 - "sequential": an Engine with max_jobs=1, num_slots=1, fed the same way, so it queues C-1 of them.
   Its time to first chunk therefore includes queueing, as a client of a one-at-a-time server sees.
+  `--sequential-concurrency` limits the levels where it runs (its rate does not depend on C; at C64 it
+  would run 64 requests one by one); empty: batched only.
+
+On CUDA each run records its peak GPU memory (`gpu_peak_mb`: torch.cuda.max_memory_allocated). The
+JSON file is rewritten after every run ("complete": false until the last), so a run cut short by a
+time limit keeps the levels it finished.
 
 `--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
@@ -228,6 +234,9 @@ def run_engine(
             overlap_stages=overlap,
         )
     engine = Engine(model_dir, model=model, config=config)
+    cuda = engine.runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     stats = StepStats()
     hook_runner(engine.runner, stats)
     try:
@@ -254,6 +263,7 @@ def run_engine(
         "vocoder_batch_mean": _mean(stats.vocoder_batches),
         "steps": stats.steps,
         "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+        **({"gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}),
     }
 
 
@@ -406,7 +416,11 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "overlap_stages": args.overlap,
+        "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
         "torch": torch.__version__,
+        **({"gpu": torch.cuda.get_device_name(0),
+            "gpu_total_mb": round(torch.cuda.get_device_properties(0).total_memory / 2**20)}
+           if device.startswith("cuda") and torch.cuda.is_available() else {}),
     }
 
 
@@ -488,9 +502,10 @@ def stage_table(result: dict[str, Any]) -> str:
     if not runs:
         return ""
     keys = ("prefill_s", "decode_s", "sample_s", "flow_s", "vocoder_s", "step_s")
+    gpu = any("gpu_peak_mb" in r for r in runs)
     rows = [
-        "| C | mode | " + " | ".join(keys) + " | other (engine loop) s |",
-        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |",
+        "| C | mode | " + " | ".join(keys) + " | other (engine loop) s |" + (" peak GPU MiB |" if gpu else ""),
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |" + (" --- |" if gpu else ""),
     ]
     for r in runs:
         s = r["stage_seconds"]
@@ -499,6 +514,7 @@ def stage_table(result: dict[str, Any]) -> str:
             f"| {r['concurrency']} | {r['mode']} | "
             + " | ".join(f"{s[k]:.2f}" for k in keys)
             + (f" | {other:.2f} |" if other >= 0 else " | - (stages overlapped) |")
+            + (f" {_f(r.get('gpu_peak_mb'), 0)} |" if gpu else "")
         )
     return "\n".join(rows)
 
@@ -519,6 +535,7 @@ def markdown(result: dict[str, Any]) -> str:
               " for the LLM's own batching use --llm-only or --overlap-stages 0)"
               if m["overlap_stages"] and not m["llm_only"] else "")]
           if "overlap_stages" in m else []),
+        *([f"- CUDA graphs: {m['cuda_graphs']}; GPU {m['gpu']} ({m['gpu_total_mb']} MiB)"] if "gpu" in m else []),
         f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
         "",
         table(result),
@@ -539,6 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8])
     p.add_argument("--tokens", type=int, default=150, help="fixed speech tokens per request")
     p.add_argument("--requests-per-level", type=int, default=0, help="jobs per level (default: = C)")
+    p.add_argument("--sequential-concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="levels that also run one-at-a-time (default: every --concurrency level; '': none)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-cuda-graphs", action="store_true")
@@ -602,9 +621,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         warm = make_jobs(voice, top, args.tokens, args.stream, "warm")
         run_engine(model, args.model_dir, warm, top, False, cuda_graphs, slot_len, args.timeout,
                    args.overlap)
+    label = args.model_label or str(args.model_dir)
+    seq_levels = args.concurrency if args.sequential_concurrency is None else args.sequential_concurrency
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
-        for sequential in (False, True):
+        for sequential in (False, True) if c in seq_levels else (False,):
             if args.llm_only:
                 run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
             else:
@@ -619,11 +640,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{_f(run['speech_seconds_per_second'])} speech s/s",
                 file=sys.stderr,
             )
-    result = {
-        "runs": runs,
-        "ratios": ratios(runs),
-        "meta": meta(args.model_label or str(args.model_dir), device, args),
-    }
+            if args.json:  # partial results survive a run cut short
+                partial = {"runs": runs, "ratios": ratios(runs), "meta": meta(label, device, args),
+                           "complete": False}
+                args.json.write_text(json.dumps(partial, indent=2) + "\n")
+    result = {"runs": runs, "ratios": ratios(runs), "meta": meta(label, device, args), "complete": True}
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""The one-command GPU run (run.sh) and its helpers: profile, summary."""
