@@ -6,7 +6,8 @@
 One unmeasured run first (CUDA-graph capture, allocator and kernel caches warm), then a closed loop of
 C jobs; the profiler starts before LLM step `skip` and stops after `skip + steps` steps. It is driven
 from the engine thread (torch's profiler records CPU ops of the thread that starts it): with
-overlapped stages the flow/vocoder thread's CPU ops are missing, its CUDA kernels are not.
+overlapped stages the flow/vocoder thread's CPU ops are missing, its CUDA kernels are not. On CUDA
+each profiled step ends with a synchronize, so the step times in profile.json include the GPU work.
 Writes OUT/profile.txt (key_averages table, top rows), OUT/profile.json (window, step times, top ops)
 and OUT/trace.json.gz (chrome trace; dropped when over --max-trace-mb, to keep the results small).
 """

@@ -28,9 +28,9 @@ set -uo pipefail
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
 OUT=${1:?usage: bench/gpu/run.sh [--dry-run] RESULTS_DIR}
-cd "$(dirname "$0")/../.."
 mkdir -p "$OUT/checks"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)  # before the cd: a relative RESULTS_DIR is relative to the caller
+cd "$(dirname "$0")/../.."
 
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
