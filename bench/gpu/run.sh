@@ -121,8 +121,8 @@ if ((DRY)); then
 fi
 
 # ---- 0. install + environment
-if [[ -d bench/gpu/wheels && -x bench/gpu/install.sh ]]; then
-  check 0 install "bench/gpu/install.sh bench/gpu/wheels" -- bench/gpu/install.sh bench/gpu/wheels
+if [[ -d bench/gpu/wheels && -f bench/gpu/install.sh ]]; then
+  check 0 install "bench/gpu/install.sh bench/gpu/wheels" -- bash bench/gpu/install.sh bench/gpu/wheels
 else
   skip install "no bench/gpu/wheels or no bench/gpu/install.sh"
 fi
