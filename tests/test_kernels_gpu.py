@@ -452,3 +452,54 @@ def test_cuda_engine_streams_a_job_to_the_end(tiny_model_dir):
     # bf16 sampling picks other tokens than fp32, so compare spectra, as the CPU bf16 engine test does
     diff = (flow_prompt_mel(audio["cuda"]) - flow_prompt_mel(audio["cpu"])).abs().mean().item()
     assert diff < 0.6, diff
+
+
+def _flow_inputs(seed: int, prompt: int = 60, generated: int = 90):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 6561, (1, prompt + generated), generator=g)
+    return tokens, torch.randn(1, 2 * prompt, 80, generator=g), torch.randn(1, 192, generator=g), prompt
+
+
+@needs_cuda
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flow_is_close_to_the_cpu_fp32_flow(tiny_model_dir, dtype, streaming):
+    """The flow on the card (fp32, or the opt-in bf16 networks with an fp32 ODE state) against the CPU fp32
+    reference: fp32 to float rounding, bf16 within the bound the CPU bf16 test documents (0.6 % measured)."""
+    want_flow = load_model(tiny_model_dir).flow
+    got_flow = load_model(tiny_model_dir, device="cuda", flow_dtype=dtype).flow
+    tokens, feat, emb, prompt = _flow_inputs(1)
+    lens, feat_lens = torch.tensor([tokens.size(1)]), torch.tensor([2 * prompt])
+    want, _ = want_flow.inference(tokens, lens, feat, feat_lens, emb, streaming, not streaming)
+    got, _ = got_flow.inference(tokens.cuda(), lens.cuda(), feat.cuda().to(dtype), feat_lens.cuda(),
+                                emb.cuda().to(dtype), streaming, not streaming)
+    diff = (got.float().cpu() - want).abs()
+    rel, worst = float(diff.mean() / want.abs().mean()), float(diff.max())
+    if dtype is torch.float32:
+        assert rel < 1e-3 and worst < 5e-2, (rel, worst)  # other kernels, other summation orders
+    else:
+        assert 0 < rel < 0.02 and worst < 0.15, (rel, worst)
+
+
+@needs_cuda
+def test_cuda_stage_stream_gives_the_serial_engines_audio(tiny_model_dir):
+    """Flow/vocoder on the stage thread's own CUDA stream vs all on one thread: the same job (alone, so the
+    batches are the same) gives the same audio: the stream only moves work in time."""
+    t = np.arange(int(2.3 * 16000)) / 16000
+    wav = (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    voice = PromptExtractor(tiny_model_dir).extract(wav, 16000, "希望你以后能够做的比我还好呦。")
+    job = SpeechJob("s", Mode.ZERO_SHOT, voice, "你好，这是一个测试。", stream=True, seed=7, fixed_tokens=120)
+    audio = {}
+    for overlap in (True, False):
+        engine = Engine(tiny_model_dir, device="cuda", config=EngineConfig(
+            scheduler=SchedulerConfig(num_slots=2, slot_len=1024), overlap_stages=overlap, llm_dtype="fp32"))
+        try:
+            assert (engine.runner.stage_stream is not None) is overlap
+            sink = Sink()
+            engine.submit(job, sink)
+            assert sink.done.wait(120) and isinstance(sink.events[-1], Finished), sink.events[-1]
+            audio[overlap] = np.concatenate([e.pcm for e in sink.events if isinstance(e, AudioChunk)])
+        finally:
+            engine.shutdown(1.0)
+    assert audio[True].shape == audio[False].shape
+    np.testing.assert_allclose(audio[True], audio[False], atol=1e-4)
