@@ -19,6 +19,7 @@ from protocol.websocket import DEFAULT_MAX_MESSAGE_BYTES
 FLOW_DTYPES = ("fp32", "bf16", "fp16")
 LLM_DTYPES = ("auto", *FLOW_DTYPES)
 ENV_PREFIX = "COSYSERVE_"
+ROLES = ("all", "frontend", "backend")
 
 
 def _doc(help: str, choices: Sequence[Any] | None = None, env_only: bool = False,
@@ -29,6 +30,15 @@ def _doc(help: str, choices: Sequence[Any] | None = None, env_only: bool = False
 
 @dataclass(frozen=True)
 class ServerConfig:
+    role: str = field(default="all", metadata=_doc(
+        "all: one process (API + engine); frontend: the public API, jobs go to --backend (never loads "
+        "torch); backend: the engine behind the internal API (/internal/v1/*, --internal-token)",
+        choices=ROLES))
+    internal_token: str = field(default="", repr=False, metadata=_doc(
+        "bearer token of the internal API between frontends and backends (required by both roles)"))
+    backends: tuple[str, ...] = field(default=(), metadata=_doc(
+        "frontend: a backend's base URL, e.g. http://10.0.0.5:8001 (repeat the flag for several; env: "
+        "comma-separated)", flag="backend"))
     host: str = field(default="127.0.0.1", metadata=_doc(
         "address to listen on (0.0.0.0: every interface)"))
     port: int = field(default=8000, metadata=_doc(
@@ -136,6 +146,13 @@ class ServerConfig:
                                  f"{getattr(self, f.name)!r}")
         if any(not t for t in self.tokens):
             raise ValueError("empty token")
+        if self.role in ("frontend", "backend") and not self.internal_token:
+            raise ValueError(f"--role {self.role} needs --internal-token (or COSYSERVE_INTERNAL_TOKEN)")
+        if self.role == "frontend" and not self.backends:
+            raise ValueError("--role frontend needs at least one --backend URL")
+        for url in self.backends:
+            if not url.startswith("http://"):
+                raise ValueError(f"--backend must be an http:// URL: {url!r}")
         if self.store == "s3" and not self.s3_bucket:
             raise ValueError("--store s3 needs --s3-bucket")
 
@@ -168,6 +185,10 @@ def _arg_type(f: Field[Any]) -> Any:
     return str
 
 
+def _is_list(f: Field[Any]) -> bool:
+    return str(f.type).startswith("tuple")
+
+
 def build_parser() -> argparse.ArgumentParser:
     secrets = ", ".join(env_name(f) for f in fields(ServerConfig) if f.metadata.get("env_only"))
     p = argparse.ArgumentParser(
@@ -178,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.metadata.get("env_only"):
             continue
         text = f"{f.metadata['help']} [default: {_default_text(f)}; env {env_name(f)}]".replace("%", "%%")
-        if f.name == "tokens":
-            p.add_argument(flag_name(f), dest="tokens", action="append", metavar="TOKEN", help=text)
+        if _is_list(f):
+            p.add_argument(flag_name(f), dest=f.name, action="append", metavar=f.name[:-1].upper(), help=text)
             continue
         kind = _arg_type(f)
         metavar = None if f.metadata.get("choices") else {int: "N", float: "X", Path: "DIR"}.get(kind, "TEXT")
@@ -194,14 +215,15 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     args = vars(build_parser().parse_args(argv))
     values: dict[str, object] = {}
     for f in fields(ServerConfig):
-        if f.name == "tokens":
-            continue
         raw = env.get(env_name(f))
+        if _is_list(f):  # repeatable flag; env: comma-separated
+            items = args.get(f.name) or [t for t in (raw or "").split(",") if t]
+            values[f.name] = tuple(items)
+            continue
         if raw is not None:
             values[f.name] = _arg_type(f)(raw)
         if args.get(f.name) is not None:
             values[f.name] = args[f.name]
-    tokens = args.get("tokens") or [t for t in env.get(ENV_PREFIX + "TOKENS", "").split(",") if t]
-    if not tokens:
+    if not values["tokens"] and values.get("role", "all") != "backend":  # a backend never sees public tokens
         raise SystemExit("at least one --token (or COSYSERVE_TOKENS) is required")
-    return ServerConfig(tokens=tuple(tokens), **values)  # type: ignore[arg-type]
+    return ServerConfig(**values)  # type: ignore[arg-type]

@@ -62,3 +62,20 @@ def test_choices_are_checked_for_env_values_too() -> None:
         load_config(["--token", "t"], {"COSYSERVE_OVERLAP_STAGES": "yes"})
     with pytest.raises(SystemExit):
         load_config(["--token", "t", "--warmup", "2"], {})
+
+
+def test_roles_and_their_internal_settings() -> None:
+    assert load_config(["--token", "t"], {}).role == "all"  # the default: today's single process
+    cfg = load_config(["--role", "frontend", "--token", "t", "--internal-token", "i", "--backend", "http://a:1",
+                       "--backend", "http://b:2"], {})
+    assert (cfg.role, cfg.internal_token, cfg.backends) == ("frontend", "i", ("http://a:1", "http://b:2"))
+    env = {"COSYSERVE_ROLE": "frontend", "COSYSERVE_TOKENS": "t", "COSYSERVE_INTERNAL_TOKEN": "i",
+           "COSYSERVE_BACKENDS": "http://a:1,http://b:2"}
+    assert load_config([], env).backends == ("http://a:1", "http://b:2")
+    backend = load_config(["--role", "backend", "--internal-token", "s3cr3t-internal"], {})  # no public token
+    assert backend.role == "backend" and backend.tokens == ()
+    assert "s3cr3t-internal" not in repr(backend)  # the internal token stays out of logs
+    with pytest.raises(ValueError, match="internal-token"):
+        load_config(["--role", "backend"], {})
+    with pytest.raises(ValueError, match="--backend"):
+        load_config(["--role", "frontend", "--token", "t", "--internal-token", "i"], {})
