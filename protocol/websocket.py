@@ -29,6 +29,11 @@ class WsMessage:
 
 
 @dataclass(frozen=True)
+class WsBinary:
+    data: bytes  # a whole binary message (sessions made with binary=True only)
+
+
+@dataclass(frozen=True)
 class WsSend:
     data: bytes  # write this to the socket (pong, close reply)
 
@@ -39,7 +44,7 @@ class WsClosed:
     reason: str = ""
 
 
-WsEvent = WsMessage | WsSend | WsClosed
+WsEvent = WsMessage | WsBinary | WsSend | WsClosed
 
 
 class HandshakeError(BadRequest):
@@ -68,8 +73,12 @@ def check_handshake(upgrade: Upgrade) -> str:
 
 
 class WebSocketSession:
-    def __init__(self, upgrade: Upgrade, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, upgrade: Upgrade, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 binary: bool = False) -> None:
+        """`binary`: binary messages are events (`WsBinary`) instead of a 1003 close (the internal API)."""
         self.upgrade = upgrade
+        self._binary = binary
+        self._bin_parts: list[bytes] = []
         self._max_message_bytes = max_message_bytes
         self._ws: Connection | None = None
         self._parts: list[str] = []
@@ -124,7 +133,9 @@ class WebSocketSession:
         if isinstance(event, Ping):
             return [WsSend(ws.send(event.response()))]
         if isinstance(event, BytesMessage):
-            return self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
+            if not self._binary:
+                return self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
+            return self._on_bytes(event)
         if isinstance(event, CloseConnection):
             return self._on_close(ws, event)
         return []  # Pong
@@ -139,6 +150,17 @@ class WebSocketSession:
         text = "".join(self._parts)
         self._parts, self._size = [], 0
         return [WsMessage(text)]
+
+    def _on_bytes(self, event: BytesMessage) -> list[WsEvent]:
+        self._bin_parts.append(bytes(event.data))
+        self._size += len(event.data)
+        if self._size > self._max_message_bytes:
+            return self._fail(CLOSE_MESSAGE_TOO_BIG, f"message larger than {self._max_message_bytes} bytes")
+        if not event.message_finished:
+            return []
+        data = b"".join(self._bin_parts)
+        self._bin_parts, self._size = [], 0
+        return [WsBinary(data)]
 
     def _on_close(self, ws: Connection, event: CloseConnection) -> list[WsEvent]:
         self._closed = True
@@ -159,6 +181,12 @@ class WebSocketSession:
         if ws.state is not ConnectionState.OPEN:
             return b""  # closing: late messages are dropped
         return ws.send(TextMessage(data=text))
+
+    def send_bytes(self, data: bytes) -> bytes:
+        ws = self._require()
+        if ws.state is not ConnectionState.OPEN:
+            return b""
+        return ws.send(BytesMessage(data=data))
 
     def send_close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
         ws = self._require()

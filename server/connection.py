@@ -25,8 +25,10 @@ from protocol.errors import (
     http_error,
 )
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
+from protocol.internal import JOBS_PATH
 from protocol.websocket import WebSocketSession
 from server.auth import authorized
+from server.backend import JobSocket, internal_authorized
 from server.context import Ctx, new_request_id
 from server.flow_control import FlowControl
 from server.paths import WS_SPEECH, route_name
@@ -83,7 +85,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl
         self.task: asyncio.Task[None] | None = None
-        self.ws: WsConnection | None = None  # after an upgrade
+        self.ws: WsConnection | JobSocket | None = None  # after an upgrade
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._request_bytes = 0  # bytes of the request being read (0 = idle between requests)
@@ -253,6 +255,9 @@ class HttpProtocol(asyncio.Protocol):
 
     # ---- WebSocket ----
     def _upgrade(self, upgrade: Upgrade) -> None:
+        if self.state.config.role == "backend":
+            self._upgrade_internal(upgrade)
+            return
         session = WebSocketSession(upgrade, self.state.config.max_ws_message_bytes)
         req, rid = upgrade.request, new_request_id()
         err: ApiError | None = None
@@ -277,6 +282,32 @@ class HttpProtocol(asyncio.Protocol):
         self.write(accept)
         self.ws = WsConnection(self.state, session, self)
         self.ws.data_received(b"")  # frames that arrived with the upgrade request
+
+
+    def _upgrade_internal(self, upgrade: Upgrade) -> None:
+        """--role backend: one internal job per WebSocket (binary frames allowed, a voice can be large)."""
+        session = WebSocketSession(upgrade, self.state.config.max_body_bytes, binary=True)
+        req, rid = upgrade.request, new_request_id()
+        err: ApiError | None = None
+        if req.path.rstrip("/") != JOBS_PATH:
+            err = NotFound(f"no WebSocket route for {req.path}")
+        elif not internal_authorized(self.state, req.header("authorization")):
+            err = Unauthorized()
+        elif self.state.draining:
+            err = Overloaded("backend is draining", status=503, retry_after_s=self.state.config.retry_after_s)
+        if err is None:
+            try:
+                accept = session.accept_bytes()
+            except ApiError as exc:
+                err = exc
+        if err is not None:
+            status, _json_headers, body = http_error(err, rid)
+            self.write(session.reject_bytes(status, body))
+            self.close()
+            return
+        self.write(accept)
+        self.ws = JobSocket(self.state, session, self)
+        self.ws.data_received(b"")
 
 
 def _head_bytes(req: HttpRequest) -> int:

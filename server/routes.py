@@ -5,7 +5,7 @@ Handlers raise ApiError; the connection turns it into the error response in one 
 from __future__ import annotations
 
 from protocol.errors import MethodNotAllowed, NotFound, Unauthorized, UpgradeRequired
-from server import reference_audio, speech
+from server import backend, reference_audio, speech
 from server.auth import authorized
 from server.context import Ctx, Handler
 from server.paths import REFERENCE, SPEECH, WS_SPEECH, normalise
@@ -13,6 +13,8 @@ from server.paths import REFERENCE, SPEECH, WS_SPEECH, normalise
 
 def resolve(ctx: Ctx) -> Handler:
     """Auth, then the handler for method + path (404/405 otherwise)."""
+    if ctx.state.config.role == "backend":
+        return backend.resolve(ctx)  # the internal API only
     path, method = normalise(ctx.req.path), ctx.req.method
     if path == "/health":
         return _only(method, ("GET", "HEAD"), health)

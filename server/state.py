@@ -18,7 +18,7 @@ from scheduler.jobs import EngineProtocol, VoicePrompt
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.store_base import VoiceStoreBase
-from server.voices import VoiceCache
+from server.voices import FeatureCache, VoiceCache
 
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
@@ -45,6 +45,7 @@ class ServerState:
     draining: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # in-flight handlers, for the drain
     connections: set[OpenConnection] = field(default_factory=set)
+    features: FeatureCache | None = None  # --role backend: the voices jobs brought, by content hash
 
     async def run_blocking(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         """CPU/disk work (decode, encode, features, fsync) goes to the pool, never the loop."""

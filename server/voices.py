@@ -65,3 +65,30 @@ class VoiceCache:
     def drop(self, voice_id: str) -> None:
         with self._lock:
             self._items.pop(voice_id, None)
+
+
+class FeatureCache:
+    """A backend's voices by content hash (protocol.internal.voice_sha256), bounded LRU: the frontend
+    sends a voice's features once, then only its hash, and again when the backend asks (`need_voice`)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str) -> VoicePrompt | None:
+        with self._lock:
+            prompt = self._items.get(sha256)
+            if prompt is not None:
+                self._items.move_to_end(sha256)
+            return prompt
+
+    def put(self, sha256: str, prompt: VoicePrompt) -> None:
+        with self._lock:
+            self._items[sha256] = prompt
+            self._items.move_to_end(sha256)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

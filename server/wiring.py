@@ -12,29 +12,50 @@ import functools
 import logging
 from pathlib import Path
 
+from frontend.model_files import QWEN_DIR
+from frontend.prepare import TextPreparer
+from frontend.text_normalize import TextFrontend
+from frontend.text_process import TextProcess
 from kernels.features.extractor import (
     PromptExtractor,  # light: it loads its onnxruntime models and torch lazily
 )
 from scheduler.jobs import EngineProtocol
 from server.config import ServerConfig
+from server.remote_engine import RemoteEngine
 from server.state import ExtractPrompt, ServerState
 from server.store import VoiceStore
-from server.store_base import VoiceStoreBase
+from server.store_base import NoStore, VoiceStoreBase
 from server.store_s3 import S3Settings, S3VoiceStore  # boto3, an optional extra, loads only when one is made
-from server.voices import VoiceCache, with_text_ids
+from server.voices import FeatureCache, VoiceCache, with_text_ids
 
 log = logging.getLogger("server")
 
 
 def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
                extract_prompt: ExtractPrompt | None = None) -> ServerState:
+    """`--role all` and `backend`: the engine in this process; `frontend`: a RemoteEngine (no torch), whose
+    backend also computes the prompt features of uploads. A backend has no store (voices come with jobs)."""
+    if config.role == "frontend" and engine is None:
+        remote = build_remote_engine(config)
+        engine, extract_prompt = remote, extract_prompt or remote.extract_prompt
     model_dir = resolve_model_dir(config) if engine is None or extract_prompt is None else None
     engine = engine if engine is not None else build_engine(config, model_dir)
     extract_prompt = extract_prompt if extract_prompt is not None else build_extractor(model_dir)
-    store = build_store(config)
+    store: VoiceStoreBase = NoStore() if config.role == "backend" else build_store(config)
     return ServerState(config=config, engine=engine, extract_prompt=extract_prompt, store=store,
                        voices=VoiceCache(store, config.voice_cache_size, functools.partial(with_text_ids, engine)),
-                       pool=concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cosy-work"))
+                       pool=concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="cosy-work"),
+                       features=FeatureCache(config.voice_cache_size) if config.role == "backend" else None)
+
+
+def build_remote_engine(config: ServerConfig) -> RemoteEngine:
+    """The frontend's engine: text prepared here (the model dir's tokenizer files only), jobs on the first
+    --backend (one static backend in this slice)."""
+    directory = config.model_dir if config.model_dir is not None else config.data_dir / "tiny-model"
+    if not (directory / QWEN_DIR).is_dir():
+        raise SystemExit(f"--role frontend needs --model-dir with the tokenizer ({directory / QWEN_DIR} not found)")
+    text = TextPreparer(TextFrontend(directory), TextProcess(directory) if config.text_process else None)
+    return RemoteEngine(config.backends[0], config.internal_token, text)
 
 
 def build_store(config: ServerConfig) -> VoiceStoreBase:

@@ -9,6 +9,7 @@ descending_ids: ids for the stores that sort against upload order.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -198,3 +199,20 @@ def descending_ids() -> SimpleNamespace:
     """Stands in for a store module's `uuid`: each new id sorts before the previous one."""
     ids = (uuid.UUID(int=n) for n in range(1000, 0, -1))
     return SimpleNamespace(uuid4=lambda: next(ids), UUID=uuid.UUID)
+
+
+class FakeBackendEngine(FakeEngine):
+    """FakeEngine behind `--role backend`: a job arrives as token ids only (its text is "" or, duplex,
+    None), so the text the fake speaks is rebuilt from the pieces (one id per character)."""
+
+    def submit(self, prepared: PreparedJob, sink: EventSink) -> _FakeJob:
+        job = prepared.job
+        if job.text is not None:
+            text = "".join(chr(i) for piece in prepared.pieces for i in piece)
+            prepared = dataclasses.replace(prepared, job=dataclasses.replace(job, text=text))
+        return super().submit(prepared, sink)
+
+
+def fake_text_preparer(engine: FakeEngine) -> SimpleNamespace:
+    """What RemoteEngine needs of a TextPreparer (prepare, encode, close), from a FakeEngine's text rules."""
+    return SimpleNamespace(prepare=engine.prepare, encode=engine.encode_text, close=lambda: None)
