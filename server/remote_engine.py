@@ -165,6 +165,7 @@ class RemoteJob:
         self._ws: WSConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task = loop.create_task(self._run(prepared))
+        self._task.add_done_callback(lambda _: engine.jobs.discard(self))  # also when cancelled before it ran
 
     # ---- JobControl ----
     def push_tokens(self, ids: Sequence[int]) -> None:
@@ -286,7 +287,6 @@ class RemoteJob:
                 pump.cancel()
             if self._writer is not None:
                 self._writer.close()
-            engine.jobs.discard(self)
 
     async def _pump(self) -> None:
         """Control messages (duplex text ids, finish) to the backend, in the order they were called."""

@@ -245,3 +245,23 @@ def test_duplex_text_is_forwarded_as_it_arrives(split) -> None:
         assert events[-1] == "task-finished"
     finally:
         ws.close()
+
+
+def test_a_backend_that_lost_the_voice_asks_for_it_again(split) -> None:
+    """The frontend sends only the hash of a voice it sent before; a backend that evicted it (or restarted)
+    answers need_voice and gets the features, invisibly to the client."""
+    back, front, _ = split
+    voice = _voice(front)
+    first = _speak(front.url, voice, text="before")
+    back.call(lambda: back.app.features._items.clear())  # type: ignore[union-attr]
+    again = _speak(front.url, voice, text="before")
+    assert again["output"]["audio"]["data"] == first["output"]["audio"]["data"]
+    assert len(back.app.features) == 1  # type: ignore[arg-type]
+
+
+def test_the_frontend_reports_the_backends_load(split) -> None:
+    _, front, _ = split
+    _speak(front.url, _voice(front), text="load")
+    remote = front.app.engine
+    assert isinstance(remote, RemoteEngine) and remote.can_admit() and remote.stats().waiting == 0
+    assert front.call(lambda: len(remote.jobs)) == 0  # finished jobs are forgotten
