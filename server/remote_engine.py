@@ -40,7 +40,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from frontend.prepare import TextPreparer
 from frontend.prompt import PromptAudioError
 from protocol import internal as wire
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, Overloaded
 from scheduler.jobs import (
     EngineEvent,
     EngineStats,
@@ -141,6 +141,8 @@ class RemoteEngine:
                                                              "content-type": "application/octet-stream"})
             resp = conn.getresponse()
             data = resp.read()
+        except OSError as exc:  # no backend to compute them: retryable, as a full server is
+            raise Overloaded(f"no backend available for prompt features: {exc}", status=503) from None
         finally:
             conn.close()
         if resp.status == 400:
@@ -220,6 +222,9 @@ class RemoteJob:
     async def _run(self, prepared: PreparedJob) -> None:
         engine = self._engine
         pump: asyncio.Task[None] | None = None
+        if prepared.refusal is not None:  # nothing to send: refused as the engine itself would refuse it
+            self._emit(Failed(self._rid, ErrorCode.INVALID_PARAMETER, prepared.refusal))
+            return
         try:
             try:
                 reader, self._writer = await asyncio.open_connection(engine.host, engine.port)

@@ -265,3 +265,13 @@ def test_the_frontend_reports_the_backends_load(split) -> None:
     remote = front.app.engine
     assert isinstance(remote, RemoteEngine) and remote.can_admit() and remote.stats().waiting == 0
     assert front.call(lambda: len(remote.jobs)) == 0  # finished jobs are forgotten
+
+
+def test_without_its_backend_the_frontend_answers_503_with_retry_after(tmp_path: Path) -> None:
+    with backend_server(tmp_path / "b") as back, frontend_server(tmp_path / "f", back.url) as front:
+        voice = _voice(front)
+        back.stop()
+        r = requests.post(f"{front.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice), timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "Overloaded"
+        r = upload(requests, front.url)
+        assert r.status_code == 503 and r.json()["code"] == "Overloaded", r.text

@@ -87,6 +87,13 @@ def test_non_stream_and_sse_through_the_frontend(split: dict[str, object], voice
     assert first["detail"]["llm_tokens"] > 0  # the backend's per-chunk metrics came across
 
 
+def test_text_with_nothing_to_speak_is_refused_by_the_frontend_as_by_role_all(split: dict[str, object],
+                                                                             voice: str) -> None:
+    r = requests.post(f"{split['frontend']}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice, text="。。。"),
+                      timeout=30)
+    assert r.status_code == 400 and r.json()["code"] == "InvalidParameter", r.text
+
+
 def test_ws_duplex_through_the_frontend(split: dict[str, object], voice: str) -> None:
     ws = websocket.create_connection(f"ws://127.0.0.1:{split['fport']}/api-ws/v1/audio/speech", header=AUTH,
                                      timeout=60)
