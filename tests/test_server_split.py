@@ -275,3 +275,39 @@ def test_without_its_backend_the_frontend_answers_503_with_retry_after(tmp_path:
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "Overloaded"
         r = upload(requests, front.url)
         assert r.status_code == 503 and r.json()["code"] == "Overloaded", r.text
+
+
+def test_a_client_that_goes_away_cancels_the_backend_job(tmp_path: Path) -> None:
+    import time
+
+    engine = FakeBackendEngine(chunk_chars=2, delay_s=0.05)  # 60 characters: 1.5 s if left to run
+    with backend_server(tmp_path / "b", engine) as back, frontend_server(tmp_path / "f", back.url) as front:
+        r = requests.post(f"{front.url}/api/v1/audio/speech", headers=AUTH,
+                          json=speech_body(_voice(front), text="x" * 60, stream=True), stream=True, timeout=10)
+        next(r.iter_lines())  # the first event has come: the job runs on the backend
+        started = time.monotonic()
+        r.close()
+        while engine.running and time.monotonic() - started < 1.0:
+            time.sleep(0.02)
+        assert engine.running == 0 and time.monotonic() - started < 1.0
+
+
+def test_a_frontend_without_the_tokenizer_files_says_so(tmp_path: Path) -> None:
+    cfg = ServerConfig(role="frontend", data_dir=tmp_path, tokens=(TOKEN,), internal_token=INTERNAL,
+                       backends=("http://127.0.0.1:1",))
+    with pytest.raises(SystemExit, match="tokenizer"):
+        create_app(cfg)
+
+
+def test_the_backend_answers_a_malformed_frame_with_failed_and_closes(split) -> None:
+    back, _, _ = split
+    ws = websocket.create_connection(f"ws://127.0.0.1:{back.port}{wire.JOBS_PATH}",
+                                     header={"Authorization": f"Bearer {INTERNAL}"}, timeout=5)
+    try:
+        ws.send("not json")
+        msg = wire.Reader(to_backend=False).feed(ws.recv())
+        assert isinstance(msg, wire.Failed) and msg.code.value == "BadRequest" and "not JSON" in msg.message
+        ws.recv()  # the close frame
+        assert not ws.connected
+    finally:
+        ws.close()
