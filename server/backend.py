@@ -66,8 +66,9 @@ async def readiness(ctx: Ctx) -> None:
         await ctx.out.respond(503, [("content-type", "application/json"), ("retry-after", "1")],
                               b'{"status": "draining"}')
         return
-    await ctx.json({"status": "ready", "running": state.engine.stats().running,
-                    "waiting": state.engine.stats().waiting, "can_admit": state.engine.can_admit()})
+    stats = state.engine.stats()
+    await ctx.json({"status": "ready", "running": stats.running, "waiting": stats.waiting,
+                    "can_admit": state.engine.can_admit()})
 
 
 async def features(ctx: Ctx) -> None:
