@@ -62,7 +62,7 @@ MINS=(20 5 20 10 30 20 40 20)
 if [[ -n ${CAPS_S:-} ]]; then read -ra CAPS <<< "$CAPS_S"; fi  # e.g. CAPS_S="100 30 90 90 150 60 170 70"
 
 VIRTUAL=0  # dry run: seconds the skipped work would have taken
-elapsed() { echo $((SECONDS + VIRTUAL)); }
+elapsed() { if ((DRY)); then echo "$VIRTUAL"; else echo $((SECONDS + VIRTUAL)); fi; }  # a dry run: planned time only
 
 json_str() { "$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1" 2>/dev/null || echo '""'; }
 
