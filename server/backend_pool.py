@@ -55,7 +55,7 @@ class Backend:
     next_check: float = 0.0  # clock time the next health check is due
     # counters (metrics)
     jobs: int = 0
-    failed: int = 0
+    failed: int = 0  # job attempts that failed here (refused, reset, busy)
     retries: int = 0  # jobs retried elsewhere after failing here
     ejections: int = 0
     sent_voices: dict[str, None] = field(default_factory=dict)  # voice hashes sent here (insertion order)
@@ -159,6 +159,9 @@ class BackendPool:
             backend.failures = 0
             return
         backend.failed += 1
+        self._failure(backend)
+
+    def _failure(self, backend: Backend) -> None:
         backend.failures += 1
         if backend.failures >= self.eject_after and not backend.ejected:
             backend.ejected = True
@@ -192,5 +195,5 @@ class BackendPool:
             self.report(backend, running, waiting, can_admit)
         elif status == 503:
             backend.draining = True
-        else:
-            self.outcome(backend, Outcome.REFUSED)
+        else:  # counts toward ejection, not among the jobs' failures
+            self._failure(backend)

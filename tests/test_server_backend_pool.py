@@ -73,8 +73,8 @@ def test_health_checks_are_due_every_interval_and_readmit_on_200() -> None:
     clock.now += 0.1
     assert pool.due() == [a, b]
     for _ in range(3):
-        pool.checked(a, None)  # no answer: counts as a failure
-    assert a.ejected and pool.choose() is b
+        pool.checked(a, None)  # no answer: counts toward ejection
+    assert a.ejected and pool.choose() is b and a.failed == 0  # not among the jobs' failures
     pool.checked(a, 200, running=0, waiting=0)
     assert not a.ejected and a.failures == 0
     pool.checked(b, 503)
