@@ -134,7 +134,8 @@ class BackendPool:
     # ---- routing ----
     def choose(self, exclude: Collection[Backend] = ()) -> Backend | None:
         """The usable backend with the least outstanding work (None: there is none)."""
-        usable = [b for b in self._table.values() if b.usable and b not in exclude]
+        # a snapshot first: RemoteEngine.extract_prompt reads from a worker thread while the loop may edit
+        usable = [b for b in tuple(self._table.values()) if b.usable and b not in exclude]
         if not usable:
             return None
         return min(usable, key=lambda b: (b.outstanding, b.jobs))
