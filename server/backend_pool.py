@@ -17,6 +17,7 @@ decides. Everything here runs on the event loop, so nothing is locked.
 from __future__ import annotations
 
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -79,8 +80,6 @@ class Backend:
 
 def parse_url(url: str) -> tuple[str, int]:
     """`http://host:port` -> (host, port); ValueError otherwise."""
-    import urllib.parse
-
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"backend URL must be http://host:port: {url!r}")
