@@ -39,6 +39,15 @@ class ServerConfig:
     backends: tuple[str, ...] = field(default=(), metadata=_doc(
         "frontend: a backend's base URL, e.g. http://10.0.0.5:8001 (repeat the flag for several; env: "
         "comma-separated)", flag="backend"))
+    backend_dns: str = field(default="", metadata=_doc(
+        "frontend: backends from DNS, name:port (A/AAAA records, e.g. a Kubernetes headless Service), "
+        "re-resolved every --backend-check-s; with or instead of --backend"))
+    backend_check_s: float = field(default=2.0, metadata=_doc(
+        "frontend: health check of each backend (GET /internal/v1/health) and DNS re-resolution, every "
+        "this many seconds"))
+    backend_eject_after: int = field(default=3, metadata=_doc(
+        "frontend: consecutive failures (refused, reset, 503) that eject a backend until its health check "
+        "answers 200 again"))
     host: str = field(default="127.0.0.1", metadata=_doc(
         "address to listen on (0.0.0.0: every interface)"))
     port: int = field(default=8000, metadata=_doc(
@@ -148,8 +157,14 @@ class ServerConfig:
             raise ValueError("empty token")
         if self.role in ("frontend", "backend") and not self.internal_token:
             raise ValueError(f"--role {self.role} needs --internal-token (or COSYSERVE_INTERNAL_TOKEN)")
-        if self.role == "frontend" and not self.backends:
-            raise ValueError("--role frontend needs at least one --backend URL")
+        if self.role == "frontend" and not self.backends and not self.backend_dns:
+            raise ValueError("--role frontend needs at least one --backend URL or --backend-dns name:port")
+        if self.backend_dns:
+            name, _, port = self.backend_dns.rpartition(":")
+            if not name or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--backend-dns must be name:port: {self.backend_dns!r}")
+        if self.backend_check_s <= 0 or self.backend_eject_after < 1:
+            raise ValueError("backend_check_s must be positive and backend_eject_after >= 1")
         for url in self.backends:
             if not url.startswith("http://"):
                 raise ValueError(f"--backend must be an http:// URL: {url!r}")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler.jobs import EngineStats
+from server.backend_pool import Backend
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
@@ -88,7 +90,8 @@ class Metrics:
     def synthesis_done(self, rtf: float) -> None:
         self._rtf.observe(rtf)
 
-    def render(self, stats: EngineStats | None) -> str:
+    def render(self, stats: EngineStats | None, backends: Sequence[Backend] = ()) -> str:
+        """`backends`: a frontend's backend table (server/backend_pool.py), whose counters it keeps."""
         lines = ["# TYPE cosyserve_requests_total counter"]
         for (route, status), n in sorted(self._requests.items()):
             lines.append(f'cosyserve_requests_total{{route="{route}",status="{status}"}} {n}')
@@ -104,6 +107,8 @@ class Metrics:
         lines += self._rtf.render("cosyserve_rtf")
         if stats is not None:
             lines += _engine_lines(stats)
+        if backends:
+            lines += _backend_lines(backends)
         return "\n".join(lines) + "\n"
 
 
@@ -118,4 +123,23 @@ def _engine_lines(s: EngineStats) -> list[str]:
     for key, value in gauges.items():
         lines += [f"# TYPE cosyserve_engine_{key} gauge", f"cosyserve_engine_{key} {value}"]
     lines += ["# TYPE cosyserve_engine_steps_total counter", f"cosyserve_engine_steps_total {s.steps}"]
+    return lines
+
+
+_BACKEND_SERIES = (  # (name, type, Backend attribute, help)
+    ("cosyserve_backend_inflight", "gauge", "inflight", "this frontend's jobs on the backend now"),
+    ("cosyserve_backend_jobs_total", "counter", "jobs", "jobs sent to the backend (retries included)"),
+    ("cosyserve_backend_failures_total", "counter", "failed", "refused, reset or busy (503) attempts"),
+    ("cosyserve_backend_retries_total", "counter", "retries", "jobs retried elsewhere after failing here"),
+    ("cosyserve_backend_ejections_total", "counter", "ejections", "times the backend was ejected"),
+)
+
+
+def _backend_lines(backends: Sequence[Backend]) -> list[str]:
+    lines = []
+    for name, kind, attr, text in _BACKEND_SERIES:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{backend="{b.key}"}} {getattr(b, attr)}' for b in backends]
+    lines.append("# TYPE cosyserve_backend_up gauge")
+    lines += [f'cosyserve_backend_up{{backend="{b.key}"}} {int(b.usable)}' for b in backends]
     return lines

@@ -54,5 +54,6 @@ async def metrics(ctx: Ctx) -> None:
         stats = ctx.state.engine.stats()
     except Exception:  # noqa: BLE001 - a broken engine must not take /metrics down with it
         stats = None
-    body = ctx.state.metrics.render(stats).encode("utf-8")
+    pool = getattr(ctx.state.engine, "pool", None)  # a frontend's RemoteEngine: its backend table
+    body = ctx.state.metrics.render(stats, pool.backends() if pool is not None else ()).encode("utf-8")
     await ctx.out.respond(200, [("content-type", "text/plain; version=0.0.4")], body)

@@ -16,6 +16,9 @@ log = logging.getLogger("server")
 
 async def start(state: ServerState, host: str, port: int) -> asyncio.base_events.Server:
     state.loop = asyncio.get_running_loop()
+    start_monitor = getattr(state.engine, "start_monitor", None)  # a frontend's RemoteEngine: health checks
+    if callable(start_monitor):
+        start_monitor()
     return await state.loop.create_server(lambda: HttpProtocol(state), host, port, backlog=1024)
 
 

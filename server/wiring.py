@@ -49,13 +49,14 @@ def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
 
 
 def build_remote_engine(config: ServerConfig) -> RemoteEngine:
-    """The frontend's engine: text prepared here (the model dir's tokenizer files only), jobs on the first
-    --backend (one static backend in this slice)."""
+    """The frontend's engine: text prepared here (the model dir's tokenizer files only), jobs routed over
+    the --backend URLs and/or the --backend-dns addresses."""
     directory = config.model_dir if config.model_dir is not None else config.data_dir / "tiny-model"
     if not (directory / QWEN_DIR).is_dir():
         raise SystemExit(f"--role frontend needs --model-dir with the tokenizer ({directory / QWEN_DIR} not found)")
     text = TextPreparer(TextFrontend(directory), TextProcess(directory) if config.text_process else None)
-    return RemoteEngine(config.backends[0], config.internal_token, text)
+    return RemoteEngine(config.backends, config.internal_token, text, dns=config.backend_dns,
+                        check_s=config.backend_check_s, eject_after=config.backend_eject_after)
 
 
 def build_store(config: ServerConfig) -> VoiceStoreBase:

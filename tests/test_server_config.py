@@ -79,3 +79,19 @@ def test_roles_and_their_internal_settings() -> None:
         load_config(["--role", "backend"], {})
     with pytest.raises(ValueError, match="--backend"):
         load_config(["--role", "frontend", "--token", "t", "--internal-token", "i"], {})
+
+
+def test_frontend_routing_settings_and_their_env_twins() -> None:
+    base = ["--role", "frontend", "--token", "t", "--internal-token", "i"]
+    cfg = load_config([*base, "--backend-dns", "backends.ns.svc:8001", "--backend-check-s", "0.5",
+                       "--backend-eject-after", "5"], {})
+    assert (cfg.backends, cfg.backend_dns, cfg.backend_check_s, cfg.backend_eject_after) == \
+        ((), "backends.ns.svc:8001", 0.5, 5)  # DNS alone is enough
+    env = {"COSYSERVE_BACKEND_DNS": "b:1", "COSYSERVE_BACKEND_CHECK_S": "3", "COSYSERVE_BACKEND_EJECT_AFTER": "2"}
+    cfg = load_config(base, env)
+    assert (cfg.backend_dns, cfg.backend_check_s, cfg.backend_eject_after) == ("b:1", 3.0, 2)
+    assert load_config([*base, "--backend", "http://a:1"], {}).backend_check_s == 2.0
+    for bad in (["--backend-dns", "nohost"], ["--backend-dns", "b:1", "--backend-check-s", "0"],
+                ["--backend-dns", "b:1", "--backend-eject-after", "0"]):
+        with pytest.raises(ValueError):
+            load_config([*base, *bad], {})
