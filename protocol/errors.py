@@ -151,11 +151,12 @@ class InternalError(ApiError):
         super().__init__(message)
 
 
-def engine_error(code: ErrorCode, message: str) -> ApiError:
-    """An engine `Failed` / `RequestRejected` as the error the client sees."""
+def engine_error(code: ErrorCode, message: str, status: int | None = None) -> ApiError:
+    """An engine `Failed` / `RequestRejected` as the error the client sees (`status`: where not the code's
+    own, e.g. 502 when a frontend's backend died mid-job)."""
     if code is ErrorCode.OVERLOADED:
         return Overloaded(message)  # carries Retry-After like every other overload
-    return ApiError(message, code=code)
+    return ApiError(message, code=code, status=status)
 
 
 # ---- the error on each transport ----

@@ -89,6 +89,7 @@ class Failed:
     request_id: str
     code: ErrorCode  # e.g. INTERNAL_ERROR, OVERLOADED, CANCELLED, INVALID_PARAMETER
     message: str
+    status: int | None = None  # the HTTP status, where not the code's own (502: a backend died mid-job)
 
 
 EngineEvent = AudioChunk | Finished | Failed

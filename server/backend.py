@@ -1,9 +1,10 @@
 """`--role backend`: the engine behind the internal API (protocol/internal.py), on the same HTTP/WS layer.
 
-Routes: `GET /health` (liveness: the loop answers), `GET /internal/v1/health` (readiness: the engine is
-loaded -- it is, once the server listens -- and not draining; 503 while draining), `POST
+Routes: `GET /health` (liveness: the loop answers), `GET /internal/v1/health` and its alias `GET /ready`
+(readiness: the engine is loaded -- it is, once the server listens -- and not draining; 503 + Retry-After
+while draining), `GET /metrics` (Prometheus text, internal token), `POST
 /internal/v1/features` (prompt features of an uploaded voice, for a frontend without torch), and the
-WebSocket `/internal/v1/jobs`, one job per socket. Everything but the two health checks needs
+WebSocket `/internal/v1/jobs`, one job per socket. Everything but the health checks needs
 `Authorization: Bearer <--internal-token>`; the public tokens are never involved.
 
 A job socket turns messages into `engine.submit(PreparedJob, sink)` / `push_tokens` / `finish_text` /
@@ -28,7 +29,7 @@ from server.auth import token_ok
 from server.context import Ctx, Handler
 from server.flow_control import FlowControl
 from server.internal_jobs import features_of, message_of, prepared_of, prompt_of, status_of
-from server.paths import normalise
+from server.paths import READY, normalise
 from server.state import ServerState
 
 log = logging.getLogger("server.backend")
@@ -43,12 +44,16 @@ def internal_authorized(state: ServerState, authorization: str | None) -> bool:
 def resolve(ctx: Ctx) -> Handler:
     """The backend's HTTP routes (the public API is not served here)."""
     path, method = normalise(ctx.req.path), ctx.req.method
-    if path in ("/health", wire.HEALTH_PATH):
+    if path in ("/health", wire.HEALTH_PATH, READY):
         if method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"method {method} not allowed", allowed=("GET", "HEAD"))
         return liveness if path == "/health" else readiness
     if not internal_authorized(ctx.state, ctx.req.header("authorization")):
         raise Unauthorized()
+    if path == "/metrics":
+        if method != "GET":
+            raise MethodNotAllowed(f"method {method} not allowed", allowed=("GET",))
+        return metrics
     if path == wire.FEATURES_PATH:
         if method != "POST":
             raise MethodNotAllowed(f"method {method} not allowed", allowed=("POST",))
@@ -63,12 +68,19 @@ async def liveness(ctx: Ctx) -> None:
 async def readiness(ctx: Ctx) -> None:
     state = ctx.state
     if state.draining:
-        await ctx.out.respond(503, [("content-type", "application/json"), ("retry-after", "1")],
-                              b'{"status": "draining"}')
+        await ctx.out.respond(503, [("content-type", "application/json"),
+                                    ("retry-after", str(state.config.retry_after_s))], b'{"status": "draining"}')
         return
     stats = state.engine.stats()
     await ctx.json({"status": "ready", "running": stats.running, "waiting": stats.waiting,
                     "can_admit": state.engine.can_admit()})
+
+
+async def metrics(ctx: Ctx) -> None:
+    """Prometheus text: the engine's gauges and this backend's queue, occupancy, tokens and job outcomes."""
+    state = ctx.state
+    body = state.metrics.render_backend(state.engine.stats(), state.config.max_batch).encode("utf-8")
+    await ctx.out.respond(200, [("content-type", "text/plain; version=0.0.4")], body)
 
 
 async def features(ctx: Ctx) -> None:
@@ -107,6 +119,7 @@ class JobSocket:
         self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self.sender: asyncio.Task[None] | None = None
         self.ended = False  # the final event went out, or the job was cancelled
+        self.counted = False  # its outcome is in the metrics
         self.closed = False
 
     # ---- socket side ----
@@ -136,6 +149,7 @@ class JobSocket:
         self.closed = True
         if self.control is not None and not self.ended:
             self.control.cancel()
+            self._count("cancelled")
         self.ended = True
         if self.sender is not None and not self.sender.done():
             self.sender.cancel()
@@ -211,6 +225,11 @@ class JobSocket:
         self.state.tasks.add(self.sender)
         self.sender.add_done_callback(self.state.tasks.discard)
 
+    def _count(self, outcome: str) -> None:
+        if not self.counted:
+            self.counted = True
+            self.state.metrics.backend_job_done(outcome)
+
     def _text(self, msg: wire.PushTokens | wire.FinishText) -> None:
         assert self.control is not None
         if isinstance(msg, wire.PushTokens):
@@ -241,6 +260,9 @@ class JobSocket:
             final = isinstance(event, (Finished, Failed))
             if final:
                 self.ended = True
+                self._count("finished" if isinstance(event, Finished) else "failed")
+            else:
+                self.state.metrics.llm_tokens(event.metrics.llm_tokens)
             self._write(message_of(event, self._status()))
             await self.proto.flow.drain()
             if final:
@@ -249,6 +271,7 @@ class JobSocket:
 
     def _refuse(self, code: ErrorCode, message: str) -> None:
         """A failed message, then close: the job (if any) is cancelled."""
+        self._count("refused" if code is ErrorCode.OVERLOADED else "failed")
         self._write(wire.Failed(code, message, self._status()))
         self._end()
         self.proto.write(self.session.send_close(CLOSE_NORMAL if code is ErrorCode.OVERLOADED else CLOSE_POLICY,

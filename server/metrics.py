@@ -53,6 +53,9 @@ class Metrics:
         self._connections = 0
         self._first_packet_s = Histogram(_LATENCY_BUCKETS_S)
         self._rtf = Histogram(_RTF_BUCKETS)
+        # --role backend (server/backend.py): internal jobs
+        self._llm_tokens = 0
+        self._backend_jobs: Counter[str] = Counter()  # by outcome
 
     @property
     def inflight(self) -> int:
@@ -89,6 +92,33 @@ class Metrics:
 
     def synthesis_done(self, rtf: float) -> None:
         self._rtf.observe(rtf)
+
+    def llm_tokens(self, n: int) -> None:
+        """A backend sent a chunk covering `n` LLM speech tokens."""
+        self._llm_tokens += n
+
+    def backend_job_done(self, outcome: str) -> None:
+        """outcome: "finished", "failed", "cancelled" (socket closed, cancel) or "refused" (draining, full)."""
+        self._backend_jobs[outcome] += 1
+
+    def render_backend(self, stats: EngineStats, max_batch: int) -> str:
+        """A backend's /metrics: what an autoscaler reads (KEDA: the queue depth), then the engine's gauges."""
+        occupancy = stats.last_decode_batch / max_batch if max_batch > 0 else 0.0
+        lines = []
+        for name, kind, value, text in (
+            ("cosyserve_backend_queue_depth", "gauge", stats.waiting, "jobs waiting for a decode slot"),
+            ("cosyserve_backend_running_jobs", "gauge", stats.running, "jobs in the engine's batch"),
+            ("cosyserve_backend_batch_occupancy", "gauge", f"{occupancy:.4f}", "last decode batch / max batch"),
+            ("cosyserve_backend_llm_tokens_total", "counter", self._llm_tokens,
+             "LLM speech tokens streamed (rate() is tokens/s)"),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        name = "cosyserve_backend_job_outcomes_total"
+        lines += [f"# HELP {name} internal jobs ended, by outcome", f"# TYPE {name} counter"]
+        for outcome in ("finished", "failed", "cancelled", "refused"):
+            lines.append(f'{name}{{outcome="{outcome}"}} {self._backend_jobs[outcome]}')
+        lines += _engine_lines(stats)
+        return "\n".join(lines) + "\n"
 
     def render(self, stats: EngineStats | None, backends: Sequence[Backend] = ()) -> str:
         """`backends`: a frontend's backend table (server/backend_pool.py), whose counters it keeps."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 REFERENCE = "/api/v1/audio/reference_audio"
 SPEECH = "/api/v1/audio/speech"
 WS_SPEECH = "/api-ws/v1/audio/speech"
+READY = "/ready"  # readiness, both roles: 503 while draining
 
 
 def normalise(path: str) -> str:
@@ -15,5 +16,5 @@ def route_name(path: str) -> str:
     path = normalise(path)
     if path.startswith(REFERENCE + "/"):
         return "reference_audio_id"
-    return {REFERENCE: "reference_audio", SPEECH: "speech", WS_SPEECH: "ws_speech", "/health": "health",
+    return {REFERENCE: "reference_audio", SPEECH: "speech", WS_SPEECH: "ws_speech", "/health": "health", READY: "ready",
             "/metrics": "metrics"}.get(path, "unknown")

@@ -321,10 +321,10 @@ class RemoteJob:
             self._streamed = True
         self._sink(event)
 
-    def _fail(self, code: ErrorCode, message: str) -> None:
+    def _fail(self, code: ErrorCode, message: str, status: int | None = None) -> None:
         if not self._ended:
             log.warning("request %s: %s", self._rid, message)
-        self._emit(Failed(self._rid, code, message))
+        self._emit(Failed(self._rid, code, message, status))
 
     # ---- the socket ----
     def _send(self, msg: wire.ToBackend) -> None:
@@ -357,8 +357,8 @@ class RemoteJob:
             if outcome is Outcome.OK or self._ended:
                 return
             retry = pool.retryable(outcome, len(tried) - 1, self._streamed, tried)
-            if retry is None:
-                self._fail(code, message)
+            if retry is None:  # a backend lost mid-job is the gateway's failure: 502 where a status is sent
+                self._fail(code, message, 502 if outcome is Outcome.RESET else None)
                 return
             pool.retried(backend)
             log.info("request %s: %s; retrying on %s", self._rid, message, retry.key)

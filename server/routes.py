@@ -1,4 +1,4 @@
-"""Routing: auth first (every route but /health), then method + path -> handler.
+"""Routing: auth first (every route but /health and /ready), then method + path -> handler.
 
 Handlers raise ApiError; the connection turns it into the error response in one place.
 """
@@ -8,7 +8,7 @@ from protocol.errors import MethodNotAllowed, NotFound, Unauthorized, UpgradeReq
 from server import backend, reference_audio, speech
 from server.auth import authorized
 from server.context import Ctx, Handler
-from server.paths import REFERENCE, SPEECH, WS_SPEECH, normalise
+from server.paths import READY, REFERENCE, SPEECH, WS_SPEECH, normalise
 
 
 def resolve(ctx: Ctx) -> Handler:
@@ -18,6 +18,8 @@ def resolve(ctx: Ctx) -> Handler:
     path, method = normalise(ctx.req.path), ctx.req.method
     if path == "/health":
         return _only(method, ("GET", "HEAD"), health)
+    if path == READY:
+        return _only(method, ("GET", "HEAD"), ready)
     if not authorized(ctx.req.headers, ctx.state.config.tokens):
         raise Unauthorized()
     if path == "/metrics":
@@ -47,6 +49,21 @@ def _pick(method: str, table: dict[str, Handler]) -> Handler:
 
 async def health(ctx: Ctx) -> None:
     await ctx.json({"status": "ok"})  # reveals nothing: no version, model, or load
+
+
+async def ready(ctx: Ctx) -> None:
+    """Readiness (no token): 503 + Retry-After from the moment SIGTERM starts the drain; the listener stays
+    open meanwhile, so the probe sees it. `/health` stays the liveness check (200 while the loop answers)."""
+    if ctx.state.draining:
+        await draining(ctx)
+        return
+    await ctx.json({"status": "ready"})
+
+
+async def draining(ctx: Ctx) -> None:
+    retry = str(ctx.state.config.retry_after_s)
+    await ctx.out.respond(503, [("content-type", "application/json"), ("retry-after", retry)],
+                          b'{"status": "draining"}')
 
 
 async def metrics(ctx: Ctx) -> None:

@@ -22,6 +22,7 @@ class ServerThread:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._drain: concurrent.futures.Future[None] | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="test-server")
 
     @property
@@ -55,10 +56,18 @@ class ServerThread:
         self._loop.call_soon_threadsafe(lambda: fut.set_result(fn()))
         return fut.result(5)
 
+    def begin_drain(self) -> concurrent.futures.Future[None]:
+        """Start the drain (what SIGTERM does) without waiting for it; `stop()` afterwards finishes."""
+        assert self._loop is not None and self._server is not None
+        self._drain = asyncio.run_coroutine_threadsafe(drain(self.app, self._server), self._loop)
+        return self._drain
+
     def stop(self) -> None:
         if self._loop is None or not self._thread.is_alive():
             return
         assert self._server is not None
-        asyncio.run_coroutine_threadsafe(drain(self.app, self._server), self._loop).result(30)
+        if self._drain is None:
+            self._drain = asyncio.run_coroutine_threadsafe(drain(self.app, self._server), self._loop)
+        self._drain.result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

@@ -23,18 +23,27 @@ async def start(state: ServerState, host: str, port: int) -> asyncio.base_events
 
 
 async def drain(state: ServerState, server: asyncio.base_events.Server) -> None:
-    """Stop accepting, let in-flight work finish within the deadline, then cancel the rest."""
+    """Readiness goes false at once (`draining`: the readiness probes answer 503, new work a retryable 503
+    with Retry-After) while the listener stays open, so a probe sees the drain rather than a refused
+    connection; in-flight work finishes within the deadline, the rest is cancelled, then the listener
+    closes."""
     state.draining = True
-    server.close()
     for conn in list(state.connections):
         conn.close_if_idle()
-    pending = {t for t in state.tasks if not t.done()}
-    if pending:
-        _, late = await asyncio.wait(pending, timeout=state.config.shutdown_deadline_s)
-        for t in late:
-            t.cancel()
-        if late:
-            await asyncio.wait(late, timeout=1.0)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + state.config.shutdown_deadline_s
+    while True:  # handlers that start meanwhile (probes, refusals) are short; they are waited for too
+        pending = {t for t in state.tasks if not t.done()}
+        left = end - loop.time()
+        if not pending or left <= 0:
+            break
+        await asyncio.wait(pending, timeout=left)
+    late = {t for t in state.tasks if not t.done()}
+    for t in late:
+        t.cancel()
+    if late:
+        await asyncio.wait(late, timeout=1.0)
+    server.close()
     for conn in list(state.connections):
         conn.abort()
     await state.run_blocking(state.engine.shutdown, 1.0)

@@ -76,7 +76,7 @@ class Synthesis:
                     data = await self._state.run_blocking(self._pipeline.feed, event.pcm)
                     yield EncodedChunk(data, self._metrics(event, self._out_s(data)), last=False)
                 elif isinstance(event, Failed):
-                    raise engine_error(event.code, event.message)
+                    raise engine_error(event.code, event.message, event.status)
                 else:
                     tail = await self._state.run_blocking(self._pipeline.finish)
                     yield EncodedChunk(tail, self._tail_metrics(self._out_s(tail)), last=True)

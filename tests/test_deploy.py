@@ -277,7 +277,7 @@ def test_manifest_commands_flags_and_env_parse(overlay: str) -> None:
     if overlay == "keda":
         so = _find(docs, "ScaledObject", "cosyserve-backend")
         assert so["spec"]["scaleTargetRef"]["name"] == "cosyserve-backend"
-        assert "cosyserve_engine_waiting" in so["spec"]["triggers"][0]["metadata"]["query"]
+        assert KEDA_METRIC in so["spec"]["triggers"][0]["metadata"]["query"]
 
 
 def _dockerfile(path: Path) -> tuple[list[str], dict[str, str], list[int]]:
@@ -325,6 +325,9 @@ def test_frontend_image_requirements_are_torch_free() -> None:
     assert backend == wanted
 
 
+KEDA_METRIC = "cosyserve_backend_queue_depth"  # the backend's waiting jobs (server/metrics.py)
+
+
 def _probes(overlay: str) -> list[tuple[str, str, int, str, str]]:
     """(role, probe kind, port, path, container) of every httpGet probe in the overlay."""
     out = []
@@ -353,10 +356,15 @@ def test_probe_paths_are_served_by_the_real_server(tmp_path: Path) -> None:
                 (r, k) for r in servers for k in ("startupProbe", "readinessProbe", "livenessProbe")}
             for role, _kind, _port, path, _ in sorted(probes):  # no auth header: probes send none
                 assert requests.get(servers[role].url + path, timeout=5).status_code == 200, (role, path)
-            # the backend's readiness probe turns 503 while draining; its liveness stays 200
-            backend.call(lambda: setattr(backend.app, "draining", True))
+            # the metric the keda overlay scales on is what the backend serves (with the internal token)
+            metrics = requests.get(backend.url + "/metrics", timeout=5,
+                                   headers={"Authorization": f"Bearer {internal}"})
+            assert metrics.status_code == 200 and f"\n{KEDA_METRIC} " in "\n" + metrics.text
+            # each role's readiness probe turns 503 while draining; liveness stays 200
+            for server in servers.values():
+                server.call(lambda s=server: setattr(s.app, "draining", True))
             for role, kind, _port, path, _ in sorted(probes):
-                if role == "backend":
-                    want = 503 if kind == "readinessProbe" else 200
-                    assert requests.get(backend.url + path, timeout=5).status_code == want, (kind, path)
-            backend.call(lambda: setattr(backend.app, "draining", False))
+                want = 503 if kind == "readinessProbe" else 200
+                assert requests.get(servers[role].url + path, timeout=5).status_code == want, (role, kind, path)
+            for server in servers.values():
+                server.call(lambda s=server: setattr(s.app, "draining", False))
