@@ -66,9 +66,9 @@ class Cluster:
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
-    def busy(self) -> int:
-        """The backend with a job running, once one has streamed a chunk (waits up to 20 s)."""
-        deadline = time.monotonic() + 20
+    def busy(self, wait_s: float = 20) -> int:
+        """The backend with a job running, once one has streamed a chunk (waits up to `wait_s`)."""
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             for i in range(2):
                 try:
@@ -123,8 +123,9 @@ def voice(cluster: Cluster) -> str:
     return str(r.json()["id"])
 
 
-def _speak(url: str, voice: str, text: str = "hello world") -> requests.Response:
-    return requests.post(f"{url}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice, text=text), timeout=60)
+def _speak(url: str, voice: str, text: str = "hello world", timeout_s: float = 60) -> requests.Response:
+    return requests.post(f"{url}/api/v1/audio/speech", headers=AUTH, json=speech_body(voice, text=text),
+                         timeout=timeout_s)
 
 
 def _parallel(n: int, fn: Callable[[int], Any]) -> list[Any]:
@@ -211,9 +212,11 @@ def test_kill9_mid_ws_task_fails_it_and_the_connection_runs_the_next(cluster: Cl
 def test_kill9_mid_non_stream_job_is_a_json_502(cluster: Cluster, voice: str) -> None:
     cluster.mark()
     box: list[requests.Response] = []
-    t = threading.Thread(target=lambda: box.append(_speak(cluster.url, voice, LONG)))
+    # Non-stream: the first chunk is a whole sentence piece (~70 text tokens; on random weights it may run
+    # to its max length), so it can take tens of seconds on 2 busy cores; the kill comes after it.
+    t = threading.Thread(target=lambda: box.append(_speak(cluster.url, voice, LONG, timeout_s=300)))
     t.start()
-    victim = cluster.busy()
+    victim = cluster.busy(wait_s=120)
 
     def during() -> None:
         killed = time.monotonic()
