@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
 
 from frontend.prompt import PromptAudioError
 from protocol import internal as wire
 from protocol.errors import ErrorCode, InvalidParameter, MethodNotAllowed, NotFound, Unauthorized
-from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsBinary, WsClosed, WsMessage, WsSend
+from protocol.websocket import CLOSE_NORMAL, WebSocketSession
 from scheduler.jobs import EngineEvent, Failed, Finished, JobControl, VoicePrompt
 from server.auth import token_ok
 from server.context import Ctx, Handler
-from server.flow_control import FlowControl
 from server.internal_jobs import features_of, message_of, prepared_of, prompt_of, status_of
 from server.paths import READY, normalise
 from server.state import ServerState
+from server.ws_handler import Socket, WsHandler
 
 log = logging.getLogger("server.backend")
-CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 
 
@@ -97,20 +95,14 @@ async def features(ctx: Ctx) -> None:
     await ctx.out.respond(200, [("content-type", "application/octet-stream")], body)
 
 
-class Socket(Protocol):
-    flow: FlowControl
-
-    def write(self, data: bytes) -> None: ...
-    def close(self) -> None: ...
-
-
-class JobSocket:
+class JobSocket(WsHandler):
     """One internal job over one WebSocket (after the upgrade, in place of the public WsConnection)."""
 
+    shutdown_reason = "backend shutting down"
+
     def __init__(self, state: ServerState, session: WebSocketSession, proto: Socket) -> None:
+        super().__init__(session, proto)
         self.state = state
-        self.session = session
-        self.proto = proto
         self.loop = asyncio.get_running_loop()
         self.reader = wire.Reader(to_backend=True)
         self.waiting_voice: wire.Submit | None = None  # submitted, voice asked for
@@ -120,33 +112,10 @@ class JobSocket:
         self.sender: asyncio.Task[None] | None = None
         self.ended = False  # the final event went out, or the job was cancelled
         self.counted = False  # its outcome is in the metrics
-        self.closed = False
 
     # ---- socket side ----
-    def data_received(self, data: bytes) -> None:
-        for event in self.session.receive_data(data):
-            if isinstance(event, WsSend):
-                self.proto.write(event.data)
-            elif isinstance(event, WsMessage):
-                self._frame(event.text)
-            elif isinstance(event, WsBinary):
-                self._frame(event.data)
-            elif isinstance(event, WsClosed):
-                self._end()
-                self.proto.close()
-
-    def connection_lost(self) -> None:
-        self._end()
-
-    def shutdown(self) -> None:
-        self._end()
-        self.proto.write(self.session.send_close(CLOSE_GOING_AWAY, "backend shutting down"))
-
-    def _end(self) -> None:
-        """Cancel the job unless it already ended; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
+    def _on_end(self) -> None:
+        """Cancel the job unless it already ended."""
         if self.control is not None and not self.ended:
             self.control.cancel()
             self._count("cancelled")
@@ -155,7 +124,7 @@ class JobSocket:
             self.sender.cancel()
 
     # ---- messages ----
-    def _frame(self, frame: str | bytes) -> None:
+    def _message(self, frame: str | bytes) -> None:
         if self.closed:
             return
         try:

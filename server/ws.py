@@ -11,28 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import Protocol
 
 from protocol.errors import ApiError, InternalError
 from protocol.schema import SpeechParams
-from protocol.websocket import CLOSE_NORMAL, WebSocketSession, WsClosed, WsMessage, WsSend
+from protocol.websocket import CLOSE_NORMAL, WebSocketSession
 from protocol.ws_tasks import Action, CancelTask, FinishText, PushText, SendEvent, StartTask, WsTaskMachine
 from server.context import new_request_id
-from server.flow_control import FlowControl
 from server.state import ServerState
 from server.synthesis import Synthesis
+from server.ws_handler import Socket, WsHandler
 
 log = logging.getLogger("server.ws")
-CLOSE_GOING_AWAY = 1001
-
-
-class Socket(Protocol):
-    """The connection underneath (server.connection.HttpProtocol after the upgrade)."""
-
-    flow: FlowControl
-
-    def write(self, data: bytes) -> None: ...
-    def close(self) -> None: ...
 
 
 class _Task:
@@ -77,38 +66,19 @@ class _Task:
             self.synth.close()
 
 
-class WsConnection:
+class WsConnection(WsHandler):
     def __init__(self, state: ServerState, session: WebSocketSession, proto: Socket) -> None:
+        super().__init__(session, proto)
         self.state = state
-        self.session = session
-        self.proto = proto
         self.machine = WsTaskMachine(state.config.max_text_chars)
         self.task: _Task | None = None
-        self.closed = False
 
     # ---- socket side ----
-    def data_received(self, data: bytes) -> None:
-        for event in self.session.receive_data(data):
-            if isinstance(event, WsSend):
-                self.proto.write(event.data)
-            elif isinstance(event, WsMessage):
-                self._do(self.machine.handle_client_message(event.text))
-            elif isinstance(event, WsClosed):
-                self._end()
-                self.proto.close()
+    def _message(self, data: str | bytes) -> None:
+        assert isinstance(data, str)  # the public session refuses binary frames (close 1003)
+        self._do(self.machine.handle_client_message(data))
 
-    def connection_lost(self) -> None:
-        self._end()
-
-    def shutdown(self) -> None:
-        """Server drain deadline passed: close politely, cancelling any work."""
-        self._end()
-        self.proto.write(self.session.send_close(CLOSE_GOING_AWAY, "server shutting down"))
-
-    def _end(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _on_end(self) -> None:
         self._do(self.machine.connection_lost())
         if self.task is not None:  # cancel even if the machine already forgot it
             self.task.cancel()
