@@ -19,6 +19,7 @@ from frontend.text_normalize import TextFrontend
 from frontend.text_process import TextProcess
 from kernels.config import ModelConfig
 from kernels.networks.attention import use_flash
+from kernels.runtime.device import default_device
 from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.runtime.runner import ModelRunner
@@ -118,7 +119,7 @@ class Engine:
         model: CosyVoice2Model | None = None,
     ) -> None:
         self.config = config
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(device)
         _configure_device(device)
         if model is None:
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
