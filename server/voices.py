@@ -26,15 +26,47 @@ def with_text_ids(engine: EngineProtocol, voice: VoicePrompt) -> VoicePrompt:
     return dataclasses.replace(voice, text_ids=tuple(prepared.prompt_text_ids))
 
 
+class BoundedLRU:
+    """Voices by key, the `capacity` most recently used ones; thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> VoicePrompt | None:
+        with self._lock:
+            prompt = self._items.get(key)
+            if prompt is not None:
+                self._items.move_to_end(key)
+            return prompt
+
+    def put(self, key: str, prompt: VoicePrompt) -> None:
+        with self._lock:
+            self._items[key] = prompt
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class VoiceCache:
     def __init__(self, store: VoiceStoreBase, capacity: int,
                  complete: Callable[[VoicePrompt], VoicePrompt] | None = None) -> None:
         """`complete`: adds what a stored voice lacks (its transcript ids) as it is loaded."""
         self._store = store
-        self._capacity = capacity
         self._complete = complete
-        self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items = BoundedLRU(capacity)
 
     def get(self, voice_id: str) -> VoicePrompt | None:
         """May read the disk: call from a worker thread on a miss (`peek` first on the loop)."""
@@ -49,46 +81,15 @@ class VoiceCache:
         return prompt
 
     def peek(self, voice_id: str) -> VoicePrompt | None:
-        with self._lock:
-            prompt = self._items.get(voice_id)
-            if prompt is not None:
-                self._items.move_to_end(voice_id)
-            return prompt
+        return self._items.get(voice_id)
 
     def put(self, voice_id: str, prompt: VoicePrompt) -> None:
-        with self._lock:
-            self._items[voice_id] = prompt
-            self._items.move_to_end(voice_id)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
+        self._items.put(voice_id, prompt)
 
     def drop(self, voice_id: str) -> None:
-        with self._lock:
-            self._items.pop(voice_id, None)
+        self._items.pop(voice_id)
 
 
-class FeatureCache:
+class FeatureCache(BoundedLRU):
     """A backend's voices by content hash (protocol.internal.voice_sha256), bounded LRU: the frontend
     sends a voice's features once, then only its hash, and again when the backend asks (`need_voice`)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._items: OrderedDict[str, VoicePrompt] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, sha256: str) -> VoicePrompt | None:
-        with self._lock:
-            prompt = self._items.get(sha256)
-            if prompt is not None:
-                self._items.move_to_end(sha256)
-            return prompt
-
-    def put(self, sha256: str, prompt: VoicePrompt) -> None:
-        with self._lock:
-            self._items[sha256] = prompt
-            self._items.move_to_end(sha256)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -253,7 +253,7 @@ def test_a_backend_that_lost_the_voice_asks_for_it_again(split) -> None:
     back, front, _ = split
     voice = _voice(front)
     first = _speak(front.url, voice, text="before")
-    back.call(lambda: back.app.features._items.clear())  # type: ignore[union-attr]
+    back.call(lambda: back.app.features.clear())  # type: ignore[union-attr]
     again = _speak(front.url, voice, text="before")
     assert again["output"]["audio"]["data"] == first["output"]["audio"]["data"]
     assert len(back.app.features) == 1  # type: ignore[arg-type]
