@@ -159,7 +159,7 @@ def test_speed_changes_duration(model, tiny_model_dir, voice):
 
 
 def test_cancel_frees_the_slot(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024)))
+    engine = _engine(model, tiny_model_dir, num_slots=1)
     try:
         first = Collector()
         handle = engine.submit(SpeechJob("long", Mode.ZERO_SHOT, voice, TEXT, seed=1, fixed_tokens=400), first)
@@ -173,7 +173,7 @@ def test_cancel_frees_the_slot(model, tiny_model_dir, voice):
 
 
 def test_duplex_text_pieces(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=2, slot_len=1024)))
+    engine = _engine(model, tiny_model_dir, num_slots=2)
     try:
         sink = Collector()
         handle = engine.submit(SpeechJob("duplex", Mode.ZERO_SHOT, voice, None, seed=4), sink)
@@ -186,7 +186,7 @@ def test_duplex_text_pieces(model, tiny_model_dir, voice):
 
 
 def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024)))
+    engine = _engine(model, tiny_model_dir, num_slots=1)
     try:
         sink = Collector()
         engine.submit(SpeechJob("empty", Mode.ZERO_SHOT, voice, "。！", seed=1), sink)
@@ -198,7 +198,7 @@ def test_empty_text_fails_cleanly(model, tiny_model_dir, voice):
 
 def test_duplex_text_sent_while_queued_is_kept(model, tiny_model_dir, voice):
     # max_jobs=1: the second duplex job waits in the backlog while its text arrives
-    engine = Engine(tiny_model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=1, slot_len=1024), max_jobs=1))
+    engine = _engine(model, tiny_model_dir, num_slots=1, max_jobs=1)
     try:
         sinks = [Collector(), Collector()]
         handles = [engine.submit(SpeechJob(f"d{i}", Mode.CROSS_LINGUAL, voice, None, seed=i), sinks[i]) for i in (0, 1)]
@@ -235,8 +235,9 @@ def test_bf16_llm_and_flow_engine_speaks_like_fp32(tiny_model_dir, voice):
 # ---------------------------------------------------------------- overlapped stages
 
 
-def _engine(model, model_dir, **kw) -> Engine:
-    return Engine(model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=4, slot_len=1024), **kw))
+def _engine(model, model_dir, num_slots: int = 4, **kw) -> Engine:
+    return Engine(model_dir, model=model,
+                  config=EngineConfig(scheduler=SchedulerConfig(num_slots=num_slots, slot_len=1024), **kw))
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
