@@ -2,14 +2,16 @@
 
     python -m bench.load --url URL --token T --protocol sse,ws --concurrency 1,4,16 --requests 16 \
         [--rate R] [--json F] [--plot F] [--markdown F] [--compare URL] \
-        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]]
+        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2]
 
 Closed loop (default): C workers, each sends its next request when its previous one finishes, until
 max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arrivals at R req/s, at most
 C in flight; latency counts from the *scheduled* arrival, so client-side queueing is not hidden.
 Each request asks for pcm at 24 kHz so audio seconds are exact (bytes / 2 / 24000). TTFP = request
 start (connect included) -> first audio byte decoded. Underruns: bench.load_stats.simulate_playback.
-Targets (main, baseline, compare) never run at once (they share the machine): levels alternate between them.
+Targets (main, baseline, compare, split-N) never run at once (they share the machine): levels alternate
+between them. `--split 1,2` spawns, beside main, a `--role frontend` over 1 and over 2 `--role backend`s (one
+shared model) and reports the hop's cost: TTFP p50 and ×RT of each split level against main's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -39,7 +42,7 @@ import websocket
 from bench import texts
 from bench.load_stats import LevelStats, RequestResult, aggregate, failed, markdown, request_result
 from bench.provenance import commit, machine, now_iso
-from bench.servers import spawn_server
+from bench.servers import build_tiny_model, spawn_server, spawn_split
 
 SAMPLE_RATE = 24000
 MODEL = "CosyVoice2-0.5B"
@@ -69,7 +72,7 @@ def prompt_wav(seconds: float = 3.0, rate: int = 16000) -> bytes:
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "main", "baseline", "compare"
+    name: str  # "main", "baseline", "compare", "split-N"
     url: str
     token: str
 
@@ -429,6 +432,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-max-batch", type=int, help="--max-batch for the spawned server under test")
     p.add_argument("--server-args", default="", help="extra flags for both spawned servers, e.g. '--threads 1'")
     p.add_argument("--spawn", action="store_true", help="start the server under test (tiny model by default)")
+    p.add_argument(
+        "--split",
+        type=_csv(int),
+        default=[],
+        help="also spawn a frontend over N backends per value (e.g. 1,2), each swept like main: the cost "
+        "of the hop, and 1 vs 2 backends",
+    )
     p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
     p.add_argument("--quiet", action="store_true")
@@ -441,23 +451,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("concurrency and requests must be positive")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be positive")
+    if any(n < 1 for n in args.split):
+        p.error("--split counts backends: positive numbers")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    server_args = shlex.split(args.server_args)  # the same extra flags for both spawned servers
+    server_args = shlex.split(args.server_args)  # the same engine flags for every spawned engine
     with ExitStack() as stack:
+        model_dir = args.model_dir
+        if model_dir is None and args.split:  # one tiny model for all, so the setups differ only in the hop
+            model_dir = build_tiny_model(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny")
         targets: list[Target] = []
         if args.spawn:
             srv = stack.enter_context(
-                spawn_server(args.model_dir, max_batch=args.server_max_batch, extra=server_args)
+                spawn_server(model_dir, max_batch=args.server_max_batch, extra=server_args)
             )
             targets.append(Target("main", srv.url, srv.token))
         else:
             targets.append(Target("main", args.url.rstrip("/"), args.token))
         if args.spawn_baseline:
-            srv = stack.enter_context(spawn_server(args.model_dir, max_batch=1, extra=server_args))
+            srv = stack.enter_context(spawn_server(model_dir, max_batch=1, extra=server_args))
             targets.append(Target("baseline", srv.url, srv.token))
         elif args.baseline_url:
             targets.append(
@@ -465,6 +480,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if args.compare:
             targets.append(Target("compare", args.compare.rstrip("/"), args.compare_token or args.token))
+        for n in args.split:
+            srv = stack.enter_context(
+                spawn_split(n, model_dir, max_batch=args.server_max_batch, extra=server_args)
+            )
+            targets.append(Target(f"split-{n}", srv.url, srv.token))
         plans: dict[Target, list[tuple[str, int]]] = {}
         for target in targets:
             if not args.quiet:
@@ -513,6 +533,8 @@ def build_json(
         out[t.name] = {"url": t.url, "levels": [lv.to_json() for lv in results[t.name]]}
         if t.name == "baseline":
             out[t.name]["max_batch"] = 1
+        if t.name.startswith("split-"):
+            out[t.name]["backends"] = int(t.name.removeprefix("split-"))
     return out
 
 

@@ -240,6 +240,26 @@ def table(levels: list[LevelStats], against: dict[str, list[LevelStats]]) -> str
     return "\n".join(rows)
 
 
+def hop_table(direct: list[LevelStats], split: list[LevelStats]) -> str:
+    """The cost of the frontend -> backend hop: each level of a split setup beside the same level of the
+    one-process server (`--role all`): TTFP p50 difference in ms, and the ×RT it loses in %."""
+    rows = [
+        "| proto | C | TTFP p50 all | split | Δ ms | ×RT all | split | ×RT cost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in split:
+        base = next((d for d in direct if (d.protocol, d.concurrency) == (lv.protocol, lv.concurrency)), None)
+        if base is None or base.errors or lv.errors:
+            continue
+        delta = lv.ttfp_ms["p50"] - base.ttfp_ms["p50"]
+        cost = 100.0 * (1.0 - lv.x_realtime / base.x_realtime) if base.x_realtime else math.nan
+        rows.append(
+            f"| {lv.protocol} | {lv.concurrency} | {_fmt(base.ttfp_ms['p50'])} | {_fmt(lv.ttfp_ms['p50'])} "
+            f"| {delta:+.1f} | {_fmt(base.x_realtime, 2)} | {_fmt(lv.x_realtime, 2)} | {cost:+.1f} % |"
+        )
+    return "\n".join(rows)
+
+
 def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
     m = out["meta"]
     against = {k: v for k, v in results.items() if k != "main"}
@@ -256,4 +276,12 @@ def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
     ]
     for name, levels in against.items():
         parts += ["", f"### {name} ({out[name]['url']})", table(levels, {})]
+    for name, levels in against.items():
+        if name.startswith("split-"):
+            backends = out[name]["backends"]
+            parts += [
+                "",
+                f"### the hop: {name} (frontend + {backends} backend{'s' * (backends > 1)}) vs main (--role all)",
+                hop_table(results["main"], levels),
+            ]
     return "\n".join(parts)

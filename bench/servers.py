@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_command(
     port: int,
     data_dir: Path,
-    token: str,
+    token: str | None,
     model_dir: Path | None = None,
     max_batch: int | None = None,
     extra: Sequence[str] = (),
@@ -60,9 +60,9 @@ def server_command(
         str(port),
         "--data-dir",
         str(data_dir),
-        "--token",
-        token,
     ]
+    if token is not None:  # a backend has no public token
+        cmd += ["--token", token]
     if model_dir is not None:
         cmd += ["--model-dir", str(model_dir)]
     if max_batch is not None:
@@ -109,16 +109,96 @@ def spawn_server(
 ) -> Iterator[SpawnedServer]:
     """A server for the duration of the block. Without `model_dir` it builds the tiny random model in
     its own data dir (a second or so). `startup_timeout_s` covers loading a full-size checkpoint."""
-    own_dir = data_dir is None
-    root = Path(tempfile.mkdtemp(prefix="cosy-bench-")) if own_dir else data_dir
-    assert root is not None
-    log_path = root / "server.log"
+    with _scratch(data_dir) as root, ExitStack() as procs:
+        log_path = root / "server.log"
+        url, proc = procs.enter_context(
+            _launched(
+                lambda port: server_command(port, root / "data", token, model_dir, max_batch, extra),
+                log_path, env, startup_timeout_s, attempts,
+            )
+        )  # fmt: skip
+        yield SpawnedServer(url=url, token=token, pid=proc.pid, log_path=log_path, max_batch=max_batch)
+
+
+@contextmanager
+def spawn_split(
+    backends: int,
+    model_dir: Path | None = None,
+    max_batch: int | None = None,
+    token: str = "bench-token",
+    extra: Sequence[str] = (),
+    startup_timeout_s: float = 600.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[SpawnedServer]:
+    """`--role frontend` over `backends` x `--role backend`, all on loopback, for the block; the
+    SpawnedServer is the frontend (its log; the backends log beside it). `extra` goes to the backends
+    (engine flags); without `model_dir` the tiny random model is built once and shared (the frontend
+    reads its tokenizer files)."""
+    with _scratch(None) as root, ExitStack() as procs:
+        if model_dir is None:
+            model_dir = build_tiny_model(root / "model")
+        internal = ["--internal-token", f"{token}-internal"]
+        urls = []
+        for k in range(backends):
+            url, _ = procs.enter_context(
+                _launched(
+                    lambda port, k=k: server_command(port, root / f"backend-{k}", None, model_dir, max_batch,
+                                                     ["--role", "backend", *internal, *extra]),
+                    root / f"backend-{k}.log", env, startup_timeout_s,
+                )
+            )  # fmt: skip
+            urls.append(url)
+        log_path = root / "frontend.log"
+        routing = [arg for url in urls for arg in ("--backend", url)]
+        url, proc = procs.enter_context(
+            _launched(
+                lambda port: server_command(port, root / "frontend", token, model_dir, None,
+                                            ["--role", "frontend", *internal, *routing]),
+                log_path, env, startup_timeout_s,
+            )
+        )  # fmt: skip
+        yield SpawnedServer(url=url, token=token, pid=proc.pid, log_path=log_path, max_batch=max_batch)
+
+
+def build_tiny_model(out: Path) -> Path:
+    """The tiny random checkpoint (the one a server builds for itself without --model-dir) into `out`,
+    so several spawned servers can share one."""
+    subprocess.run(
+        [sys.executable, "-m", "kernels.weights.make_checkpoint", "--preset", "tiny", "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+@contextmanager
+def _scratch(data_dir: Path | None) -> Iterator[Path]:
+    """`data_dir` as it is, or a temporary directory removed afterwards."""
+    if data_dir is not None:
+        yield data_dir
+        return
+    root = Path(tempfile.mkdtemp(prefix="cosy-bench-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _launched(
+    command: Callable[[int], list[str]],
+    log_path: Path,
+    env: dict[str, str] | None,
+    startup_timeout_s: float,
+    attempts: int = 3,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start `command(port)` on a free port until /health answers (a port taken in the meantime is
+    retried on another), yield (url, process), stop it afterwards."""
     proc: subprocess.Popen[bytes] | None = None
     try:
         for attempt in range(attempts):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = server_command(port, root / "data", token, model_dir, max_batch, extra)
+            cmd = command(port)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     cmd,
@@ -138,12 +218,10 @@ def spawn_server(
                         f"{exc}; command: {' '.join(cmd)}\n--- server log ---\n{_tail(log_path)}"
                     ) from exc
         assert proc is not None
-        yield SpawnedServer(url=url, token=token, pid=proc.pid, log_path=log_path, max_batch=max_batch)
+        yield url, proc
     finally:
         if proc is not None:
             stop(proc)
-        if own_dir:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _port_clash(log_path: Path) -> bool:

@@ -15,6 +15,7 @@ from bench.load_stats import (
     RequestResult,
     aggregate,
     failed,
+    hop_table,
     percentile,
     ratio,
     request_result,
@@ -124,6 +125,19 @@ def test_table_has_ratio_columns_against_baseline() -> None:
     assert text.splitlines()[-1].endswith("| 2.00× | 3.00× |")  # xRT 4/2, TTFP 300/100
 
 
+def test_hop_table_gives_the_split_levels_cost_against_role_all() -> None:
+    direct = [aggregate("sse", 1, [RequestResult(True, 0.300, 1.0, 4.0)], wall_s=1.0),
+              aggregate("sse", 8, [RequestResult(True, 0.500, 1.0, 10.0)], wall_s=1.0)]  # fmt: skip
+    split = [aggregate("sse", 1, [RequestResult(True, 0.304, 1.0, 4.0)], wall_s=1.0),
+             aggregate("sse", 8, [RequestResult(True, 0.520, 1.0, 9.7)], wall_s=1.0),
+             aggregate("ws", 1, [RequestResult(True, 0.400, 1.0, 4.0)], wall_s=1.0)]  # fmt: skip
+    rows = hop_table(direct, split).splitlines()[2:]
+    assert rows == [
+        "| sse | 1 | 300 | 304 | +4.0 | 4.00 | 4.00 | +0.0 % |",
+        "| sse | 8 | 500 | 520 | +20.0 | 10.00 | 9.70 | +3.0 % |",
+    ]  # ws C1 has no role-all level to compare with: left out
+
+
 # ---------------------------------------------------------------- texts, prompt, server command
 
 
@@ -154,6 +168,8 @@ def test_baseline_server_command_turns_batching_off() -> None:
 
 def test_cli_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
+        load.parse_args(["--spawn", "--split", "0"])
+    with pytest.raises(SystemExit):
         load.parse_args(["--protocol", "grpc", "--url", "http://x"])
     with pytest.raises(SystemExit):
         load.parse_args([])  # neither --url nor --spawn
@@ -182,6 +198,20 @@ def test_smoke_run_against_real_tiny_server(tmp_path: Path) -> None:
     assert set(result["meta"]) >= {"date", "machine", "commit", "model"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| sse | 1 | 1 | 0 |" in out_md.read_text()
+
+
+def test_split_setup_runs_through_a_frontend_and_reports_the_hop(tmp_path: Path) -> None:
+    """`--spawn --split 1`: a --role all server and a frontend over one backend, one request each."""
+    out_json = tmp_path / "r.json"
+    argv = ["--spawn", "--split", "1", "--protocol", "sse", "--concurrency", "1", "--requests", "1",
+            "--texts", "short", "--warmup", "0", "--quiet", "--json", str(out_json)]  # fmt: skip
+    load.main(argv)
+    result = json.loads(out_json.read_text())
+    assert result["split-1"]["backends"] == 1
+    assert result["split-1"]["url"] != result["meta"]["url"]
+    for lv in (result["levels"][0], result["split-1"]["levels"][0]):
+        assert lv["requests"] == 1 and lv["errors"] == 0, lv["error_samples"]
+        assert lv["x_realtime"] > 0
 
 
 def test_cli_baseline_levels_default_to_the_main_sweep() -> None:
