@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def create_app(config: ServerConfig, engine: EngineProtocol | None = None,
     if config.role == "frontend" and engine is None:
         remote = build_remote_engine(config)
         engine, extract_prompt = remote, extract_prompt or remote.extract_prompt
+    if engine is None or extract_prompt is None:
+        require_engine_packages(config.role)
     model_dir = resolve_model_dir(config) if engine is None or extract_prompt is None else None
     engine = engine if engine is not None else build_engine(config, model_dir)
     extract_prompt = extract_prompt if extract_prompt is not None else build_extractor(model_dir)
@@ -83,6 +86,20 @@ def resolve_model_dir(config: ServerConfig) -> Path:
         from kernels.weights.make_checkpoint import main as make_checkpoint  # lazy: pulls torch
         make_checkpoint(["--preset", "tiny", "--out", str(out)])
     return out
+
+
+ENGINE_PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "yaml": "pyyaml", "safetensors": "safetensors"}
+
+
+def require_engine_packages(role: str) -> None:
+    """A clear exit instead of an ImportError deep in the kernels when the `engine` extra is missing
+    (the base install is the torch-free frontend)."""
+    missing = [dist for module, dist in ENGINE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(
+            f"--role {role} runs the engine, which needs {', '.join(missing)}: install the engine extra "
+            "(pip install -e '.[engine]'); only --role frontend runs without it"
+        )
 
 
 def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineProtocol:

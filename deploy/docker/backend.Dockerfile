@@ -7,18 +7,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosyserve
 WORKDIR /app
+RUN pip install "modelscope>=1.20"
 COPY pyproject.toml README.md ./
-COPY deploy/docker/requirements.py deploy/docker/requirements.py
-# The image's torch (2.5.1, CUDA 12.4) satisfies pyproject's range, so pip keeps it.
-RUN python deploy/docker/requirements.py backend > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "modelscope>=1.20" && rm /tmp/requirements.txt
 COPY server ./server
 COPY scheduler ./scheduler
 COPY kernels ./kernels
 COPY protocol ./protocol
 COPY frontend ./frontend
 COPY bench ./bench
-RUN pip install --no-deps . && python -c "import torch, server.wiring; print(torch.__version__)"
+# The engine extra; the image's torch (2.5.1, CUDA 12.4) satisfies its range, so pip keeps it.
+RUN pip install '.[engine]' && python -c "import torch, server.wiring; print(torch.__version__)"
 USER 10001:10001
 ENV COSYSERVE_ROLE=backend COSYSERVE_HOST=0.0.0.0 COSYSERVE_PORT=8001 COSYSERVE_DATA_DIR=/data
 EXPOSE 8001

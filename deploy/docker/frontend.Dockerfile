@@ -7,18 +7,15 @@ RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cosyserve
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY deploy/docker/requirements.py deploy/docker/requirements.py
-# torch-free: pyproject's dependencies minus torch (deploy/docker/requirements.py), then the project
-# itself without dependencies; the import check fails the build if anything pulled torch in.
-RUN python deploy/docker/requirements.py frontend > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY server ./server
 COPY scheduler ./scheduler
 COPY kernels ./kernels
 COPY protocol ./protocol
 COPY frontend ./frontend
 COPY bench ./bench
-RUN pip install --no-deps . \
+# torch-free: the base install plus the frontend extra (the S3 client); no engine extra. The import
+# check fails the build if anything pulled torch in.
+RUN pip install '.[frontend]' \
     && python -c "import importlib.util as u; assert u.find_spec('torch') is None; import server.wiring"
 USER 10001:10001
 ENV COSYSERVE_ROLE=frontend COSYSERVE_HOST=0.0.0.0 COSYSERVE_PORT=8000 COSYSERVE_DATA_DIR=/data
