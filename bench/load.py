@@ -440,6 +440,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "of the hop, and 1 vs 2 backends",
     )
     p.add_argument("--model-dir", type=Path, help="model for spawned servers (default: tiny random)")
+    p.add_argument(
+        "--null-engine",
+        action="store_true",
+        help="spawned servers and backends compute nothing (bench.null_server): the serving path and the "
+        "hop alone, without the model's noise",
+    )
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -451,6 +457,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("concurrency and requests must be positive")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be positive")
+    if args.null_engine and not args.spawn:
+        p.error("--null-engine is for spawned servers (--spawn)")
     if any(n < 1 for n in args.split):
         p.error("--split counts backends: positive numbers")
     return args
@@ -461,18 +469,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server_args = shlex.split(args.server_args)  # the same engine flags for every spawned engine
     with ExitStack() as stack:
         model_dir = args.model_dir
-        if model_dir is None and args.split:  # one tiny model for all, so the setups differ only in the hop
+        module = "bench.null_server" if args.null_engine else "server"
+        if model_dir is None and (args.split or args.null_engine):  # one tiny model for all (or its tokenizer)
             model_dir = build_tiny_model(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny")
         targets: list[Target] = []
         if args.spawn:
             srv = stack.enter_context(
-                spawn_server(model_dir, max_batch=args.server_max_batch, extra=server_args)
+                spawn_server(model_dir, max_batch=args.server_max_batch, extra=server_args, module=module)
             )
             targets.append(Target("main", srv.url, srv.token))
         else:
             targets.append(Target("main", args.url.rstrip("/"), args.token))
         if args.spawn_baseline:
-            srv = stack.enter_context(spawn_server(model_dir, max_batch=1, extra=server_args))
+            srv = stack.enter_context(spawn_server(model_dir, max_batch=1, extra=server_args, module=module))
             targets.append(Target("baseline", srv.url, srv.token))
         elif args.baseline_url:
             targets.append(
@@ -482,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             targets.append(Target("compare", args.compare.rstrip("/"), args.compare_token or args.token))
         for n in args.split:
             srv = stack.enter_context(
-                spawn_split(n, model_dir, max_batch=args.server_max_batch, extra=server_args)
+                spawn_split(n, model_dir, max_batch=args.server_max_batch, extra=server_args, module=module)
             )
             targets.append(Target(f"split-{n}", srv.url, srv.token))
         plans: dict[Target, list[tuple[str, int]]] = {}
@@ -495,7 +504,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plans[target] = [(p, c) for p in protocols for c in concurrencies]
         results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet)
     model = args.model or (
-        str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
+        "null engine (bench.null_server)"
+        if args.null_engine
+        else str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
     )
     out = build_json(results, targets, meta(model), args)
     md = markdown(out, results)

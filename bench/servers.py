@@ -49,11 +49,13 @@ def server_command(
     model_dir: Path | None = None,
     max_batch: int | None = None,
     extra: Sequence[str] = (),
+    module: str = "server",
 ) -> list[str]:
+    """`python -m <module>` (the server, or bench.null_server: the same flags) on loopback."""
     cmd = [
         sys.executable,
         "-m",
-        "server",
+        module,
         "--host",
         "127.0.0.1",
         "--port",
@@ -106,14 +108,16 @@ def spawn_server(
     data_dir: Path | None = None,
     env: dict[str, str] | None = None,
     attempts: int = 3,
+    module: str = "server",
 ) -> Iterator[SpawnedServer]:
     """A server for the duration of the block. Without `model_dir` it builds the tiny random model in
-    its own data dir (a second or so). `startup_timeout_s` covers loading a full-size checkpoint."""
+    its own data dir (a second or so). `startup_timeout_s` covers loading a full-size checkpoint.
+    `module="bench.null_server"`: the same server with a null engine (needs `model_dir`)."""
     with _scratch(data_dir) as root, ExitStack() as procs:
         log_path = root / "server.log"
         url, proc = procs.enter_context(
             _launched(
-                lambda port: server_command(port, root / "data", token, model_dir, max_batch, extra),
+                lambda port: server_command(port, root / "data", token, model_dir, max_batch, extra, module),
                 log_path, env, startup_timeout_s, attempts,
             )
         )  # fmt: skip
@@ -129,11 +133,12 @@ def spawn_split(
     extra: Sequence[str] = (),
     startup_timeout_s: float = 600.0,
     env: dict[str, str] | None = None,
+    module: str = "server",
 ) -> Iterator[SpawnedServer]:
     """`--role frontend` over `backends` x `--role backend`, all on loopback, for the block; the
     SpawnedServer is the frontend (its log; the backends log beside it). `extra` goes to the backends
     (engine flags); without `model_dir` the tiny random model is built once and shared (the frontend
-    reads its tokenizer files)."""
+    reads its tokenizer files). `module` runs the backends (bench.null_server: null engines)."""
     with _scratch(None) as root, ExitStack() as procs:
         if model_dir is None:
             model_dir = build_tiny_model(root / "model")
@@ -143,7 +148,7 @@ def spawn_split(
             url, _ = procs.enter_context(
                 _launched(
                     lambda port, k=k: server_command(port, root / f"backend-{k}", None, model_dir, max_batch,
-                                                     ["--role", "backend", *internal, *extra]),
+                                                     ["--role", "backend", *internal, *extra], module),
                     root / f"backend-{k}.log", env, startup_timeout_s,
                 )
             )  # fmt: skip

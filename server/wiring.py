@@ -57,9 +57,14 @@ def build_remote_engine(config: ServerConfig) -> RemoteEngine:
     directory = config.model_dir if config.model_dir is not None else config.data_dir / "tiny-model"
     if not (directory / QWEN_DIR).is_dir():
         raise SystemExit(f"--role frontend needs --model-dir with the tokenizer ({directory / QWEN_DIR} not found)")
-    text = TextPreparer(TextFrontend(directory), TextProcess(directory) if config.text_process else None)
-    return RemoteEngine(config.backends, config.internal_token, text, dns=config.backend_dns,
-                        check_s=config.backend_check_s, eject_after=config.backend_eject_after)
+    return RemoteEngine(config.backends, config.internal_token, text_preparer(config, directory),
+                        dns=config.backend_dns, check_s=config.backend_check_s,
+                        eject_after=config.backend_eject_after)
+
+
+def text_preparer(config: ServerConfig, directory: Path) -> TextPreparer:
+    """Text -> token ids with the model directory's tokenizer files (torch-free)."""
+    return TextPreparer(TextFrontend(directory), TextProcess(directory) if config.text_process else None)
 
 
 def build_store(config: ServerConfig) -> VoiceStoreBase:

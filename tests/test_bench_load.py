@@ -170,6 +170,8 @@ def test_cli_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         load.parse_args(["--spawn", "--split", "0"])
     with pytest.raises(SystemExit):
+        load.parse_args(["--url", "http://x", "--null-engine"])  # only spawned servers can be null
+    with pytest.raises(SystemExit):
         load.parse_args(["--protocol", "grpc", "--url", "http://x"])
     with pytest.raises(SystemExit):
         load.parse_args([])  # neither --url nor --spawn
@@ -212,6 +214,19 @@ def test_split_setup_runs_through_a_frontend_and_reports_the_hop(tmp_path: Path)
     for lv in (result["levels"][0], result["split-1"]["levels"][0]):
         assert lv["requests"] == 1 and lv["errors"] == 0, lv["error_samples"]
         assert lv["x_realtime"] > 0
+
+
+def test_null_engine_split_sweeps_the_serving_path_alone(tmp_path: Path) -> None:
+    """`--null-engine`: the same setups with bench.null_server (no model time), WebSocket this time."""
+    out_json = tmp_path / "r.json"
+    argv = ["--spawn", "--null-engine", "--split", "1", "--protocol", "ws", "--concurrency", "2",
+            "--requests", "4", "--texts", "short", "--warmup", "0", "--quiet", "--json", str(out_json)]  # fmt: skip
+    load.main(argv)
+    result = json.loads(out_json.read_text())
+    assert result["meta"]["model"].startswith("null engine")
+    for lv in (result["levels"][0], result["split-1"]["levels"][0]):
+        assert lv["requests"] == 4 and lv["errors"] == 0, lv["error_samples"]
+        assert lv["audio_s"] > 0
 
 
 def test_cli_baseline_levels_default_to_the_main_sweep() -> None:
