@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-# The muxer flushes a streamed Ogg page every 60 ms of audio (its default is 1 s, which would hold a
-# short first chunk back): about 3 Opus packets a page, ~5 kb/s of page headers.
-OGG_STREAM_PAGE_US = 60_000
+# An Ogg page every 60 ms of audio (ffmpeg's default is 1 s): a stream then never holds back more than
+# that, and libsndfile reads short one-shot files (with 1 s pages it refused some sub-second ones as
+# malformed). About 3 Opus packets a page, ~5 kb/s of page headers.
+OGG_PAGE_US = 60_000
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,11 @@ class AvFormat:
     codec: str  # the ffmpeg encoder
     content_type: str
     bit_rate: int | None = None  # bits/s; None: the codec's own (lossless)
-    stream_options: dict[str, str] = field(default_factory=dict)  # muxer options when streaming
+    muxer_options: dict[str, str] = field(default_factory=dict)
 
 
 AV_FORMATS: dict[str, AvFormat] = {
-    "opus": AvFormat("ogg", "libopus", "audio/ogg", 64_000, {"page_duration": str(OGG_STREAM_PAGE_US)}),
+    "opus": AvFormat("ogg", "libopus", "audio/ogg", 64_000, {"page_duration": str(OGG_PAGE_US)}),
     "aac": AvFormat("adts", "aac", "audio/aac", 96_000),
     "flac": AvFormat("flac", "flac", "audio/flac"),
 }
@@ -74,11 +75,11 @@ class AvEncoder:
         self._sink = _WriteOnlySink() if stream else None
         self._buffer = io.BytesIO()
         target = self._sink if self._sink is not None else self._buffer
-        self._container = av.open(target, "w", format=spec.container,
-                                  options=spec.stream_options if stream else {})
+        self._container = av.open(target, "w", format=spec.container, options=spec.muxer_options)
         self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
         if spec.bit_rate is not None:
             self._stream.bit_rate = spec.bit_rate
+        self._container.start_encoding()  # the header now: a file even if no sample ever comes
 
     def feed(self, samples: np.ndarray) -> bytes:
         if len(samples) == 0:
