@@ -310,6 +310,16 @@ def test_overload_is_a_503_with_retry_after(tmp_path: Path) -> None:
         assert int(r.headers["retry-after"]) >= 1
 
 
+def test_max_inflight_is_a_429_with_retry_after(tmp_path: Path) -> None:
+    with running_server(tmp_path, FakeEngine(chunk_chars=6, delay_s=0.3), max_inflight=1) as srv:
+        upload(requests, srv.url, filename="alice.wav")
+        with post(srv, response_format="pcm", stream_format="audio") as first:  # its head: the first chunk
+            assert first.status_code == 200  # ... and four more chunks to go: still in flight
+            r = post(srv, response_format="pcm")
+            assert assert_openai_error(r, 429, "rate_limit_error")["code"] == "rate_limit_exceeded"
+            assert int(r.headers["retry-after"]) >= 1
+
+
 def test_metrics_name_the_openai_routes(server, client: openai.OpenAI) -> None:
     client.models.list()
     text = requests.get(f"{server.url}/metrics", headers=AUTH, timeout=5).text
