@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import ApiError, ErrorCode, InvalidParameter
-from protocol.schema import HTTP_MODEL, SpeechParams, check_json_content_type, load_json_object
+from protocol.schema import HTTP_MODEL, SpeechParams, check_json_content_type, json_type, load_json_object
 from protocol.speech_mode import Mode
 
 SERVED_MODELS = ("cosyvoice2", HTTP_MODEL)
@@ -63,16 +63,10 @@ def _invalid(param: str, why: str, code: str | None = None) -> InvalidField:
     return InvalidField(param, f"'{param}' {why}", code)
 
 
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-             dict: "object", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
 def _string(req: Mapping[str, Any], key: str) -> str | None:
     value = req.get(key)
     if value is not None and not isinstance(value, str):
-        raise _invalid(key, f"must be a string, got {_json_type(value)}")
+        raise _invalid(key, f"must be a string, got {json_type(value)}")
     return value
 
 
@@ -109,7 +103,7 @@ def _voice(req: Mapping[str, Any]) -> str:
     if value is None:
         raise _invalid("voice", "is required")
     if not isinstance(value, str):
-        raise _invalid("voice", f"must be a string or an object with an 'id', got {_json_type(value)}")
+        raise _invalid("voice", f"must be a string or an object with an 'id', got {json_type(value)}")
     if not value.strip():
         raise _invalid("voice", "must not be empty")
     return value
@@ -129,7 +123,7 @@ def _speed(req: Mapping[str, Any]) -> float:
     if value is None:
         return 1.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid("speed", f"must be a number, got {_json_type(value)}")
+        raise _invalid("speed", f"must be a number, got {json_type(value)}")
     low, high = SPEED_RANGE
     if not math.isfinite(value) or not low <= value <= high:
         raise _invalid("speed", f"must be between {low} and {high}; got {value:g}")
@@ -144,7 +138,7 @@ def _stream_format(req: Mapping[str, Any]) -> str | None:
         return fmt
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _invalid("stream", f"must be a boolean (true/false), got {_json_type(stream)}")
+        raise _invalid("stream", f"must be a boolean (true/false), got {json_type(stream)}")
     return "audio" if stream else None
 
 
