@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.container import OutputContainer
 
 # An Ogg page every 60 ms of audio (ffmpeg's default is 1 s): a stream then never holds back more than
 # that, and libsndfile reads short one-shot files (with 1 s pages it refused some sub-second ones as
@@ -68,22 +70,32 @@ class _WriteOnlySink:
 
 
 class AvEncoder:
+    """Opens its muxer and codec at the first `feed` / `finish` (a few ms for FLAC), so that work runs
+    where those run, on the server's thread pool, not where the encoder is made."""
+
     def __init__(self, output_format: str, sample_rate: int, stream: bool) -> None:
-        spec = AV_FORMATS[output_format]
-        self.content_type = spec.content_type
+        self._spec = AV_FORMATS[output_format]
+        self.content_type = self._spec.content_type
         self._rate = sample_rate
         self._sink = _WriteOnlySink() if stream else None
         self._buffer = io.BytesIO()
-        target = self._sink if self._sink is not None else self._buffer
-        self._container = av.open(target, "w", format=spec.container, options=spec.muxer_options)
-        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
-        if spec.bit_rate is not None:
-            self._stream.bit_rate = spec.bit_rate
-        self._container.start_encoding()  # the header now: a file even if no sample ever comes
+        self._opened: tuple[OutputContainer, AudioStream] | None = None
+
+    def _open(self) -> tuple[OutputContainer, AudioStream]:
+        if self._opened is None:
+            target = self._sink if self._sink is not None else self._buffer
+            container = av.open(target, "w", format=self._spec.container, options=self._spec.muxer_options)
+            stream = container.add_stream(self._spec.codec, rate=self._rate, layout="mono")
+            if self._spec.bit_rate is not None:
+                stream.bit_rate = self._spec.bit_rate
+            container.start_encoding()  # the header now: a file even if no sample ever comes
+            self._opened = container, stream
+        return self._opened
 
     def feed(self, samples: np.ndarray) -> bytes:
+        self._open()
         if len(samples) == 0:
-            return b""
+            return self._take()
         pcm = np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = self._rate
@@ -91,15 +103,17 @@ class AvEncoder:
         return self._take()
 
     def finish(self) -> bytes:
+        container, _ = self._open()
         self._mux(None)  # drain the encoder
-        self._container.close()  # the trailer (and, one-shot, the patched header)
+        container.close()  # the trailer (and, one-shot, the patched header)
         if self._sink is None:
             return self._buffer.getvalue()
         return self._take()
 
     def _mux(self, frame: av.AudioFrame | None) -> None:
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        container, stream = self._open()
+        for packet in stream.encode(frame):
+            container.mux(packet)
 
     def _take(self) -> bytes:
         return self._sink.take() if self._sink is not None else b""
