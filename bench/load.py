@@ -1,6 +1,6 @@
 """End-to-end load generator: first-packet latency, RTF, aggregate ×RT and underruns over the real API.
 
-    python -m bench.load --url URL --token T --protocol sse,ws --concurrency 1,4,16 --requests 16 \
+    python -m bench.load --url URL --token T --protocol sse,ws,openai --concurrency 1,4,16 --requests 16 \
         [--rate R] [--json F] [--plot F] [--markdown F] [--compare URL] \
         [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2]
 
@@ -8,7 +8,9 @@ Closed loop (default): C workers, each sends its next request when its previous 
 max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arrivals at R req/s, at most
 C in flight; latency counts from the *scheduled* arrival, so client-side queueing is not hidden.
 Each request asks for pcm at 24 kHz so audio seconds are exact (bytes / 2 / 24000). TTFP = request
-start (connect included) -> first audio byte decoded. Underruns: bench.load_stats.simulate_playback.
+start (connect included) -> first audio byte decoded. Protocols: `sse` / `json` (the PAI HTTP route,
+streamed / one response), `ws` (its WebSocket duplex), `openai` (POST /v1/audio/speech, raw pcm
+streamed with `stream_format: "audio"`: TTFP is the first body byte). Underruns: bench.load_stats.simulate_playback.
 Targets (main, baseline, compare, split-N) never run at once (they share the machine): levels alternate
 between them. `--split 1,2` spawns, beside main, a `--role frontend` over 1 and over 2 `--role backend`s (one
 shared model) and reports the hop's cost: TTFP p50 and ×RT of each split level against main's.
@@ -46,7 +48,7 @@ from bench.servers import build_tiny_model, spawn_server, spawn_split
 
 SAMPLE_RATE = 24000
 MODEL = "CosyVoice2-0.5B"
-PROTOCOLS = ("sse", "ws", "json")
+PROTOCOLS = ("sse", "ws", "json", "openai")
 
 
 # ---------------------------------------------------------------- reference voice
@@ -166,6 +168,23 @@ def request_http(
     return line.result()
 
 
+def request_openai(
+    session: requests.Session, target: Target, voice_id: str, text: str, origin: float, timeout_s: float
+) -> RequestResult:
+    """The OpenAI-compatible route: raw s16le 24 kHz in a chunked body, each piece timed as it arrives."""
+    body = {"model": MODEL, "input": text, "voice": voice_id, "response_format": "pcm", "stream_format": "audio"}
+    line = _Timeline(origin)
+    with session.post(
+        f"{target.url}/v1/audio/speech", headers=target.auth, json=body, stream=True, timeout=timeout_s
+    ) as r:
+        if r.status_code != 200:
+            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+        for piece in r.iter_content(chunk_size=None):  # None: each piece as the socket delivers it
+            if piece:
+                line.add(piece)
+    return line.result()
+
+
 def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_s: float) -> RequestResult:
     """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task."""
     ws_url = "ws" + target.url[len("http") :] + "/api-ws/v1/audio/speech"
@@ -232,6 +251,8 @@ def one_request(
     try:
         if protocol == "ws":
             return request_ws(target, voice_id, text, origin, timeout_s)
+        if protocol == "openai":
+            return request_openai(session, target, voice_id, text, origin, timeout_s)
         return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s)
     except Exception as exc:  # noqa: BLE001 -- a failed request is a data point, not the end of the run
         return failed(f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - origin)
@@ -407,7 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
     p.add_argument("--url", help="server under test (omit with --spawn)")
     p.add_argument("--token", default="bench-token")
-    p.add_argument("--protocol", type=_csv(str), default=["sse", "ws"], help="sse,ws,json")
+    p.add_argument("--protocol", type=_csv(str), default=["sse", "ws"], help="sse,ws,json,openai")
     p.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least C are sent)")
     p.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (C caps in-flight)")

@@ -1,4 +1,5 @@
-"""Audio output: 24 kHz float32 PCM -> resample -> volume -> s16 -> wav / pcm / mp3 bytes.
+"""Audio output: 24 kHz float32 PCM -> resample -> volume -> s16 -> wav / pcm / mp3 bytes
+(and opus / aac / flac through `protocol.encoders_av`).
 
 Encoders take int16 mono samples; `OutputPipeline` takes the engine's float32 and does the rest.
 Both have the shape `feed(x) -> bytes`, `finish() -> bytes`: the concatenation of every
@@ -12,6 +13,8 @@ from typing import Protocol
 import lameenc
 import numpy as np
 import soxr
+
+from protocol.encoders_av import AV_FORMATS, AvEncoder
 
 ENGINE_SAMPLE_RATE = 24000
 WAV_UNKNOWN_SIZE = 0xFFFFFFFF  # streaming WAV: sizes unknown, readers take "until EOF"
@@ -110,6 +113,8 @@ def make_encoder(output_format: str, sample_rate: int, bit_rate_kbps: int, strea
         return PcmEncoder()
     if output_format == "mp3":
         return Mp3Encoder(sample_rate, bit_rate_kbps)
+    if output_format in AV_FORMATS:
+        return AvEncoder(output_format, sample_rate, stream)
     raise ValueError(f"unknown output format {output_format!r}")
 
 

@@ -81,7 +81,7 @@ def _string(obj: Mapping[str, Any], key: str, field: str, default: str | None = 
     if value is None:
         return default
     if not isinstance(value, str):
-        raise _bad(field, f"must be a string, got {_json_type(value)}")
+        raise _bad(field, f"must be a string, got {json_type(value)}")
     return value
 
 
@@ -99,7 +99,7 @@ def _bool(obj: Mapping[str, Any], key: str, field: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _bad(field, f"must be a boolean (true/false), got {_json_type(value)}")
+        raise _bad(field, f"must be a boolean (true/false), got {json_type(value)}")
     return value
 
 
@@ -108,7 +108,7 @@ def _int(obj: Mapping[str, Any], key: str, field: str, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(field, f"must be an integer, got {_json_type(value)}")
+        raise _bad(field, f"must be an integer, got {json_type(value)}")
     return value
 
 
@@ -117,7 +117,7 @@ def _number(obj: Mapping[str, Any], key: str, field: str, default: float) -> flo
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(field, f"must be a number, got {_json_type(value)}")
+        raise _bad(field, f"must be a number, got {json_type(value)}")
     if not math.isfinite(value):
         raise _bad(field, "must be a finite number")
     return float(value)
@@ -129,7 +129,7 @@ def _choice(value: str, choices: Mapping[str, Any] | tuple[str, ...], field: str
     return value
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
              dict: "object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
@@ -181,7 +181,7 @@ def _check_text(text: str, field: str, max_text_chars: int) -> str:
 
 def _object(value: Any, field: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise _bad(field, f"must be an object, got {_json_type(value)}")
+        raise _bad(field, f"must be an object, got {json_type(value)}")
     return value
 
 
@@ -229,7 +229,7 @@ def parse_ws_run_task(params: Mapping[str, Any], model: str) -> SpeechParams:
 def check_ws_text(text: Any, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
     """One continue-task text piece: a non-empty string."""
     if not isinstance(text, str):
-        raise _bad("payload.input.text", f"must be a string, got {_json_type(text)}")
+        raise _bad("payload.input.text", f"must be a string, got {json_type(text)}")
     return _check_text(text, "payload.input.text", max_text_chars)
 
 

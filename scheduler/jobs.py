@@ -38,7 +38,7 @@ class SpeechJob:
     voice: VoicePrompt
     text: str | None  # whole text; None means it arrives piecewise (JobControl.push_text)
     instruct: str | None = None  # natural-language instruction (instruct mode only)
-    speed: float = 1.0  # 0.5 .. 2.0, pitch kept (mel time-stretch in the engine)
+    speed: float = 1.0  # 0.25 .. 4.0 (the PAI API allows 0.5 .. 2.0), pitch kept (mel time-stretch in the engine)
     stream: bool = True  # False: one AudioChunk per sentence, each the whole sentence
     seed: int | None = None  # per-request sampling seed (deterministic when set)
     fixed_tokens: int | None = None  # bench only: ignore EOS, emit exactly this many tokens

@@ -15,7 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from protocol.errors import ErrorCode
-from scheduler.jobs import AudioChunk, EngineEvent, EngineProtocol, Failed, Finished, JobControl, SpeechJob
+from scheduler.jobs import (
+    AudioChunk,
+    EngineEvent,
+    EngineProtocol,
+    Failed,
+    Finished,
+    JobControl,
+    PreparedJob,
+    SpeechJob,
+)
 
 log = logging.getLogger(__name__)
 _FINISH = object()  # "no more text" in the text queue
@@ -34,6 +43,7 @@ class EngineStream:
         self._done = False  # the job ended or was given up: nothing more goes to the engine
         self._closed = False
         self.control: JobControl | None = None
+        self.prepared: PreparedJob | None = None  # the job's token ids, once prepared
         self._feeder = loop.create_task(self._feed(job))
 
     def _sink(self, event: EngineEvent) -> None:
@@ -45,7 +55,7 @@ class EngineStream:
     async def _feed(self, job: SpeechJob) -> None:
         """Prepare and submit the job, then pass on its text pieces in order (duplex)."""
         try:
-            prepared = await self._run_blocking(self._engine.prepare, job)
+            prepared = self.prepared = await self._run_blocking(self._engine.prepare, job)
             if self._done:  # closed while preparing: nothing was submitted
                 return
             self.control = self._engine.submit(prepared, self._sink)

@@ -5,10 +5,18 @@ REFERENCE = "/api/v1/audio/reference_audio"
 SPEECH = "/api/v1/audio/speech"
 WS_SPEECH = "/api-ws/v1/audio/speech"
 READY = "/ready"  # readiness, both roles: 503 while draining
+OPENAI_ROOT = "/v1"  # the OpenAI-compatible API (server/openai_routes.py)
+OPENAI_SPEECH = "/v1/audio/speech"
+OPENAI_VOICES = "/v1/audio/voices"
+OPENAI_MODELS = "/v1/models"
 
 
 def normalise(path: str) -> str:
     return path.rstrip("/") or "/"
+
+
+def is_openai(path: str) -> bool:
+    return path == OPENAI_ROOT or path.startswith(OPENAI_ROOT + "/")
 
 
 def route_name(path: str) -> str:
@@ -16,5 +24,8 @@ def route_name(path: str) -> str:
     path = normalise(path)
     if path.startswith(REFERENCE + "/"):
         return "reference_audio_id"
+    if path.startswith(OPENAI_MODELS + "/"):
+        return "openai_model"
     return {REFERENCE: "reference_audio", SPEECH: "speech", WS_SPEECH: "ws_speech", "/health": "health", READY: "ready",
-            "/metrics": "metrics"}.get(path, "unknown")
+            "/metrics": "metrics", OPENAI_SPEECH: "openai_speech", OPENAI_VOICES: "openai_voices",
+            OPENAI_MODELS: "openai_models"}.get(path, "unknown")

@@ -1,14 +1,15 @@
 """Routing: auth first (every route but /health and /ready), then method + path -> handler.
 
-Handlers raise ApiError; the connection turns it into the error response in one place.
+Handlers raise ApiError; the connection turns it into the error response in one place (the /v1
+routes, server.openai_routes, answer theirs in OpenAI's shape).
 """
 from __future__ import annotations
 
 from protocol.errors import MethodNotAllowed, NotFound, Unauthorized, UpgradeRequired
-from server import backend, reference_audio, speech
+from server import backend, openai_routes, reference_audio, speech
 from server.auth import authorized
 from server.context import Ctx, Handler
-from server.paths import READY, REFERENCE, SPEECH, WS_SPEECH, normalise
+from server.paths import READY, REFERENCE, SPEECH, WS_SPEECH, is_openai, normalise
 
 
 def resolve(ctx: Ctx) -> Handler:
@@ -20,6 +21,8 @@ def resolve(ctx: Ctx) -> Handler:
         return _only(method, ("GET", "HEAD"), health)
     if path == READY:
         return _only(method, ("GET", "HEAD"), ready)
+    if is_openai(path):
+        return openai_routes.handle  # checks the token itself: its errors, 401 too, are in OpenAI's shape
     if not authorized(ctx.req.headers, ctx.state.config.tokens):
         raise Unauthorized()
     if path == "/metrics":

@@ -51,6 +51,7 @@ class Synthesis:
         self._speech_ms = 0
         self._first = True
         self._speech_s = 0.0
+        self.output_tokens = 0  # speech tokens the engine made (set at Finished)
         self.stream = EngineStream(state.engine, make_job(request_id, params, voice), self._loop, state.run_blocking)
         state.metrics.job_started()
         self._counted = True
@@ -58,6 +59,12 @@ class Synthesis:
     @property
     def content_type(self) -> str:
         return self._pipeline.content_type
+
+    @property
+    def input_tokens(self) -> int:
+        """The text's LLM token ids (duplex pieces pushed later are not counted)."""
+        prepared = self.stream.prepared
+        return sum(len(piece) for piece in prepared.pieces) if prepared is not None else 0
 
     def restart_clock(self) -> None:
         """Duplex: count latency from the first text piece, not from run-task."""
@@ -77,7 +84,8 @@ class Synthesis:
                     yield EncodedChunk(data, self._metrics(event, self._out_s(data)), last=False)
                 elif isinstance(event, Failed):
                     raise engine_error(event.code, event.message, event.status)
-                else:
+                else:  # Finished
+                    self.output_tokens = event.llm_tokens
                     tail = await self._state.run_blocking(self._pipeline.finish)
                     yield EncodedChunk(tail, self._tail_metrics(self._out_s(tail)), last=True)
                     self._observe_rtf()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from bench.load_stats import (
     table,
 )
 from bench.servers import server_command, spawn_server
+from tests.fakes import SAMPLE_RATE, SAMPLES_PER_CHAR, FakeEngine
+from tests.server_helpers import TOKEN, running_server
 
 # ---------------------------------------------------------------- percentiles
 
@@ -200,6 +203,31 @@ def test_smoke_run_against_real_tiny_server(tmp_path: Path) -> None:
     assert set(result["meta"]) >= {"date", "machine", "commit", "model"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| sse | 1 | 1 | 0 |" in out_md.read_text()
+
+
+def test_openai_request_times_each_streamed_piece(tmp_path: Path) -> None:
+    """`openai`: raw pcm from /v1/audio/speech, its seconds exact and its pieces timed as they came."""
+    text = "hello world, this is a test"
+    with running_server(tmp_path, FakeEngine(chunk_chars=6, delay_s=0.02)) as srv, requests.Session() as session:
+        target = load.Target("main", srv.url, TOKEN)
+        voice = load.upload_voice(target)
+        result = load.one_request("openai", session, target, voice, text, time.perf_counter(), 10.0)
+        refused = load.one_request("openai", session, target, "no-such-voice", text, time.perf_counter(), 10.0)
+    assert result.ok, result.error
+    assert result.audio_s == pytest.approx(len(text) * SAMPLES_PER_CHAR / SAMPLE_RATE)
+    assert 0 < result.ttfp_s < result.e2e_s  # the first of five engine chunks, not the whole body
+    assert not refused.ok and refused.error.startswith("HTTP 400")
+
+
+def test_cli_compares_the_openai_route_with_sse_in_one_run(tmp_path: Path) -> None:
+    out_json = tmp_path / "r.json"
+    with running_server(tmp_path / "data", FakeEngine(chunk_chars=6)) as srv:
+        load.main(["--url", srv.url, "--token", TOKEN, "--protocol", "sse,openai", "--concurrency", "1",
+                   "--requests", "1", "--texts", "short", "--warmup", "0", "--quiet", "--json", str(out_json)])
+    levels = json.loads(out_json.read_text())["levels"]
+    assert [lv["protocol"] for lv in levels] == ["sse", "openai"]
+    assert all(lv["errors"] == 0 and lv["ttfp_ms"]["p50"] > 0 for lv in levels), levels
+    assert levels[0]["audio_s"] == pytest.approx(levels[1]["audio_s"])  # the same text, the same audio
 
 
 def test_split_setup_runs_through_a_frontend_and_reports_the_hop(tmp_path: Path) -> None:

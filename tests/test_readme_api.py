@@ -1,4 +1,5 @@
-"""README "Use the API": its examples run against a live server, its response shapes match live responses.
+"""README "Use the API" and "OpenAI-compatible API": their examples run against a live server, their
+response shapes match live responses.
 
 The section's fenced blocks are marked with HTML comments:
 - `<!-- readme-test -->` before a bash block: the bash blocks run in order in one shell (they share
@@ -39,6 +40,7 @@ from tests.server_helpers import (
     running_server,
     speech_body,
     upload,
+    wav_bytes,
 )
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,6 +50,9 @@ README_TOKEN = "change-me"
 SHAPES = {"reference_audio", "delete", "error", "speech", "sse_event",
           "ws_task_started", "ws_result_generated", "ws_task_finished", "ws_task_failed"}
 SCRIPTS = {"sse_audio.py", "ws_client.py"}
+OPENAI_HEADING = "## OpenAI-compatible API"
+OPENAI_SHAPES = {"openai_sse_delta", "openai_sse_done", "openai_error", "openai_voices"}
+OPENAI_SCRIPTS = {"openai_client.py"}
 BLOCK_RE = re.compile(r"<!--\s*readme-(test|shape)(?::\s*([\w.-]+))?\s*-->\s*\n```(\w+)\n(.*?)^```[ \t]*$",
                       re.DOTALL | re.MULTILINE)
 MARK = "@@readme-block {}@@"
@@ -62,26 +67,28 @@ class Block:
     code: str
 
 
-def section() -> str:
+def section(heading: str = HEADING) -> str:
     text = README.read_text(encoding="utf-8")
-    start = text.index(HEADING + "\n")
-    end = text.find("\n## ", start + len(HEADING))
+    start = text.index(heading + "\n")
+    end = text.find("\n## ", start + len(heading))
     return text[start:end if end >= 0 else len(text)]
 
 
-def blocks() -> list[Block]:
-    return [Block(kind, name, lang, code) for kind, name, lang, code in BLOCK_RE.findall(section())]
+def blocks(heading: str = HEADING) -> list[Block]:
+    return [Block(kind, name, lang, code) for kind, name, lang, code in BLOCK_RE.findall(section(heading))]
 
 
-def test_section_has_the_marked_blocks() -> None:
-    found = blocks()
-    assert {b.name for b in found if b.kind == "shape"} == SHAPES
+@pytest.mark.parametrize("heading,shapes,scripts,bash_blocks", [
+    (HEADING, SHAPES, SCRIPTS, 5), (OPENAI_HEADING, OPENAI_SHAPES, OPENAI_SCRIPTS, 3)])
+def test_section_has_the_marked_blocks(heading: str, shapes: set[str], scripts: set[str], bash_blocks: int) -> None:
+    found = blocks(heading)
+    assert {b.name for b in found if b.kind == "shape"} == shapes
     assert all(b.lang == "json" for b in found if b.kind == "shape")
-    assert {b.name for b in found if b.kind == "test" and b.name} == SCRIPTS
+    assert {b.name for b in found if b.kind == "test" and b.name} == scripts
     assert all(b.lang == "python" for b in found if b.kind == "test" and b.name)
-    assert sum(b.kind == "test" and b.lang == "bash" and not b.name for b in found) >= 5
+    assert sum(b.kind == "test" and b.lang == "bash" and not b.name for b in found) >= bash_blocks
     # every fenced block of the section is either run or compared: nothing in it can go stale unnoticed
-    assert section().count("```") == 2 * len(found)
+    assert section(heading).count("```") == 2 * len(found)
 
 
 # ---- running the examples ------------------------------------------------------------------------
@@ -90,9 +97,9 @@ def _localise(code: str, port: int) -> str:
     return code.replace(README_ADDR, f"127.0.0.1:{port}").replace(README_TOKEN, TOKEN)
 
 
-def _run_examples(port: int, workdir: Path) -> list[str]:
+def _run_examples(port: int, workdir: Path, heading: str = HEADING) -> list[str]:
     """Write the scripts, run the bash blocks in one shell; -> each bash block's stdout."""
-    found = blocks()
+    found = blocks(heading)
     bash = [b.code for b in found if b.kind == "test" and b.lang == "bash" and not b.name]
     assert any(README_ADDR in b.code for b in found if b.kind == "test")
     assert any(README_TOKEN in b.code for b in found if b.kind == "test")
@@ -103,7 +110,7 @@ def _run_examples(port: int, workdir: Path) -> list[str]:
         f"echo '{MARK.format(i)}'; echo '{MARK.format(i)}' >&2\n{_localise(code, port)}\n"
         for i, code in enumerate(bash))
     (workdir / "readme.sh").write_text(script, encoding="utf-8")
-    bindir = workdir / "bin"  # `python3` is this interpreter (its packages: websocket-client)
+    bindir = workdir / "bin"  # `python3` is this interpreter (its packages: websocket-client, openai)
     bindir.mkdir()
     (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bindir / "python3").chmod(0o755)
@@ -177,6 +184,28 @@ def test_readme_examples_run(tmp_path: Path) -> None:
         assert r.status_code == 200 and voice["id"] not in {v["id"] for v in r.json()}
 
 
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("bash") is None,
+                    reason="the README examples use curl and bash; not installed here")
+def test_openai_readme_examples_run(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "prompt.wav").write_bytes(wav_bytes(3.0, 16000))  # what "Use the API" wrote before
+    with running_server(tmp_path / "data", engine) as srv:
+        out = _run_examples(srv.port, work, OPENAI_HEADING)
+
+    (voices,) = _json_lines(out[0])
+    assert [(v["name"], v["object"]) for v in voices["data"]] == [("narrator", "audio.voice")]
+    assert [j.stream for j in engine.jobs] == [False, True, False, True, True]  # stream_format or not
+    flac, pcm, opus, mp3, sse = (len(j.text) * SECONDS_PER_CHAR for j in engine.jobs)
+    _check_audio(work / "curl.flac", "FLAC", flac)
+    assert (work / "curl.pcm").stat().st_size == round(pcm * SAMPLE_RATE) * 2
+    _check_audio(work / "openai.opus", "OGG", opus, tolerance_s=0.01)
+    _check_audio(work / "openai_stream.mp3", "MP3", mp3, tolerance_s=0.1)
+    _check_audio(work / "openai_sse.wav", "WAV", sse)
+    assert out[2].splitlines()[-1].startswith("usage: {'input_tokens': ")
+
+
 # ---- response shapes -----------------------------------------------------------------------------
 
 def _skeleton(value: Any) -> Any:
@@ -234,3 +263,28 @@ def test_readme_response_shapes_match_live_responses(tmp_path: Path) -> None:
     events = {name: shown[name]["header"]["event"] for name in SHAPES if name.startswith("ws_")}
     assert events == {name: live[name]["header"]["event"] for name in events}
     assert shown["sse_event"]["output"]["finish_reason"] is None and shown["sse_event"]["error"] is None
+
+
+def _live_openai_shapes(url: str) -> dict[str, Any]:
+    upload(requests, url, filename="narrator.wav")
+    live: dict[str, Any] = {"openai_voices": requests.get(f"{url}/v1/audio/voices", headers=AUTH, timeout=10).json()}
+    body = {"model": "tts-1", "input": "hello there", "voice": "narrator", "response_format": "wav",
+            "stream_format": "sse"}
+    with requests.post(f"{url}/v1/audio/speech", headers=AUTH, json=body, stream=True, timeout=10) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: ")]
+    live["openai_sse_delta"], live["openai_sse_done"] = events[0], events[-1]
+    live["openai_error"] = requests.post(f"{url}/v1/audio/speech", headers=AUTH, json={**body, "voice": "nova"},
+                                         timeout=10).json()
+    return live
+
+
+def test_readme_openai_shapes_match_live_responses(tmp_path: Path) -> None:
+    shown = {b.name: json.loads(b.code) for b in blocks(OPENAI_HEADING) if b.kind == "shape"}
+    with running_server(tmp_path / "data", FakeEngine()) as srv:
+        live = _live_openai_shapes(srv.url)
+    for name in OPENAI_SHAPES:
+        assert _skeleton(shown[name]) == _skeleton(live[name]), (name, shown[name], live[name])
+    assert shown["openai_error"] == live["openai_error"]
+    assert [shown[n]["type"] for n in ("openai_sse_delta", "openai_sse_done")] == \
+        ["speech.audio.delta", "speech.audio.done"]

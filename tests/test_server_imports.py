@@ -98,7 +98,8 @@ def test_handlers_depend_on_state_not_on_wiring_or_serving() -> None:
     graph = _graph(_modules("server"))
     outer = {"server.wiring", "server.serving", "server.server_thread", "server.__main__"}
     for handler in ("server.connection", "server.routes", "server.speech", "server.reference_audio",
-                    "server.ws", "server.synthesis", "server.context", "server.state"):
+                    "server.ws", "server.synthesis", "server.context", "server.state", "server.openai_routes",
+                    "server.openai_speech"):
         assert not _reachable(graph, handler) & outer, handler
 
 
