@@ -182,14 +182,16 @@ $("speak-form").addEventListener("submit", (event) => {
     const text = $("text").value.trim();
     if (!$("voice-select").value) throw new Error("add or choose a voice first");
     if (!text) throw new Error("type something to say");
-    if (run && run.active) stopRun();
-    const sampleRate = Number($("sample-rate").value);
-    const player = new PcmPlayer(sampleRate, (state) => setStat("player-state", state));
-    await player.resume(); // inside the click: allowed to sound
+    // All of this runs within the click (no await before the socket opens): the context may sound, and
+    // the previous run's stats and download are gone before anything else can look at them.
+    if (run) stopRun(); // a new run replaces the one still playing
+    resetStats();
     const started = performance.now();
+    const sampleRate = Number($("sample-rate").value);
+    const player = new PcmPlayer(sampleRate, onPlayerState);
+    player.resume();
     const current = { player, pieces: [], sampleRate, active: true, job: null };
     run = current;
-    resetStats();
     setRunning(true);
     current.job = synthesize(parameters(sampleRate), text, {
       onChunk(samples) {
@@ -219,13 +221,21 @@ $("speak-form").addEventListener("submit", (event) => {
   });
 });
 
+// Stop: cancels the task if it is still generating (closing the socket cancels it on the server) and
+// silences what is scheduled; what arrived before stays downloadable.
 function stopRun() {
-  if (!run || !run.active) return;
+  if (!run) return;
+  const wasActive = run.active;
   run.active = false;
-  run.job.cancel();
+  if (wasActive) run.job.cancel();
   run.player.stop();
   setRunning(false);
-  prepareDownload(); // what arrived before the stop
+  if (wasActive) prepareDownload();
+}
+
+function onPlayerState(state) {
+  setStat("player-state", state);
+  if (state === "ended" || state === "stopped") $("stop").disabled = true;
 }
 
 $("stop").addEventListener("click", stopRun);
@@ -236,9 +246,10 @@ function resetStats() {
   disableDownload();
 }
 
+// Speak waits for the generation to end; Stop stays usable until the audio has played out.
 function setRunning(running) {
   $("speak").disabled = running;
-  $("stop").disabled = !running;
+  if (running) $("stop").disabled = false;
 }
 
 // ---- download ----
@@ -250,6 +261,7 @@ function disableDownload() {
   if (link.href) URL.revokeObjectURL(link.href);
   link.removeAttribute("href");
   link.setAttribute("aria-disabled", "true");
+  link.textContent = `Download ${$("format").value}`;
 }
 
 async function prepareDownload() {
@@ -264,6 +276,7 @@ async function prepareDownload() {
     link.href = URL.createObjectURL(blob);
     link.download = `cosyserve-${new Date().toISOString().replace(/[:.]/g, "-")}.${format}`;
     link.setAttribute("aria-disabled", "false");
+    link.textContent = `Download ${format}`;
   } catch (err) {
     showError(err);
   }

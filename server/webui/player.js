@@ -12,7 +12,8 @@ export class PcmPlayer {
   constructor(sampleRate, onState) {
     this.context = new AudioContext({ sampleRate });
     this.onState = onState;
-    this.next = 0;
+    this.next = 0; // context time where the next chunk starts
+    this.startedAt = 0; // ... and where the first one did
     this.started = false;
     this.finished = false; // no more chunks will come
     this.underruns = 0;
@@ -24,7 +25,7 @@ export class PcmPlayer {
 
   // Call from the user's click: a context may only start sounding after a gesture.
   resume() {
-    return this.context.resume();
+    this.context.resume().catch(() => {}); // fails only once closed: nothing left to play then
   }
 
   push(samples) {
@@ -34,6 +35,7 @@ export class PcmPlayer {
     const now = this.context.currentTime;
     if (!this.started) {
       this.next = now + LEAD_S;
+      this.startedAt = this.next;
       this.started = true;
     } else if (this.next < now) {
       this.underruns += 1; // everything scheduled already played: the listener heard a gap
@@ -60,6 +62,7 @@ export class PcmPlayer {
   }
 
   stop() {
+    if (this.state === "ended" || this.state === "stopped") return;
     for (const source of this.sources) {
       source.onended = null;
       source.stop();
