@@ -62,6 +62,8 @@ def page(browser: Browser, server: SpawnedServer) -> Iterator[Page]:
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(f"{server.url}/")
     page.get_by_test_id("token").fill(server.token)
+    # typing the token lists the voices (debounced): wait for it, or it would clear a later error line
+    expect(page.get_by_test_id("voice-info")).to_have_text(re.compile(r"^\d+ voices?$"))
     yield page
     context.close()
     assert not page_errors, page_errors  # no uncaught exception in the page's scripts
@@ -149,11 +151,13 @@ PLAYER_CHECK = """async () => {
   for (const n of [2400, 1200, 4800]) player.push(new Int16Array(n));  // 0.1 + 0.05 + 0.2 s at once
   const span = player.next - player.startedAt;
   const underrunsWhileFed = player.underruns;
-  await sleep(700);  // all of it has played: the next chunk comes too late
+  for (let waited = 0; player.context.currentTime < player.next + 0.05 && waited < 5000; waited += 50) {
+    await sleep(50);  // until all of it has played: the next chunk is late
+  }
   player.push(new Int16Array(2400));
   const underrunsAfterGap = player.underruns;
   player.end();
-  await sleep(400);
+  for (let waited = 0; player.state !== "ended" && waited < 5000; waited += 50) await sleep(50);
   return { span, underrunsWhileFed, underrunsAfterGap, states, seconds: player.seconds };
 }"""
 
@@ -198,12 +202,17 @@ def test_stop_silences_and_keeps_what_arrived(page: Page, tmp_path: Path) -> Non
     assert page.get_by_test_id("error").is_hidden()
 
 
-def test_api_errors_are_shown_in_the_apis_words(page: Page, tmp_path: Path) -> None:
+def test_api_errors_are_shown_in_the_apis_words(page: Page, server: SpawnedServer, tmp_path: Path) -> None:
     _upload_file(page, tmp_path)
     error = page.get_by_test_id("error")
 
     _upload_file_expecting_error(page, tmp_path)
     expect(error).to_have_text(re.compile(r"^reference audio too short: 0\.20 s"))
+
+    # task-failed on the WebSocket: its error_message, as sent
+    _speak(page, "natural_language_replication", "wav")
+    expect(error).to_have_text(re.compile(r"instruct.*is required for natural_language_replication"))
+    expect(page.get_by_test_id("player-state")).to_have_text("failed")
 
     # the WebSocket refused (wrong token): the page asks the API why and shows its message
     page.evaluate("sessionStorage.setItem('cosyserve.token', 'wrong-token')")
@@ -215,6 +224,8 @@ def test_api_errors_are_shown_in_the_apis_words(page: Page, tmp_path: Path) -> N
     page.get_by_test_id("token").fill("still-wrong")
     page.get_by_test_id("voice-refresh").click()
     expect(error).to_have_text("invalid or missing token")
+    log = server.log_path.read_text(errors="replace")
+    assert "wrong-token" not in log and "still-wrong" not in log and server.token not in log
 
 
 def _upload_file_expecting_error(page: Page, tmp_path: Path) -> None:
