@@ -55,6 +55,12 @@ def _tokens(value: str | None) -> set[str]:
     return {t.strip().lower() for t in (value or "").split(",") if t.strip()}
 
 
+def offered_subprotocols(upgrade: Upgrade) -> list[str]:
+    """The Sec-WebSocket-Protocol offer, in order; names are case-sensitive (RFC 6455 4.1), so kept as sent."""
+    value = upgrade.request.header("sec-websocket-protocol") or ""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
 def check_handshake(upgrade: Upgrade) -> str:
     """Validate a WebSocket opening handshake (RFC 6455 4.2.1); returns the Sec-WebSocket-Key."""
     req = upgrade.request
@@ -90,15 +96,20 @@ class WebSocketSession:
         return self.upgrade.request
 
     # ---- handshake ----
-    def accept_bytes(self) -> bytes:
+    def accept_bytes(self, subprotocol: str | None = None) -> bytes:
         """The 101 response (raises HandshakeError/ApiError if the handshake is invalid: answer it
-        with `reject_bytes`). Then call `receive_data(b"")` for frames that came with the request."""
+        with `reject_bytes`). Then call `receive_data(b"")` for frames that came with the request.
+        `subprotocol`: the one offered name the server picked (a browser fails the connection when it
+        offered some and the answer names none)."""
         key = check_handshake(self.upgrade)
-        out = self.upgrade.connection.accept_switch([
+        headers = [
             ("upgrade", "websocket"),
             ("connection", "Upgrade"),
             ("sec-websocket-accept", generate_accept_token(key.encode("latin-1")).decode("ascii")),
-        ])
+        ]
+        if subprotocol is not None:
+            headers.append(("sec-websocket-protocol", subprotocol))
+        out = self.upgrade.connection.accept_switch(headers)
         self._ws = Connection(ConnectionType.SERVER, extensions=[], trailing_data=self.upgrade.trailing_data)
         return out
 

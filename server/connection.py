@@ -26,8 +26,8 @@ from protocol.errors import (
 )
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
 from protocol.internal import JOBS_PATH
-from protocol.websocket import WebSocketSession
-from server.auth import authorized
+from protocol.websocket import WebSocketSession, offered_subprotocols
+from server.auth import SUBPROTOCOL, ws_authorized
 from server.backend import JobSocket, internal_authorized
 from server.context import Ctx, new_request_id
 from server.flow_control import FlowControl
@@ -260,16 +260,17 @@ class HttpProtocol(asyncio.Protocol):
             return
         session = WebSocketSession(upgrade, self.state.config.max_ws_message_bytes)
         req, rid = upgrade.request, new_request_id()
+        offered = offered_subprotocols(upgrade)
         err: ApiError | None = None
         if req.path.rstrip("/") != WS_SPEECH:
             err = NotFound(f"no WebSocket route for {req.path}")
-        elif not authorized(req.headers, self.state.config.tokens):
+        elif not ws_authorized(req.headers, offered, self.state.config.tokens):
             err = Unauthorized()
         elif self.state.draining:
             err = Overloaded("server is shutting down")
         if err is None:
-            try:
-                accept = session.accept_bytes()
+            try:  # answer the name only, never the token entry (server/auth.py)
+                accept = session.accept_bytes(SUBPROTOCOL if SUBPROTOCOL in offered else None)
             except ApiError as exc:
                 err = exc
         self.state.metrics.request_done("ws_speech", err.status if err else 101)

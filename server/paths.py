@@ -26,6 +26,8 @@ def route_name(path: str) -> str:
         return "reference_audio_id"
     if path.startswith(OPENAI_MODELS + "/"):
         return "openai_model"
+    if path == "/" or path.startswith("/webui/"):
+        return "webui"
     return {REFERENCE: "reference_audio", SPEECH: "speech", WS_SPEECH: "ws_speech", "/health": "health", READY: "ready",
             "/metrics": "metrics", OPENAI_SPEECH: "openai_speech", OPENAI_VOICES: "openai_voices",
             OPENAI_MODELS: "openai_models"}.get(path, "unknown")

@@ -1,4 +1,4 @@
-"""Routing: auth first (every route but /health and /ready), then method + path -> handler.
+"""Routing: auth first (every route but /health, /ready and the WebUI's page), then method + path -> handler.
 
 Handlers raise ApiError; the connection turns it into the error response in one place (the /v1
 routes, server.openai_routes, answer theirs in OpenAI's shape).
@@ -6,7 +6,7 @@ routes, server.openai_routes, answer theirs in OpenAI's shape).
 from __future__ import annotations
 
 from protocol.errors import MethodNotAllowed, NotFound, Unauthorized, UpgradeRequired
-from server import backend, openai_routes, reference_audio, speech
+from server import backend, openai_routes, reference_audio, speech, webui, webui_mp3
 from server.auth import authorized
 from server.context import Ctx, Handler
 from server.paths import READY, REFERENCE, SPEECH, WS_SPEECH, is_openai, normalise
@@ -23,6 +23,8 @@ def resolve(ctx: Ctx) -> Handler:
         return _only(method, ("GET", "HEAD"), ready)
     if is_openai(path):
         return openai_routes.handle  # checks the token itself: its errors, 401 too, are in OpenAI's shape
+    if webui.serves(path):  # the page itself needs no token; its API calls do (server/webui.py)
+        return _only(method, ("GET",), webui.serve)
     if not authorized(ctx.req.headers, ctx.state.config.tokens):
         raise Unauthorized()
     if path == "/metrics":
@@ -33,6 +35,8 @@ def resolve(ctx: Ctx) -> Handler:
         return _pick(method, {"GET": reference_audio.get_voice, "DELETE": reference_audio.delete_voice})
     if path == SPEECH:
         return _only(method, ("POST",), speech.synthesize)
+    if path == webui_mp3.PATH:
+        return _only(method, ("POST",), webui_mp3.encode)
     if path == WS_SPEECH:
         raise UpgradeRequired("this endpoint needs a WebSocket upgrade")
     raise NotFound(f"no route for {path}")
