@@ -80,6 +80,7 @@ class HttpConnection:
         self._max_body_bytes = max_body_bytes
         self._max_header_count = max_header_count
         self._request: h11.Request | None = None
+        self._head = False
         self._body = bytearray()
         self._eof = False
         self._failed = False  # a request error was raised: the connection must close
@@ -125,6 +126,7 @@ class HttpConnection:
 
     def _start_request(self, event: h11.Request) -> None:
         self._request = event
+        self._head = event.method == b"HEAD"  # its response has the GET's head and no body (RFC 9110 9.3.2)
         self._body = bytearray()
         if len(event.headers) > self._max_header_count:
             raise self._fail(HeadersTooLarge(f"too many header fields (at most {self._max_header_count})"))
@@ -178,7 +180,7 @@ class HttpConnection:
         pairs = [(k, v) for k, v in _header_pairs(headers) if k not in ("content-length", "transfer-encoding")]
         pairs.append(("content-length", str(len(body))))
         out = self._send(h11.Response(status_code=status, headers=self._close_header(pairs)))
-        if body:
+        if body and not self._head:
             out += self._send(h11.Data(data=body))
         return out + self._send(h11.EndOfMessage())
 

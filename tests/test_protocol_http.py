@@ -114,6 +114,20 @@ def test_chunked_body_over_limit_is_413() -> None:
     assert e.value.status == 413
 
 
+def test_a_head_response_has_the_get_head_and_no_body_and_the_connection_goes_on() -> None:
+    conn = connection()
+    conn.receive_data(client_bytes("HEAD", "/health") + client_bytes("GET", "/health"))
+    assert isinstance(conn.next_request(), HttpRequest)
+    out = conn.send_response(200, {"content-type": "application/json"}, b'{"status": "ok"}')
+    events = client_events(out, method="HEAD")
+    assert isinstance(events[0], h11.Response) and (b"content-length", b"16") in events[0].headers
+    assert not any(isinstance(ev, h11.Data) for ev in events) and isinstance(events[-1], h11.EndOfMessage)
+    conn.start_next_cycle()
+    assert isinstance(req := conn.next_request(), HttpRequest) and req.method == "GET"
+    get = client_events(conn.send_response(200, {}, b"body"))
+    assert [ev.data for ev in get if isinstance(ev, h11.Data)] == [b"body"]  # a GET still gets its body
+
+
 def test_headers_too_big_is_431() -> None:
     conn = connection(max_header_bytes=1024)
     conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 2000)

@@ -66,6 +66,14 @@ def test_health_needs_no_token_and_reveals_nothing(server) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
+def test_head_of_the_probes_answers_without_a_body_on_a_connection_that_stays_open(server) -> None:
+    with requests.Session() as s:
+        for path in ("/health", "/ready", "/health"):
+            r = s.head(f"{server.url}{path}", timeout=5)
+            assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+        assert s.get(f"{server.url}/health", timeout=5).json() == {"status": "ok"}
+
+
 @pytest.mark.parametrize("data,filename,extra", [
     (wav_bytes(1.0, 16000), "a.wav", {}),
     (mp3_bytes(1.0, 24000), "b.mp3", {}),
