@@ -3,11 +3,18 @@
 Each returned piece is synthesised independently, so pieces are cut at sentence enders and then
 greedily merged up to ~80 length units; a short tail (< 20) is glued to the previous piece.
 Length units: characters for Chinese, Qwen tokens for English.
+
+One deviation from upstream, so that no text is lost:
+- No piece is longer than MAX_PIECE_LEN: a longer sentence (a run without enders) is cut at soft
+  punctuation, spaces or between ideographs (frontend/long_runs.py), and merging never passes the
+  limit. Upstream hands such a run to the LLM whole, which runs out of KV slot before its end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from frontend.long_runs import iter_parts
 
 ZH_ENDERS = frozenset("。？！；：、.?!;")
 EN_ENDERS = frozenset(".?!;:")
@@ -16,6 +23,11 @@ CLOSING_QUOTES = frozenset('"”')  # a closing quote right after an ender stays
 TOKEN_MAX_N = 80  # a piece grows past this only while it is still <= TOKEN_MIN_N
 TOKEN_MIN_N = 60
 MERGE_LEN = 20  # a last piece shorter than this joins the previous one
+# The engine's limit for one piece, in the same units. A piece and its speech share one KV slot with
+# the prompt (scheduler.config.SchedulerConfig.slot_len, 2048 positions): 2 + a 30 s voice's 750 speech
+# tokens + its transcript (~150) + 100 text tokens + the speech of 100 units (<= ~900 tokens even read
+# slowly, 3 characters or 1.2 words a second) = ~1,900. tests/test_frontend_long_text.py checks the sum.
+MAX_PIECE_LEN = 100
 
 
 def cut_sentences(text: str, enders: frozenset[str]) -> list[str]:
@@ -41,16 +53,18 @@ def merge_sentences(
     max_n: int = TOKEN_MAX_N,
     min_n: int = TOKEN_MIN_N,
     merge_len: int = MERGE_LEN,
+    limit: int = MAX_PIECE_LEN,
 ) -> list[str]:
     pieces: list[str] = []
     current = ""
     for sentence in sentences:
-        if length(current + sentence) > max_n and length(current) > min_n:
+        longer = length(current + sentence)
+        if current and ((longer > max_n and length(current) > min_n) or longer > limit):
             pieces.append(current)
             current = ""
         current += sentence
     if current:
-        if length(current) < merge_len and pieces:
+        if length(current) < merge_len and pieces and length(pieces[-1] + current) <= limit:
             pieces[-1] += current
         else:
             pieces.append(current)
@@ -65,4 +79,5 @@ def split_paragraph(text: str, lang: str, count_tokens: Callable[[str], int]) ->
     if text[-1] not in enders:
         text += "。" if lang == "zh" else "."
     length: Callable[[str], int] = len if lang == "zh" else count_tokens
-    return merge_sentences(cut_sentences(text, enders), length)
+    sentences = list(iter_parts(cut_sentences(text, enders), length, MAX_PIECE_LEN))
+    return merge_sentences(sentences, length)

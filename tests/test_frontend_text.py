@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from frontend.long_runs import cut_long_sentence
 from frontend.numbers import number_to_words, spell_out_digits
 from frontend.prompt import LLMPromptIds, instruct_with_endofprompt, llm_prompt_for
-from frontend.split import ZH_ENDERS, cut_sentences, merge_sentences, split_paragraph
+from frontend.split import MAX_PIECE_LEN, ZH_ENDERS, cut_sentences, merge_sentences, split_paragraph
 from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
 from frontend.tokenizer import COSYVOICE2_SPECIALS
 from scheduler.jobs import Mode, VoicePrompt
@@ -248,3 +249,45 @@ def test_instruct_requires_text(tf: TextFrontend) -> None:
         llm_prompt_for(Mode.INSTRUCT, _voice(), tf, None)
     with pytest.raises(ValueError):
         llm_prompt_for(Mode.INSTRUCT, _voice(), tf, "  ")
+
+
+# ---------------------------------------------------------------- long runs (no text lost)
+
+
+def test_a_run_without_enders_is_cut_within_the_piece_limit() -> None:
+    run = "我们沿着河边一直走到天黑才回家" * 40  # 600 characters, no punctuation at all
+    pieces = split_paragraph(run, "zh", len)
+    assert "".join(pieces) == run + "。"
+    assert all(len(p) <= MAX_PIECE_LEN for p in pieces)
+    assert min(len(p) for p in pieces) >= MAX_PIECE_LEN // 2  # balanced, no crumbs
+
+
+def test_long_runs_are_cut_at_soft_punctuation_then_spaces_never_inside_words() -> None:
+    words = " ".join(f"word{i}" for i in range(200))
+    parts = cut_long_sentence(words, len, 100)
+    assert "".join(parts) == words and all(len(p) <= 100 for p in parts)
+    assert all(p.endswith(" ") for p in parts[:-1])  # each cut at a space, the word whole
+    clauses = "，".join(["一二三四五六七八九十"] * 30)
+    parts = cut_long_sentence(clauses, len, 100)
+    assert all(p.endswith("，") for p in parts[:-1])
+    mixed = "中文" * 30 + "https://example.com/a/very/long/path" + "中文" * 60
+    parts = cut_long_sentence(mixed, len, 100)
+    assert "".join(parts) == mixed and any("https://example.com/a/very/long/path" in p for p in parts)
+
+
+def test_a_cut_never_splits_a_special_token_or_an_emoji_sequence() -> None:
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    for unit in ("[breath]", "<|endofprompt|>", family, "\U0001f44d\U0001f3fd"):
+        text = (unit * 60)[:-1] if unit == "[breath]" else unit * 60
+        for limit in (7, 20, 50):
+            parts = cut_long_sentence(text, len, limit)
+            assert "".join(parts) == text
+            if len(unit) <= limit:
+                assert all(p.startswith(unit[0]) for p in parts), (unit, limit, parts[:3])
+
+
+def test_merging_never_passes_the_piece_limit() -> None:
+    pieces = merge_sentences(["a" * 59 + "。", "b" * 90 + "。"], len)
+    assert pieces == ["a" * 59 + "。", "b" * 90 + "。"]  # upstream merged them: 151 characters
+    pieces = merge_sentences(["a" * 95 + "。", "b" * 10 + "。"], len)
+    assert pieces == ["a" * 95 + "。", "b" * 10 + "。"]  # the short tail stays alone rather than pass 100
