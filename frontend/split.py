@@ -4,10 +4,12 @@ Each returned piece is synthesised independently, so pieces are cut at sentence 
 greedily merged up to ~80 length units; a short tail (< 20) is glued to the previous piece.
 Length units: characters for Chinese, Qwen tokens for English.
 
-One deviation from upstream, so that no text is lost:
+Two deviations from upstream, both so that no text is lost:
 - No piece is longer than MAX_PIECE_LEN: a longer sentence (a run without enders) is cut at soft
   punctuation, spaces or between ideographs (frontend/long_runs.py), and merging never passes the
   limit. Upstream hands such a run to the LLM whole, which runs out of KV slot before its end.
+- A repeated ender ("？！", "。。。", "!!!") stays with its sentence; upstream drops all but the first.
+The pieces therefore concatenate to the text exactly (plus the ender appended to a text without one).
 """
 
 from __future__ import annotations
@@ -31,18 +33,20 @@ MAX_PIECE_LEN = 100
 
 
 def cut_sentences(text: str, enders: frozenset[str]) -> list[str]:
-    """Cut after every ender; text after the last ender is dropped (callers append one first)."""
+    """Cut after every ender; text after the last ender is dropped (callers append one first).
+    An ender right after another one joins the sentence before (or, at the start, makes its own)."""
     sentences: list[str] = []
     start = 0
     for i, ch in enumerate(text):
         if ch not in enders:
             continue
-        if i > start:
+        if i > start or not sentences:
             sentences.append(text[start:i] + ch)
+        else:
+            sentences[-1] += ch
         start = i + 1
         if i + 1 < len(text) and text[i + 1] in CLOSING_QUOTES:
-            if sentences:
-                sentences[-1] += text[i + 1]
+            sentences[-1] += text[i + 1]
             start = i + 2
     return sentences
 

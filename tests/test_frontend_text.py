@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from frontend.long_runs import cut_long_sentence
 from frontend.numbers import number_to_words, spell_out_digits
 from frontend.prompt import LLMPromptIds, instruct_with_endofprompt, llm_prompt_for
-from frontend.split import MAX_PIECE_LEN, ZH_ENDERS, cut_sentences, merge_sentences, split_paragraph
+from frontend.split import (
+    EN_ENDERS,
+    MAX_PIECE_LEN,
+    ZH_ENDERS,
+    cut_sentences,
+    merge_sentences,
+    split_paragraph,
+)
 from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
 from frontend.tokenizer import COSYVOICE2_SPECIALS
 from scheduler.jobs import Mode, VoicePrompt
@@ -291,3 +298,11 @@ def test_merging_never_passes_the_piece_limit() -> None:
     assert pieces == ["a" * 59 + "。", "b" * 90 + "。"]  # upstream merged them: 151 characters
     pieces = merge_sentences(["a" * 95 + "。", "b" * 10 + "。"], len)
     assert pieces == ["a" * 95 + "。", "b" * 10 + "。"]  # the short tail stays alone rather than pass 100
+
+
+def test_repeated_enders_stay_with_their_sentence() -> None:
+    # upstream kept only the first of "？？？" (and the "！" of "？！"): the pieces lost characters
+    assert cut_sentences("真的吗？？？太好了！！", ZH_ENDERS) == ["真的吗？？？", "太好了！！"]
+    assert cut_sentences("他说：“好！！”然后走了。。。", ZH_ENDERS) == ["他说：", "“好！！”", "然后走了。。。"]
+    assert cut_sentences("Wow?! Really...", EN_ENDERS) == ["Wow?!", " Really..."]
+    assert cut_sentences("。开头。", ZH_ENDERS) == ["。", "开头。"]  # a leading ender is its own (silent) sentence
