@@ -91,6 +91,9 @@ def test_fixture_cases_builtin_rules(tf: TextFrontend) -> None:
         ("好的，，、", "好的。"),
         ("第一行\n第二行.", "第一行第二行。"),
         ("Hello world 你好", "Hello world你好"),
+        # deviations: no text lost or split apart
+        ("访问 www.example.com 或写信给 bob.smith@example.org.", "访问www.example.com或写信给bob.smith@example.org。"),
+        ("版本 v1.2.3 发布了. 好", "版本v1.2.3发布了。好"),
     ],
 )
 def test_zh_rules(raw: str, expected: str) -> None:
