@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 _SENTENCE_DOT = re.compile(r"\.(?![0-9A-Za-z])|(?<![0-9A-Za-z])\.")  # not the dots of example.com, v1.2
+_ASCII_LINE_BREAK = re.compile(r"(?<=[!-~])\s*\n\s*(?=[!-~])")  # "wrapped\nEnglish" -> "wrapped English"
 
 
 def contains_chinese(text: str) -> bool:
@@ -59,8 +60,10 @@ def replace_blank(text: str) -> str:
 def zh_rules(text: str) -> str:
     """The built-in zh clean-up, in upstream order (order matters: blanks go before " - ").
 
-    Deviation: a dot inside an ASCII word stays a dot (upstream made "example.com" "example。com", a
-    sentence end that split URLs and addresses)."""
+    Two deviations: a line break between two ASCII characters becomes a space (upstream glued the
+    English words on either side: "line\nbreak" -> "linebreak"), and a dot inside an ASCII word stays a
+    dot (upstream made "example.com" "example。com", a sentence end that split URLs and addresses)."""
+    text = _ASCII_LINE_BREAK.sub(" ", text)
     text = text.replace("\n", "")
     text = replace_blank(text)
     text = text.replace("²", "平方").replace("³", "立方")

@@ -94,6 +94,8 @@ def test_fixture_cases_builtin_rules(tf: TextFrontend) -> None:
         # deviations: no text lost or split apart
         ("访问 www.example.com 或写信给 bob.smith@example.org.", "访问www.example.com或写信给bob.smith@example.org。"),
         ("版本 v1.2.3 发布了. 好", "版本v1.2.3发布了。好"),
+        ("英文 wrapped\nline 和\n中文", "英文wrapped line和中文"),
+        ("end.\n\nNext 好", "end。 Next好"),  # as upstream for "end. Next"
     ],
 )
 def test_zh_rules(raw: str, expected: str) -> None:
