@@ -6,6 +6,8 @@ thirty-four", "one thousand and one", "one hundred", "zero"; leading zeros are i
 
 from __future__ import annotations
 
+import re
+
 _ONES = [
     "zero",
     "one",
@@ -103,3 +105,31 @@ def spell_out_digits(text: str) -> str:
     if run:
         out.append(number_to_words("".join(run)))
     return "".join(out)
+
+
+# wetext 0.0.4 (en) reads 1,000..1,999 written with digits as "thousand ..." without its "one": "$1,299"
+# -> "thousand two hundred and ninety nine dollars", "1,001 people" -> "thousand and one people".
+_ONE_THOUSAND_SOURCE = re.compile(r"(?<![\d,.])1,?\d{3}(?!\d|,\d)")
+_THOUSAND = re.compile(r"\bthousand\b", re.IGNORECASE)
+_WORD_BEFORE = re.compile(r"([A-Za-z-]+)\W*$")
+# a "thousand" after one of these is whole already ("twenty-one thousand", "a few thousand")
+_COUNTS_THOUSAND = frozenset([*_ONES, *_TENS[2:], "hundred", *(s.strip() for s in _SCALES[2:]),
+                              "a", "an", "the", "few", "several", "many", "some", "per", "every", "each"])
+
+
+def restore_one_thousand(source: str, spoken: str) -> str:
+    """`spoken` (wetext's reading of `source`) with the "one" of each 1,000..1,999 in `source` put back:
+    a "thousand" that no number word or determiner precedes gets it, at most once per such number."""
+    missing = len(_ONE_THOUSAND_SOURCE.findall(source))
+    if not missing:
+        return spoken
+    out: list[str] = []
+    last = 0
+    for match in _THOUSAND.finditer(spoken):
+        before = _WORD_BEFORE.search(spoken, 0, match.start())
+        word = before.group(1).lower().split("-")[-1] if before else ""
+        if missing and word not in _COUNTS_THOUSAND:
+            out.append(spoken[last:match.start()] + "one ")
+            last = match.start()
+            missing -= 1
+    return "".join(out) + spoken[last:]

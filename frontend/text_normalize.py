@@ -17,7 +17,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from frontend.numbers import spell_out_digits
+from frontend.numbers import restore_one_thousand, spell_out_digits
 from frontend.split import split_paragraph
 from frontend.tokenizer import TextTokenizer
 
@@ -167,5 +167,5 @@ class TextFrontend:
     def _normalize_en(self, text: str) -> str:
         models = _Wetext.get() if self.use_wetext else None
         if models is not None:
-            text = _Wetext.normalize(models[1], text)
+            text = restore_one_thousand(text, _Wetext.normalize(models[1], text))
         return spell_out_digits(text)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frontend.long_runs import cut_long_sentence
-from frontend.numbers import number_to_words, spell_out_digits
+from frontend.numbers import number_to_words, restore_one_thousand, spell_out_digits
 from frontend.prompt import LLMPromptIds, instruct_with_endofprompt, llm_prompt_for
 from frontend.split import (
     EN_ENDERS,
@@ -222,6 +222,21 @@ def test_wetext_path_when_available() -> None:
     if not frontend.use_wetext:
         pytest.skip("wetext failed to load")
     assert frontend.normalize("价格是25元") == ["价格是二十五元。"]
+    # wetext 0.0.4 alone says "thousand two hundred and ninety nine point five dollars" (no "one")
+    assert frontend.normalize("He paid $1,299.50 for 1,001 nights.") == [
+        "He paid one thousand two hundred and ninety nine point five dollars for one thousand and one nights."]
+
+
+@pytest.mark.parametrize(("source", "spoken", "fixed"), [
+    ("1,000", "thousand", "one thousand"),
+    ("$5 and 1,200", "five dollars and thousand two hundred", "five dollars and one thousand two hundred"),
+    ("2,500 and 21,000", "two thousand five hundred and twenty one thousand", None),  # nothing missing
+    ("a thousand and 1,500", "a thousand and thousand five hundred", "a thousand and one thousand five hundred"),
+    ("1,500th", "one thousand five hundredth", None),  # wetext's ordinals are right
+    ("1299 votes", "twelve ninety nine votes", None),
+])
+def test_restore_one_thousand(source: str, spoken: str, fixed: str | None) -> None:
+    assert restore_one_thousand(source, spoken) == (fixed or spoken)
 
 
 # ---------------------------------------------------------------- LLM prompt layouts
