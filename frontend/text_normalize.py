@@ -14,11 +14,12 @@ import logging
 import re
 import threading
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from frontend.numbers import restore_one_thousand, spell_out_digits
-from frontend.split import split_paragraph
+from frontend.split import MAX_PIECE_LEN, split_paragraph
 from frontend.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,25 @@ class _Wetext:
                 return text
 
 
+@dataclass(frozen=True)
+class SplitText:
+    """A text normalised (`normalized`) and cut into `parts`, which concatenate to it exactly, plus the
+    sentence ender appended to a text that ends without one. A part made only of punctuation and symbols
+    (emoji included: "🎉🎉🎉。") has nothing to say: it is silent, dropped by design as upstream does; the
+    others are `spoken`, in order."""
+
+    normalized: str
+    parts: tuple[str, ...]
+
+    @property
+    def spoken(self) -> list[str]:
+        return [p for p in self.parts if not is_only_punctuation(p)]
+
+    @property
+    def silent(self) -> list[str]:
+        return [p for p in self.parts if is_only_punctuation(p)]
+
+
 class TextFrontend:
     """Qwen tokenizer + CosyVoice2 text normalisation of one model directory. Thread-safe."""
 
@@ -126,21 +146,24 @@ class TextFrontend:
         return self.tokenizer.decode(ids)
 
     def normalize(self, text: str, split: bool = True) -> list[str]:
-        """Normalised text pieces. split=False gives one piece: the whole normalised text.
+        """Normalised text pieces to speak. split=False gives one piece: the whole normalised text.
 
         Deviation: empty/blank text gives [] (upstream returns [""] or fails on blank text).
         """
-        if is_markup(text):
-            return [text]
-        text = text.strip()
-        if not text:
-            return []
-        lang = "zh" if contains_chinese(text) else "en"
-        text = self._normalize_zh(text) if lang == "zh" else self._normalize_en(text)
         if not split:
-            return [text]
-        pieces = split_paragraph(text, lang, self._count_tokens)
-        return [p for p in pieces if not is_only_punctuation(p)]
+            whole = text if is_markup(text) else self._normalized(text.strip())[1]
+            return [whole] if whole else []
+        return self.split(text).spoken
+
+    def split(self, text: str) -> SplitText:
+        """The text normalised and cut into pieces, the silent ones included (see SplitText)."""
+        if is_markup(text):  # not normalised (upstream); split only where one piece would be too long
+            lang = "zh" if contains_chinese(text) else "en"
+            length = len if lang == "zh" else self._count_tokens
+            fits = length(text) <= MAX_PIECE_LEN
+            return SplitText(text, (text,) if fits else tuple(split_paragraph(text, lang, self._count_tokens)))
+        lang, normalized = self._normalized(text.strip())
+        return SplitText(normalized, tuple(split_paragraph(normalized, lang, self._count_tokens)))
 
     def normalize_one(self, text: str) -> str:
         """The whole text normalised without splitting (how the prompt transcript is treated)."""
@@ -157,6 +180,14 @@ class TextFrontend:
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
+
+    def _normalized(self, text: str) -> tuple[str, str]:
+        """(lang, normalised text) of stripped `text`; lang "zh" when it holds any CJK character."""
+        if not text:
+            return "en", ""
+        if contains_chinese(text):
+            return "zh", self._normalize_zh(text)
+        return "en", self._normalize_en(text)
 
     def _normalize_zh(self, text: str) -> str:
         models = _Wetext.get() if self.use_wetext else None

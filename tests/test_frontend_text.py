@@ -152,6 +152,16 @@ def test_markup_skips_normalisation(tf: TextFrontend) -> None:
 
 
 @needs_tiny
+def test_markup_longer_than_a_piece_is_split_not_lost(tf: TextFrontend) -> None:
+    # upstream hands markup to the LLM whole, however long: the end of a long one was never spoken
+    text = "[breath]" + "这是一个很长的句子，里面有标记。" * 20 + "<|endofprompt|>"
+    pieces = tf.normalize(text)
+    assert len(pieces) > 1 and all(len(p) <= MAX_PIECE_LEN for p in pieces)
+    assert "".join(pieces) == text + "。"
+    assert tf.normalize(text, split=False) == [text]
+
+
+@needs_tiny
 def test_blank_and_punctuation_only(tf: TextFrontend) -> None:
     assert tf.normalize("") == []
     assert tf.normalize("   ") == []
@@ -326,3 +336,12 @@ def test_repeated_enders_stay_with_their_sentence() -> None:
     assert cut_sentences("他说：“好！！”然后走了。。。", ZH_ENDERS) == ["他说：", "“好！！”", "然后走了。。。"]
     assert cut_sentences("Wow?! Really...", EN_ENDERS) == ["Wow?!", " Really..."]
     assert cut_sentences("。开头。", ZH_ENDERS) == ["。", "开头。"]  # a leading ender is its own (silent) sentence
+
+
+@needs_tiny
+def test_silent_pieces_are_explicit(tf: TextFrontend) -> None:
+    first = "好" * 69 + "。"  # full: a tail of 31 symbols becomes its own piece, with nothing to say
+    split = tf.split(first + "🎉" * 30 + "。")
+    assert split.parts == (first, "🎉" * 30 + "。") and "".join(split.parts) == split.normalized
+    assert split.spoken == [first] and split.silent == ["🎉" * 30 + "。"]
+    assert tf.normalize("🎉🎉🎉") == []  # nothing at all to say: the request is refused (prepare.NOTHING_TO_SPEAK)
