@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frontend.numbers import restore_one_thousand, spell_out_digits
+from frontend.numbers import spell_out_digits
 from frontend.split import MAX_PIECE_LEN, split_paragraph
 from frontend.tokenizer import TextTokenizer
+from frontend.wetext_guard import normalize_en
 
 log = logging.getLogger(__name__)
 
@@ -198,5 +199,5 @@ class TextFrontend:
     def _normalize_en(self, text: str) -> str:
         models = _Wetext.get() if self.use_wetext else None
         if models is not None:
-            text = restore_one_thousand(text, _Wetext.normalize(models[1], text))
+            text = normalize_en(lambda line: _Wetext.normalize(models[1], line), text)
         return spell_out_digits(text)

@@ -235,6 +235,10 @@ def test_wetext_path_when_available() -> None:
     # wetext 0.0.4 alone says "thousand two hundred and ninety nine point five dollars" (no "one")
     assert frontend.normalize("He paid $1,299.50 for 1,001 nights.") == [
         "He paid one thousand two hundred and ninety nine point five dollars for one thousand and one nights."]
+    # wetext alone raised on the blank line (the whole text fell back to the built-in rules: "fifteen%") and
+    # glued the lines ("today.Then": one sentence)
+    assert frontend.normalize("It rose 15% today.\n\nThen it fell.\n  Twice.") == [
+        "It rose fifteen percent today.\n\nThen it fell.\nTwice."]  # wetext strips each line
 
 
 @pytest.mark.parametrize(("source", "spoken", "fixed"), [

@@ -1,0 +1,25 @@
+"""Around wetext: the faults of its grammars (wetext 0.1.x) that would lose or garble words, worked around.
+
+- en raises on a blank line or a line break followed by spaces (the whole text then fell back to the
+  built-in rules), and glues the lines of a text ("there.\\nNext" -> "there.Next", one sentence): the
+  text is normalised line by line, the line breaks kept.
+- en drops the "one" of 1,000..1,999 ("$1,299" -> "thousand two hundred and ninety nine dollars"):
+  frontend.numbers.restore_one_thousand puts it back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from frontend.numbers import restore_one_thousand
+
+Normalize = Callable[[str], str]  # one wetext normaliser's call
+
+
+def normalize_en(normalize: Normalize, text: str) -> str:
+    return "\n".join(_en_line(normalize, line) for line in text.split("\n"))
+
+
+def _en_line(normalize: Normalize, line: str) -> str:
+    if not line.strip():
+        return line
+    return restore_one_thousand(line, normalize(line))
