@@ -21,7 +21,7 @@ from typing import Any
 from frontend.numbers import spell_out_digits
 from frontend.split import MAX_PIECE_LEN, split_paragraph
 from frontend.tokenizer import TextTokenizer
-from frontend.wetext_guard import normalize_en
+from frontend.wetext_guard import normalize_en, normalize_zh
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class TextFrontend:
     def _normalize_zh(self, text: str) -> str:
         models = _Wetext.get() if self.use_wetext else None
         if models is not None:
-            text = _Wetext.normalize(models[0], text)
+            text = normalize_zh(lambda whole: _Wetext.normalize(models[0], whole), text)
         return zh_rules(text)
 
     def _normalize_en(self, text: str) -> str:

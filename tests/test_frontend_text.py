@@ -239,6 +239,9 @@ def test_wetext_path_when_available() -> None:
     # glued the lines ("today.Then": one sentence)
     assert frontend.normalize("It rose 15% today.\n\nThen it fell.\n  Twice.") == [
         "It rose fifteen percent today.\n\nThen it fell.\nTwice."]  # wetext strips each line
+    # wetext alone escaped the quotes: \\"Yes,\\" (backslashes the LLM would be given to read)
+    assert frontend.normalize('He said "Yes, 2 times" \\o') == ['He said "Yes, two times" \\o.']
+    assert frontend.normalize('他在2019年说"好"') == ['他在二零一九年说"好"。']
 
 
 @pytest.mark.parametrize(("source", "spoken", "fixed"), [
