@@ -102,6 +102,16 @@ class _Wetext:
             return cls._loaded
 
     @classmethod
+    def zh(cls, text: str) -> str:
+        loaded = cls.get()
+        return cls.normalize(loaded[0], text) if loaded is not None else text
+
+    @classmethod
+    def en(cls, text: str) -> str:
+        loaded = cls.get()
+        return cls.normalize(loaded[1], text) if loaded is not None else text
+
+    @classmethod
     def normalize(cls, model: Any, text: str) -> str:
         with cls._lock:  # FST objects are not documented as thread-safe
             try:
@@ -191,13 +201,11 @@ class TextFrontend:
         return "en", self._normalize_en(text)
 
     def _normalize_zh(self, text: str) -> str:
-        models = _Wetext.get() if self.use_wetext else None
-        if models is not None:
-            text = normalize_zh(lambda whole: _Wetext.normalize(models[0], whole), text)
+        if self.use_wetext:
+            text = normalize_zh(_Wetext.zh, text)
         return zh_rules(text)
 
     def _normalize_en(self, text: str) -> str:
-        models = _Wetext.get() if self.use_wetext else None
-        if models is not None:
-            text = normalize_en(lambda line: _Wetext.normalize(models[1], line), text)
+        if self.use_wetext:
+            text = normalize_en(_Wetext.en, text)
         return spell_out_digits(text)

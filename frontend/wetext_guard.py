@@ -5,6 +5,9 @@
   text is normalised line by line, the line breaks kept.
 - both escape what they tag: a double quote comes back as \\" and a backslash doubled (en always, zh when
   the text holds a number: 'in 2019 "We"' -> 'in 两千零一十九 \\"We\\"'): unescaped.
+- zh reads a unit abbreviation at the start of an English word after a number: "24 hours" -> "二十四小时ours",
+  "$5 million" -> "五英里llion": a zero-width space keeps such a word apart while wetext runs (a word it
+  reads whole as a unit, "5 km" -> "五公里", is left to it).
 - en drops the "one" of 1,000..1,999 ("$1,299" -> "thousand two hundred and ninety nine dollars"):
   frontend.numbers.restore_one_thousand puts it back.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from frontend.numbers import restore_one_thousand
 
@@ -25,8 +29,26 @@ def unescape(source: str, normalized: str) -> str:
     return _ESCAPED.sub(r"\1", normalized) if added else normalized
 
 
+_NUMBER_THEN_WORD = re.compile(r"(\d\s*)([A-Za-z]{2,})")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_APART = "\u200b"  # zero-width space: wetext keeps it, and no unit rule reaches across it
+
+
 def normalize_zh(normalize: Normalize, text: str) -> str:
-    return unescape(text, normalize(text))
+    """`normalize` (wetext zh) on `text`, the English words after numbers kept whole. Zero-width spaces
+    are removed from the result (those of `text` too: they say nothing)."""
+    def keep_apart(m: re.Match[str]) -> str:
+        number, word = m.group(1), m.group(2)
+        return number + word if _is_unit(normalize, word) else number + _APART + word
+
+    guarded = _NUMBER_THEN_WORD.sub(keep_apart, text)
+    return unescape(text, normalize(guarded)).replace(_APART, "")
+
+
+@lru_cache(maxsize=4096)
+def _is_unit(normalize: Normalize, word: str) -> bool:
+    """wetext reads `word` after a number as a unit, whole ("km" -> "公里"; not "hours" -> "小时ours")."""
+    return _ASCII_LETTER.search(normalize(f"1 {word}")) is None
 
 
 def normalize_en(normalize: Normalize, text: str) -> str:

@@ -242,6 +242,9 @@ def test_wetext_path_when_available() -> None:
     # wetext alone escaped the quotes: \\"Yes,\\" (backslashes the LLM would be given to read)
     assert frontend.normalize('He said "Yes, 2 times" \\o') == ['He said "Yes, two times" \\o.']
     assert frontend.normalize('他在2019年说"好"') == ['他在二零一九年说"好"。']
+    # wetext alone read "二十四小时ours", "五英里llion", "十分钟utes"; a unit it reads whole stays its
+    assert frontend.normalize("我们24 hours在线，融资$5 million，等10 minutes，跑5 km。") == [
+        "我们二十四hours在线，融资五美元million，等十minutes，跑五公里。"]
 
 
 @pytest.mark.parametrize(("source", "spoken", "fixed"), [
