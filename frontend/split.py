@@ -4,11 +4,13 @@ Each returned piece is synthesised independently, so pieces are cut at sentence 
 greedily merged up to ~80 length units; a short tail (< 20) is glued to the previous piece.
 Length units: characters for Chinese, Qwen tokens for English.
 
-Two deviations from upstream, both so that no text is lost:
+Deviations from upstream, so that no text is lost or cut apart:
 - No piece is longer than MAX_PIECE_LEN: a longer sentence (a run without enders) is cut at soft
   punctuation, spaces or between ideographs (frontend/long_runs.py), and merging never passes the
   limit. Upstream hands such a run to the LLM whole, which runs out of KV slot before its end.
 - A repeated ender ("？！", "。。。", "!!!") stays with its sentence; upstream drops all but the first.
+- A "." "?" "!" ";" inside a run of ASCII (example.com/a?q=1, bob.smith@x.org) ends no sentence: upstream
+  cut URLs and e-mail addresses into pieces.
 The pieces therefore concatenate to the text exactly (plus the ender appended to a text without one).
 """
 
@@ -34,11 +36,13 @@ MAX_PIECE_LEN = 100
 
 def cut_sentences(text: str, enders: frozenset[str]) -> list[str]:
     """Cut after every ender; text after the last ender is dropped (callers append one first).
-    An ender right after another one joins the sentence before (or, at the start, makes its own)."""
+    An ender right after another one joins the sentence before (or, at the start, makes its own).
+    An ASCII ender between two ASCII characters with a letter or digit after it ends nothing: it is part of
+    a URL, an address, a number or a version (example.com/a?q=1, bob.smith@x.org, 3.14, v1.2.3)."""
     sentences: list[str] = []
     start = 0
     for i, ch in enumerate(text):
-        if ch not in enders:
+        if ch not in enders or _inside_ascii_word(text, i):
             continue
         if i > start or not sentences:
             sentences.append(text[start:i] + ch)
@@ -49,6 +53,12 @@ def cut_sentences(text: str, enders: frozenset[str]) -> list[str]:
             sentences[-1] += text[i + 1]
             start = i + 2
     return sentences
+
+
+def _inside_ascii_word(text: str, i: int) -> bool:
+    before = text[i - 1] if i > 0 else " "
+    after = text[i + 1] if i + 1 < len(text) else " "
+    return "!" <= before <= "~" and after.isascii() and after.isalnum()
 
 
 def merge_sentences(

@@ -340,6 +340,13 @@ def test_merging_never_passes_the_piece_limit() -> None:
     assert pieces == ["a" * 95 + "。", "b" * 10 + "。"]  # the short tail stays alone rather than pass 100
 
 
+def test_enders_inside_urls_addresses_and_numbers_end_no_sentence() -> None:
+    text = "看https://x.org/a?q=1&b=2;c!d或写信给bob.smith@x.org。版本v1.2.3发布了!好"
+    assert cut_sentences(text, ZH_ENDERS) == [
+        "看https://x.org/a?q=1&b=2;c!d或写信给bob.smith@x.org。", "版本v1.2.3发布了!"]
+    assert cut_sentences("It is 3.14. Go to x.com? Yes.", EN_ENDERS) == ["It is 3.14.", " Go to x.com?", " Yes."]
+
+
 def test_repeated_enders_stay_with_their_sentence() -> None:
     # upstream kept only the first of "？？？" (and the "！" of "？！"): the pieces lost characters
     assert cut_sentences("真的吗？？？太好了！！", ZH_ENDERS) == ["真的吗？？？", "太好了！！"]
