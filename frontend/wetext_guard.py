@@ -8,6 +8,8 @@
 - zh reads a unit abbreviation at the start of an English word after a number: "24 hours" -> "二十四小时ours",
   "$5 million" -> "五英里llion": a zero-width space keeps such a word apart while wetext runs (a word it
   reads whole as a unit, "5 km" -> "五公里", is left to it).
+- zh reads the digits of a URL or an e-mail address as Chinese numbers, and its dots become sentence
+  ends ("example.com/2024-q3.html" -> "example.com/两千零二十四-q三。html"): they pass wetext zh untouched.
 - en drops the "one" of 1,000..1,999 ("$1,299" -> "thousand two hundred and ninety nine dollars"):
   frontend.numbers.restore_one_thousand puts it back.
 """
@@ -34,15 +36,36 @@ _ASCII_LETTER = re.compile(r"[A-Za-z]")
 _APART = "\u200b"  # zero-width space: wetext keeps it, and no unit rule reaches across it
 
 
+_ADDRESS = re.compile(
+    r"(?:https?://|ftp://|www\.)[A-Za-z0-9\-._~:/?#@!$&'*+,;=%]*[A-Za-z0-9/_~#=%\-]"  # a URL, no end punctuation
+    r"|[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+", re.IGNORECASE)  # an e-mail address
+
+
 def normalize_zh(normalize: Normalize, text: str) -> str:
-    """`normalize` (wetext zh) on `text`, the English words after numbers kept whole. Zero-width spaces
-    are removed from the result (those of `text` too: they say nothing)."""
+    """`normalize` (wetext zh) on `text`, URLs and e-mail addresses as they are, the English words after
+    numbers kept whole. Zero-width spaces are removed from the result (those of `text` too: they say
+    nothing)."""
     def keep_apart(m: re.Match[str]) -> str:
         number, word = m.group(1), m.group(2)
         return number + word if _is_unit(normalize, word) else number + _APART + word
 
-    guarded = _NUMBER_THEN_WORD.sub(keep_apart, text)
-    return unescape(text, normalize(guarded)).replace(_APART, "")
+    def guarded(part: str) -> str:
+        return normalize(_NUMBER_THEN_WORD.sub(keep_apart, part))
+
+    return unescape(text, _around_addresses(guarded, text)).replace(_APART, "")
+
+
+def _around_addresses(normalize: Normalize, text: str) -> str:
+    """`normalize` on `text` with each URL and e-mail address stood in for by a mark it leaves alone."""
+    addresses = _ADDRESS.findall(text)
+    if not addresses:
+        return normalize(text)
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)  # a private-use character
+    out = normalize(_ADDRESS.sub(mark, text))
+    if out.count(mark) != len(addresses):  # wetext dropped or repeated a mark: normalise them too
+        return normalize(text)
+    restore = iter(addresses)
+    return re.sub(mark, lambda _: next(restore), out)
 
 
 @lru_cache(maxsize=4096)

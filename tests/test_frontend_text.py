@@ -245,6 +245,9 @@ def test_wetext_path_when_available() -> None:
     # wetext alone read "二十四小时ours", "五英里llion", "十分钟utes"; a unit it reads whole stays its
     assert frontend.normalize("我们24 hours在线，融资$5 million，等10 minutes，跑5 km。") == [
         "我们二十四hours在线，融资五美元million，等十minutes，跑五公里。"]
+    # wetext alone: "https://x.org/两千零二十四-q三。html?id=七" and an e-mail address read as numbers
+    assert frontend.normalize("请看 https://x.org/2024-q3.html?id=7, 或写信给 bob2024@x.org 共3次") == [
+        "请看https://x.org/2024-q3.html?id=7,或写信给bob2024@x.org共三次。"]
 
 
 @pytest.mark.parametrize(("source", "spoken", "fixed"), [
