@@ -8,6 +8,8 @@
 - zh reads a unit abbreviation at the start of an English word after a number: "24 hours" -> "二十四小时ours",
   "$5 million" -> "五英里llion": a zero-width space keeps such a word apart while wetext runs (a word it
   reads whole as a unit, "5 km" -> "五公里", is left to it).
+- zh reads a thousands separator as a pause between two numbers ("$1,299.50" -> "一美元,两百九十九点五零",
+  one dollar, two hundred and ninety-nine point five zero): the separators go before wetext zh runs.
 - zh reads the digits of a URL or an e-mail address as Chinese numbers, and its dots become sentence
   ends ("example.com/2024-q3.html" -> "example.com/两千零二十四-q三。html"): they pass wetext zh untouched.
 - en drops the "one" of 1,000..1,999 ("$1,299" -> "thousand two hundred and ninety nine dollars"):
@@ -33,6 +35,7 @@ def unescape(source: str, normalized: str) -> str:
 
 _NUMBER_THEN_WORD = re.compile(r"(\d\s*)([A-Za-z]{2,})")
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _APART = "\u200b"  # zero-width space: wetext keeps it, and no unit rule reaches across it
 
 
@@ -42,15 +45,15 @@ _ADDRESS = re.compile(
 
 
 def normalize_zh(normalize: Normalize, text: str) -> str:
-    """`normalize` (wetext zh) on `text`, URLs and e-mail addresses as they are, the English words after
-    numbers kept whole. Zero-width spaces are removed from the result (those of `text` too: they say
+    """`normalize` (wetext zh) on `text`, URLs and e-mail addresses as they are, numbers without thousands
+    separators, the English words after numbers kept whole. Zero-width spaces are removed from the result (those of `text` too: they say
     nothing)."""
     def keep_apart(m: re.Match[str]) -> str:
         number, word = m.group(1), m.group(2)
         return number + word if _is_unit(normalize, word) else number + _APART + word
 
     def guarded(part: str) -> str:
-        return normalize(_NUMBER_THEN_WORD.sub(keep_apart, part))
+        return normalize(_NUMBER_THEN_WORD.sub(keep_apart, _THOUSANDS_SEPARATOR.sub("", part)))
 
     return unescape(text, _around_addresses(guarded, text)).replace(_APART, "")
 

@@ -248,6 +248,8 @@ def test_wetext_path_when_available() -> None:
     # wetext alone: "https://x.org/两千零二十四-q三。html?id=七" and an e-mail address read as numbers
     assert frontend.normalize("请看 https://x.org/2024-q3.html?id=7, 或写信给 bob2024@x.org 共3次") == [
         "请看https://x.org/2024-q3.html?id=7,或写信给bob2024@x.org共三次。"]
+    # wetext alone: "一美元,两百九十九点五零" (one dollar, two hundred and ninety-nine...)
+    assert frontend.normalize("售价$1,299.50，共12,345,678件") == ["售价一千二百九十九点五零美元，共一千二百三十四万五千六百七十八件。"]
 
 
 @pytest.mark.parametrize(("source", "spoken", "fixed"), [
