@@ -3,9 +3,10 @@
 A prepared job's text is a list of token-id pieces (one per sentence); each piece is one scheduler
 request, run in order. The next piece is added as soon as the previous one's LLM is done, so its LLM
 overlaps the previous piece's last flow/vocoder chunks; its audio is held back until the previous piece
-has emitted everything, so the listener hears the job in order. A duplex job (text=None) is a single
-bistream request fed by text commands. Jobs over `max_jobs` wait in a FIFO backlog, with any duplex text
-that arrives for them meanwhile. Only the engine thread calls this.
+has emitted everything, so the listener hears the job in order. A duplex job (text=None) is bistream
+requests fed by text commands: one per segment of its text that fits a KV slot (scheduler/duplex_text.py),
+run in order the same way. Jobs over `max_jobs` wait in a FIFO backlog, with any duplex text that arrives
+for them meanwhile. Only the engine thread calls this.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from protocol.errors import ErrorCode
 from scheduler.commands import FinishText, PushTokens, Submit, TextCommand
+from scheduler.duplex_text import DuplexText, segment_budget
 from scheduler.jobs import (
     AudioChunk,
     ChunkMetrics,
@@ -46,6 +48,8 @@ class Job:
     tokens: int = 0
     done: bool = False
     playback: Playback = field(default_factory=Playback)  # shared by the job's pieces: one listener
+    duplex: DuplexText | None = None  # a duplex job's text, by segment
+    segment: int = 0  # duplex: the segment of the newest request
 
     @property
     def job(self) -> SpeechJob:
@@ -150,6 +154,9 @@ class JobBook:
             return
         duplex = prepared.job.text is None
         state = Job(prepared, sink, pieces=list(prepared.pieces[1:]))
+        if duplex:
+            prefix = 2 + len(prepared.prompt_text_ids) + len(prepared.prompt_speech_ids)
+            state.duplex = DuplexText(segment_budget(self.scheduler.config.slot_len, prefix))
         try:
             self._jobs[job_id] = state
             self._submit_piece(state, () if duplex else prepared.pieces[0], bistream=duplex)
@@ -191,33 +198,75 @@ class JobBook:
 
     def _feed_text(self, cmd: TextCommand) -> None:
         state = self._jobs.get(cmd.job_id)
-        req = self.scheduler.get(state.active[-1]) if state is not None and state.active else None
-        if req is None or not req.bistream:
+        if state is None or state.duplex is None or state.done:
             return
-        try:
-            match cmd:
-                case PushTokens(ids=ids) if ids:
-                    req.push_text(list(ids))
-                case FinishText():
-                    req.finish_text()
-        except ValueError as exc:  # text after finish_text: the caller's mistake, not the engine's
-            log.warning("job %s: %s", cmd.job_id, exc)
+        text = state.duplex
+        if text.finished:  # the caller's mistake, not the engine's
+            log.warning("job %s: text after finish_text ignored", cmd.job_id)
+            return
+        if state.segment == len(text.segments) - 1 and self._taking_text(state) is None:
+            text.start_segment()  # its request is done with text (its slot filled): later text needs another
+        match cmd:
+            case PushTokens(ids=ids) if ids:
+                text.push(ids)
+            case FinishText():
+                text.finish()
+        self._hand_on_text(state)
+
+    def _taking_text(self, state: Job) -> Request | None:
+        """The job's newest request, while it still takes text."""
+        newest = f"{state.job_id}#{state.piece_index - 1}"
+        req = self.scheduler.get(newest) if state.active and state.active[-1] == newest else None
+        if req is None or req.text_finished or req.status >= RequestStatus.DRAINING:
+            return None
+        return req
+
+    def _hand_on_text(self, state: Job) -> None:
+        """Duplex: the newest request gets its segment's new text (and its end); with nothing running, the
+        next segment starts, or the job ends once all its text was spoken."""
+        assert state.duplex is not None
+        req = self._taking_text(state)
+        if req is not None:
+            ids, close = state.duplex.take(state.segment)
+            if ids:
+                req.push_text(ids)
+            if close:
+                req.finish_text()
+        elif not state.active and state.duplex.has(state.segment + 1):
+            self._next_segment(state)
+        elif not state.active and state.duplex.finished:
+            self._finish(state, Finished(state.job_id, state.samples, state.tokens))
 
     def advance_pieces(self) -> None:
-        """Add a job's next text piece once the current piece's LLM is done; one piece ahead at most (the one
-        speaking and the next), so a job of many short sentences does not run its LLM ever further ahead."""
+        """Add a job's next text piece (or duplex segment) once the current one's LLM is done; one ahead at
+        most (the one speaking and the next), so a job of many short sentences does not run its LLM ever
+        further ahead."""
         for state in list(self._jobs.values()):
-            if not state.pieces or state.done or len(state.active) != 1:
+            more = state.pieces or (state.duplex is not None and state.duplex.has(state.segment + 1))
+            if not more or state.done or len(state.active) != 1:
                 continue
             last = self.scheduler.get(state.active[-1])
-            if last is None or last.status >= RequestStatus.DRAINING:
+            if last is not None and last.status < RequestStatus.DRAINING:
+                continue  # its LLM still runs
+            if state.pieces:
                 self._next_piece(state)
+            else:
+                self._next_segment(state)
 
     def _next_piece(self, state: Job) -> None:
         try:
             self._submit_piece(state, state.pieces.pop(0), bistream=False)
         except RequestRejected as exc:
             self._finish(state, Failed(state.job_id, exc.code, str(exc)))
+
+    def _next_segment(self, state: Job) -> None:
+        state.segment += 1
+        try:
+            self._submit_piece(state, (), bistream=True)
+        except RequestRejected as exc:
+            self._finish(state, Failed(state.job_id, exc.code, str(exc)))
+            return
+        self._hand_on_text(state)
 
     # ------------------------------------------------------------------ results
     def starts_playback(self, rid: str) -> bool:
@@ -261,6 +310,8 @@ class JobBook:
                 self._emit(state, chunk)
         if not state.active and state.pieces:  # a piece that ended without speech: go on with the next
             self._next_piece(state)
+        elif not state.active and state.duplex is not None:
+            self._hand_on_text(state)  # the next segment, the end, or (text still to come) a wait for it
         elif not state.active:
             self._finish(state, Finished(state.job_id, state.samples, state.tokens))
 
