@@ -61,6 +61,15 @@ def _inside_ascii_word(text: str, i: int) -> bool:
     return "!" <= before <= "~" and after.isascii() and after.isalnum()
 
 
+def sentence_parts(text: str) -> list[str]:
+    """`text` cut after each sentence ender of either language (and inside overlong runs, as the split
+    does); unlike `cut_sentences`, the parts always add up to the text, its unfinished tail included."""
+    enders = ZH_ENDERS | EN_ENDERS
+    sentences = cut_sentences(text, enders)
+    tail = text[sum(map(len, sentences)):]
+    return [p for p in iter_parts([*sentences, tail], len, MAX_PIECE_LEN) if p]
+
+
 def merge_sentences(
     sentences: list[str],
     length: Callable[[str], int],

@@ -3,7 +3,7 @@
 Going in, one task per stream takes the job and then each duplex text piece in order: the job's text is
 normalised, split and tokenised (`engine.prepare`), and each piece tokenised (`engine.encode_text`), on
 the pool, so neither the loop nor the engine's decode thread ever runs the text frontend; then the ids
-go to the engine. Coming out, the engine calls the sink on its own thread; `call_soon_threadsafe` puts
+go to the engine (a duplex piece sentence by sentence). Coming out, the engine calls the sink on its own thread; `call_soon_threadsafe` puts
 the event into an asyncio.Queue owned by the loop. Leaving the `async for` early (client gone, error)
 cancels the engine job at once via `close()`.
 """
@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from frontend.split import sentence_parts
 from protocol.errors import ErrorCode
 from scheduler.jobs import (
     AudioChunk,
@@ -66,10 +67,10 @@ class EngineStream:
                 if piece is _FINISH:
                     self.control.finish_text()
                     return
-                ids = await self._run_blocking(self._engine.encode_text, piece)
-                if self._done:
-                    return
-                self.control.push_tokens(ids)
+                for ids in await self._run_blocking(_encode_sentences, self._engine, piece):
+                    if self._done:
+                        return
+                    self.control.push_tokens(ids)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a text-frontend bug fails this request, not the server
@@ -105,3 +106,9 @@ class EngineStream:
                 yield event
         finally:
             self.close()
+
+
+def _encode_sentences(engine: EngineProtocol, text: str) -> list[list[int]]:
+    """A duplex piece's ids sentence by sentence: where a long text needs a new KV slot (scheduler/
+    duplex_text.py), the engine cuts it between these pushes, so between sentences."""
+    return [ids for ids in map(engine.encode_text, sentence_parts(text)) if ids]

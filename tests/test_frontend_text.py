@@ -18,6 +18,7 @@ from frontend.split import (
     ZH_ENDERS,
     cut_sentences,
     merge_sentences,
+    sentence_parts,
     split_paragraph,
 )
 from frontend.text_normalize import TextFrontend, is_only_punctuation, replace_blank, zh_rules
@@ -367,3 +368,11 @@ def test_silent_pieces_are_explicit(tf: TextFrontend) -> None:
     assert split.parts == (first, "🎉" * 30 + "。") and "".join(split.parts) == split.normalized
     assert split.spoken == [first] and split.silent == ["🎉" * 30 + "。"]
     assert tf.normalize("🎉🎉🎉") == []  # nothing at all to say: the request is refused (prepare.NOTHING_TO_SPEAK)
+
+
+def test_sentence_parts_add_up_to_the_text_tail_included() -> None:
+    text = "第一句。Second one! 第三句没有结束" + "长" * 250
+    parts = sentence_parts(text)
+    assert "".join(parts) == text and parts[:2] == ["第一句。", "Second one!"]
+    assert all(len(p) <= MAX_PIECE_LEN for p in parts) and len(parts) == 2 + 3
+    assert sentence_parts("") == [] and sentence_parts("no ender") == ["no ender"]
