@@ -18,6 +18,7 @@ server answers them with `send_error`, which always closes the connection afterw
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -261,4 +262,10 @@ def _protocol_error(exc: h11.RemoteProtocolError) -> ApiError:
     status = exc.error_status_hint
     if status == 431:
         return HeadersTooLarge("request headers too large")
-    return BadRequest(f"malformed HTTP request: {exc}", status=status if 400 <= status < 500 else 400)
+    return BadRequest(f"malformed HTTP request: {_reason(exc)}", status=status if 400 <= status < 500 else 400)
+
+
+def _reason(exc: h11.RemoteProtocolError) -> str:
+    """h11's reason without the bytes it quotes ("illegal header line: bytearray(b'Authorization: ...')"):
+    an error never repeats the request's content, a token in a malformed header line included."""
+    return re.split(r":|\{|\s(?:b'|b\"|bytearray\()", str(exc), maxsplit=1)[0].strip() or "bad framing"

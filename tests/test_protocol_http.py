@@ -156,6 +156,20 @@ def test_malformed_is_400_and_error_can_still_be_sent(raw: bytes) -> None:
     assert out.startswith(b"HTTP/1.1 400") and b'"request_id":"rid"' in out.replace(b" ", b"")
 
 
+@pytest.mark.parametrize("line", [b"Authorization: Bearer sec\x00ret-token", b"Authori zation: Bearer secret-token",
+                                  b"Authorization : Bearer secret-token", b"x-api-key\x01: secret-token"])
+def test_a_malformed_header_line_is_never_quoted_back(line: bytes) -> None:
+    # h11 quotes the offending line ("illegal header line: bytearray(b'Authorization: Bearer ...')"): a token
+    # in it came back in the 400's body
+    conn = connection()
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
+    with pytest.raises(ApiError) as e:
+        conn.next_request()
+    out = conn.send_error(e.value, "rid")
+    assert e.value.status == 400 and b"secret" not in out and b"sec\\x00ret" not in out
+    assert "malformed HTTP request: " in e.value.message
+
+
 def test_error_after_whole_request_keeps_connection() -> None:
     conn = connection()
     conn.receive_data(client_bytes("GET", "/nope"))
