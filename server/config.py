@@ -54,7 +54,7 @@ class ServerConfig:
         "port to listen on (0: a free port)"))
     data_dir: Path = field(default=Path("./data"), metadata=_doc(
         "voices (files + SQLite) and the generated tiny model live here"))
-    tokens: tuple[str, ...] = field(default=(), metadata=_doc(
+    tokens: tuple[str, ...] = field(default=(), repr=False, metadata=_doc(
         "bearer token clients must send (repeat the flag for several; env: comma-separated)", flag="token"))
     model_dir: Path | None = field(default=None, metadata=_doc(
         "the released CosyVoice2-0.5B directory; unset: a tiny model with RANDOM weights is generated "

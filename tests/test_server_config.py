@@ -95,3 +95,9 @@ def test_frontend_routing_settings_and_their_env_twins() -> None:
                 ["--backend-dns", "b:1", "--backend-eject-after", "0"]):
         with pytest.raises(ValueError):
             load_config([*base, *bad], {})
+
+
+def test_tokens_never_show_in_the_configs_repr() -> None:
+    # the tokens were in repr(ServerConfig): any log line or traceback showing the config showed them
+    cfg = ServerConfig(tokens=("tok-secret-1", "tok-secret-2"), internal_token="int-secret")
+    assert "secret" not in repr(cfg) and "secret" not in str(cfg)
