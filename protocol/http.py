@@ -85,6 +85,8 @@ class HttpConnection:
         self._body = bytearray()
         self._eof = False
         self._failed = False  # a request error was raised: the connection must close
+        # The id of the request being answered: every response to it carries it as X-Request-Id.
+        self.request_id: str | None = None
 
     # ---- input ----
     def receive_data(self, data: bytes) -> None:
@@ -171,6 +173,11 @@ class HttpConnection:
         must_close = self._failed or self._eof or not request_done or not self._keep_alive()
         if must_close and not any(k == "connection" for k, _ in headers):
             headers.append(("connection", "close"))
+        return self._id_header(headers)
+
+    def _id_header(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if self.request_id is not None and not any(k == "x-request-id" for k, _ in headers):
+            headers.append(("x-request-id", self.request_id))
         return headers
 
     def _send(self, event: h11.Event) -> bytes:
@@ -190,6 +197,7 @@ class HttpConnection:
         read completely and is fine to follow (a 404 or 400 on a whole, well-framed request)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return b""  # a response already started: nothing sane can be sent
+        self.request_id = request_id
         return self.send_response(*http_error(err, request_id))
 
     def start_stream(self, status: int, headers: HeadersIn) -> bytes:
@@ -205,7 +213,7 @@ class HttpConnection:
 
     def accept_switch(self, headers: HeadersIn) -> bytes:
         """`101 Switching Protocols`; afterwards h11 is done with this connection."""
-        return self._send(h11.InformationalResponse(status_code=101, headers=_header_pairs(headers)))
+        return self._send(h11.InformationalResponse(status_code=101, headers=self._id_header(_header_pairs(headers))))
 
     # ---- cycle ----
     @property
@@ -220,6 +228,7 @@ class HttpConnection:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
             self._request = None
+            self.request_id = None
             return True
         return False
 

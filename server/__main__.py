@@ -1,17 +1,17 @@
 """`python -m server --host H --port P --data-dir D --token T [--token T2] [--model-dir M]`."""
 from __future__ import annotations
 
-import logging
 import sys
 
 from server.config import load_config
+from server.log_lines import configure_logging
 from server.serving import run
 from server.wiring import create_app
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(sys.argv[1:] if argv is None else argv)
+    configure_logging(config.log_format)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     run(create_app(config))
 

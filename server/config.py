@@ -14,6 +14,7 @@ from typing import Any
 
 from protocol.schema import DEFAULT_MAX_TEXT_CHARS
 from protocol.websocket import DEFAULT_MAX_MESSAGE_BYTES
+from server.log_lines import LOG_FORMATS
 
 # Weight dtype names (kernels.runtime.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
 FLOW_DTYPES = ("fp32", "bf16", "fp16")
@@ -110,6 +111,9 @@ class ServerConfig:
     text_process: int = field(default=1, metadata=_doc(
         "normalise request text in a child process (0: on the worker threads, where its pure-Python work "
         "holds the GIL and slows every running stream; see bench.stall)", choices=(0, 1)))
+    log_format: str = field(default="text", metadata=_doc(
+        "log lines: text (for people) or json (one object a line: time, level, logger, message, request_id, "
+        "extra fields)", choices=LOG_FORMATS))
     warmup: int = field(default=1, metadata=_doc(
         "run two short syntheses before listening, so the first request does not pay one-time costs", choices=(0, 1)))
     # Reference-audio store.

@@ -31,6 +31,7 @@ from server.auth import SUBPROTOCOL, ws_authorized
 from server.backend import JobSocket, internal_authorized
 from server.context import Ctx, new_request_id
 from server.flow_control import FlowControl
+from server.log_lines import log_request, request_id_var
 from server.paths import WS_SPEECH, route_name
 from server.routes import resolve
 from server.state import ServerState
@@ -206,15 +207,24 @@ class HttpProtocol(asyncio.Protocol):
             self.task = self.loop.create_task(self._handle(event))
             self.state.tasks.add(self.task)
 
+    def _begin(self, rid: str) -> str:
+        """A request starts: its id goes on every response to it (X-Request-Id) and on its log lines (in
+        the handler's task; after an upgrade, in this connection's callbacks and the tasks they start)."""
+        self.conn.request_id = rid
+        request_id_var.set(rid)
+        return rid
+
     def _refuse(self, err: ApiError) -> None:
         """Malformed / oversized input: answer once and close (the request cannot be trusted further)."""
         self.state.metrics.request_done("unknown", err.status)
         self.state.metrics.error(err.code)
-        self.write(self.conn.send_error(err, new_request_id()))
+        rid = new_request_id()
+        self.write(self.conn.send_error(err, rid))
+        log_request("-", "", err.status, 0.0, request_id=rid)
         self.close()
 
     async def _handle(self, req: HttpRequest) -> None:
-        rid = new_request_id()
+        rid = self._begin(new_request_id())
         out = _Responder(self)
         ctx = Ctx(self.state, req, rid, out, self.loop.time())
         try:
@@ -228,6 +238,7 @@ class HttpProtocol(asyncio.Protocol):
             await self._error(out, InternalError(), rid)
         finally:
             self.state.metrics.request_done(route_name(req.path), out.status or 499)
+            log_request(req.method, req.path, out.status or 499, self.loop.time() - ctx.arrived_s)
             self.state.tasks.discard(self.task)  # type: ignore[arg-type]
             self.task = None
         self._next_cycle()
@@ -259,7 +270,7 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade_internal(upgrade)
             return
         session = WebSocketSession(upgrade, self.state.config.max_ws_message_bytes)
-        req, rid = upgrade.request, new_request_id()
+        req, rid = upgrade.request, self._begin(new_request_id())
         offered = offered_subprotocols(upgrade)
         err: ApiError | None = None
         if req.path.rstrip("/") != WS_SPEECH:
@@ -274,6 +285,7 @@ class HttpProtocol(asyncio.Protocol):
             except ApiError as exc:
                 err = exc
         self.state.metrics.request_done("ws_speech", err.status if err else 101)
+        log_request(req.method, req.path, err.status if err else 101, 0.0)
         if err is not None:
             self.state.metrics.error(err.code)
             status, _json_headers, body = http_error(err, rid)  # reject_bytes sets its own (JSON, close)
@@ -288,7 +300,7 @@ class HttpProtocol(asyncio.Protocol):
     def _upgrade_internal(self, upgrade: Upgrade) -> None:
         """--role backend: one internal job per WebSocket (binary frames allowed, a voice can be large)."""
         session = WebSocketSession(upgrade, self.state.config.max_body_bytes, binary=True)
-        req, rid = upgrade.request, new_request_id()
+        req, rid = upgrade.request, self._begin(new_request_id())
         err: ApiError | None = None
         if req.path.rstrip("/") != JOBS_PATH:
             err = NotFound(f"no WebSocket route for {req.path}")

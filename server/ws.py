@@ -139,6 +139,7 @@ class WsConnection(WsHandler):
                 task.synth.close()
             if self.task is task:
                 self.task = None
+            log.info("WebSocket task %s %s", tid, task.outcome, extra={"task_id": tid, "outcome": task.outcome})
 
     def _fail(self, task: _Task, err: ApiError) -> None:
         task.outcome = "failed"
