@@ -7,7 +7,7 @@ import numpy as np
 
 from frontend.prompt import PromptAudioError
 from protocol.audio_in import decode_upload
-from protocol.errors import InvalidParameter, NotFound
+from protocol.errors import InvalidParameter
 from protocol.multipart import parse_multipart
 from protocol.schema import parse_list_query
 from scheduler.jobs import VoicePrompt
@@ -15,6 +15,7 @@ from server.context import Ctx
 from server.paths import REFERENCE
 from server.state import ServerState
 from server.store import VoiceRecord
+from server.voice_ids import check_voice_id, not_found
 from server.voices import with_text_ids
 
 
@@ -47,14 +48,14 @@ async def get_voice(ctx: Ctx) -> None:
     voice_id = _voice_id(ctx)
     record = await ctx.state.run_blocking(ctx.state.store.get, voice_id)
     if record is None:
-        raise NotFound(f"reference audio not found: {voice_id}")
+        raise not_found(voice_id)
     await ctx.json(record.to_json())
 
 
 async def delete_voice(ctx: Ctx) -> None:
     voice_id = _voice_id(ctx)
     if not await ctx.state.run_blocking(ctx.state.store.delete, voice_id):
-        raise NotFound(f"reference audio not found: {voice_id}")
+        raise not_found(voice_id)
     ctx.state.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
     await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
 
@@ -72,7 +73,7 @@ async def _extract(state: ServerState, wav: np.ndarray, sr: int, text: str) -> V
 
 
 def _voice_id(ctx: Ctx) -> str:
-    return ctx.req.path.rstrip("/")[len(REFERENCE) + 1:]
+    return check_voice_id(ctx.req.path.rstrip("/")[len(REFERENCE) + 1:])
 
 
 def _file_part(files: Any) -> tuple[str, bytes]:

@@ -13,11 +13,12 @@ from typing import Protocol, TypeVar, TypeVarTuple
 
 import numpy as np
 
-from protocol.errors import NotFound, Overloaded
+from protocol.errors import Overloaded
 from scheduler.jobs import EngineProtocol, VoicePrompt
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.store_base import VoiceStoreBase
+from server.voice_ids import check_voice_id, not_found
 from server.voices import FeatureCache, VoiceCache
 
 T = TypeVar("T")
@@ -52,15 +53,15 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def voice(self, voice_id: str) -> VoicePrompt:
-        prompt = self.voices.peek(voice_id)
+        prompt = self.voices.peek(check_voice_id(voice_id))
         if prompt is not None and self.config.store == "s3" \
                 and await self.run_blocking(self.store.get, voice_id) is None:
             # Replicas share the bucket: another one may have deleted the voice we cached (one GET).
             self.voices.drop(voice_id)
-            raise NotFound(f"reference audio not found: {voice_id}")
+            raise not_found(voice_id)
         prompt = prompt or await self.run_blocking(self.voices.get, voice_id)
         if prompt is None:
-            raise NotFound(f"reference audio not found: {voice_id}")
+            raise not_found(voice_id)
         return prompt
 
     def admit(self) -> None:
