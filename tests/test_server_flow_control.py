@@ -40,6 +40,8 @@ TOKEN = "flow-token"
 CHUNK_SAMPLES = 2400  # 100 ms at 24 kHz: 4800 PCM bytes, ~6.5 kB as an SSE event (base64 + metrics)
 HIGH, LOW = 16 * 1024, 4 * 1024  # asyncio's socket defaults (64 / 16 KiB) scaled to a few events
 
+VOICE_ID = "00000000-0000-4000-8000-000000000001"  # any id of a voice id's shape (server/voice_ids.py)
+
 
 class FakeClockLoop(asyncio.SelectorEventLoop):
     """`time()` is `now`, moved only by the test: timers fire when the test advances past them."""
@@ -208,7 +210,7 @@ class Harness:
 
 def speech_request(text: str = "hello world") -> bytes:
     body = json.dumps({"model": "CosyVoice2-0.5B", "stream": True,
-                       "input": {"mode": "fast_replication", "text": text, "reference_audio_id": "voice",
+                       "input": {"mode": "fast_replication", "text": text, "reference_audio_id": VOICE_ID,
                                  "output_format": "pcm"}}).encode()
     head = (f"POST /api/v1/audio/speech HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -434,7 +436,7 @@ def test_a_slow_websocket_reader_stalls_only_its_task() -> None:
         client.receive_data(bytes(ws.received))
         assert isinstance(next(client.events()), AcceptConnection)
         handshake = len(ws.received)
-        ws.protocol.data_received(client.send(TextMessage(run_task("t1", "voice", output_format="pcm"))))
+        ws.protocol.data_received(client.send(TextMessage(run_task("t1", VOICE_ID, output_format="pcm"))))
         await settle()
         ws.protocol.data_received(client.send(TextMessage(continue_task("t1", "hello world"))))
         ws.protocol.data_received(client.send(TextMessage(finish_task("t1"))))
