@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, TypeVarTuple
@@ -49,8 +50,10 @@ class ServerState:
     features: FeatureCache | None = None  # --role backend: the voices jobs brought, by content hash
 
     async def run_blocking(self, fn: Callable[[*Args], T], *args: *Args) -> T:
-        """CPU/disk work (decode, encode, features, fsync) goes to the pool, never the loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """CPU/disk work (decode, encode, features, fsync) goes to the pool, never the loop; in the caller's
+        context, so what it logs carries the caller's request id (server/log_lines.py)."""
+        run_here = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self.pool, run_here, fn, *args)
 
     async def voice(self, voice_id: str) -> VoicePrompt:
         prompt = self.voices.peek(check_voice_id(voice_id))

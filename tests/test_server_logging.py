@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ import websocket
 
 from server.config import ServerConfig, load_config
 from server.log_lines import JsonFormatter, TextFormatter, make_handler, request_id_var
+from tests.fakes import FakeExtractor
 from tests.server_helpers import (
     AUTH,
     TOKEN,
@@ -190,3 +193,20 @@ def test_the_websocket_upgrade_and_its_tasks_carry_the_upgrades_id(server, voice
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Authorization": "Bearer wrong"})
     assert refused.status_code == 401 and refused.json()["request_id"] == refused.headers["x-request-id"]
     assert [line["status"] for line in log.of(refused.headers["x-request-id"])] == [401]
+
+
+class LoggingExtractor(FakeExtractor):
+    """Logs from the worker pool, where upload features are computed."""
+
+    def __call__(self, wav: Any, sample_rate: int, text: str) -> Any:
+        logging.getLogger("server.test_pool").info("features on %s", threading.current_thread().name)
+        return super().__call__(wav, sample_rate, text)
+
+
+def test_work_on_the_pool_logs_with_its_requests_id(tmp_path: Path, log: CapturedLog) -> None:
+    with running_server(tmp_path, extractor=LoggingExtractor()) as srv:
+        r = upload(requests, srv.url)
+    assert r.status_code == 200
+    lines = log.of(r.headers["x-request-id"])
+    pool = [line for line in lines if line["logger"] == "server.test_pool"]
+    assert len(pool) == 1 and "MainThread" not in pool[0]["message"] and "test-server" not in pool[0]["message"]
