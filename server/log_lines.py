@@ -5,7 +5,8 @@ That id lives in a context variable, set where a request starts (server/connecti
 task, or a WebSocket connection once upgraded); a filter on the handler copies it onto every record, so
 no handler, bridge or store call passes it along. A record's `extra` fields become keys of its JSON line.
 One access line per response (`log_request`) names the route by its template, never the raw path or
-query (ids, and whatever a client put in a URL, stay out of the logs); no line ever holds a header.
+query (ids, and whatever a client put in a URL, stay out of the logs); no line ever holds a header. The
+probes' lines (/health, /ready, a backend's health, asked every few seconds) are DEBUG.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import time
 from contextvars import ContextVar
 from typing import IO, Any
 
-from server.paths import route_name
+from protocol.internal import FEATURES_PATH, HEALTH_PATH, JOBS_PATH
+from server.paths import READY, normalise, route_name
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 access = logging.getLogger("server.access")
+INTERNAL_PATHS = (JOBS_PATH, HEALTH_PATH, FEATURES_PATH)  # no ids in them: logged as they are
+PROBES = ("/health", READY, HEALTH_PATH)  # asked every few seconds: their access lines are DEBUG
 _RECORD_FIELDS = {*vars(logging.LogRecord("", 0, "", 0, "", (), None)), "message", "asctime", "request_id"}
 
 
@@ -85,9 +89,11 @@ def configure_logging(log_format: str) -> None:
 
 
 def log_request(method: str, path: str, status: int, duration_s: float, request_id: str | None = None) -> None:
-    """The access line of one response (a WebSocket upgrade's too: 101 or its refusal)."""
-    route = route_name(path) if path else "unknown"
+    """The access line of one response (a WebSocket upgrade's too: 101 or its refusal); a probe's at DEBUG."""
+    path = normalise(path) if path else ""
+    route = path if path in INTERNAL_PATHS else route_name(path) if path else "unknown"
     fields = {"method": method, "route": route, "status": status, "duration_ms": round(duration_s * 1000, 1)}
     if request_id is not None:
         fields["request_id"] = request_id
-    access.info("%s %s %d %.1f ms", method, route, status, fields["duration_ms"], extra=fields)
+    level = logging.DEBUG if path in PROBES and status < 400 else logging.INFO
+    access.log(level, "%s %s %d %.1f ms", method, route, status, fields["duration_ms"], extra=fields)

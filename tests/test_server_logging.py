@@ -17,7 +17,7 @@ import requests
 import websocket
 
 from server.config import ServerConfig, load_config
-from server.log_lines import JsonFormatter, TextFormatter, make_handler, request_id_var
+from server.log_lines import JsonFormatter, TextFormatter, log_request, make_handler, request_id_var
 from tests.fakes import FakeExtractor
 from tests.server_helpers import (
     AUTH,
@@ -34,7 +34,7 @@ OURS = ("server", "scheduler", "frontend", "protocol", "kernels", "asyncio")  # 
 
 
 class CapturedLog:
-    """The server's log lines, as `--log-format json` writes them, at INFO."""
+    """The server's log lines, as `--log-format json` writes them, at DEBUG (the probes' access lines)."""
 
     def __init__(self) -> None:
         self.stream = io.StringIO()
@@ -59,7 +59,7 @@ def log() -> Iterator[CapturedLog]:
     captured, root = CapturedLog(), logging.getLogger()
     level = root.level
     root.addHandler(captured.handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)
     try:
         yield captured
     finally:
@@ -147,6 +147,8 @@ def test_every_route_answers_with_its_request_id_and_logs_it(server, voice: str,
         assert rid, (r.request.method, r.url, r.status_code)
         access = [line for line in log.of(rid) if line["logger"] == "server.access"]
         assert len(access) == 1 and access[0]["status"] == r.status_code, (r.url, log.of(rid))
+        probe = r.url.endswith(("/health", "/ready"))
+        assert access[0]["level"] == ("DEBUG" if probe else "INFO")
         assert access[0]["method"] == r.request.method and access[0]["duration_ms"] >= 0
     assert len({r.headers["x-request-id"] for r in responses}) == len(responses)  # one id per request
     error = responses[6].json()
@@ -210,3 +212,17 @@ def test_work_on_the_pool_logs_with_its_requests_id(tmp_path: Path, log: Capture
     lines = log.of(r.headers["x-request-id"])
     pool = [line for line in lines if line["logger"] == "server.test_pool"]
     assert len(pool) == 1 and "MainThread" not in pool[0]["message"] and "test-server" not in pool[0]["message"]
+
+
+def test_an_access_line_names_the_route_never_the_raw_path(log: CapturedLog) -> None:
+    voice = "0a4e1f6c-0000-4000-8000-000000000000"
+    log_request("GET", f"/api/v1/audio/reference_audio/{voice}", 200, 0.0012, request_id="r1")
+    log_request("GET", "/internal/v1/health", 200, 0.0, request_id="r2")
+    log_request("POST", "/internal/v1/jobs/", 101, 0.0, request_id="r3")
+    log_request("GET", "/health", 503, 0.0, request_id="r4")  # a failing probe is worth an INFO line
+    lines = {line["request_id"]: line for line in log.lines()}
+    assert lines["r1"]["route"] == "reference_audio_id" and voice not in json.dumps(lines["r1"])
+    assert lines["r1"]["duration_ms"] == 1.2 and lines["r1"]["message"] == "GET reference_audio_id 200 1.2 ms"
+    assert (lines["r2"]["route"], lines["r2"]["level"]) == ("/internal/v1/health", "DEBUG")
+    assert (lines["r3"]["route"], lines["r3"]["level"]) == ("/internal/v1/jobs", "INFO")
+    assert lines["r4"]["level"] == "INFO"
