@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
-from server.config import load_config
+from server.config import ServerConfig, load_config
 from server.serving import run
+from server.state import ServerState
 from server.wiring import create_app
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, build: Callable[[ServerConfig], ServerState] = create_app) -> None:
+    """`build`: the state from the config (bench.null_server passes one with a null engine)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(sys.argv[1:] if argv is None else argv)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    run(create_app(config))
+    run(build(config))
 
 
 if __name__ == "__main__":
