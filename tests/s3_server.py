@@ -77,7 +77,7 @@ def weed_mini(data: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(3)  # throwaway data: no need to wait long for a clean stop
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -15,18 +15,25 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pytest
+import requests
 
+from server.paths import REFERENCE as REF
 from server.store import VoiceRecord, VoiceStore
+from tests.fake_server import serving_process
 from tests.fakes import FakeExtractor
+from tests.server_helpers import AUTH, TOKEN, speech_body, upload, wav_bytes
 from tests.store_crash_child import AUDIO, TEXT
 
 PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, TEXT)
@@ -188,3 +195,105 @@ def test_local_store_survives_a_kill_at_every_point(tmp_path: Path, caplog: pyte
 def test_s3_store_survives_a_kill_at_every_point(s3_endpoint: str, caplog: pytest.LogCaptureFixture,
                                                  op: str, points: list[str]) -> None:
     assert _crash_at_every_point(S3(s3_endpoint), op, caplog) == points
+
+
+# ---- kill -9 at random times against a serving process under upload/delete traffic ----------------------
+
+class Traffic:
+    """Two clients uploading (one of them also deleting) until the server dies; what the server
+    acknowledged, across rounds, is what must never be lost (nor come back, for a delete)."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, int] = {}  # voice id -> the uploaded size
+        self.deleted: set[str] = set()
+        self.maybe_deleted: set[str] = set()  # a delete the kill cut off: either outcome is right
+        self.failures: list[str] = []  # any answer but 200 (the store never refuses these requests)
+        self._lock = threading.Lock()
+
+    def run(self, url: str, seed: int) -> tuple[threading.Event, list[threading.Thread]]:
+        first_ack = threading.Event()
+        threads = [threading.Thread(target=self._client, args=(url, random.Random(seed * 10 + n), n == 1,
+                                                               first_ack), daemon=True) for n in range(2)]
+        for t in threads:
+            t.start()
+        return first_ack, threads
+
+    def _client(self, url: str, rng: random.Random, deletes: bool, first_ack: threading.Event) -> None:
+        session = requests.Session()
+        voice_id = ""
+        while True:
+            try:
+                with self._lock:
+                    alive = sorted(set(self.acked) - self.deleted - self.maybe_deleted)
+                if deletes and alive and rng.random() < 0.3:
+                    voice_id = rng.choice(alive)
+                    r = session.delete(f"{url}{REF}/{voice_id}", headers=AUTH, timeout=10)
+                    if r.status_code == 200:
+                        with self._lock:
+                            self.deleted.add(voice_id)
+                    voice_id = ""
+                    continue
+                data = wav_bytes(rng.uniform(0.5, 3.0))
+                r = upload(session, url, data=data)
+                if r.status_code == 200:
+                    with self._lock:
+                        self.acked[r.json()["id"]] = len(data)
+                    first_ack.set()
+                else:
+                    self.failures.append(r.text)
+            except requests.RequestException:  # the server was killed
+                if voice_id:
+                    with self._lock:
+                        self.maybe_deleted.add(voice_id)
+                return
+
+
+def _random_kills(kind: Kind, flags: list[str], env: dict[str, str], seeds: list[int], data: Path) -> None:
+    traffic = Traffic()
+    kept: list[VoiceRecord] = []
+    for seed in seeds:
+        with serving_process(data, "--token", TOKEN, "--workers", "2", *flags, env=env) as srv:
+            listed = requests.get(f"{srv.url}{REF}?limit=100000&order=asc", headers=AUTH, timeout=10).json()
+            assert [v["id"] for v in listed] == [r.id for r in kept]  # the restart serves what was kept
+            if kept:
+                r = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(kept[-1].id),
+                                  timeout=10)
+                assert r.status_code == 200, r.text
+            first_ack, clients = traffic.run(srv.url, seed)
+            assert first_ack.wait(30), srv.log.read_text()[-2000:]
+            time.sleep(random.Random(seed).uniform(0.0, 0.6))
+            srv.kill()
+            for t in clients:
+                t.join(15)
+        store = kind.restart()
+        kept = store.list(100_000, "asc")
+        ids = {r.id for r in kept}
+        assert not traffic.failures, traffic.failures[:3]
+        assert set(traffic.acked) - traffic.deleted - traffic.maybe_deleted <= ids, seed  # acknowledged: kept
+        assert not ids & traffic.deleted, seed  # acknowledged deletes stay deleted
+        landed = ids - set(traffic.acked)
+        assert len(landed) <= 2, seed  # besides the acknowledged: at most the uploads in flight (one a client)
+        traffic.acked.update({r.id: r.bytes for r in kept if r.id in landed})  # kept from now on
+        for record in kept:
+            assert store.load_prompt(record.id) is not None, seed
+            assert kind.audio_size(record) == record.bytes == traffic.acked.get(record.id, record.bytes)
+        assert kind.contents() == kind.files_of(kept), seed
+        kind.check_database()
+        store.close()
+
+
+def test_local_store_survives_random_kills_of_the_server(tmp_path: Path) -> None:
+    kind = Local(tmp_path)
+    kind.dir = tmp_path / "data"
+    _random_kills(kind, [], {}, [1, 2, 3], kind.dir)
+
+
+def test_s3_store_survives_random_kills_of_the_server(tmp_path: Path, s3_endpoint: str) -> None:
+    from tests.s3_server import ACCESS, SECRET, server_options
+    kind = S3(s3_endpoint)
+    kind.fresh()
+    opts = server_options(s3_endpoint, kind.prefix)
+    flags = ["--store", "s3", "--s3-endpoint", s3_endpoint, "--s3-bucket", opts["s3_bucket"], "--s3-prefix",
+             kind.prefix, "--s3-region", "us-east-1", "--s3-addressing-style", "path"]
+    env = {"COSYSERVE_S3_ACCESS_KEY": ACCESS, "COSYSERVE_S3_SECRET_KEY": SECRET}
+    _random_kills(kind, flags, env, [4, 5], tmp_path / "data")
