@@ -131,13 +131,13 @@ class VoiceStore:
         voice_id = str(uuid.uuid4())
         ext = _safe_ext(filename)
         files = (self._dir / f"{voice_id}{ext}", self._dir / f"{voice_id}.npz")
-        created_at, created_us = now_us(self._clock)
-        record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
         try:
             write_atomic(files[0], audio, "audio")
             write_atomic(files[1], prompt_to_npz(prompt), "features")
             fsync_dir(self._dir)
             crash_points.reached("folder synced")
+            created_at, created_us = now_us(self._clock)
+            record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
             with self._lock:  # the commit point: the voice exists from here on
                 self._db.execute(f"INSERT INTO voices ({_COLUMNS}, audio_ext) VALUES (?,?,?,?,?,?,?)",
                                  (*astuple(record), ext))

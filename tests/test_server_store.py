@@ -69,6 +69,19 @@ def test_database_without_created_us_is_migrated(tmp_path: Path) -> None:
     assert [r.id for r in VoiceStore(tmp_path).list(10, "asc")] == ["c", "a", "b", new.id]  # migrates once
 
 
+def test_a_row_whose_files_went_missing_is_reported_not_dropped(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Files removed by hand (or a folder mounted wrong): the start-up says so, and keeps the rows."""
+    store = VoiceStore(tmp_path)
+    voice = store.add("a.wav", b"A", "a", PROMPT)
+    store.close()
+    (tmp_path / "voices" / f"{voice.id}.npz").unlink()
+    with caplog.at_level("ERROR"):
+        store = VoiceStore(tmp_path)
+    assert voice.id in caplog.text and "lack their files" in caplog.text
+    assert store.get(voice.id) == voice and store.load_prompt(voice.id) is None  # a 404 at synthesis, no 500
+
+
 @pytest.mark.parametrize("header,ok", [
     ("Bearer t1", True), ("bearer t2", True), ("Bearer  t1 ", True), ("Bearer t3", False),
     ("Basic t1", False), ("t1", False), (None, False), ("", False), ("Bearer ", False),
