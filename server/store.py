@@ -155,7 +155,8 @@ class VoiceStore:
                 return False
             self._db.execute("DELETE FROM voices WHERE id=?", (voice_id,))  # gone from here on
         crash_points.reached("row deleted")
-        for path, label in ((self._dir / f"{voice_id}{row[0]}", "audio"), (self._dir / f"{voice_id}.npz", "features")):
+        for path, label in ((self._dir / f"{voice_id}{row[0]}", "audio"),
+                            (self._dir / f"{voice_id}.npz", "features")):
             path.unlink(missing_ok=True)
             crash_points.reached(f"{label} removed")
         return True

@@ -55,7 +55,8 @@ def serving_process(data_dir: Path, *flags: str, fsize_limit: int | None = None,
     """The fake server on a free port, storing under `data_dir` (its log beside it); stopped on exit
     (SIGTERM, the drain) unless the test killed it."""
     log = data_dir.with_name(data_dir.name + f"-{time.monotonic_ns()}.log")
-    args = [sys.executable, "-m", "tests.fake_server"] + ([f"--fsize-limit={fsize_limit}"] if fsize_limit else [])
+    args = [sys.executable, "-m", "tests.fake_server"]
+    args += [f"--fsize-limit={fsize_limit}"] if fsize_limit else []
     args += ["--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir), *flags]
     repo = str(Path(__file__).resolve().parents[1])
     with open(log, "wb") as out:
@@ -65,7 +66,8 @@ def serving_process(data_dir: Path, *flags: str, fsize_limit: int | None = None,
         deadline = time.monotonic() + 60
         while not (ready := re.search(r"ready on (http://\S+)", log.read_text(errors="replace"))):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the fake server did not start:\n" + log.read_text(errors="replace")[-3000:])
+                output = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the fake server did not start:\n{output}")
             time.sleep(0.05)
         yield ServingProcess(ready.group(1), proc, log)
     finally:

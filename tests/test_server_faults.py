@@ -121,10 +121,11 @@ def test_an_engine_exception_fails_that_request_only(tmp_path: Path) -> None:
             for marker, f in bad.items():  # before any audio went out: a plain HTTP error
                 r = f.result()
                 assert r.status_code == 500, (marker, r.text)
-                assert r.json()["code"] == "InternalError" and set(r.json()) == {"code", "message", "request_id"}
+                assert r.json()["code"] == "InternalError"
+                assert set(r.json()) == {"code", "message", "request_id"}
             status, body = bad_sse["prepare-boom"].result()
             assert status == 500 and isinstance(body, dict) and body["code"] == "InternalError"
-            status, events = bad_sse["stream-boom"].result()  # after audio began: an error event, then the end
+            status, events = bad_sse["stream-boom"].result()  # after audio began: an error event, the end
             assert status == 200 and isinstance(events, list) and events[0]["error"] is None
             assert events[-1]["output"]["finish_reason"] == "error"
             assert events[-1]["error"]["code"] == "InternalError"
@@ -223,7 +224,8 @@ def test_deleting_a_voice_in_use_lets_its_syntheses_finish_s3(tmp_path: Path, s3
         _delete_while_in_use(srv, lambda: set(keys(s3_endpoint, prefix)))
 
 
-def test_a_voice_deleted_while_its_features_load_is_404(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_voice_deleted_while_its_features_load_is_404(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     with running_server(tmp_path) as srv:
         voice = upload(requests, srv.url).json()["id"]
     with running_server(tmp_path) as srv:  # a fresh cache: the synthesis reads the features from disk

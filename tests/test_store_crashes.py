@@ -125,7 +125,8 @@ class S3:
         return {o["Key"][len(self.prefix) + 1:] for o in objects}
 
     def files_of(self, records: list[VoiceRecord]) -> set[str]:
-        return {f"voices/{r.id}/{name}" for r in records for name in ("audio.wav", "features.npz", "meta.json")}
+        names = ("audio.wav", "features.npz", "meta.json")
+        return {f"voices/{r.id}/{name}" for r in records for name in names}
 
     def audio_size(self, record: VoiceRecord) -> int:
         from tests.s3_server import BUCKET
@@ -173,7 +174,8 @@ def _crash_at_every_point(kind: Kind, op: str, caplog: pytest.LogCaptureFixture)
         for record in listed:
             loaded = store.load_prompt(record.id)
             assert loaded is not None and loaded.text == PROMPT.text, died_at
-            assert np.array_equal(loaded.mel, PROMPT.mel) and np.array_equal(loaded.speech_tokens, PROMPT.speech_tokens)
+            assert np.array_equal(loaded.mel, PROMPT.mel)
+            assert np.array_equal(loaded.speech_tokens, PROMPT.speech_tokens)
             assert kind.audio_size(record) == record.bytes, died_at
         assert kind.contents() == kind.files_of(listed), died_at  # no orphans
         for leftover in left - kind.files_of(listed):
@@ -256,8 +258,8 @@ def _random_kills(kind: Kind, flags: list[str], env: dict[str, str], seeds: list
             listed = requests.get(f"{srv.url}{REF}?limit=100000&order=asc", headers=AUTH, timeout=10).json()
             assert [v["id"] for v in listed] == [r.id for r in kept]  # the restart serves what was kept
             if kept:
-                r = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(kept[-1].id),
-                                  timeout=10)
+                r = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH,
+                                  json=speech_body(kept[-1].id), timeout=10)
                 assert r.status_code == 200, r.text
             first_ack, clients = traffic.run(srv.url, seed)
             assert first_ack.wait(30), srv.log.read_text()[-2000:]
@@ -272,7 +274,7 @@ def _random_kills(kind: Kind, flags: list[str], env: dict[str, str], seeds: list
         assert set(traffic.acked) - traffic.deleted - traffic.maybe_deleted <= ids, seed  # acknowledged: kept
         assert not ids & traffic.deleted, seed  # acknowledged deletes stay deleted
         landed = ids - set(traffic.acked)
-        assert len(landed) <= 2, seed  # besides the acknowledged: at most the uploads in flight (one a client)
+        assert len(landed) <= 2, seed  # besides the acknowledged: the uploads in flight (one a client)
         traffic.acked.update({r.id: r.bytes for r in kept if r.id in landed})  # kept from now on
         for record in kept:
             assert store.load_prompt(record.id) is not None, seed

@@ -81,7 +81,8 @@ def test_the_disk_filling_at_any_byte_leaves_nothing(tmp_path: Path, monkeypatch
     added = store.add("a.wav", AUDIO, "t", PROMPT)
     assert store.load_prompt(added.id) is not None and store.list(10, "asc") == [kept, added]
     store.close()
-    assert _integrity_ok(tmp_path) and [r.id for r in VoiceStore(tmp_path).list(10, "asc")] == [kept.id, added.id]
+    assert _integrity_ok(tmp_path)
+    assert [r.id for r in VoiceStore(tmp_path).list(10, "asc")] == [kept.id, added.id]
 
 
 def test_a_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +114,8 @@ def test_a_full_database_leaves_nothing(tmp_path: Path) -> None:
     assert _files(tmp_path) == set() and store.list(10, "asc") == []  # the audio and features went again
 
 
-def test_full_disk_is_507_and_the_server_keeps_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_is_507_and_the_server_keeps_serving(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     with running_server(tmp_path) as srv:
         kept = upload(requests, srv.url).json()
         monkeypatch.setattr(durable_files, "write_bytes", FullDisk(3000))
@@ -132,8 +134,8 @@ def test_full_disk_is_507_and_the_server_keeps_serving(tmp_path: Path, monkeypat
         assert listed == [kept] and len(_files(tmp_path)) == 2  # only the kept voice's two files
         fits = upload(requests, srv.url)
         assert fits.status_code == 200, fits.text
-        speech = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(fits.json()["id"]),
-                               timeout=10)
+        speech = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH,
+                               json=speech_body(fits.json()["id"]), timeout=10)
         assert speech.status_code == 200 and speech.json()["output"]["audio"]["data"]
         assert _metric(srv.url, 'cosyserve_errors_total{code="InsufficientStorage"}') == 2
         assert _metric(srv.url, 'cosyserve_requests_total{route="reference_audio",status="507"}') == 2
@@ -183,8 +185,8 @@ def test_a_full_bucket_is_507_and_leaves_no_object(tmp_path: Path, s3_endpoint: 
         store._put = put
         fits = upload(requests, srv.url)
         assert fits.status_code == 200, fits.text
-        speech = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH, json=speech_body(fits.json()["id"]),
-                               timeout=10)
+        speech = requests.post(f"{srv.url}/api/v1/audio/speech", headers=AUTH,
+                               json=speech_body(fits.json()["id"]), timeout=10)
         assert speech.status_code == 200, speech.text
         assert len(keys(s3_endpoint, prefix)) == 3
 
