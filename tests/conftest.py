@@ -9,6 +9,7 @@ such a test -- for that reason or any other -- is turned into a failure, so CI c
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     main(["--preset", "tiny", "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 server for the session (tests/s3_server.py); skips where it cannot run."""
+    from tests.s3_server import weed_mini
+
+    with weed_mini(tmp_path_factory.mktemp("weed")) as url:
+        yield url
