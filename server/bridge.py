@@ -72,9 +72,11 @@ class EngineStream:
                 self.control.push_tokens(ids)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a text-frontend bug fails this request, not the server
-            log.exception("preparing request %s failed", self._request_id)
-            failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not prepare the text: {exc}")
+        except Exception as exc:  # a text-frontend or engine bug fails this request, not the server
+            submitting = self.prepared is not None and self.control is None  # else the text (whole or a piece)
+            stage = "start the request" if submitting else "prepare the text"
+            log.exception("request %s: could not %s", self._request_id, stage)
+            failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not {stage}: {exc}")
             self._queue.put_nowait(failed)
 
     def push_text(self, text: str) -> None:

@@ -6,7 +6,7 @@ fsyncs them, renames them into place, fsyncs the folder, and only then commits t
 failure (disk full: 507) removes what the upload had written before it propagates. Delete removes the
 row first, then the files; a synthesis already holding the in-memory VoicePrompt is unaffected. What a
 crash leaves behind (temporary files, files without a row) is removed by the start-up sweep, which logs
-each name. tests/test_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
+each name. tests/test_server_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
 Rows keep the upload time in microseconds (`created_us`, added to older databases
 at start-up) so listings follow upload order within a second.
 Blocking (fsync, SQLite): call from a worker thread, not the event loop.

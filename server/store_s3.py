@@ -9,7 +9,7 @@ lists or loads. A failed upload (a 507 from the service, a network error) delete
 before the error propagates; what a crash leaves is swept once it is older than a grace period
 (another replica may be mid-upload), at start-up and then every `sweep_every_s`, logging each key.
 Delete removes meta.json first, then the rest, so a voice never half-disappears.
-tests/test_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
+tests/test_server_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
 
 Meta objects are immutable, so `list` keeps them in an id -> record cache and only
 GETs the ones it has not seen; deletes done on another replica drop out of the next

@@ -1,4 +1,4 @@
-"""The child process of tests/test_store_crashes.py: one store operation that SIGKILLs itself at its k-th
+"""The child process of tests/test_server_store_crashes.py: one store operation that SIGKILLs itself at its k-th
 crash point (server/crash_points.py, plus the middle of every file write).
 
 `python -m tests.store_crash_child '<json>'` with {"store": "local", "data_dir": D} or {"store": "s3",

@@ -1,5 +1,5 @@
 """Voice store round trip / restart, auth and config parsing (no sockets). Crashes at every point of an
-upload or delete: tests/test_store_crashes.py; a full disk: tests/test_store_disk_full.py."""
+upload or delete: tests/test_server_store_crashes.py; a full disk: tests/test_server_store_disk_full.py."""
 from __future__ import annotations
 
 import dataclasses

@@ -177,7 +177,7 @@ def test_a_failed_upload_removes_what_it_put(endpoint: str, fail_on: str) -> Non
 
 
 def test_crash_leftovers_are_invisible_and_swept_after_the_grace_period(endpoint: str) -> None:
-    """What a killed upload leaves (objects without meta.json; tests/test_store_crashes.py kills real
+    """What a killed upload leaves (objects without meta.json; tests/test_server_store_crashes.py kills real
     processes): nobody sees it, a start-up keeps it while it is young (another replica may be
     mid-upload), and the sweep removes it past the grace period."""
     prefix = _prefix()
