@@ -157,6 +157,8 @@ def build_json(records: Sequence[Record], samples: Sequence[dict[str, Any]], pro
         "loop_lag_ms": series(samples, "loop_lag_ms", duration_s),
         "health_ms": series(samples, "health_ms", duration_s),
         "inflight": series(samples, "inflight", duration_s),
+        "server_errors": series(samples, "server_errors", duration_s),  # cosyserve_errors_total, all codes
+        "ttfp_ms_by_request": [[r.start_s, round(r.ttfp_ms, 1)] for r in records if not math.isnan(r.ttfp_ms)],
         "counts": {
             "columns": ["t_s", *count_keys],
             "rows": [[s["t_s"], *(s[k] for k in count_keys)] for s in samples if s["t_s"] <= duration_s],
