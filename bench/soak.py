@@ -102,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is None and admitted is None:
             raise SystemExit("the server's /metrics has no cosyserve_max_inflight: give --workers")
         workers = args.workers or 2 * admitted  # type: ignore[operator]
-        meta = {"date": now_iso(), "machine": machine(), "commit": commit(), "model": model, "url": target.url,
-                "pid": pid, "admitted_concurrency": admitted, "max_batch": _int(limits.get("cosyserve_max_batch")),
-                "workers": workers, "mix": args.mix, "texts": args.texts, "timeout_s": args.timeout,
-                "sample_s": args.sample_s, "seed": args.seed, "server_args": args.server_args}  # fmt: skip
+        meta = {"date": now_iso(), "machine": machine(), "commit": commit(), "model": model,
+                "url": target.url, "pid": pid, "admitted_concurrency": admitted,
+                "max_batch": _int(limits.get("cosyserve_max_batch")), "workers": workers, "mix": args.mix,
+                "texts": args.texts, "timeout_s": args.timeout, "sample_s": args.sample_s, "seed": args.seed,
+                "server_args": args.server_args}  # fmt: skip
         result = soak(target, pid, workers, args, meta)
     plot_path = args.plot or args.json.with_suffix(".png")
     args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["pass"] else 1
 
 
-def soak(target: Target, pid: int | None, workers: int, args: argparse.Namespace, meta: dict[str, Any]) -> dict:
+def soak(
+    target: Target, pid: int | None, workers: int, args: argparse.Namespace, meta: dict[str, Any]
+) -> dict[str, Any]:
     shared_voice = upload_voice(target)
     idle_before = idle_fds(target, pid)
     tally = Tally()
@@ -170,8 +173,8 @@ def summary(result: dict[str, Any], json_path: Path, plot_path: Path) -> str:
                         for w in result["ttfp_ms"]["windows"])  # fmt: skip
     lines = [
         "",
-        f"soak {result['minutes']:g} min, {meta['workers']} workers (2x admitted {meta['admitted_concurrency']})"
-        + f", warm-up {result['warmup_s']:g} s",
+        f"soak {result['minutes']:g} min, {meta['workers']} workers "
+        + f"(2x admitted {meta['admitted_concurrency']}), warm-up {result['warmup_s']:g} s",
         f"requests: {n['sent']} sent, {n['ok']} ok, {n['documented_errors']} documented errors "
         + f"{n['documented_by_code']}, {n['client_disconnects']} client disconnects, {n['lost']} lost",
         f"RSS growth after warm-up: {_pct(result['rss_growth_pct_after_warmup'])} (server), "

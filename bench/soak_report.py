@@ -5,8 +5,9 @@ arenas fill. After it, two comparison windows: the first minute after the warm-u
 minute, or, when less than two minutes follow the warm-up (the 2-minute CI run), its two halves; medians,
 so one GC or allocator spike does not decide. (The server keeps freed memory in the process, see
 kernels/runtime/host_memory.py, so its RSS is near the high-water mark of its heap and rises in steps while
-new batch compositions reach new peaks; a window of a few samples would read one such step as growth.) Limits (LIMITS): RSS may grow at most 5 %; fds not held by a client connection
-(open fds - the server's connections gauge) by at most FD_TOLERANCE; no request lost.
+new batch compositions reach new peaks; a window of a few samples would read one such step as growth.)
+Limits (LIMITS): RSS may grow at most 5 %; fds not held by a client connection (open fds - the
+server's connections gauge) by at most FD_TOLERANCE; no request lost.
 """
 from __future__ import annotations
 
@@ -137,6 +138,7 @@ def build_json(records: Sequence[Record], samples: Sequence[dict[str, Any]], pro
     rss_pairs = {what: first_and_last(points, warm, duration_s, window) for what, points in rss.items()}
     fd_pair = first_and_last(fd_points, warm, duration_s, window)
     counts = request_counts(records)
+    audible = [r for r in records if not math.isnan(r.ttfp_ms)]  # ok and hang-ups: a first chunk came
     process_known = meta.get("pid") is not None
     reasons = verdict(rss_pairs, fd_pair, counts["lost"], len(probe_failures), process_known)
     if not process_known:
@@ -158,7 +160,7 @@ def build_json(records: Sequence[Record], samples: Sequence[dict[str, Any]], pro
         "health_ms": series(samples, "health_ms", duration_s),
         "inflight": series(samples, "inflight", duration_s),
         "server_errors": series(samples, "server_errors", duration_s),  # cosyserve_errors_total, all codes
-        "ttfp_ms_by_request": [[r.start_s, round(r.ttfp_ms, 1)] for r in records if not math.isnan(r.ttfp_ms)],
+        "ttfp_ms_by_request": [[r.start_s, round(r.ttfp_ms, 1)] for r in audible],
         "counts": {
             "columns": ["t_s", *count_keys],
             "rows": [[s["t_s"], *(s[k] for k in count_keys)] for s in samples if s["t_s"] <= duration_s],

@@ -116,7 +116,8 @@ def _worker(plan: WorkerPlan, index: int, tally: Tally, rng: random.Random, stop
         session.close()
         if own_voice is not None:  # leave the store as we found it; the delete counts like any other
             start = time.perf_counter()
-            tally.add(record("voice", "delete", delete_result(plan.target, own_voice, start), start - plan.origin))
+            result = delete_result(plan.target, own_voice, start)
+            tally.add(record("voice", "delete", result, start - plan.origin))
 
 
 def _voice_step(target: Target, own: str | None, start: float) -> tuple[str, RequestResult, str | None]:

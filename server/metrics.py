@@ -161,7 +161,7 @@ class Metrics:
         lines = ["# HELP cosyserve_loop_lag_seconds event-loop lag: the worst of the recent timer probes",
                  "# TYPE cosyserve_loop_lag_seconds gauge", f"cosyserve_loop_lag_seconds {lag:.6f}"]
         for name, value, text in (
-            ("cosyserve_max_inflight", self._max_inflight, "synthesis requests admitted at once (429 beyond)"),
+            ("cosyserve_max_inflight", self._max_inflight, "synthesis jobs admitted at once (429 past it)"),
             ("cosyserve_max_batch", self._max_batch, "requests decoding at once in this process"),
         ):
             if value is not None:

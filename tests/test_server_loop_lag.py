@@ -1,4 +1,4 @@
-"""The event-loop lag probe (server/loop_lag.py) and the gauges it and the admission limits feed in /metrics."""
+"""The event-loop lag probe (server/loop_lag.py), and its gauge and the admission limits in /metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +24,7 @@ async def test_probe_reports_how_long_a_blocking_call_held_the_loop() -> None:
     probe = LoopLagProbe(asyncio.get_running_loop(), lags.append, interval_s=0.01)
     probe.start()
     await asyncio.sleep(0.05)
-    time.sleep(0.2)  # noqa: ASYNC251 -- the point: a blocking call holds the loop, the timer fires ~0.19 s late
+    time.sleep(0.2)  # noqa: ASYNC251 -- the point: a call that blocks the loop; the timer fires ~0.19 s late
     await asyncio.sleep(0.05)
     probe.stop()
     count = len(lags)
