@@ -6,11 +6,12 @@ answer), so it is tested with hand-made results.
 Documented (README "API behaviour where the contract is silent" and "Response shapes"): the server
 answered in its error shape, `{"code", "message", "request_id"}` on the PAI routes or OpenAI's
 `{"error": {"message", "type", "code"}}` on /v1, with
-- an HTTP 4xx (400, 401, 404, 405, 408, 413, 415, 426, 429 with Retry-After, 431), or a 503 with
-  Retry-After (engine queue full, draining), before or instead of the WebSocket upgrade as well;
+- an HTTP 4xx (400, 401, 404, 405, 408, 413, 415, 426, 429 with Retry-After, 431), a 503 with
+  Retry-After (engine queue full, draining) or a 507 (an upload to a full store: nothing was stored),
+  before or instead of the WebSocket upgrade as well;
 - an SSE error event (`"error": {"code", "message"}`, `finish_reason: "error"`) after the stream began;
 - a WebSocket `task-failed` carrying `error_code` and `error_message`.
-A server fault is lost even in that shape: any 5xx but 503, and the codes InternalError and Cancelled
+A server fault is lost even in that shape: any other 5xx, and the codes InternalError and Cancelled
 (the engine failed, or stopped a job: shutdown only, never during a soak). Lost, too: a reset or refused
 connection, a timeout without an answer, a malformed body, a stream that ends without its final event.
 """
@@ -31,7 +32,7 @@ REFUSED = frozenset({"Overloaded", "rate_limit_error"})  # 429/503: the client b
 
 def documented_status(status: int) -> bool:
     """0: no HTTP status of its own (a WebSocket task-failed); 200: an error event inside the stream."""
-    return status in (0, 200, 503) or 400 <= status < 500
+    return status in (0, 200, 503, 507) or 400 <= status < 500
 
 
 def classify(result: RequestResult, hung_up: bool = False) -> str:

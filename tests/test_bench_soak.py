@@ -42,6 +42,7 @@ def _ok(ttfp_s: float = 0.2) -> RequestResult:
     (failed("HTTP 429", 0.01, 429, "Overloaded"), False, DOCUMENTED),
     (failed("HTTP 503", 0.01, 503, "Overloaded"), False, DOCUMENTED),
     (failed("HTTP 404", 0.01, 404, "NotFound"), False, DOCUMENTED),
+    (failed("HTTP 507", 0.01, 507, "InsufficientStorage"), False, DOCUMENTED),  # an upload, disk full
     (failed("HTTP 429", 0.01, 429, "rate_limit_exceeded"), False, DOCUMENTED),  # /v1's shape
     (failed("HTTP 503", 0.01, 503, "server_error"), False, DOCUMENTED),  # /v1: queue full, draining
     (failed("task-failed Overloaded", 0.5, 0, "Overloaded"), False, DOCUMENTED),  # WebSocket
