@@ -95,11 +95,15 @@ def upload_voice(target: Target) -> str:
     return str(r.json()["id"])
 
 
+def delete_voice_request(target: Target, voice_id: str, timeout_s: float = 30) -> requests.Response:
+    return requests.delete(
+        f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=timeout_s
+    )
+
+
 def delete_voice(target: Target, voice_id: str) -> None:
     try:
-        requests.delete(
-            f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=30
-        )
+        delete_voice_request(target, voice_id)
     except requests.RequestException as exc:  # cleanup must not hide the results
         print(f"warning: could not delete voice {voice_id}: {exc}", file=sys.stderr)
 
@@ -126,6 +130,34 @@ class _Timeline:
         return request_result(self.arrivals, self.durations, time.perf_counter() - self.origin)
 
 
+def api_error_code(body: str) -> str:
+    """The error code of a body in the API's documented error shape: `{"code", "message", ...}` (PAI
+    routes) or `{"error": {"message", "type", "code"}}` (OpenAI routes; `code` may be null, then `type`);
+    "" for anything else (an HTML page, a truncated body, a stack trace)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    err = data.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        data = {"code": err.get("code") or err.get("type"), "message": err["message"]}
+    code, message = data.get("code"), data.get("message")
+    return code if isinstance(code, str) and code and isinstance(message, str) else ""
+
+
+def refused(r: requests.Response, origin: float) -> RequestResult:
+    """A non-200 answer: its status and, when the body has the documented error shape, its code."""
+    text = r.text
+    return failed(
+        f"HTTP {r.status_code}: {text[:200]}",
+        time.perf_counter() - origin,
+        r.status_code,
+        api_error_code(text),
+    )
+
+
 def _params(voice_id: str) -> dict[str, Any]:
     return {
         "mode": "fast_replication",
@@ -143,14 +175,16 @@ def request_http(
     origin: float,
     stream: bool,
     timeout_s: float,
+    hang_up: bool = False,
 ) -> RequestResult:
+    """`hang_up`: a listener who leaves: the connection is dropped right after the first audio chunk."""
     body = {"model": MODEL, "stream": stream, "input": {**_params(voice_id), "text": text}}
     line = _Timeline(origin)
     with session.post(
         f"{target.url}/api/v1/audio/speech", headers=target.auth, json=body, stream=stream, timeout=timeout_s
-    ) as r:
+    ) as r:  # leaving the block before the body is read closes the connection (requests does not reuse it)
         if r.status_code != 200:
-            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+            return refused(r, origin)
         if not stream:
             line.add(base64.b64decode(r.json()["output"]["audio"]["data"]))
             return line.result()
@@ -159,13 +193,18 @@ def request_http(
                 continue
             event = json.loads(raw[5:])
             if event.get("error"):
-                return failed(f"stream error: {event['error']}", time.perf_counter() - origin)
+                code = event["error"].get("code", "") if isinstance(event["error"], dict) else ""
+                return failed(
+                    f"stream error: {event['error']}", time.perf_counter() - origin, 200, code or ""
+                )
             audio = event["output"]["audio"]["data"]
             if audio:
                 line.add(base64.b64decode(audio))
+                if hang_up:
+                    return line.result()
             if event["output"].get("finish_reason") == "stop":
-                break
-    return line.result()
+                return line.result()
+    return failed("stream ended before its stop event", time.perf_counter() - origin)
 
 
 def request_openai(
@@ -178,22 +217,32 @@ def request_openai(
         f"{target.url}/v1/audio/speech", headers=target.auth, json=body, stream=True, timeout=timeout_s
     ) as r:
         if r.status_code != 200:
-            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+            return refused(r, origin)
         for piece in r.iter_content(chunk_size=None):  # None: each piece as the socket delivers it
             if piece:
                 line.add(piece)
     return line.result()
 
 
-def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_s: float) -> RequestResult:
-    """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task."""
+def request_ws(
+    target: Target, voice_id: str, text: str, origin: float, timeout_s: float, hang_up: bool = False
+) -> RequestResult:
+    """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task. `hang_up`:
+    close the connection right after the first audio chunk, the task still running."""
     ws_url = "ws" + target.url[len("http") :] + "/api-ws/v1/audio/speech"
     task_id = str(uuid.uuid4())
     header = {"task_id": task_id, "streaming": "duplex"}
     line = _Timeline(origin)
-    ws = websocket.create_connection(
-        ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s
-    )
+    try:
+        ws = websocket.create_connection(
+            ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s
+        )
+    except websocket.WebSocketBadStatusException as exc:  # the upgrade refused: an HTTP answer like any other
+        body = exc.resp_body.decode("utf-8", "replace") if isinstance(exc.resp_body, bytes) else ""
+        return failed(
+            f"upgrade refused: HTTP {exc.status_code}: {body[:200]}",
+            time.perf_counter() - origin, exc.status_code, api_error_code(body),
+        )  # fmt: skip
     try:
         ws.send(
             json.dumps(
@@ -227,6 +276,8 @@ def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_
                 ws.send(json.dumps({"header": {**header, "action": "finish-task"}, "payload": {"input": {}}}))
             elif event == "result-generated":
                 line.add(base64.b64decode(msg["payload"]["output"]["audio"]["data"]))
+                if hang_up:
+                    return line.result()
             elif event == "task-finished":
                 return line.result()
             elif event == "task-failed":
@@ -234,6 +285,7 @@ def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_
                 return failed(
                     f"task-failed {h.get('error_code')}: {h.get('error_message')}",
                     time.perf_counter() - origin,
+                    code=str(h.get("error_code") or "") if h.get("error_message") else "",
                 )
     finally:
         ws.close()
@@ -247,13 +299,15 @@ def one_request(
     text: str,
     origin: float,
     timeout_s: float,
+    hang_up: bool = False,
 ) -> RequestResult:
+    """`hang_up` (sse, ws): the client leaves after the first audio chunk (see request_http)."""
     try:
         if protocol == "ws":
-            return request_ws(target, voice_id, text, origin, timeout_s)
+            return request_ws(target, voice_id, text, origin, timeout_s, hang_up)
         if protocol == "openai":
             return request_openai(session, target, voice_id, text, origin, timeout_s)
-        return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s)
+        return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s, hang_up)
     except Exception as exc:  # noqa: BLE001 -- a failed request is a data point, not the end of the run
         return failed(f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - origin)
 

@@ -78,6 +78,8 @@ class RequestResult:
     underruns: int = 0
     stall_s: float = 0.0
     error: str = ""
+    status: int = 0  # HTTP status of a refusal (200: an error event inside the stream); 0: none / WebSocket
+    code: str = ""  # the API's error code when the server answered with its documented error shape
 
     @property
     def rtf(self) -> float:
@@ -99,8 +101,10 @@ def request_result(arrivals_s: Sequence[float], durations_s: Sequence[float], e2
     )
 
 
-def failed(error: str, e2e_s: float) -> RequestResult:
-    return RequestResult(ok=False, ttfp_s=math.nan, e2e_s=e2e_s, audio_s=0.0, error=error)
+def failed(error: str, e2e_s: float, status: int = 0, code: str = "") -> RequestResult:
+    return RequestResult(
+        ok=False, ttfp_s=math.nan, e2e_s=e2e_s, audio_s=0.0, error=error, status=status, code=code
+    )
 
 
 @dataclass(frozen=True)

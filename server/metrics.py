@@ -6,7 +6,7 @@ numbers come from `EngineProtocol.stats()` at scrape time.
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +15,7 @@ from server.backend_pool import Backend
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+_LOOP_LAG_PROBES = 50  # the gauge is the worst of the last 50 probes (~5 s at server.loop_lag's 0.1 s)
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Metrics:
         # --role backend (server/backend.py): internal jobs
         self._llm_tokens = 0
         self._backend_jobs: Counter[str] = Counter()  # by outcome
+        # Recent event-loop lags (server.loop_lag); the worst one, so a scrape every few seconds sees a stall.
+        self._loop_lags: deque[float] = deque(maxlen=_LOOP_LAG_PROBES)
+        self._max_inflight: int | None = None  # admission limits, set once the server starts
+        self._max_batch: int | None = None
 
     @property
     def inflight(self) -> int:
@@ -101,6 +106,15 @@ class Metrics:
         """outcome: "finished", "failed", "cancelled" (socket closed, cancel) or "refused" (draining, full)."""
         self._backend_jobs[outcome] += 1
 
+    def loop_lag(self, seconds: float) -> None:
+        """One probe of server.loop_lag.LoopLagProbe: its timer ran `seconds` late."""
+        self._loop_lags.append(seconds)
+
+    def set_limits(self, max_inflight: int, max_batch: int | None) -> None:
+        """The admission limits (--max-inflight, and --max-batch where this process decodes), exposed so a
+        load tool can size itself from /metrics (bench.soak runs at 2x the admitted concurrency)."""
+        self._max_inflight, self._max_batch = max_inflight, max_batch
+
     def render_backend(self, stats: EngineStats, max_batch: int) -> str:
         """A backend's /metrics: what an autoscaler reads (KEDA: the queue depth), then the engine's gauges."""
         occupancy = stats.last_decode_batch / max_batch if max_batch > 0 else 0.0
@@ -135,11 +149,24 @@ class Metrics:
                   "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self._connections}"]
         lines += self._first_packet_s.render("cosyserve_first_packet_seconds")
         lines += self._rtf.render("cosyserve_rtf")
+        lines += self._loop_and_limit_lines()
         if stats is not None:
             lines += _engine_lines(stats)
         if backends:
             lines += _backend_lines(backends)
         return "\n".join(lines) + "\n"
+
+    def _loop_and_limit_lines(self) -> list[str]:
+        lag = max(self._loop_lags, default=0.0)
+        lines = ["# HELP cosyserve_loop_lag_seconds event-loop lag: the worst of the recent timer probes",
+                 "# TYPE cosyserve_loop_lag_seconds gauge", f"cosyserve_loop_lag_seconds {lag:.6f}"]
+        for name, value, text in (
+            ("cosyserve_max_inflight", self._max_inflight, "synthesis jobs admitted at once (429 past it)"),
+            ("cosyserve_max_batch", self._max_batch, "requests decoding at once in this process"),
+        ):
+            if value is not None:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return lines
 
 
 def _engine_lines(s: EngineStats) -> list[str]:

@@ -47,6 +47,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{_MARKER}(*paths): needs the upstream reference fixtures (skipped without them; "
         f"a failure under {REQUIRE_ENV}=1)")
+    config.addinivalue_line(
+        "markers", "soak: a real bench.soak run against a spawned server (minutes; `-m 'not soak'` skips)")
 
 
 @pytest.hookimpl(tryfirst=True)
