@@ -79,6 +79,11 @@ class EngineStream:
             failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not {stage}: {exc}")
             self._queue.put_nowait(failed)
 
+    @property
+    def pending(self) -> int:
+        """Engine events received and not yet taken by the writer (a slow reader's audio waits here)."""
+        return self._queue.qsize()
+
     def push_text(self, text: str) -> None:
         self._text.put_nowait(text)
 

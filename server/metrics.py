@@ -16,6 +16,8 @@ from server.backend_pool import Backend
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 _LOOP_LAG_PROBES = 50  # the gauge is the worst of the last 50 probes (~5 s at server.loop_lag's 0.1 s)
+# Why the server ended a client's connection itself (slow or abusive clients, too many connections).
+CUT_REASONS = ("header_timeout", "body_timeout", "stalled_write", "max_connections", "ws_ping_flood")
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Metrics:
         self._loop_lags: deque[float] = deque(maxlen=_LOOP_LAG_PROBES)
         self._max_inflight: int | None = None  # admission limits, set once the server starts
         self._max_batch: int | None = None
+        self._cuts: Counter[str] = Counter()  # connections ended by the server, by reason (CUT_REASONS)
+        self._pending_peak = 0  # most engine chunks one stream ever had waiting for its writer
 
     @property
     def inflight(self) -> int:
@@ -91,6 +95,21 @@ class Metrics:
 
     def job_ended(self) -> None:
         self._inflight -= 1
+
+    def connection_cut(self, reason: str) -> None:
+        """The server ended a connection on a client's behaviour: one of CUT_REASONS."""
+        self._cuts[reason] += 1
+
+    def cuts(self, reason: str) -> int:
+        return self._cuts[reason]
+
+    def pending_chunks(self, n: int) -> None:
+        """A stream's writer took a chunk with `n` more still queued behind it (slow readers queue audio)."""
+        self._pending_peak = max(self._pending_peak, n)
+
+    @property
+    def pending_peak(self) -> int:
+        return self._pending_peak
 
     def first_packet(self, seconds: float) -> None:
         self._first_packet_s.observe(seconds)
@@ -147,6 +166,13 @@ class Metrics:
             lines.append(f'cosyserve_errors_total{{code="{code}"}} {n}')
         lines += ["# TYPE cosyserve_inflight gauge", f"cosyserve_inflight {self._inflight}",
                   "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self._connections}"]
+        name = "cosyserve_connections_cut_total"
+        lines += [f"# HELP {name} connections the server ended itself (slow or abusive clients), by reason",
+                  f"# TYPE {name} counter"]
+        lines += [f'{name}{{reason="{reason}"}} {self._cuts[reason]}' for reason in CUT_REASONS]
+        name = "cosyserve_stream_pending_chunks_peak"
+        lines += [f"# HELP {name} most engine chunks one stream had queued behind a slow writer",
+                  f"# TYPE {name} gauge", f"{name} {self._pending_peak}"]
         lines += self._first_packet_s.render("cosyserve_first_packet_seconds")
         lines += self._rtf.render("cosyserve_rtf")
         lines += self._loop_and_limit_lines()
