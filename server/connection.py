@@ -44,6 +44,7 @@ from server.state import ServerState
 from server.ws import WsConnection
 
 log = logging.getLogger("server.connection")
+LINGER_S = 1.0  # after a refusal, how long what the client still sends is read and dropped before closing
 
 
 class ClientGone(Exception):
@@ -96,7 +97,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._phase = "idle"  # idle | head | body | busy: which deadline runs (module docstring)
-        self._backlog = 0  # bytes received while handlers run, since the buffer last ran dry
+        self._lingering = False  # a refusal was sent: input is dropped until the client closes or LINGER_S
 
     # ---- asyncio.Protocol ----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,17 +121,16 @@ class HttpProtocol(asyncio.Protocol):
             self.ws.connection_lost()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self.ws is not None:
             self.ws.data_received(data)
             return
         self.conn.receive_data(data)
-        if self.task is not None:
-            self._backlog += len(data)
-            if self._backlog > self.state.config.max_header_bytes:
-                self.flow.pause_reading()
-            return
-        self._pump()
-        self._await_rest()
+        if self.task is None:
+            self._pump()
+            self._await_rest()
+        self._bound_backlog()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: HTTP clients half-closing have gone away
@@ -182,7 +182,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _await_rest(self) -> None:
         """No complete request is buffered: the deadline of the part that is (a phase starts only once)."""
-        if self.task is not None or self.ws is not None or self.closed:
+        if self.task is not None or self.ws is not None or self.closed or self._lingering:
             return
         phase = "body" if self.conn.reading_body else "head" if self.conn.buffered_bytes else "idle"
         if phase != self._phase and not (phase == "idle" and self._phase in ("head", "body")):
@@ -200,6 +200,8 @@ class HttpProtocol(asyncio.Protocol):
             self.state.metrics.request_done("unknown", err.status)
             self.state.metrics.error(err.code)
             self.write(self.conn.send_error(err, new_request_id()))
+            self._close_after_answer()
+            return
         self.close()
 
     def _write_stalled(self) -> None:
@@ -241,8 +243,22 @@ class HttpProtocol(asyncio.Protocol):
         """Malformed / oversized input: answer once and close (the request cannot be trusted further)."""
         self.state.metrics.request_done("unknown", err.status)
         self.state.metrics.error(err.code)
-        self.write(self.conn.send_error(err, new_request_id()))
-        self.close()
+        status, headers, body = http_error(err, new_request_id())
+        # Say it closes: a head refused only after it arrived whole (431) would otherwise read as keep-alive.
+        self.write(self.conn.send_response(status, [*headers, ("connection", "close")], body))
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        """A refusal is out: shut our side for writing, then read and drop what the client still sends (the
+        rest of an upload too large, a trickled head) until it closes or LINGER_S passes. Closing with its
+        bytes unread would make the kernel reset the connection, which can destroy the answer unread."""
+        self._lingering = True
+        self._enter("busy")
+        self.flow.resume_reading()
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_S, self.close)
 
     async def _handle(self, req: HttpRequest) -> None:
         rid = new_request_id()
@@ -281,11 +297,16 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._enter("idle")
         self._pump()  # a pipelined request may already be buffered
-        if self.task is None and not self.closed:  # the buffer holds no whole request: read again
-            self._backlog = 0
+        if self.task is None and not self.closed and not self._lingering:  # no whole request buffered: read
             if self.ws is None or self.flow.writable:
                 self.flow.resume_reading()
             self._await_rest()
+        self._bound_backlog()
+
+    def _bound_backlog(self) -> None:
+        """Input that piles up behind a running handler (pipelining) waits in the kernel past this bound."""
+        if self.task is not None and self.conn.buffered_bytes > self.state.config.max_header_bytes:
+            self.flow.pause_reading()
 
     # ---- WebSocket ----
     def _upgrade(self, upgrade: Upgrade) -> None:

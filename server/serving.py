@@ -7,7 +7,7 @@ import signal
 
 import uvloop
 
-from server.connection import HttpProtocol
+from server.connection_limit import accept
 from server.loop_lag import LoopLagProbe
 from server.state import ServerState
 from server.wiring import startup_line
@@ -24,7 +24,7 @@ async def start(state: ServerState, host: str, port: int) -> asyncio.base_events
     start_monitor = getattr(state.engine, "start_monitor", None)  # a frontend's RemoteEngine: health checks
     if callable(start_monitor):
         start_monitor()
-    return await state.loop.create_server(lambda: HttpProtocol(state), host, port, backlog=1024)
+    return await state.loop.create_server(lambda: accept(state), host, port, backlog=1024)
 
 
 async def drain(state: ServerState, server: asyncio.base_events.Server) -> None:

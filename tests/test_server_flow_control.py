@@ -110,6 +110,9 @@ class FakeTransport(asyncio.Transport):
     def abort(self) -> None:
         self.close()
 
+    def can_write_eof(self) -> bool:
+        return False
+
     def get_write_buffer_size(self) -> int:
         return len(self.buffer)
 
