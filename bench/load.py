@@ -2,7 +2,7 @@
 
     python -m bench.load --url URL --token T --protocol sse,ws,openai --concurrency 1,4,16 --requests 16 \
         [--rate R] [--json F] [--plot F] [--markdown F] [--compare URL] \
-        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2]
+        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2] [--overload K]
 
 Closed loop (default): C workers, each sends its next request when its previous one finishes, until
 max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arrivals at R req/s, at most
@@ -14,6 +14,9 @@ streamed with `stream_format: "audio"`: TTFP is the first body byte). Underruns:
 Targets (main, baseline, compare, split-N) never run at once (they share the machine): levels alternate
 between them. `--split 1,2` spawns, beside main, a `--role frontend` over 1 and over 2 `--role backend`s (one
 shared model) and reports the hop's cost: TTFP p50 and ×RT of each split level against main's.
+`--overload K`: after each level, K×C requests at once (C = the level's concurrency: give the server's
+--max-inflight): how many are refused and by which status, how fast (request start to the refusal,
+p50/p99), and the admitted ones' TTFP against the level just measured (C at once, unloaded).
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ import requests
 import websocket
 
 from bench import texts
-from bench.load_stats import LevelStats, RequestResult, aggregate, failed, markdown, request_result
+from bench.load_stats import (
+    LevelStats,
+    OverloadStats,
+    RequestResult,
+    aggregate,
+    failed,
+    markdown,
+    overload_stats,
+    request_result,
+)
 from bench.provenance import commit, machine, now_iso
 from bench.servers import build_tiny_model, spawn_server, spawn_split
 
@@ -427,6 +439,28 @@ def _run_threads(fn: Callable[[], None], n: int) -> None:
         th.join()
 
 
+def run_burst(target: Target, voice_id: str, spec: LevelSpec, n: int) -> list[RequestResult]:
+    """`n` requests released at once (a barrier), each on its own connection; results in no particular order."""
+    results: list[RequestResult] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        with requests.Session() as session:
+            text = texts.text_for(spec.mix, i)
+            gate.wait()
+            r = one_request(spec.protocol, session, target, voice_id, text, time.perf_counter(), spec.timeout_s)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True, name=f"burst-{i}") for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
 def warm_up(target: Target, voice_id: str, protocol: str, count: int, timeout_s: float) -> None:
     """Untimed requests first: first-call costs (allocations, graph capture) stay out of the numbers."""
     with requests.Session() as session:
@@ -443,9 +477,12 @@ def sweep(
     timeout_s: float,
     warmup: int,
     quiet: bool = False,
+    overload: int = 0,
+    overloads: dict[str, list[OverloadStats]] | None = None,
 ) -> dict[str, list[LevelStats]]:
     """Run every target's (protocol, concurrency) levels, interleaved level by level (main, baseline,
-    compare, next level, ...) so slow drift of a shared machine hits all targets alike."""
+    compare, next level, ...) so slow drift of a shared machine hits all targets alike. `overload` K > 0:
+    each level is followed by a burst of K×C at once, its OverloadStats appended to `overloads`."""
     voices: dict[Target, str] = {}
     results: dict[str, list[LevelStats]] = {t.name: [] for t in plans}
     try:
@@ -457,7 +494,12 @@ def sweep(
             for target, levels in plans.items():
                 if (proto, conc) in levels:
                     spec = LevelSpec(proto, conc, requests_per_level, mix, rate, timeout_s, seed=conc)
-                    results[target.name].append(run_level(target, voices[target], spec, quiet))
+                    level = run_level(target, voices[target], spec, quiet)
+                    results[target.name].append(level)
+                    if overload and overloads is not None:
+                        burst = run_burst(target, voices[target], spec, overload * conc)
+                        row = overload_stats(proto, conc, overload, burst, level)
+                        overloads.setdefault(target.name, []).append(row)
     finally:
         for target, voice_id in voices.items():
             delete_voice(target, voice_id)
@@ -521,6 +563,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="spawned servers and backends compute nothing (bench.null_server): the serving path and the "
         "hop alone, without the model's noise",
     )
+    p.add_argument(
+        "--overload",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after each level, K×C requests at once: refusals by status, time to refusal, admitted TTFP vs "
+        "the level's (use C = the server's --max-inflight)",
+    )
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -534,6 +584,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rate must be positive")
     if args.null_engine and not args.spawn:
         p.error("--null-engine is for spawned servers (--spawn)")
+    if args.overload < 0 or args.overload == 1:
+        p.error("--overload K: K >= 2 times the level's concurrency (0: off)")
     if any(n < 1 for n in args.split):
         p.error("--split counts backends: positive numbers")
     return args
@@ -577,14 +629,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             protocols = (args.baseline_protocol if base else None) or args.protocol
             concurrencies = (args.baseline_concurrency if base else None) or args.concurrency
             plans[target] = [(p, c) for p in protocols for c in concurrencies]
-        results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet)
+        overloads: dict[str, list[OverloadStats]] = {}
+        results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet,
+                        args.overload, overloads)
     model = args.model or (
         "null engine (bench.null_server)"
         if args.null_engine
         else str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
     )
-    out = build_json(results, targets, meta(model), args)
-    md = markdown(out, results)
+    out = build_json(results, targets, meta(model), args, overloads)
+    md = markdown(out, results, overloads)
     print(md)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
@@ -602,6 +656,7 @@ def build_json(
     targets: list[Target],
     meta_: dict[str, str],
     args: argparse.Namespace,
+    overloads: dict[str, list[OverloadStats]] | None = None,
 ) -> dict[str, Any]:
     settings = {
         "requests": args.requests,
@@ -610,6 +665,7 @@ def build_json(
         "sample_rate": SAMPLE_RATE,
         "loop": "open" if args.rate else "closed",
         "server_args": args.server_args,
+        "overload": args.overload,
     }
     out: dict[str, Any] = {
         "levels": [lv.to_json() for lv in results["main"]],
@@ -621,6 +677,9 @@ def build_json(
             out[t.name]["max_batch"] = 1
         if t.name.startswith("split-"):
             out[t.name]["backends"] = int(t.name.removeprefix("split-"))
+    for name, rows in (overloads or {}).items():
+        where = out if name == "main" else out[name]
+        where["overload"] = [row.to_json() for row in rows]
     return out
 
 

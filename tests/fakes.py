@@ -252,11 +252,12 @@ class BatchFakeEngine(FakeEngine):
 
     def _join_batch(self, fake: _FakeJob) -> bool:
         with self._slot:
-            self.waiting += 1
-            self.peak_waiting = max(self.peak_waiting, self.waiting)
-            while len(self._in_batch) >= self.batch and not fake.cancelled.is_set():
-                self._slot.wait(0.05)
-            self.waiting -= 1
+            if len(self._in_batch) >= self.batch:  # full: wait for a slot
+                self.waiting += 1
+                self.peak_waiting = max(self.peak_waiting, self.waiting)
+                while len(self._in_batch) >= self.batch and not fake.cancelled.is_set():
+                    self._slot.wait(0.05)
+                self.waiting -= 1
             if fake.cancelled.is_set():
                 return False
             self._in_batch.add(fake)
