@@ -2,8 +2,8 @@
 
 The transport calls pause_writing()/resume_writing() around its high/low water marks;
 producers `await drain()` after each write, so what one connection holds in memory is the
-mark plus one write. Reading is paused while a request is being handled (the next pipelined
-request waits in the kernel buffer, not in our memory).
+mark plus one write. Reading pauses behind a running handler once pipelined input piles up
+(server.connection), so the next requests wait in the kernel buffer, not in our memory.
 
 The stall watchdog: from pause_writing() on, every `stall_timeout_s` the transport's buffer
 must have shrunk (the peer read *something*); a window without progress calls `on_stall`

@@ -338,6 +338,35 @@ def test_a_websocket_task_nobody_reads_is_cut_and_its_job_cancelled(tmp_path: Pa
         _stalled_cut(srv, engine, voice, start)
 
 
+def test_a_slow_sse_reader_that_keeps_reading_is_not_cut(tmp_path: Path) -> None:
+    """Progress, not speed, on a real socket: the write buffer stays full (the server's kernel buffer made
+    small, so the transport pauses early), yet each stall window sees some draining, so the stream lives."""
+    engine = FakeEngine(delay_s=0.001, chunk_chars=8)
+    with _stalling_server(tmp_path, engine) as srv:
+        voice = upload(requests, srv.url).json()["id"]
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", srv.port))
+            assert wait_for(lambda: srv.call(lambda: len(srv.app.connections)) == 1)
+
+            def small_send_buffer() -> None:
+                for conn in srv.app.connections:
+                    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+            srv.call(small_send_buffer)
+            sock.sendall(speech_request(voice, "c" * 96, close=True))  # 12 chunks, ~310 kB of SSE
+            sock.settimeout(5)
+            raw, paused_seen = b"", False
+            while data := sock.recv(8192):  # ~160 kB/s: far slower than the server writes
+                raw += data
+                paused_seen |= srv.call(lambda: any(not c.flow.writable for c in srv.app.connections))
+                time.sleep(0.05)
+        [(status, _, body)] = responses(raw)
+        assert status == 200 and body.count(b"data: ") == 13 and b'"finish_reason":"stop"' in body
+        assert paused_seen  # the watchdog was running: the stream lived through windows of a full buffer
+        assert cut_count(srv, "stalled_write") == 0 and not engine.cancelled
+
+
 # ---------------------------------------------------------------- size limits: 431 and 413
 
 
