@@ -8,7 +8,6 @@ tested with hand-computed cases.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -167,15 +166,14 @@ def aggregate(
 
 # ---------------------------------------------------------------- overload (--overload K)
 
-_REFUSAL = re.compile(r"(?:HTTP|Handshake status) (429|503)\b")
-
-
-def refusal_of(error: str) -> str | None:
-    """What a failed request's error says refused it: "429" / "503" (HTTP, or a WebSocket handshake past
-    --max-connections), "Overloaded" (a WebSocket task-failed); None for any other failure."""
-    if m := _REFUSAL.match(error.removeprefix("WebSocketBadStatusException: ")):
-        return m.group(1)
-    if error.startswith("task-failed Overloaded"):
+def refusal_of(r: RequestResult) -> str | None:
+    """What refused a request: "429" / "503" (its HTTP answer, or its WebSocket upgrade's, e.g. past
+    --max-connections), "Overloaded" (a WebSocket task-failed); None when it was not refused."""
+    if r.ok:
+        return None
+    if r.status in (429, 503):
+        return str(r.status)
+    if r.status == 0 and r.code == "Overloaded":
         return "Overloaded"
     return None
 
@@ -206,7 +204,7 @@ def overload_stats(
     protocol: str, concurrency: int, factor: int, results: Sequence[RequestResult], unloaded: LevelStats
 ) -> OverloadStats:
     admitted = [r for r in results if r.ok]
-    refused = [(refusal_of(r.error), r) for r in results if not r.ok]
+    refused = [(refusal_of(r), r) for r in results if not r.ok]
     clean = [(kind, r) for kind, r in refused if kind is not None]
     by_kind: dict[str, int] = {}
     for kind, _ in clean:

@@ -152,11 +152,12 @@ def test_hop_table_gives_the_split_levels_cost_against_role_all() -> None:
 
 
 def test_refusal_of_names_the_refusal_or_none() -> None:
-    assert refusal_of('HTTP 429: {"code": "Overloaded"}') == "429"
-    assert refusal_of("HTTP 503: busy") == "503"
-    assert refusal_of("WebSocketBadStatusException: Handshake status 503 Service Unavailable") == "503"
-    assert refusal_of("task-failed Overloaded: too many concurrent requests") == "Overloaded"
-    for other in ("HTTP 400: bad", "HTTP 4290: x", "ReadTimeout: slow", "task-failed NotFound: voice", "stream error"):
+    assert refusal_of(failed('HTTP 429: {"code": "Overloaded"}', 0.01, 429, "Overloaded")) == "429"
+    assert refusal_of(failed("upgrade refused: HTTP 503: {}", 0.01, 503, "Overloaded")) == "503"
+    assert refusal_of(failed("task-failed Overloaded: too many", 0.01, code="Overloaded")) == "Overloaded"
+    for other in (failed("HTTP 400: bad", 0.01, 400, "InvalidParameter"), failed("ReadTimeout: slow", 5.0),
+                  failed("stream error: busy", 1.0, 200, "Overloaded"),  # mid-stream: it had been admitted
+                  failed("task-failed NotFound: voice", 0.01, code="NotFound"), RequestResult(True, 0.1, 1.0, 1.0)):
         assert refusal_of(other) is None
 
 
@@ -166,9 +167,9 @@ def test_overload_stats_hand_computed() -> None:
     burst = [
         RequestResult(ok=True, ttfp_s=0.300, e2e_s=1.0, audio_s=2.0),
         RequestResult(ok=True, ttfp_s=0.700, e2e_s=1.5, audio_s=2.0),
-        failed("HTTP 429: too many", 0.010),
-        failed("HTTP 429: too many", 0.030),
-        failed("HTTP 503: queue full", 0.020),
+        failed("HTTP 429: too many", 0.010, 429, "Overloaded"),
+        failed("HTTP 429: too many", 0.030, 429, "Overloaded"),
+        failed("HTTP 503: queue full", 0.020, 503, "Overloaded"),
         failed("ReadTimeout: no answer", 5.0),  # not a clean refusal: kept apart, its time not counted
     ]
     o = overload_stats("sse", 2, 3, burst, unloaded)
@@ -185,7 +186,7 @@ def test_overload_stats_hand_computed() -> None:
 
 def test_overload_with_nothing_admitted_has_no_ratio() -> None:
     unloaded = aggregate("ws", 1, [RequestResult(True, 0.1, 1.0, 1.0)], wall_s=1.0)
-    o = overload_stats("ws", 1, 10, [failed("task-failed Overloaded: full", 0.005)] * 10, unloaded)
+    o = overload_stats("ws", 1, 10, [failed("task-failed Overloaded: full", 0.005, code="Overloaded")] * 10, unloaded)
     assert o.refused == {"Overloaded": 10} and o.admitted == 0 and math.isnan(o.ttfp_ratio)
     assert o.to_json()["ttfp_ratio"] is None
     assert "| 0 | 10× Overloaded | 0 |" in overload_table([o])
