@@ -3,7 +3,7 @@ through the config; the exact timing and buffer bounds on the fake transport and
 tests/test_server_flow_control.py.
 
 Each case says what the client gets, what the server keeps serving meanwhile, and what is counted
-(`cosyserve_connections_cut_total{reason}`). docs/faults-abuse.md maps the cases to these tests.
+(`cosyserve_connections_cut_total{reason}`). docs/faults.md ("Slow and abusive clients") maps the cases to these tests.
 """
 from __future__ import annotations
 
