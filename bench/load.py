@@ -2,7 +2,7 @@
 
     python -m bench.load --url URL --token T --protocol sse,ws,openai --concurrency 1,4,16 --requests 16 \
         [--rate R] [--json F] [--plot F] [--markdown F] [--compare URL] \
-        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2]
+        [--baseline-url URL | --spawn-baseline] [--spawn [--model-dir M]] [--split 1,2] [--overload K]
 
 Closed loop (default): C workers, each sends its next request when its previous one finishes, until
 max(N, C) requests are done for the level. Open loop (`--rate R`): Poisson arrivals at R req/s, at most
@@ -14,6 +14,9 @@ streamed with `stream_format: "audio"`: TTFP is the first body byte). Underruns:
 Targets (main, baseline, compare, split-N) never run at once (they share the machine): levels alternate
 between them. `--split 1,2` spawns, beside main, a `--role frontend` over 1 and over 2 `--role backend`s (one
 shared model) and reports the hop's cost: TTFP p50 and ×RT of each split level against main's.
+`--overload K`: after each level, K×C requests at once (C = the level's concurrency: give the server's
+--max-inflight): how many are refused and by which status, how fast (request start to the refusal,
+p50/p99), and the admitted ones' TTFP against the level just measured (C at once, unloaded).
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ import requests
 import websocket
 
 from bench import texts
-from bench.load_stats import LevelStats, RequestResult, aggregate, failed, markdown, request_result
+from bench.load_stats import (
+    LevelStats,
+    OverloadStats,
+    RequestResult,
+    aggregate,
+    failed,
+    markdown,
+    overload_stats,
+    request_result,
+)
 from bench.provenance import commit, machine, now_iso
 from bench.servers import build_tiny_model, spawn_server, spawn_split
 
@@ -95,11 +107,15 @@ def upload_voice(target: Target) -> str:
     return str(r.json()["id"])
 
 
+def delete_voice_request(target: Target, voice_id: str, timeout_s: float = 30) -> requests.Response:
+    return requests.delete(
+        f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=timeout_s
+    )
+
+
 def delete_voice(target: Target, voice_id: str) -> None:
     try:
-        requests.delete(
-            f"{target.url}/api/v1/audio/reference_audio/{voice_id}", headers=target.auth, timeout=30
-        )
+        delete_voice_request(target, voice_id)
     except requests.RequestException as exc:  # cleanup must not hide the results
         print(f"warning: could not delete voice {voice_id}: {exc}", file=sys.stderr)
 
@@ -126,6 +142,34 @@ class _Timeline:
         return request_result(self.arrivals, self.durations, time.perf_counter() - self.origin)
 
 
+def api_error_code(body: str) -> str:
+    """The error code of a body in the API's documented error shape: `{"code", "message", ...}` (PAI
+    routes) or `{"error": {"message", "type", "code"}}` (OpenAI routes; `code` may be null, then `type`);
+    "" for anything else (an HTML page, a truncated body, a stack trace)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    err = data.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        data = {"code": err.get("code") or err.get("type"), "message": err["message"]}
+    code, message = data.get("code"), data.get("message")
+    return code if isinstance(code, str) and code and isinstance(message, str) else ""
+
+
+def refused(r: requests.Response, origin: float) -> RequestResult:
+    """A non-200 answer: its status and, when the body has the documented error shape, its code."""
+    text = r.text
+    return failed(
+        f"HTTP {r.status_code}: {text[:200]}",
+        time.perf_counter() - origin,
+        r.status_code,
+        api_error_code(text),
+    )
+
+
 def _params(voice_id: str) -> dict[str, Any]:
     return {
         "mode": "fast_replication",
@@ -143,14 +187,16 @@ def request_http(
     origin: float,
     stream: bool,
     timeout_s: float,
+    hang_up: bool = False,
 ) -> RequestResult:
+    """`hang_up`: a listener who leaves: the connection is dropped right after the first audio chunk."""
     body = {"model": MODEL, "stream": stream, "input": {**_params(voice_id), "text": text}}
     line = _Timeline(origin)
     with session.post(
         f"{target.url}/api/v1/audio/speech", headers=target.auth, json=body, stream=stream, timeout=timeout_s
-    ) as r:
+    ) as r:  # leaving the block before the body is read closes the connection (requests does not reuse it)
         if r.status_code != 200:
-            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+            return refused(r, origin)
         if not stream:
             line.add(base64.b64decode(r.json()["output"]["audio"]["data"]))
             return line.result()
@@ -159,13 +205,18 @@ def request_http(
                 continue
             event = json.loads(raw[5:])
             if event.get("error"):
-                return failed(f"stream error: {event['error']}", time.perf_counter() - origin)
+                code = event["error"].get("code", "") if isinstance(event["error"], dict) else ""
+                return failed(
+                    f"stream error: {event['error']}", time.perf_counter() - origin, 200, code or ""
+                )
             audio = event["output"]["audio"]["data"]
             if audio:
                 line.add(base64.b64decode(audio))
+                if hang_up:
+                    return line.result()
             if event["output"].get("finish_reason") == "stop":
-                break
-    return line.result()
+                return line.result()
+    return failed("stream ended before its stop event", time.perf_counter() - origin)
 
 
 def request_openai(
@@ -178,22 +229,32 @@ def request_openai(
         f"{target.url}/v1/audio/speech", headers=target.auth, json=body, stream=True, timeout=timeout_s
     ) as r:
         if r.status_code != 200:
-            return failed(f"HTTP {r.status_code}: {r.text[:200]}", time.perf_counter() - origin)
+            return refused(r, origin)
         for piece in r.iter_content(chunk_size=None):  # None: each piece as the socket delivers it
             if piece:
                 line.add(piece)
     return line.result()
 
 
-def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_s: float) -> RequestResult:
-    """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task."""
+def request_ws(
+    target: Target, voice_id: str, text: str, origin: float, timeout_s: float, hang_up: bool = False
+) -> RequestResult:
+    """The document's duplex flow: run-task, continue-task x2-3 (text split), finish-task. `hang_up`:
+    close the connection right after the first audio chunk, the task still running."""
     ws_url = "ws" + target.url[len("http") :] + "/api-ws/v1/audio/speech"
     task_id = str(uuid.uuid4())
     header = {"task_id": task_id, "streaming": "duplex"}
     line = _Timeline(origin)
-    ws = websocket.create_connection(
-        ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s
-    )
+    try:
+        ws = websocket.create_connection(
+            ws_url, header=[f"Authorization: Bearer {target.token}"], timeout=timeout_s
+        )
+    except websocket.WebSocketBadStatusException as exc:  # the upgrade refused: an HTTP answer like any other
+        body = exc.resp_body.decode("utf-8", "replace") if isinstance(exc.resp_body, bytes) else ""
+        return failed(
+            f"upgrade refused: HTTP {exc.status_code}: {body[:200]}",
+            time.perf_counter() - origin, exc.status_code, api_error_code(body),
+        )  # fmt: skip
     try:
         ws.send(
             json.dumps(
@@ -227,6 +288,8 @@ def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_
                 ws.send(json.dumps({"header": {**header, "action": "finish-task"}, "payload": {"input": {}}}))
             elif event == "result-generated":
                 line.add(base64.b64decode(msg["payload"]["output"]["audio"]["data"]))
+                if hang_up:
+                    return line.result()
             elif event == "task-finished":
                 return line.result()
             elif event == "task-failed":
@@ -234,6 +297,7 @@ def request_ws(target: Target, voice_id: str, text: str, origin: float, timeout_
                 return failed(
                     f"task-failed {h.get('error_code')}: {h.get('error_message')}",
                     time.perf_counter() - origin,
+                    code=str(h.get("error_code") or "") if h.get("error_message") else "",
                 )
     finally:
         ws.close()
@@ -247,13 +311,15 @@ def one_request(
     text: str,
     origin: float,
     timeout_s: float,
+    hang_up: bool = False,
 ) -> RequestResult:
+    """`hang_up` (sse, ws): the client leaves after the first audio chunk (see request_http)."""
     try:
         if protocol == "ws":
-            return request_ws(target, voice_id, text, origin, timeout_s)
+            return request_ws(target, voice_id, text, origin, timeout_s, hang_up)
         if protocol == "openai":
             return request_openai(session, target, voice_id, text, origin, timeout_s)
-        return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s)
+        return request_http(session, target, voice_id, text, origin, protocol == "sse", timeout_s, hang_up)
     except Exception as exc:  # noqa: BLE001 -- a failed request is a data point, not the end of the run
         return failed(f"{type(exc).__name__}: {exc}"[:300], time.perf_counter() - origin)
 
@@ -373,6 +439,28 @@ def _run_threads(fn: Callable[[], None], n: int) -> None:
         th.join()
 
 
+def run_burst(target: Target, voice_id: str, spec: LevelSpec, n: int) -> list[RequestResult]:
+    """`n` requests released at once (a barrier), each on its own connection; results in no particular order."""
+    results: list[RequestResult] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        with requests.Session() as session:
+            text = texts.text_for(spec.mix, i)
+            gate.wait()
+            r = one_request(spec.protocol, session, target, voice_id, text, time.perf_counter(), spec.timeout_s)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True, name=f"burst-{i}") for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
 def warm_up(target: Target, voice_id: str, protocol: str, count: int, timeout_s: float) -> None:
     """Untimed requests first: first-call costs (allocations, graph capture) stay out of the numbers."""
     with requests.Session() as session:
@@ -389,9 +477,12 @@ def sweep(
     timeout_s: float,
     warmup: int,
     quiet: bool = False,
+    overload: int = 0,
+    overloads: dict[str, list[OverloadStats]] | None = None,
 ) -> dict[str, list[LevelStats]]:
     """Run every target's (protocol, concurrency) levels, interleaved level by level (main, baseline,
-    compare, next level, ...) so slow drift of a shared machine hits all targets alike."""
+    compare, next level, ...) so slow drift of a shared machine hits all targets alike. `overload` K > 0:
+    each level is followed by a burst of K×C at once, its OverloadStats appended to `overloads`."""
     voices: dict[Target, str] = {}
     results: dict[str, list[LevelStats]] = {t.name: [] for t in plans}
     try:
@@ -403,7 +494,12 @@ def sweep(
             for target, levels in plans.items():
                 if (proto, conc) in levels:
                     spec = LevelSpec(proto, conc, requests_per_level, mix, rate, timeout_s, seed=conc)
-                    results[target.name].append(run_level(target, voices[target], spec, quiet))
+                    level = run_level(target, voices[target], spec, quiet)
+                    results[target.name].append(level)
+                    if overload and overloads is not None:
+                        burst = run_burst(target, voices[target], spec, overload * conc)
+                        row = overload_stats(proto, conc, overload, burst, level)
+                        overloads.setdefault(target.name, []).append(row)
     finally:
         for target, voice_id in voices.items():
             delete_voice(target, voice_id)
@@ -467,6 +563,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="spawned servers and backends compute nothing (bench.null_server): the serving path and the "
         "hop alone, without the model's noise",
     )
+    p.add_argument(
+        "--overload",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after each level, K×C requests at once: refusals by status, time to refusal, admitted TTFP vs "
+        "the level's (use C = the server's --max-inflight)",
+    )
     p.add_argument("--model", help="model label for meta (default: from --model-dir / spawn)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -480,6 +584,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rate must be positive")
     if args.null_engine and not args.spawn:
         p.error("--null-engine is for spawned servers (--spawn)")
+    if args.overload < 0 or args.overload == 1:
+        p.error("--overload K: K >= 2 times the level's concurrency (0: off)")
     if any(n < 1 for n in args.split):
         p.error("--split counts backends: positive numbers")
     return args
@@ -523,14 +629,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             protocols = (args.baseline_protocol if base else None) or args.protocol
             concurrencies = (args.baseline_concurrency if base else None) or args.concurrency
             plans[target] = [(p, c) for p in protocols for c in concurrencies]
-        results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet)
+        overloads: dict[str, list[OverloadStats]] = {}
+        results = sweep(plans, args.requests, args.texts, args.rate, args.timeout, args.warmup, args.quiet,
+                        args.overload, overloads)
     model = args.model or (
         "null engine (bench.null_server)"
         if args.null_engine
         else str(args.model_dir) if args.model_dir else ("tiny (random)" if args.spawn else "unknown")
     )
-    out = build_json(results, targets, meta(model), args)
-    md = markdown(out, results)
+    out = build_json(results, targets, meta(model), args, overloads)
+    md = markdown(out, results, overloads)
     print(md)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
@@ -548,6 +656,7 @@ def build_json(
     targets: list[Target],
     meta_: dict[str, str],
     args: argparse.Namespace,
+    overloads: dict[str, list[OverloadStats]] | None = None,
 ) -> dict[str, Any]:
     settings = {
         "requests": args.requests,
@@ -556,6 +665,7 @@ def build_json(
         "sample_rate": SAMPLE_RATE,
         "loop": "open" if args.rate else "closed",
         "server_args": args.server_args,
+        "overload": args.overload,
     }
     out: dict[str, Any] = {
         "levels": [lv.to_json() for lv in results["main"]],
@@ -567,6 +677,9 @@ def build_json(
             out[t.name]["max_batch"] = 1
         if t.name.startswith("split-"):
             out[t.name]["backends"] = int(t.name.removeprefix("split-"))
+    for name, rows in (overloads or {}).items():
+        where = out if name == "main" else out[name]
+        where["overload"] = [row.to_json() for row in rows]
     return out
 
 

@@ -78,6 +78,8 @@ class RequestResult:
     underruns: int = 0
     stall_s: float = 0.0
     error: str = ""
+    status: int = 0  # HTTP status of a refusal (200: an error event inside the stream); 0: none / WebSocket
+    code: str = ""  # the API's error code when the server answered with its documented error shape
 
     @property
     def rtf(self) -> float:
@@ -99,8 +101,10 @@ def request_result(arrivals_s: Sequence[float], durations_s: Sequence[float], e2
     )
 
 
-def failed(error: str, e2e_s: float) -> RequestResult:
-    return RequestResult(ok=False, ttfp_s=math.nan, e2e_s=e2e_s, audio_s=0.0, error=error)
+def failed(error: str, e2e_s: float, status: int = 0, code: str = "") -> RequestResult:
+    return RequestResult(
+        ok=False, ttfp_s=math.nan, e2e_s=e2e_s, audio_s=0.0, error=error, status=status, code=code
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,84 @@ def aggregate(
         rate=rate,
         error_samples=errors[:5],
     )
+
+
+# ---------------------------------------------------------------- overload (--overload K)
+
+def refusal_of(r: RequestResult) -> str | None:
+    """What refused a request: "429" / "503" (its HTTP answer, or its WebSocket upgrade's, e.g. past
+    --max-connections), "Overloaded" (a WebSocket task-failed); None when it was not refused."""
+    if r.ok:
+        return None
+    if r.status in (429, 503):
+        return str(r.status)
+    if r.status == 0 and r.code == "Overloaded":
+        return "Overloaded"
+    return None
+
+
+@dataclass(frozen=True)
+class OverloadStats:
+    """K x C requests sent at once against a server admitting C: who was refused, how fast, and what the
+    admitted ones' first audio cost against the unloaded level (C at once) of the same run."""
+
+    protocol: str
+    concurrency: int  # C, the unloaded level's
+    factor: int  # K
+    sent: int
+    admitted: int  # got audio
+    refused: dict[str, int]  # by refusal_of(): "429", "503", "Overloaded"
+    other_errors: int  # failed some other way (a timeout, a reset): a refusal that did not come cleanly
+    refusal_ms: dict[str, float]  # p50, p99: request start -> the refusal in hand
+    admitted_ttfp_ms: dict[str, float]  # p50, p99
+    unloaded_ttfp_ms: float  # p50 of the C-at-once level
+    ttfp_ratio: float  # admitted p50 / unloaded p50: 2 or less is the target
+    error_samples: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+def overload_stats(
+    protocol: str, concurrency: int, factor: int, results: Sequence[RequestResult], unloaded: LevelStats
+) -> OverloadStats:
+    admitted = [r for r in results if r.ok]
+    refused = [(refusal_of(r), r) for r in results if not r.ok]
+    clean = [(kind, r) for kind, r in refused if kind is not None]
+    by_kind: dict[str, int] = {}
+    for kind, _ in clean:
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    refusal = [r.e2e_s * 1e3 for _, r in clean]
+    ttfp = [r.ttfp_s * 1e3 for r in admitted]
+    p50 = percentile(ttfp, 50)
+    return OverloadStats(
+        protocol=protocol,
+        concurrency=concurrency,
+        factor=factor,
+        sent=len(results),
+        admitted=len(admitted),
+        refused=dict(sorted(by_kind.items())),
+        other_errors=len(refused) - len(clean),
+        refusal_ms={f"p{p}": percentile(refusal, p) for p in (50, 99)},
+        admitted_ttfp_ms={f"p{p}": percentile(ttfp, p) for p in (50, 99)},
+        unloaded_ttfp_ms=unloaded.ttfp_ms["p50"],
+        ttfp_ratio=ratio(p50, unloaded.ttfp_ms["p50"]),
+        error_samples=sorted({r.error for kind, r in refused if kind is None})[:5],
+    )
+
+
+def overload_table(rows: Sequence[OverloadStats]) -> str:
+    head = "| proto | C | sent | admitted | refused | other errors | refusal p50 | p99 | TTFP p50 | p99 | unloaded | ratio |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for o in rows:
+        refused = ", ".join(f"{n}× {kind}" for kind, n in o.refused.items()) or "0"
+        lines.append(
+            f"| {o.protocol} | {o.concurrency} | {o.sent} | {o.admitted} | {refused} | {o.other_errors} "
+            f"| {_fmt(o.refusal_ms['p50'], 1)} | {_fmt(o.refusal_ms['p99'], 1)} "
+            f"| {_fmt(o.admitted_ttfp_ms['p50'])} | {_fmt(o.admitted_ttfp_ms['p99'])} "
+            f"| {_fmt(o.unloaded_ttfp_ms)} | {_times(o.ttfp_ratio)} |"
+        )
+    return "\n".join(lines)
 
 
 def ratio(new: float, old: float) -> float:
@@ -260,7 +342,11 @@ def hop_table(direct: list[LevelStats], split: list[LevelStats]) -> str:
     return "\n".join(rows)
 
 
-def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
+def markdown(
+    out: dict[str, Any],
+    results: dict[str, list[LevelStats]],
+    overloads: dict[str, list[OverloadStats]] | None = None,
+) -> str:
     m = out["meta"]
     against = {k: v for k, v in results.items() if k != "main"}
     parts = [
@@ -283,5 +369,17 @@ def markdown(out: dict[str, Any], results: dict[str, list[LevelStats]]) -> str:
                 "",
                 f"### the hop: {name} (frontend + {backends} backend{'s' * (backends > 1)}) vs main (--role all)",
                 hop_table(results["main"], levels),
+            ]
+    for name, rows in (overloads or {}).items():
+        if rows:
+            parts += [
+                "",
+                f"### overload: {rows[0].factor}× the level's concurrency at once ({name})",
+                (
+                    "Refusal = request start to the 429/503 in hand, ms; TTFP of the admitted, ms; ratio = "
+                    "their TTFP p50 / the unloaded level's (C at once, just before)."
+                ),
+                "",
+                overload_table(rows),
             ]
     return "\n".join(parts)

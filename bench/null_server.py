@@ -11,9 +11,7 @@ A frontend (`--role frontend`) is the real one: its backends are null servers.
 
 from __future__ import annotations
 
-import logging
 import queue
-import sys
 import threading
 from collections.abc import Sequence
 
@@ -32,8 +30,8 @@ from scheduler.jobs import (
     SpeechJob,
     VoicePrompt,
 )
-from server.config import ServerConfig, load_config
-from server.serving import run
+from server.__main__ import main as server_main
+from server.config import ServerConfig
 from server.state import ServerState
 from server.wiring import create_app, text_preparer
 
@@ -155,12 +153,5 @@ def build(config: ServerConfig) -> ServerState:
                       extract_prompt=null_prompt)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(sys.argv[1:] if argv is None else argv)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    run(build(config))
-
-
 if __name__ == "__main__":
-    main()
+    server_main(build=build)

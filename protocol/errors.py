@@ -32,6 +32,7 @@ class ErrorCode(enum.StrEnum):
     OVERLOADED = "Overloaded"
     INTERNAL_ERROR = "InternalError"
     CANCELLED = "Cancelled"  # the engine stopped the job (shutdown)
+    INSUFFICIENT_STORAGE = "InsufficientStorage"  # the disk / bucket is full: nothing was stored
     # WebSocket task protocol (task-failed only; never an HTTP response)
     INVALID_MESSAGE = "InvalidMessage"  # not JSON / not an object / no header.action
     UNKNOWN_ACTION = "UnknownAction"
@@ -55,6 +56,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 503,  # 429 when a per-server limit (max inflight) refuses
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.CANCELLED: 500,
+    ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.INVALID_MESSAGE: 400,
     ErrorCode.UNKNOWN_ACTION: 400,
     ErrorCode.TASK_NOT_STARTED: 400,
@@ -149,6 +151,12 @@ class InternalError(ApiError):
 
     def __init__(self, message: str = "internal error") -> None:
         super().__init__(message)
+
+
+class InsufficientStorage(ApiError):
+    """507: the store ran out of space (disk full, quota, file size limit); nothing was stored."""
+
+    code = ErrorCode.INSUFFICIENT_STORAGE
 
 
 def engine_error(code: ErrorCode, message: str, status: int | None = None) -> ApiError:

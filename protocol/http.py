@@ -217,6 +217,16 @@ class HttpConnection:
 
     # ---- cycle ----
     @property
+    def reading_body(self) -> bool:
+        """A request's head has been parsed and its body is still arriving (the server's body deadline)."""
+        return self._request is not None and self._h11.their_state is h11.SEND_BODY
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not parsed yet: a partial or pipelined request (h11 has no public size)."""
+        return len(self._h11._receive_buffer)
+
+    @property
     def must_close(self) -> bool:
         return self._failed or self._h11.our_state in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR) or \
             self._h11.their_state in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)

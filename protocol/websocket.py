@@ -39,12 +39,18 @@ class WsSend:
 
 
 @dataclass(frozen=True)
+class WsPong(WsSend):
+    """The answer to a ping: a server may rate-limit pings, and while its writes back up it may keep only
+    the latest answer (RFC 6455 5.5.3)."""
+
+
+@dataclass(frozen=True)
 class WsClosed:
     code: int
     reason: str = ""
 
 
-WsEvent = WsMessage | WsBinary | WsSend | WsClosed
+WsEvent = WsMessage | WsBinary | WsSend | WsPong | WsClosed
 
 
 class HandshakeError(BadRequest):
@@ -142,7 +148,7 @@ class WebSocketSession:
         if isinstance(event, TextMessage):
             return self._on_text(event)
         if isinstance(event, Ping):
-            return [WsSend(ws.send(event.response()))]
+            return [WsPong(ws.send(event.response()))]
         if isinstance(event, BytesMessage):
             if not self._binary:
                 return self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")

@@ -73,10 +73,17 @@ class EngineStream:
                     self.control.push_tokens(ids)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a text-frontend bug fails this request, not the server
-            log.exception("preparing request %s failed", self._request_id)
-            failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not prepare the text: {exc}")
+        except Exception as exc:  # a text-frontend or engine bug fails this request, not the server
+            submitting = self.prepared is not None and self.control is None  # else the text (whole or a piece)
+            stage = "start the request" if submitting else "prepare the text"
+            log.exception("request %s: could not %s", self._request_id, stage)
+            failed = Failed(self._request_id, ErrorCode.INTERNAL_ERROR, f"could not {stage}: {exc}")
             self._queue.put_nowait(failed)
+
+    @property
+    def pending(self) -> int:
+        """Engine events received and not yet taken by the writer (a slow reader's audio waits here)."""
+        return self._queue.qsize()
 
     def push_text(self, text: str) -> None:
         self._text.put_nowait(text)

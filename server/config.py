@@ -74,6 +74,25 @@ class ServerConfig:
         "a request head must arrive within this (slowloris guard), seconds"))
     idle_timeout_s: float = field(default=30.0, metadata=_doc(
         "a keep-alive connection with nothing in flight closes after this, s"))
+    # Uploads are the only large bodies: 60 s carries the 16 MiB limit at ~2.2 Mbit/s, a real 30 s
+    # voice (~1 MB WAV) at ~140 kbit/s; bytes trickled slower than that hold a socket for nothing.
+    body_timeout_s: float = field(default=60.0, metadata=_doc(
+        "a request body must arrive within this of its head, however it trickles (slow uploads); 408 "
+        "beyond, seconds"))
+    # A listener reads audio at least in real time (48 kB/s of 24 kHz PCM); one that drains nothing of a
+    # full write buffer for 30 s has stopped reading, and its job, queued audio and socket are freed.
+    stalled_write_timeout_s: float = field(default=30.0, metadata=_doc(
+        "a response (SSE, WebSocket, any) whose full write buffer drains nothing for this long is cut: "
+        "its engine job cancelled, the connection closed, seconds"))
+    # Under the usual 1024 open-file limit, so an excess client gets a 503 instead of accept() failing
+    # (EMFILE); raise it with `ulimit -n`. Each connection holds at most ~100 KiB of buffers.
+    max_connections: int = field(default=1000, metadata=_doc(
+        "open client connections (HTTP keep-alive and WebSocket); beyond it a new one is answered 503 "
+        "+ Retry-After and closed"))
+    # A client library pings every few seconds at most; a browser never does. Pongs cost a write each.
+    ws_max_pings_per_s: float = field(default=10.0, metadata=_doc(
+        "WebSocket pings a client may send per second (bursts of as many allowed); a flood beyond "
+        "closes with 1008"))
     max_inflight: int = field(default=256, metadata=_doc(
         "concurrent synthesis requests (HTTP + WebSocket tasks); 429 beyond"))
     shutdown_deadline_s: float = field(default=10.0, metadata=_doc(
@@ -142,10 +161,11 @@ class ServerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         for name in ("max_body_bytes", "max_header_bytes", "max_text_chars", "max_ws_message_bytes",
-                     "max_inflight", "workers", "voice_cache_size", "max_batch"):
+                     "max_inflight", "workers", "voice_cache_size", "max_batch", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("header_timeout_s", "idle_timeout_s", "shutdown_deadline_s"):
+        for name in ("header_timeout_s", "idle_timeout_s", "shutdown_deadline_s", "body_timeout_s",
+                     "stalled_write_timeout_s", "ws_max_pings_per_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.flow_cache_mb < -1:

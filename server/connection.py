@@ -1,13 +1,19 @@
 """One asyncio.Protocol per TCP connection: bytes <-> protocol.http, one handler task at a time.
 
-Timers (loop.call_later, one at a time):
-- idle: no request in progress -> close after `idle_timeout_s` (keep-alive reaper);
-- header: the first byte of a request starts `header_timeout_s` for its head (slowloris);
-  once more than `max_header_bytes` arrived without an h11 error the head is complete, and
-  each further body chunk re-arms the idle timeout instead (a slow but steady upload lives).
+Deadlines per phase of a request (loop.call_later, one timer at a time), each started once when its
+phase begins, so bytes trickled in to look alive do not move them (slowloris):
+- idle: nothing of a request yet -> close after `idle_timeout_s` (keep-alive reaper);
+- head: its first byte starts `header_timeout_s` for the whole head;
+- body: the parsed head starts `body_timeout_s` for the whole body;
+  either one passing -> 408 JSON and close;
+- busy: a handler runs or a WebSocket took over; no timer, but the write side has its own
+  watchdog (server.flow_control: a response nobody reads is cut after `stalled_write_timeout_s`).
 While a handler runs, reading continues (so a client that goes away is seen at once and
-its task cancelled) until `max_header_bytes` of pipelined input piles up; then it pauses.
-A WebSocket upgrade hands the socket to `server.ws.WsConnection`.
+its task cancelled) until `max_header_bytes` of pipelined input piles up; then it pauses, and
+resumes only once no complete request is left in the buffer: a pipelining flood is answered
+in order while at most `max_header_bytes` plus one socket read of it sits in memory.
+A WebSocket upgrade hands the socket to `server.ws.WsConnection`; while its writes back up,
+its reading pauses too (a client that sends but never reads cannot grow our buffers).
 """
 from __future__ import annotations
 
@@ -33,11 +39,13 @@ from server.context import Ctx, new_request_id
 from server.flow_control import FlowControl
 from server.log_lines import log_request, request_id_var
 from server.paths import WS_SPEECH, route_name
+from server.rate_limit import TokenBucket
 from server.routes import resolve
 from server.state import ServerState
 from server.ws import WsConnection
 
 log = logging.getLogger("server.connection")
+LINGER_S = 1.0  # after a refusal, how long what the client still sends is read and dropped before closing
 
 
 class ClientGone(Exception):
@@ -89,16 +97,16 @@ class HttpProtocol(asyncio.Protocol):
         self.ws: WsConnection | JobSocket | None = None  # after an upgrade
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
-        self._request_bytes = 0  # bytes of the request being read (0 = idle between requests)
-        self._backlog = 0  # bytes received while a handler runs
+        self._phase = "idle"  # idle | head | body | busy: which deadline runs (module docstring)
+        self._lingering = False  # a refusal was sent: input is dropped until the client closes or LINGER_S
 
     # ---- asyncio.Protocol ----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
-        self.flow = FlowControl(self.transport)
+        self.flow = FlowControl(self.transport, self.state.config.stalled_write_timeout_s, self._write_stalled)
         self.state.connections.add(self)
         self.state.metrics.connection_opened()
-        self._arm(self.state.config.idle_timeout_s)
+        self._enter("idle")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -114,26 +122,30 @@ class HttpProtocol(asyncio.Protocol):
             self.ws.connection_lost()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self.ws is not None:
             self.ws.data_received(data)
             return
         self.conn.receive_data(data)
-        if self.task is not None:
-            self._backlog += len(data)
-            if self._backlog > self.state.config.max_header_bytes:
-                self.flow.pause_reading()
-            return
-        self._note_request_progress(len(data))
-        self._pump()
+        if self.task is None:
+            self._pump()
+            self._await_rest()
+        self._bound_backlog()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: HTTP clients half-closing have gone away
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
+        if self.ws is not None:  # its messages make writes (events, pongs): take no more until these drain
+            self.flow.pause_reading()
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        if self.ws is not None and not self.closed:
+            self.ws.writable_again()
+            self.flow.resume_reading()
 
     # ---- helpers used by responders / ws ----
     def write(self, data: bytes) -> None:
@@ -154,31 +166,53 @@ class HttpProtocol(asyncio.Protocol):
         if self.task is None and self.ws is None:
             self.close()
 
-    # ---- timers ----
-    def _arm(self, delay_s: float) -> None:
+    # ---- deadlines ----
+    def _enter(self, phase: str) -> None:
+        """Start `phase` and its deadline (none while busy)."""
+        self._phase = phase
         self._disarm()
-        self._timer = self.loop.call_later(delay_s, self._on_timeout)
+        cfg = self.state.config
+        delay = {"idle": cfg.idle_timeout_s, "head": cfg.header_timeout_s, "body": cfg.body_timeout_s}.get(phase)
+        if delay is not None:
+            self._timer = self.loop.call_later(delay, self._on_timeout)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _note_request_progress(self, n: int) -> None:
-        first = self._request_bytes == 0
-        self._request_bytes += n
-        if first:
-            self._arm(self.state.config.header_timeout_s)
-        elif self._request_bytes > self.state.config.max_header_bytes:
-            self._arm(self.state.config.idle_timeout_s)  # head done; the body keeps flowing
+    def _await_rest(self) -> None:
+        """No complete request is buffered: the deadline of the part that is (a phase starts only once)."""
+        if self.task is not None or self.ws is not None or self.closed or self._lingering:
+            return
+        phase = "body" if self.conn.reading_body else "head" if self.conn.buffered_bytes else "idle"
+        if phase != self._phase and not (phase == "idle" and self._phase in ("head", "body")):
+            self._enter(phase)
 
     def _on_timeout(self) -> None:
         self._timer = None
         if self.task is not None or self.ws is not None:
             return
-        if self._request_bytes:
-            self.write(self.conn.send_error(RequestTimeout("request not received in time"), new_request_id()))
+        if self._phase in ("head", "body"):  # a request was coming: say why it is dropped
+            head = self._phase == "head"
+            limit = self.state.config.header_timeout_s if head else self.state.config.body_timeout_s
+            err = RequestTimeout(f"request {self._phase} not received within {limit:g} s")
+            self.state.metrics.connection_cut("header_timeout" if head else "body_timeout")
+            self.state.metrics.request_done("unknown", err.status)
+            self.state.metrics.error(err.code)
+            self.write(self.conn.send_error(err, new_request_id()))
+            self._close_after_answer()
+            return
         self.close()
+
+    def _write_stalled(self) -> None:
+        """The watchdog: a full write buffer drained nothing for `stalled_write_timeout_s`. The peer stopped
+        reading; aborting drops what it never read, and connection_lost cancels the work (engine job too)."""
+        self.state.metrics.connection_cut("stalled_write")
+        log.info("cut a connection whose client stopped reading for %.1f s",
+                 self.state.config.stalled_write_timeout_s)
+        if self.transport is not None:
+            self.transport.abort()
 
     # ---- request loop ----
     def _pump(self) -> None:
@@ -194,8 +228,7 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(event, ConnectionClosed):
                 self.close()
                 return
-            self._disarm()
-            self._request_bytes = 0
+            self._enter("busy")
             head = event.request if isinstance(event, Upgrade) else event
             if _head_bytes(head) > self.state.config.max_header_bytes:
                 # h11 only bounds an *incomplete* head; one that arrived whole is measured here
@@ -219,9 +252,24 @@ class HttpProtocol(asyncio.Protocol):
         self.state.metrics.request_done("unknown", err.status)
         self.state.metrics.error(err.code)
         rid = new_request_id()
-        self.write(self.conn.send_error(err, rid))
+        self.conn.request_id = rid  # the refusal's X-Request-Id (no handler will run for it)
+        status, headers, body = http_error(err, rid)
+        # Say it closes: a head refused only after it arrived whole (431) would otherwise read as keep-alive.
+        self.write(self.conn.send_response(status, [*headers, ("connection", "close")], body))
         log_request("-", "", err.status, 0.0, request_id=rid)
-        self.close()
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        """A refusal is out: shut our side for writing, then read and drop what the client still sends (the
+        rest of an upload too large, a trickled head) until it closes or LINGER_S passes. Closing with its
+        bytes unread would make the kernel reset the connection, which can destroy the answer unread."""
+        self._lingering = True
+        self._enter("busy")
+        self.flow.resume_reading()
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_S, self.close)
 
     async def _handle(self, req: HttpRequest) -> None:
         rid = self._begin(new_request_id())
@@ -259,10 +307,18 @@ class HttpProtocol(asyncio.Protocol):
         if self.state.draining or not self.conn.start_next_cycle():
             self.close()
             return
-        self._backlog = 0
-        self.flow.resume_reading()
-        self._arm(self.state.config.idle_timeout_s)
+        self._enter("idle")
         self._pump()  # a pipelined request may already be buffered
+        if self.task is None and not self.closed and not self._lingering:  # no whole request buffered: read
+            if self.ws is None or self.flow.writable:
+                self.flow.resume_reading()
+            self._await_rest()
+        self._bound_backlog()
+
+    def _bound_backlog(self) -> None:
+        """Input that piles up behind a running handler (pipelining) waits in the kernel past this bound."""
+        if self.task is not None and self.conn.buffered_bytes > self.state.config.max_header_bytes:
+            self.flow.pause_reading()
 
     # ---- WebSocket ----
     def _upgrade(self, upgrade: Upgrade) -> None:
@@ -294,6 +350,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.write(accept)
         self.ws = WsConnection(self.state, session, self)
+        self._limit_pings(self.ws)
         self.ws.data_received(b"")  # frames that arrived with the upgrade request
 
 
@@ -320,7 +377,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.write(accept)
         self.ws = JobSocket(self.state, session, self)
+        self._limit_pings(self.ws)
         self.ws.data_received(b"")
+
+    def _limit_pings(self, ws: WsConnection | JobSocket) -> None:
+        rate = self.state.config.ws_max_pings_per_s
+        ws.limit_pings(TokenBucket(rate, burst=max(rate, 1.0), clock=self.loop.time),
+                       lambda: self.state.metrics.connection_cut("ws_ping_flood"))
 
 
 def _head_bytes(req: HttpRequest) -> int:

@@ -6,7 +6,7 @@ numbers come from `EngineProtocol.stats()` at scrape time.
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +15,9 @@ from server.backend_pool import Backend
 
 _LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+_LOOP_LAG_PROBES = 50  # the gauge is the worst of the last 50 probes (~5 s at server.loop_lag's 0.1 s)
+# Why the server ended a client's connection itself (slow or abusive clients, too many connections).
+CUT_REASONS = ("header_timeout", "body_timeout", "stalled_write", "max_connections", "ws_ping_flood")
 
 
 @dataclass
@@ -56,6 +59,12 @@ class Metrics:
         # --role backend (server/backend.py): internal jobs
         self._llm_tokens = 0
         self._backend_jobs: Counter[str] = Counter()  # by outcome
+        # Recent event-loop lags (server.loop_lag); the worst one, so a scrape every few seconds sees a stall.
+        self._loop_lags: deque[float] = deque(maxlen=_LOOP_LAG_PROBES)
+        self._max_inflight: int | None = None  # admission limits, set once the server starts
+        self._max_batch: int | None = None
+        self._cuts: Counter[str] = Counter()  # connections ended by the server, by reason (CUT_REASONS)
+        self._pending_peak = 0  # most engine chunks one stream ever had waiting for its writer
 
     @property
     def inflight(self) -> int:
@@ -87,6 +96,21 @@ class Metrics:
     def job_ended(self) -> None:
         self._inflight -= 1
 
+    def connection_cut(self, reason: str) -> None:
+        """The server ended a connection on a client's behaviour: one of CUT_REASONS."""
+        self._cuts[reason] += 1
+
+    def cuts(self, reason: str) -> int:
+        return self._cuts[reason]
+
+    def pending_chunks(self, n: int) -> None:
+        """A stream's writer took a chunk with `n` more still queued behind it (slow readers queue audio)."""
+        self._pending_peak = max(self._pending_peak, n)
+
+    @property
+    def pending_peak(self) -> int:
+        return self._pending_peak
+
     def first_packet(self, seconds: float) -> None:
         self._first_packet_s.observe(seconds)
 
@@ -100,6 +124,15 @@ class Metrics:
     def backend_job_done(self, outcome: str) -> None:
         """outcome: "finished", "failed", "cancelled" (socket closed, cancel) or "refused" (draining, full)."""
         self._backend_jobs[outcome] += 1
+
+    def loop_lag(self, seconds: float) -> None:
+        """One probe of server.loop_lag.LoopLagProbe: its timer ran `seconds` late."""
+        self._loop_lags.append(seconds)
+
+    def set_limits(self, max_inflight: int, max_batch: int | None) -> None:
+        """The admission limits (--max-inflight, and --max-batch where this process decodes), exposed so a
+        load tool can size itself from /metrics (bench.soak runs at 2x the admitted concurrency)."""
+        self._max_inflight, self._max_batch = max_inflight, max_batch
 
     def render_backend(self, stats: EngineStats, max_batch: int) -> str:
         """A backend's /metrics: what an autoscaler reads (KEDA: the queue depth), then the engine's gauges."""
@@ -133,13 +166,33 @@ class Metrics:
             lines.append(f'cosyserve_errors_total{{code="{code}"}} {n}')
         lines += ["# TYPE cosyserve_inflight gauge", f"cosyserve_inflight {self._inflight}",
                   "# TYPE cosyserve_connections gauge", f"cosyserve_connections {self._connections}"]
+        name = "cosyserve_connections_cut_total"
+        lines += [f"# HELP {name} connections the server ended itself (slow or abusive clients), by reason",
+                  f"# TYPE {name} counter"]
+        lines += [f'{name}{{reason="{reason}"}} {self._cuts[reason]}' for reason in CUT_REASONS]
+        name = "cosyserve_stream_pending_chunks_peak"
+        lines += [f"# HELP {name} most engine chunks one stream had queued behind a slow writer",
+                  f"# TYPE {name} gauge", f"{name} {self._pending_peak}"]
         lines += self._first_packet_s.render("cosyserve_first_packet_seconds")
         lines += self._rtf.render("cosyserve_rtf")
+        lines += self._loop_and_limit_lines()
         if stats is not None:
             lines += _engine_lines(stats)
         if backends:
             lines += _backend_lines(backends)
         return "\n".join(lines) + "\n"
+
+    def _loop_and_limit_lines(self) -> list[str]:
+        lag = max(self._loop_lags, default=0.0)
+        lines = ["# HELP cosyserve_loop_lag_seconds event-loop lag: the worst of the recent timer probes",
+                 "# TYPE cosyserve_loop_lag_seconds gauge", f"cosyserve_loop_lag_seconds {lag:.6f}"]
+        for name, value, text in (
+            ("cosyserve_max_inflight", self._max_inflight, "synthesis jobs admitted at once (429 past it)"),
+            ("cosyserve_max_batch", self._max_batch, "requests decoding at once in this process"),
+        ):
+            if value is not None:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return lines
 
 
 def _engine_lines(s: EngineStats) -> list[str]:

@@ -1,22 +1,33 @@
-"""Reference-audio routes: upload (decode + features off the loop), list, get, delete."""
+"""Reference-audio routes: upload (decode + features off the loop), list, get, delete.
+
+A store out of space (disk full, quota, file size limit) answers 507 InsufficientStorage; the store has
+already removed what the failed upload wrote, and everything else keeps working.
+"""
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, TypeVarTuple
 
 import numpy as np
 
 from frontend.prompt import PromptAudioError
 from protocol.audio_in import decode_upload
-from protocol.errors import InvalidParameter
+from protocol.errors import InsufficientStorage, InvalidParameter
 from protocol.multipart import parse_multipart
 from protocol.schema import parse_list_query
 from scheduler.jobs import VoicePrompt
 from server.context import Ctx
 from server.paths import REFERENCE
 from server.state import ServerState
+from server.storage_errors import is_out_of_space
 from server.store import VoiceRecord
 from server.voice_ids import check_voice_id, not_found
 from server.voices import with_text_ids
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 async def upload(ctx: Ctx) -> None:
@@ -33,7 +44,8 @@ async def upload(ctx: Ctx) -> None:
     pcm_rate = _pcm_rate(fields.get("sample_rate"))
     wav, sr = await state.run_blocking(decode_upload, data, filename, pcm_rate)
     prompt = await _extract(state, wav, sr, text)
-    record: VoiceRecord = await state.run_blocking(state.store.add, filename, data, text, prompt)
+    record: VoiceRecord = await _store_call(state, "the voice was not stored", state.store.add,
+                                            filename, data, text, prompt)
     state.voices.put(record.id, prompt)
     await ctx.json(record.to_json())
 
@@ -54,10 +66,22 @@ async def get_voice(ctx: Ctx) -> None:
 
 async def delete_voice(ctx: Ctx) -> None:
     voice_id = _voice_id(ctx)
-    if not await ctx.state.run_blocking(ctx.state.store.delete, voice_id):
+    if not await _store_call(ctx.state, "the voice was not deleted", ctx.state.store.delete, voice_id):
         raise not_found(voice_id)
     ctx.state.voices.drop(voice_id)  # running syntheses keep their own VoicePrompt reference
     await ctx.json({"code": "OK", "message": f"reference audio: {voice_id} deleted.", "data": {}})
+
+
+async def _store_call(state: ServerState, outcome: str, fn: Callable[[*Args], T], *args: *Args) -> T:
+    """A store mutation on the pool; running out of space is the client's 507, not a 500."""
+    try:
+        return await state.run_blocking(fn, *args)
+    except Exception as exc:
+        if not is_out_of_space(exc):
+            raise
+        log.warning("reference audio store out of space (%s): %s", outcome, exc)
+        raise InsufficientStorage(f"insufficient storage: {outcome}; free some space (or delete voices) "
+                                  "and try again") from None
 
 
 def _features(state: ServerState, wav: np.ndarray, sr: int, text: str) -> VoicePrompt:

@@ -7,7 +7,8 @@ import signal
 
 import uvloop
 
-from server.connection import HttpProtocol
+from server.connection_limit import accept
+from server.loop_lag import LoopLagProbe
 from server.state import ServerState
 from server.wiring import startup_line
 
@@ -16,10 +17,14 @@ log = logging.getLogger("server")
 
 async def start(state: ServerState, host: str, port: int) -> asyncio.base_events.Server:
     state.loop = asyncio.get_running_loop()
+    # A frontend decodes nothing itself: its --max-batch says nothing about what it admits.
+    state.metrics.set_limits(state.config.max_inflight,
+                             state.config.max_batch if state.config.role != "frontend" else None)
+    LoopLagProbe(state.loop, state.metrics.loop_lag).start()  # the loop holds its timer: no reference kept
     start_monitor = getattr(state.engine, "start_monitor", None)  # a frontend's RemoteEngine: health checks
     if callable(start_monitor):
         start_monitor()
-    return await state.loop.create_server(lambda: HttpProtocol(state), host, port, backlog=1024)
+    return await state.loop.create_server(lambda: accept(state), host, port, backlog=1024)
 
 
 async def drain(state: ServerState, server: asyncio.base_events.Server) -> None:

@@ -1,11 +1,12 @@
 """Reference-audio store: a data folder (audio + prompt features) and SQLite metadata.
 
-Visibility is the database row. An upload writes the audio and the features under
-temporary names, fsyncs them, renames them into place, fsyncs the folder, and only
-then inserts the row; a crash at any point leaves either nothing visible or a
-complete voice. Files without a row (a crash between rename and insert) and
-temporary files are swept at start-up. Delete removes the row first, then the
-files; a synthesis already holding the in-memory VoicePrompt is unaffected.
+Visibility is the database row. An upload writes the audio and the features under temporary names,
+fsyncs them, renames them into place, fsyncs the folder, and only then commits the row
+(server/durable_files.py); a crash at any point leaves either nothing visible or a complete voice, and a
+failure (disk full: 507) removes what the upload had written before it propagates. Delete removes the
+row first, then the files; a synthesis already holding the in-memory VoicePrompt is unaffected. What a
+crash leaves behind (temporary files, files without a row) is removed by the start-up sweep, which logs
+each name. tests/test_server_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
 Rows keep the upload time in microseconds (`created_us`, added to older databases
 at start-up) so listings follow upload order within a second.
 Blocking (fsync, SQLite): call from a worker thread, not the event loop.
@@ -13,6 +14,7 @@ Blocking (fsync, SQLite): call from a worker thread, not the event loop.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sqlite3
 import threading
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.jobs import VoicePrompt
+from server import crash_points
+from server.durable_files import TMP_PREFIX, fsync_dir, write_atomic
 
-_TMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def prompt_to_npz(prompt: VoicePrompt) -> bytes:
@@ -126,16 +130,22 @@ class VoiceStore:
     def add(self, filename: str, audio: bytes, text: str, prompt: VoicePrompt) -> VoiceRecord:
         voice_id = str(uuid.uuid4())
         ext = _safe_ext(filename)
-        audio_path = self._dir / f"{voice_id}{ext}"
-        feat_path = self._dir / f"{voice_id}.npz"
-        self._write_atomic(audio_path, audio)
-        self._write_atomic(feat_path, prompt_to_npz(prompt))
-        _fsync_dir(self._dir)
-        created_at, created_us = now_us(self._clock)
-        record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
-        with self._lock:
-            self._db.execute(f"INSERT INTO voices ({_COLUMNS}, audio_ext) VALUES (?,?,?,?,?,?,?)",
-                             (*astuple(record), ext))
+        files = (self._dir / f"{voice_id}{ext}", self._dir / f"{voice_id}.npz")
+        try:
+            write_atomic(files[0], audio, "audio")
+            write_atomic(files[1], prompt_to_npz(prompt), "features")
+            fsync_dir(self._dir)
+            crash_points.reached("folder synced")
+            created_at, created_us = now_us(self._clock)
+            record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
+            with self._lock:  # the commit point: the voice exists from here on
+                self._db.execute(f"INSERT INTO voices ({_COLUMNS}, audio_ext) VALUES (?,?,?,?,?,?,?)",
+                                 (*astuple(record), ext))
+        except BaseException:
+            for path in files:  # a failed upload (disk full, ...) leaves nothing for the sweep
+                path.unlink(missing_ok=True)
+            raise
+        crash_points.reached("row committed")
         return record
 
     def delete(self, voice_id: str) -> bool:
@@ -143,9 +153,12 @@ class VoiceStore:
             row = self._db.execute("SELECT audio_ext FROM voices WHERE id=?", (voice_id,)).fetchone()
             if row is None:
                 return False
-            self._db.execute("DELETE FROM voices WHERE id=?", (voice_id,))
-        for path in (self._dir / f"{voice_id}{row[0]}", self._dir / f"{voice_id}.npz"):
+            self._db.execute("DELETE FROM voices WHERE id=?", (voice_id,))  # gone from here on
+        crash_points.reached("row deleted")
+        for path, label in ((self._dir / f"{voice_id}{row[0]}", "audio"),
+                            (self._dir / f"{voice_id}.npz", "features")):
             path.unlink(missing_ok=True)
+            crash_points.reached(f"{label} removed")
         return True
 
     def _migrate(self) -> None:
@@ -156,32 +169,29 @@ class VoiceStore:
                 self._db.execute("ALTER TABLE voices ADD COLUMN created_us INTEGER")
             self._db.execute("UPDATE voices SET created_us = created_at * 1000000 WHERE created_us IS NULL")
 
-    def _write_atomic(self, final: Path, data: bytes) -> None:
-        tmp = final.with_name(_TMP_PREFIX + final.name)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-
     def _sweep(self) -> None:
-        """Remove temp files and files whose row never got written (crash mid-upload)."""
+        """Remove what unfinished uploads and deletes left (temporary files, files without a row: a crash
+        before the commit or after the row's delete), logging each; report rows whose files are missing
+        (never written so by this store: the folder was changed by hand), without dropping them."""
         with self._lock:
-            known = {r[0] for r in self._db.execute("SELECT id FROM voices")}
-        for path in self._dir.iterdir():
-            if path.name.startswith(_TMP_PREFIX) or path.name.split(".", 1)[0] not in known:
+            rows = dict(self._db.execute("SELECT id, audio_ext FROM voices").fetchall())
+        removed = []
+        for path in sorted(p for p in self._dir.iterdir() if p.is_file()):
+            if path.name.startswith(TMP_PREFIX) or path.name.split(".", 1)[0] not in rows:
                 path.unlink(missing_ok=True)
+                removed.append(path.name)
+        if removed:
+            fsync_dir(self._dir)
+            log.warning("store sweep: removed %d leftover file(s) of unfinished uploads or deletes: %s",
+                        len(removed), ", ".join(removed))
+        missing = [i for i, ext in rows.items()
+                   if not (self._dir / f"{i}{ext}").is_file() or not (self._dir / f"{i}.npz").is_file()]
+        if missing:
+            log.error("store: %d voice(s) have a row but lack their files in %s: %s",
+                      len(missing), self._dir, ", ".join(sorted(missing)))
 
 
 def _safe_ext(filename: str) -> str:
     """Storage never uses the client's name, only a whitelisted extension."""
     ext = os.path.splitext(filename)[1].lower()
     return ext if ext in (".wav", ".mp3", ".pcm") else ".bin"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

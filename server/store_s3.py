@@ -5,8 +5,11 @@ The option for several replicas sharing one bucket. Layout under `<prefix>/voice
 (the VoiceRecord, its microsecond upload time `created_us` included, plus the audio
 extension; older meta without `created_us` lists by its seconds). S3 PUTs are atomic per
 object, so visibility is the meta object, written LAST: a crash before it leaves objects nobody
-lists or loads (swept after a grace period, since another replica may be mid-upload).
+lists or loads. A failed upload (a 507 from the service, a network error) deletes what it had put
+before the error propagates; what a crash leaves is swept once it is older than a grace period
+(another replica may be mid-upload), at start-up and then every `sweep_every_s`, logging each key.
 Delete removes meta.json first, then the rest, so a voice never half-disappears.
+tests/test_server_store_crashes.py kills a process at every point of both paths (server/crash_points.py).
 
 Meta objects are immutable, so `list` keeps them in an id -> record cache and only
 GETs the ones it has not seen; deletes done on another replica drop out of the next
@@ -18,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import logging
 import threading
 import time
 import uuid
@@ -27,12 +31,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scheduler.jobs import VoicePrompt
+from server import crash_points
 from server.store import VoiceRecord, _safe_ext, now_us, prompt_from_npz, prompt_to_npz
 
 _META = "meta.json"
 _FEATURES = "features.npz"
 _AUDIO = "audio"
 _LIST_FETCH_THREADS = 8  # parallel meta GETs when a listing meets many unseen voices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,11 @@ def make_client(s: S3Settings) -> Any:
 
 class S3VoiceStore:
     def __init__(self, settings: S3Settings, client: Any | None = None,
-                 sweep_grace_s: float | None = 3600.0, clock: Callable[[], float] = time.time) -> None:
-        """`sweep_grace_s`: at start, delete meta-less objects older than this (None: no sweep)."""
+                 sweep_grace_s: float | None = 3600.0, clock: Callable[[], float] = time.time,
+                 sweep_every_s: float | None = 3600.0) -> None:
+        """`sweep_grace_s`: at start, delete meta-less objects older than this (None: no sweep); then
+        again every `sweep_every_s` on a thread of its own (None: at start only), so the leftovers of
+        a crash, too young at the restart that followed it, go too."""
         self._clock = clock
         self._s3 = client if client is not None else make_client(settings)
         self._bucket = settings.bucket
@@ -82,11 +92,16 @@ class S3VoiceStore:
         self._lock = threading.Lock()
         self._records: dict[str, VoiceRecord] = {}
         self._fetchers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = threading.Event()
         self._s3.head_bucket(Bucket=self._bucket)  # fail at start-up, not at the first upload
         if sweep_grace_s is not None:
             self.sweep(sweep_grace_s)
+            if sweep_every_s is not None:
+                threading.Thread(target=self._sweep_every, args=(sweep_every_s, sweep_grace_s),
+                                 name="s3-sweep", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             fetchers, self._fetchers = self._fetchers, None
         if fetchers is not None:
@@ -130,9 +145,19 @@ class S3VoiceStore:
         record = VoiceRecord(voice_id, filename, len(audio), created_at, text, created_us)
         meta = json.dumps({**record.to_json(), "created_us": created_us, "audio_ext": ext},
                           ensure_ascii=False).encode()
-        self._put(self._key(voice_id, _AUDIO + ext), audio, "application/octet-stream")
-        self._put(self._key(voice_id, _FEATURES), prompt_to_npz(prompt), "application/octet-stream")
-        self._put(self._key(voice_id, _META), meta, "application/json")  # last: now it is visible
+        tried: list[str] = []  # a PUT that raised may still have landed (a lost answer): it counts
+        try:
+            for name, data, content_type, point in (
+                    (_AUDIO + ext, audio, "application/octet-stream", "audio put"),
+                    (_FEATURES, prompt_to_npz(prompt), "application/octet-stream", "features put"),
+                    (_META, meta, "application/json", "meta put")):  # meta last: then it is visible
+                tried.append(name)
+                self._put(self._key(voice_id, name), data, content_type)
+                crash_points.reached(point)
+        except BaseException:
+            # A failed upload (bucket full, network) leaves nothing behind; meta first, as in a delete.
+            self._delete_quietly(voice_id, tried[::-1])
+            raise
         with self._lock:
             self._records[voice_id] = record
         return record
@@ -142,11 +167,13 @@ class S3VoiceStore:
         if meta is None:
             return False
         self._s3.delete_object(Bucket=self._bucket, Key=self._key(voice_id, _META))  # first: invisible now
+        crash_points.reached("meta deleted")
         with self._lock:
             self._records.pop(voice_id, None)
         ext = str(meta.get("audio_ext", ".bin"))
-        for name in (_AUDIO + ext, _FEATURES):
+        for name, point in ((_AUDIO + ext, "audio deleted"), (_FEATURES, "features deleted")):
             self._s3.delete_object(Bucket=self._bucket, Key=self._key(voice_id, name))
+            crash_points.reached(point)
         return True
 
     def sweep(self, grace_s: float) -> int:
@@ -174,8 +201,26 @@ class S3VoiceStore:
                 continue
             for key, _ in objects:
                 self._s3.delete_object(Bucket=self._bucket, Key=key)
+                log.warning("store sweep: removed %s (a voice without meta.json: an unfinished upload or "
+                            "delete)", key)
                 removed += 1
         return removed
+
+    def _sweep_every(self, interval_s: float, grace_s: float) -> None:
+        while not self._closed.wait(interval_s):
+            try:
+                self.sweep(grace_s)
+            except Exception:  # the bucket unreachable for a while: try again next time
+                log.exception("store sweep failed")
+
+    def _delete_quietly(self, voice_id: str, names: list[str]) -> None:
+        """Best effort (the error that got us here is the one to report); what stays, the sweep takes."""
+        for name in names:
+            try:
+                self._s3.delete_object(Bucket=self._bucket, Key=self._key(voice_id, name))
+            except Exception:
+                log.warning("could not remove %s of a failed upload; the sweep will",
+                            self._key(voice_id, name), exc_info=True)
 
     # -- S3 plumbing -----------------------------------------------------------------------------
     def _key(self, voice_id: str, name: str) -> str:

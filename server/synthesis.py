@@ -80,6 +80,7 @@ class Synthesis:
         try:
             async for event in self.stream.events():
                 if isinstance(event, AudioChunk):
+                    self._state.metrics.pending_chunks(self.stream.pending)
                     data = await self._state.run_blocking(self._pipeline.feed, event.pcm)
                     yield EncodedChunk(data, self._metrics(event, self._out_s(data)), last=False)
                 elif isinstance(event, Failed):

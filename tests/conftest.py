@@ -9,6 +9,7 @@ such a test -- for that reason or any other -- is turned into a failure, so CI c
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{_MARKER}(*paths): needs the upstream reference fixtures (skipped without them; "
         f"a failure under {REQUIRE_ENV}=1)")
+    config.addinivalue_line(
+        "markers", "soak: a real bench.soak run against a spawned server (minutes; `-m 'not soak'` skips)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,3 +82,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     main(["--preset", "tiny", "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 server for the session (tests/s3_server.py); skips where it cannot run."""
+    from tests.s3_server import weed_mini
+
+    with weed_mini(tmp_path_factory.mktemp("weed")) as url:
+        yield url

@@ -4,7 +4,8 @@ FakeEngine: each job runs on its own thread; every text character becomes
 `SAMPLES_PER_CHAR / speed` samples of a 220 Hz sine at amplitude 0.5 (so duration is
 exact and RMS is known), emitted in chunks of at most `chunk_chars` characters, with
 `delay_s` of "model time" per chunk. Honours cancel (no event after it), push_text /
-finish_text for duplex jobs, stream=False (one chunk), and a `fail_after_chunks` hook.
+finish_text for duplex jobs, stream=False (one chunk), and a `fail_after_chunks` hook; `cancelled`
+lists the request ids the server cancelled. BatchFakeEngine adds a fixed batch capacity.
 descending_ids: ids for the stores that sort against upload order.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ class _FakeJob:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        self.engine._cancelled(self)
         with self._cond:
             self._cond.notify()
 
@@ -85,6 +87,8 @@ class _FakeJob:
     def _run(self) -> None:
         total, chunks = 0, 0
         try:
+            if not self.engine._join_batch(self):
+                return  # cancelled while waiting for a slot
             while True:
                 piece = self._take()
                 if piece is None:
@@ -123,6 +127,7 @@ class FakeEngine:
         self.steps = 0
         self.prepare_threads: list[str] = []  # where prepare / encode_text ran
         self.transcripts_encoded: list[str] = []  # voice transcripts prepare had to encode (no kept ids)
+        self.cancelled: list[str] = []  # request ids of the jobs the server cancelled, in order
 
     def prepare(self, job: SpeechJob) -> PreparedJob:
         """One token per character (so audio length stays exact); the thread is recorded for tests.
@@ -156,6 +161,18 @@ class FakeEngine:
         with self._lock:
             self._running.discard(fake)
             self.steps += 1
+        self._leave_batch(fake)
+
+    def _cancelled(self, fake: _FakeJob) -> None:
+        with self._lock:
+            self.cancelled.append(fake.job.request_id)
+
+    def _join_batch(self, fake: _FakeJob) -> bool:
+        """Before a job's first chunk (the batch engine waits for a slot); False if cancelled meanwhile."""
+        return True
+
+    def _leave_batch(self, fake: _FakeJob) -> None:
+        pass
 
     @property
     def running(self) -> int:
@@ -216,3 +233,42 @@ class FakeBackendEngine(FakeEngine):
 def fake_text_preparer(engine: FakeEngine) -> SimpleNamespace:
     """What RemoteEngine needs of a TextPreparer (prepare, encode, close), from a FakeEngine's text rules."""
     return SimpleNamespace(prepare=engine.prepare, encode=engine.encode_text, close=lambda: None)
+
+
+class BatchFakeEngine(FakeEngine):
+    """A fixed batch capacity: at most `batch` jobs make audio at once, each chunk taking `delay_s` however
+    many share the batch (one batched step costs the same for 1 or `batch` streams), so a job's unloaded
+    time to first audio is `delay_s`. Later jobs wait for a slot; `can_admit()` is False once `max_waiting`
+    wait (the server's 503). `peak_batch` / `peak_waiting`: the most ever seen at once."""
+
+    def __init__(self, delay_s: float, batch: int, max_waiting: int = 0, chunk_chars: int = 8) -> None:
+        super().__init__(delay_s=delay_s, chunk_chars=chunk_chars)
+        self.batch, self.max_waiting = batch, max_waiting
+        self._slot = threading.Condition(self._lock)
+        self._in_batch: set[_FakeJob] = set()
+        self.waiting = 0
+        self.peak_batch = 0
+        self.peak_waiting = 0
+
+    def _join_batch(self, fake: _FakeJob) -> bool:
+        with self._slot:
+            if len(self._in_batch) >= self.batch:  # full: wait for a slot
+                self.waiting += 1
+                self.peak_waiting = max(self.peak_waiting, self.waiting)
+                while len(self._in_batch) >= self.batch and not fake.cancelled.is_set():
+                    self._slot.wait(0.05)
+                self.waiting -= 1
+            if fake.cancelled.is_set():
+                return False
+            self._in_batch.add(fake)
+            self.peak_batch = max(self.peak_batch, len(self._in_batch))
+            return True
+
+    def _leave_batch(self, fake: _FakeJob) -> None:
+        with self._slot:
+            self._in_batch.discard(fake)
+            self._slot.notify_all()
+
+    def can_admit(self) -> bool:
+        with self._lock:
+            return self.admit and len(self._running) < self.batch + self.max_waiting

@@ -17,14 +17,18 @@ from bench.load_stats import (
     aggregate,
     failed,
     hop_table,
+    markdown,
+    overload_stats,
+    overload_table,
     percentile,
     ratio,
+    refusal_of,
     request_result,
     simulate_playback,
     table,
 )
 from bench.servers import server_command, spawn_server
-from tests.fakes import SAMPLE_RATE, SAMPLES_PER_CHAR, FakeEngine
+from tests.fakes import SAMPLE_RATE, SAMPLES_PER_CHAR, BatchFakeEngine, FakeEngine
 from tests.server_helpers import TOKEN, running_server
 
 # ---------------------------------------------------------------- percentiles
@@ -144,6 +148,76 @@ def test_hop_table_gives_the_split_levels_cost_against_role_all() -> None:
 # ---------------------------------------------------------------- texts, prompt, server command
 
 
+# ---------------------------------------------------------------- overload (--overload K)
+
+
+def test_refusal_of_names_the_refusal_or_none() -> None:
+    assert refusal_of(failed('HTTP 429: {"code": "Overloaded"}', 0.01, 429, "Overloaded")) == "429"
+    assert refusal_of(failed("upgrade refused: HTTP 503: {}", 0.01, 503, "Overloaded")) == "503"
+    assert refusal_of(failed("task-failed Overloaded: too many", 0.01, code="Overloaded")) == "Overloaded"
+    for other in (failed("HTTP 400: bad", 0.01, 400, "InvalidParameter"), failed("ReadTimeout: slow", 5.0),
+                  failed("stream error: busy", 1.0, 200, "Overloaded"),  # mid-stream: it had been admitted
+                  failed("task-failed NotFound: voice", 0.01, code="NotFound"), RequestResult(True, 0.1, 1.0, 1.0)):
+        assert refusal_of(other) is None
+
+
+def test_overload_stats_hand_computed() -> None:
+    unloaded = aggregate("sse", 2, [RequestResult(True, 0.200, 1.0, 2.0), RequestResult(True, 0.300, 1.0, 2.0)],
+                         wall_s=1.0)  # fmt: skip
+    burst = [
+        RequestResult(ok=True, ttfp_s=0.300, e2e_s=1.0, audio_s=2.0),
+        RequestResult(ok=True, ttfp_s=0.700, e2e_s=1.5, audio_s=2.0),
+        failed("HTTP 429: too many", 0.010, 429, "Overloaded"),
+        failed("HTTP 429: too many", 0.030, 429, "Overloaded"),
+        failed("HTTP 503: queue full", 0.020, 503, "Overloaded"),
+        failed("ReadTimeout: no answer", 5.0),  # not a clean refusal: kept apart, its time not counted
+    ]
+    o = overload_stats("sse", 2, 3, burst, unloaded)
+    assert (o.sent, o.admitted, o.refused, o.other_errors) == (6, 2, {"429": 2, "503": 1}, 1)
+    assert o.refusal_ms["p50"] == pytest.approx(20.0)
+    assert o.refusal_ms["p99"] == pytest.approx(29.8)  # 20 + 0.98 * 10
+    assert o.admitted_ttfp_ms["p50"] == pytest.approx(500.0)
+    assert o.unloaded_ttfp_ms == pytest.approx(250.0) and o.ttfp_ratio == pytest.approx(2.0)
+    assert o.error_samples == ["ReadTimeout: no answer"]
+    row = overload_table([o]).splitlines()[-1]
+    assert row == "| sse | 2 | 6 | 2 | 2× 429, 1× 503 | 1 | 20.0 | 29.8 | 500 | 696 | 250 | 2.00× |"
+    json.dumps(o.to_json(), allow_nan=False)
+
+
+def test_overload_with_nothing_admitted_has_no_ratio() -> None:
+    unloaded = aggregate("ws", 1, [RequestResult(True, 0.1, 1.0, 1.0)], wall_s=1.0)
+    o = overload_stats("ws", 1, 10, [failed("task-failed Overloaded: full", 0.005, code="Overloaded")] * 10, unloaded)
+    assert o.refused == {"Overloaded": 10} and o.admitted == 0 and math.isnan(o.ttfp_ratio)
+    assert o.to_json()["ttfp_ratio"] is None
+    assert "| 0 | 10× Overloaded | 0 |" in overload_table([o])
+
+
+def test_cli_overload_burst_refuses_the_excess(tmp_path: Path) -> None:
+    """`--overload 3` at C2 against a server admitting 2 (a short real run on a fake engine): the unloaded
+    level, then 6 at once, 4 of them refused with 429."""
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    engine = BatchFakeEngine(delay_s=0.2, batch=2, max_waiting=10, chunk_chars=8)
+    with running_server(tmp_path / "data", engine, max_inflight=2) as srv:
+        load.main(["--url", srv.url, "--token", TOKEN, "--protocol", "sse", "--concurrency", "2", "--requests", "2",
+                   "--texts", "short", "--warmup", "0", "--quiet", "--overload", "3", "--json", str(out_json),
+                   "--markdown", str(out_md)])  # fmt: skip
+    result = json.loads(out_json.read_text())
+    [row] = result["overload"]
+    assert (row["sent"], row["factor"], row["concurrency"]) == (6, 3, 2)
+    assert row["admitted"] >= 2 and row["refused"].get("429", 0) >= 2 and row["other_errors"] == 0
+    assert row["admitted"] + row["refused"]["429"] == 6
+    assert row["refusal_ms"]["p99"] < row["admitted_ttfp_ms"]["p50"]  # refused before any audio could come
+    assert "### overload: 3× the level's concurrency at once (main)" in out_md.read_text()
+    assert engine.peak_batch <= 2
+
+
+def test_markdown_without_overload_has_no_overload_section() -> None:
+    lv = aggregate("sse", 1, [RequestResult(True, 0.1, 1.0, 1.0)], wall_s=1.0)
+    meta = {"date": "d", "machine": "m", "commit": "c", "model": "x", "loop": "closed", "rate": None,
+            "texts": "short", "sample_rate": 24000}  # fmt: skip
+    assert "overload" not in markdown({"meta": meta}, {"main": [lv]}, {})
+
+
 def test_split_pieces_rejoins_to_the_text() -> None:
     for mix in texts.TEXTS.values():
         for text in mix:
@@ -178,6 +252,8 @@ def test_cli_rejects_bad_arguments() -> None:
         load.parse_args(["--protocol", "grpc", "--url", "http://x"])
     with pytest.raises(SystemExit):
         load.parse_args([])  # neither --url nor --spawn
+    with pytest.raises(SystemExit):
+        load.parse_args(["--url", "http://x", "--overload", "1"])  # K x C with K = 1 is no overload
 
 
 # ---------------------------------------------------------------- real server, real CLI

