@@ -40,6 +40,7 @@ SPEED_RANGE = (0.5, 2.0)
 MAX_VOLUME = 10.0  # beyond this almost every sample clips; refuse rather than distort
 LIST_ORDERS = ("asc", "desc")
 DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 100_000  # a larger limit is served as this: the stores' integers stay in range
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,9 @@ def check_ws_text(text: Any, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> st
     return _check_text(text, "payload.input.text", max_text_chars)
 
 
-def parse_list_query(query: str, max_limit: int | None = None) -> tuple[int, str]:
-    """`limit=N&order=asc|desc` -> (limit, order); defaults 100 / desc."""
+def parse_list_query(query: str, max_limit: int = MAX_LIST_LIMIT) -> tuple[int, str]:
+    """`limit=N&order=asc|desc` -> (limit, order); defaults 100 / desc; a limit above `max_limit` is served
+    as `max_limit` (SQLite's LIMIT takes 64 bits, and int() refuses 4300+ digits: either was a 500)."""
     try:
         pairs = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
     except ValueError as exc:
@@ -242,11 +244,10 @@ def parse_list_query(query: str, max_limit: int | None = None) -> tuple[int, str
     limit = DEFAULT_LIST_LIMIT
     raw_limit = pairs.get("limit")
     if raw_limit is not None:
-        if not raw_limit.isascii() or not raw_limit.isdigit() or int(raw_limit) <= 0:
+        digits = raw_limit.lstrip("0")
+        if not raw_limit.isascii() or not raw_limit.isdigit() or not digits:
             raise _bad("limit", f"must be a positive integer; got {raw_limit!r}")
-        limit = int(raw_limit)
-        if max_limit is not None:
-            limit = min(limit, max_limit)
+        limit = max_limit if len(digits) > len(str(max_limit)) else min(int(digits), max_limit)
     order = pairs.get("order", "desc")
     if order not in LIST_ORDERS:
         raise _bad("order", f"must be asc or desc; got {order!r}")

@@ -124,14 +124,16 @@ def test_ws_parameters_of_the_example_client() -> None:
 
 @pytest.mark.parametrize("query,expected", [
     ("", (100, "desc")), ("limit=10&order=desc", (10, "desc")), ("order=asc", (100, "asc")),
-    ("limit=5&foo=bar", (5, "desc")),
+    ("limit=5&foo=bar", (5, "desc")), ("limit=007", (7, "desc")), ("limit=100000", (100_000, "desc")),
+    ("limit=100001", (100_000, "desc")), ("limit=29193144716635516422348776221349773312", (100_000, "desc")),
+    ("limit=" + "9" * 5000, (100_000, "desc")),  # past int()'s 4300 digits
 ])
 def test_list_query(query: str, expected: tuple[int, str]) -> None:
     assert parse_list_query(query) == expected
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=-1", "limit=abc", "limit=", "limit=1.5", "order=up",
-                                   "limit=%EF%BC%91"])
+                                   "limit=%EF%BC%91", "limit=000", "limit=" + "0" * 5000])
 def test_list_query_bad(query: str) -> None:
     with pytest.raises(ApiError) as e:
         parse_list_query(query)
