@@ -37,8 +37,8 @@ def resolve(ctx: Ctx) -> Handler:
         return _only(method, ("POST",), speech.synthesize)
     if path == webui_mp3.PATH:
         return _only(method, ("POST",), webui_mp3.encode)
-    if path == WS_SPEECH:
-        raise UpgradeRequired("this endpoint needs a WebSocket upgrade")
+    if path == WS_SPEECH:  # an upgrade is a GET: any other method is a 405, like every route's
+        return _only(method, ("GET",), upgrade_required)
     raise NotFound(f"no route for {path}")
 
 
@@ -52,6 +52,11 @@ def _pick(method: str, table: dict[str, Handler]) -> Handler:
     if method not in table:
         raise MethodNotAllowed(f"method {method} not allowed", allowed=tuple(table))
     return table[method]
+
+
+async def upgrade_required(ctx: Ctx) -> None:
+    """A plain GET of the WebSocket endpoint (the upgrade itself never reaches the router)."""
+    raise UpgradeRequired("this endpoint needs a WebSocket upgrade")
 
 
 async def health(ctx: Ctx) -> None:

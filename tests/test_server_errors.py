@@ -116,6 +116,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("get-speech", "GET", SPEECH, {}, 405, "MethodNotAllowed"),
     ("delete-list", "DELETE", REF, {}, 405, "MethodNotAllowed"),
     ("ws-path-without-upgrade", "GET", "/api-ws/v1/audio/speech", {}, 426, "UpgradeRequired"),
+    # schemathesis found it: any method there was a 426; an upgrade is a GET, so the others are 405s
+    ("post-ws-path", "POST", "/api-ws/v1/audio/speech", {"json": {}}, 405, "MethodNotAllowed"),
+    ("trace-ws-path", "TRACE", "/api-ws/v1/audio/speech", {}, 405, "MethodNotAllowed"),
 ]
 
 
