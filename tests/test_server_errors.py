@@ -61,6 +61,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("malformed-json", "POST", SPEECH, {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
      400, "InvalidParameter"),
     ("json-array", "POST", SPEECH, {"json": [1, 2]}, 400, "InvalidParameter"),
+    ("json-nested-too-deep", "POST", SPEECH, {"data": b"[" * 100_000, "headers": {"Content-Type": "application/json"}},
+     400, "InvalidParameter"),  # json's decoder recursed into a RecursionError: a 500
     ("text-plain", "POST", SPEECH, {"data": b"{}", "headers": {"Content-Type": "text/plain"}}, 415,
      "UnsupportedMediaType"),
     ("missing-model", "POST", SPEECH, {"json": _speech(drop="model")}, 400, "InvalidParameter"),
@@ -159,6 +161,12 @@ def test_a_huge_list_limit_is_served_as_the_maximum(server, voice: str, path: st
     assert r.status_code == 200, r.text
     listed = r.json() if path == REF else r.json()["data"]
     assert voice in {v["id"] for v in listed}
+
+
+def test_nested_json_on_the_openai_route_is_a_400(server) -> None:
+    r = requests.post(f"{server.url}/v1/audio/speech", data=b'{"a":' * 50_000, timeout=10,
+                      headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
 def test_at_least_30_cases() -> None:
