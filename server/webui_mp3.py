@@ -26,7 +26,7 @@ def parse_query(query: str) -> tuple[int, int]:
     except ValueError:
         raise InvalidParameter("malformed query string") from None
     rate = fields.get("sample_rate", "")
-    if not rate.isdigit() or int(rate) not in SAMPLE_RATES:
+    if rate not in map(str, SAMPLE_RATES):  # compared as text: int() raised on "²" and 4300+ digits
         raise InvalidParameter(f"'sample_rate' must be one of {', '.join(map(str, SAMPLE_RATES))}; got {rate!r}")
     bit_rate = fields.get("bit_rate", "192k")
     if bit_rate not in BIT_RATES_KBPS:
