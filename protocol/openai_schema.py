@@ -131,14 +131,14 @@ def _speed(req: Mapping[str, Any]) -> float:
 
 
 def _stream_format(req: Mapping[str, Any]) -> str | None:
+    stream = req.get("stream")  # checked even when stream_format decides: a wrong type is never let through
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream", f"must be a boolean (true/false), got {json_type(stream)}")
     fmt = _string(req, "stream_format")
     if fmt is not None:
         if fmt not in STREAM_FORMATS:
             raise _invalid("stream_format", f"must be one of {', '.join(STREAM_FORMATS)}; got {fmt!r}")
         return fmt
-    stream = req.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("stream", f"must be a boolean (true/false), got {json_type(stream)}")
     return "audio" if stream else None
 
 
