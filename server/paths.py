@@ -5,6 +5,7 @@ REFERENCE = "/api/v1/audio/reference_audio"
 SPEECH = "/api/v1/audio/speech"
 WS_SPEECH = "/api-ws/v1/audio/speech"
 READY = "/ready"  # readiness, both roles: 503 while draining
+OPENAPI = "/openapi.json"  # the API's OpenAPI description (protocol/openapi.py)
 OPENAI_ROOT = "/v1"  # the OpenAI-compatible API (server/openai_routes.py)
 OPENAI_SPEECH = "/v1/audio/speech"
 OPENAI_VOICES = "/v1/audio/voices"
@@ -29,5 +30,5 @@ def route_name(path: str) -> str:
     if path == "/" or path.startswith("/webui/"):
         return "webui"
     return {REFERENCE: "reference_audio", SPEECH: "speech", WS_SPEECH: "ws_speech", "/health": "health", READY: "ready",
-            "/metrics": "metrics", OPENAI_SPEECH: "openai_speech", OPENAI_VOICES: "openai_voices",
+            "/metrics": "metrics", OPENAPI: "openapi", OPENAI_SPEECH: "openai_speech", OPENAI_VOICES: "openai_voices",
             OPENAI_MODELS: "openai_models"}.get(path, "unknown")

@@ -6,10 +6,11 @@ routes, server.openai_routes, answer theirs in OpenAI's shape).
 from __future__ import annotations
 
 from protocol.errors import MethodNotAllowed, NotFound, Unauthorized, UpgradeRequired
+from protocol.openapi import document_bytes
 from server import backend, openai_routes, reference_audio, speech, webui, webui_mp3
 from server.auth import authorized
 from server.context import Ctx, Handler
-from server.paths import READY, REFERENCE, SPEECH, WS_SPEECH, is_openai, normalise
+from server.paths import OPENAPI, READY, REFERENCE, SPEECH, WS_SPEECH, is_openai, normalise
 
 
 def resolve(ctx: Ctx) -> Handler:
@@ -29,6 +30,8 @@ def resolve(ctx: Ctx) -> Handler:
         raise Unauthorized()
     if path == "/metrics":
         return _only(method, ("GET",), metrics)
+    if path == OPENAPI:
+        return _only(method, ("GET",), openapi)
     if path == REFERENCE:
         return _pick(method, {"POST": reference_audio.upload, "GET": reference_audio.list_voices})
     if path.startswith(REFERENCE + "/") and path.count("/") == REFERENCE.count("/") + 1:
@@ -76,6 +79,13 @@ async def draining(ctx: Ctx) -> None:
     retry = str(ctx.state.config.retry_after_s)
     await ctx.out.respond(503, [("content-type", "application/json"), ("retry-after", retry)],
                           b'{"status": "draining"}')
+
+
+async def openapi(ctx: Ctx) -> None:
+    """The OpenAPI description, with this server's own limits (what a client will meet)."""
+    cfg = ctx.state.config
+    await ctx.out.respond(200, [("content-type", "application/json")],
+                          document_bytes(cfg.max_text_chars, cfg.max_body_bytes, tuple(sorted(webui.files()))))
 
 
 async def metrics(ctx: Ctx) -> None:
