@@ -22,7 +22,7 @@ PATH = "/webui/encode/mp3"
 def parse_query(query: str) -> tuple[int, int]:
     """(sample rate, bit rate kb/s) from the query, or InvalidParameter naming the field."""
     try:
-        fields = dict(parse_qsl(query, strict_parsing=bool(query)))
+        fields = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))  # "x=" is no absence
     except ValueError:
         raise InvalidParameter("malformed query string") from None
     rate = fields.get("sample_rate", "")
