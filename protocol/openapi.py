@@ -37,6 +37,7 @@ _ERRORS = {
     426: "a plain HTTP request to the WebSocket endpoint",
     429: "--max-inflight reached; retry after Retry-After seconds",
     503: "engine queue full or the server is draining; retry after Retry-After seconds",
+    507: "the voice store is out of space: nothing was stored (or deleted)",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer", "minimum": 0}}}
 
@@ -44,7 +45,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "in
 def _json(schema: Schema, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
-        out["headers"] = headers
+        out["headers"] = dict(headers)
     return out
 
 
@@ -98,13 +99,14 @@ def _service_paths() -> dict[str, Any]:
 
 
 def _reference_paths() -> dict[str, Any]:
-    voice_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}]
+    voice_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1},
+                 "description": "a voice's id, a lowercase UUID as the upload returned it (anything else: 404)"}]
     query = schemas.list_parameters()
     return {
         "/api/v1/audio/reference_audio": {
             "post": _op("uploadReferenceAudio", "reference audio", "Upload a voice (audio + transcript)", {
                 "200": _json(ref("ReferenceAudio"), "stored; its prompt features are computed once, here"),
-                **_errors(400, 401, 413, 415)},
+                **_errors(400, 401, 413, 415, 507)},
                 requestBody={"required": True, "content": {
                     "multipart/form-data": {"schema": ref("ReferenceAudioUpload")}}}),
             "get": _op("listReferenceAudio", "reference audio", "List the voices", {
@@ -116,7 +118,7 @@ def _reference_paths() -> dict[str, Any]:
             "get": _op("getReferenceAudio", "reference audio", "One voice", {
                 "200": _json(ref("ReferenceAudio"), "the voice"), **_errors(401, 404)}),
             "delete": _op("deleteReferenceAudio", "reference audio", "Delete a voice (running syntheses finish)", {
-                "200": _json(ref("Deleted"), "deleted"), **_errors(401, 404)}),
+                "200": _json(ref("Deleted"), "deleted"), **_errors(401, 404, 507)}),
         },
     }
 
@@ -167,13 +169,12 @@ def _webui_paths(webui_files: tuple[str, ...]) -> dict[str, Any]:
 def _openai_paths() -> dict[str, Any]:
     query = schemas.list_parameters()
     audio = {ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in AUDIO_CONTENT_TYPES.values()}
-    request_id = {"X-Request-Id": {"description": "this request's id", "schema": {"type": "string"}}}
     return {
         "/v1/audio/speech": {"post": _op("openaiSpeech", "openai", "Text to speech, OpenAI's API", {
             "200": {"description": "the whole file (Content-Length); `stream_format: audio`: chunked bytes as "
                                    "they are encoded; `sse`: events (OpenAISpeechEvent). Every format is mono "
                                    "24 kHz; pcm adds X-Sample-Rate",
-                    "headers": request_id, "content": {**audio, **_event_stream("OpenAISpeechEvent")}},
+                    "content": {**audio, **_event_stream("OpenAISpeechEvent")}},
             **_errors(400, 401, 413, 415, 429, 503, openai=True)}, requestBody=_json_body("OpenAISpeechRequest"))},
         "/v1/models": {"get": _op("listModels", "openai", "The accepted model names", {
             "200": _json(ref("ModelList"), "every accepted `model`"), **_errors(401, openai=True)})},
@@ -198,7 +199,8 @@ Conventions of every JSON body: unknown keys are ignored, `null` counts as absen
 numbers (never strings) and integers integers. Errors are `{code, message, request_id}` (PAI routes) or
 `{"error": {message, type, param, code}}` (/v1). Errors found before a request's path is read (malformed
 HTTP 400, a body over --max-body-bytes 413, a head over --max-header-bytes 431, a request not received in
-time 408) come in the PAI shape on any path. The WebSocket endpoint is described in `x-websocket`.
+time 408, a connection past --max-connections 503) come in the PAI shape on any path. Every answer carries
+X-Request-Id. The WebSocket endpoint is described in `x-websocket`.
 """
 
 
@@ -216,6 +218,15 @@ def _websocket(max_text_chars: int) -> dict[str, Any]:
     }
 
 
+def _with_request_id(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every answer carries X-Request-Id (the id in the server's log lines for it)."""
+    for item in paths.values():
+        for op in item.values():
+            for response in op.get("responses", {}).values() if isinstance(op, dict) else ():
+                response.setdefault("headers", {})["X-Request-Id"] = {"$ref": "#/components/headers/RequestId"}
+    return paths
+
+
 @cache
 def openapi_document(max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_body_bytes: int | None = None,
                      webui_files: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -226,11 +237,13 @@ def openapi_document(max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_body_byte
         "info": {"title": "cosyserve", "version": API_VERSION, "description": _DESCRIPTION},
         "tags": [{"name": name} for name in ("reference audio", "speech", "openai", "service", "webui")],
         "security": [{"bearer": []}],
-        "paths": {**_service_paths(), **_reference_paths(), **_speech_paths(), **_openai_paths(),
-                  **_webui_paths(webui_files)},
+        "paths": _with_request_id({**_service_paths(), **_reference_paths(), **_speech_paths(),
+                                   **_openai_paths(), **_webui_paths(webui_files)}),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "one of the server's --token values"}},
+            "headers": {"RequestId": {"description": "this request's id, as in the server's log lines",
+                                      "required": True, "schema": {"type": "string", "minLength": 1}}},
             "schemas": {
                 **schemas.error_schemas(), **schemas.reference_audio_schemas(max_body_bytes, max_text_chars),
                 **schemas.speech_schemas(max_text_chars), **schemas.openai_schemas(max_text_chars),

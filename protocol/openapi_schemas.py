@@ -13,7 +13,14 @@ from dataclasses import fields
 from functools import partial
 from typing import Any
 
-from protocol.audio_in import MAX_DURATION_S, MIN_DURATION_S, MIN_SAMPLE_RATE, PCM_EXTENSIONS, PCM_RATE_RANGE
+from protocol.audio_in import (
+    DEFAULT_PCM_SAMPLE_RATE,
+    MAX_DURATION_S,
+    MIN_DURATION_S,
+    MIN_SAMPLE_RATE,
+    PCM_EXTENSIONS,
+    PCM_RATE_RANGE,
+)
 from protocol.errors import ErrorCode
 from protocol.openai_schema import (
     MAX_INPUT_CHARS,
@@ -116,8 +123,10 @@ def reference_audio_schemas(max_body_bytes: int | None, max_text_chars: int) -> 
                                         "too short/long or too low a rate: 400."},
                 "text": {"type": "string", "minLength": 1, "maxLength": max_text_chars,
                          "description": "the transcript of the audio; must not be blank"},
-                "sample_rate": {"type": "integer", "minimum": low, "maximum": high,
-                                "description": "raw PCM only: its rate in Hz (default 16000); PCM below "
+                "sample_rate": {"anyOf": [{"type": "integer", "minimum": low, "maximum": high},
+                                          {"type": "string", "maxLength": 0}],
+                                "description": f"raw PCM only: its rate in Hz (default {DEFAULT_PCM_SAMPLE_RATE}; "
+                                               "empty: the default); PCM below "
                                                f"{MIN_SAMPLE_RATE} Hz is still refused (400)"},
             },
         },

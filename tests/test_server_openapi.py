@@ -114,6 +114,7 @@ def test_every_documented_operation_is_routed(server) -> None:
         r = requests.request(method, server.url + _concrete(path, voice), headers=AUTH, timeout=10)
         assert r.status_code not in (404, 405), (path, method, r.status_code, r.text)
         assert str(r.status_code) in op["responses"], (path, method, r.status_code, r.text)
+        assert r.headers["x-request-id"], (path, method)  # documented on every answer
 
 
 def test_every_undocumented_method_is_refused_with_405(server, voice: str) -> None:
@@ -339,13 +340,15 @@ def test_encode_query_limits_are_the_parsers() -> None:
 def test_upload_form_fields_and_limits_are_the_servers(server) -> None:
     form = SCHEMAS["ReferenceAudioUpload"]
     assert set(form["properties"]) == {"file", "text", "sample_rate"} and form["required"] == ["file", "text"]
-    low, high = form["properties"]["sample_rate"]["minimum"], form["properties"]["sample_rate"]["maximum"]
-    assert (low, high) == PCM_RATE_RANGE
+    rate, empty = form["properties"]["sample_rate"]["anyOf"]
+    low, high = rate["minimum"], rate["maximum"]
+    assert (low, high) == PCM_RATE_RANGE and empty == {"type": "string", "maxLength": 0}
     ok = upload(requests, server.url, pcm_bytes(1.0, high), "a.pcm", extra={"sample_rate": str(high)})
     assert ok.status_code == 200, ok.text
     for rate in (low - 1, high + 1):
         r = upload(requests, server.url, pcm_bytes(1.0, 16000), "a.pcm", extra={"sample_rate": str(rate)})
         assert r.status_code == 400 and "'sample_rate' must be" in r.json()["message"], r.text
+    assert upload(requests, server.url, pcm_bytes(1.0, 16000), "a.pcm", extra={"sample_rate": ""}).status_code == 200
     r = upload(requests, server.url, text="x" * (MAX_TEXT + 1))
     assert r.status_code == 400 and "'text'" in r.json()["message"]
     assert _served(server)["components"]["schemas"]["ReferenceAudioUpload"]["properties"]["text"]["maxLength"] == MAX_TEXT
