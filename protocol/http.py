@@ -237,7 +237,7 @@ class HttpConnection:
             return False
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
-            self._request = None
+            self._request, self._head = None, False  # an error before the next request parses has a body
             self.request_id = None
             return True
         return False
