@@ -118,9 +118,18 @@ def _number(obj: Mapping[str, Any], key: str, field: str, default: float) -> flo
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, f"must be a number, got {json_type(value)}")
-    if not math.isfinite(value):
+    number = as_float(value)
+    if not math.isfinite(number):
         raise _bad(field, "must be a finite number")
-    return float(value)
+    return number
+
+
+def as_float(value: float) -> float:
+    """`float(value)`, or infinity for an integer beyond a float's range (JSON integers have no limit)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _choice(value: str, choices: Mapping[str, Any] | tuple[str, ...], field: str) -> str:

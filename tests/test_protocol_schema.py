@@ -65,6 +65,8 @@ BAD_INPUTS = [
     ({"volume": -1.0}, "input.volume"),
     ({"volume": 10.5}, "input.volume"),
     ({"volume": "2"}, "input.volume"),
+    ({"volume": 10 ** 400}, "input.volume"),  # beyond a float: was an OverflowError (tests/fuzz)
+    ({"speed": -10 ** 400}, "input.speed"),
     ({"speed": 0.4}, "input.speed"),
     ({"speed": 2.01}, "input.speed"),
     ({"speed": False}, "input.speed"),
