@@ -197,7 +197,7 @@ def _object(value: Any, field: str) -> Mapping[str, Any]:
 def load_json_object(body: bytes, what: str = "request body") -> Mapping[str, Any]:
     try:
         value = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidParameter(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidParameter(f"{what} must be a JSON object")

@@ -244,7 +244,7 @@ class WsTaskMachine:
 def _load(text: str) -> dict[str, Any]:
     try:
         msg = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise _ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")

@@ -97,7 +97,8 @@ def test_bad_top_level(raw: bytes, field: str) -> None:
     assert e.value.status == 400 and f"'{field}'" in e.value.message
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\xff\xfe", b"null"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\xff\xfe", b"null",
+                                 b"[" * 100_000, b'{"a":' * 100_000])  # too deep: was a RecursionError (tests/fuzz)
 def test_not_a_json_object(raw: bytes) -> None:
     with pytest.raises(ApiError) as e:
         parse_speech_request(raw, JSON)

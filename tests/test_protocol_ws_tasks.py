@@ -105,6 +105,7 @@ def test_engine_failure_and_late_events_dropped() -> None:
 
 @pytest.mark.parametrize("msg,code", [
     ("not json", "InvalidMessage"), ("[]", "InvalidMessage"), ('{"payload":{}}', "InvalidMessage"),
+    ("[" * 100_000, "InvalidMessage"),  # nested too deep: was a RecursionError out of the machine (tests/fuzz)
     (json.dumps({"header": {"action": "stop", "task_id": "t1"}}), "UnknownAction"),
     (cont("x"), "TaskNotStarted"), (finish(), "TaskNotStarted"),
     (run_task(params={**PARAMS, "speed": 9}), "InvalidParameter"),
