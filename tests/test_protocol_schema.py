@@ -148,3 +148,12 @@ def test_error_bodies() -> None:
     assert err.status == 429 and ("retry-after", "3") in error_headers(err)
     with pytest.raises(ValueError):
         Overloaded(status=500)
+
+
+@pytest.mark.parametrize("inp", [{"text": "a\ud800"}, {"reference_audio_id": "\udfff"}, {"extra": ["\ud800"]}])
+def test_a_lone_surrogate_escape_is_a_400(inp: dict) -> None:
+    """Found by tests/test_protocol_fuzz_schema.py: JSON may escape half a UTF-16 pair ("\\ud800"); it was
+    accepted and the tokenizer raised TypeError on the text (a 500). Refused wherever it is."""
+    with pytest.raises(ApiError) as e:
+        parse_speech_request(body(inp), JSON)
+    assert e.value.status == 400 and "not valid Unicode" in e.value.message
