@@ -206,7 +206,7 @@ class HttpConnection:
         return self._send(h11.Response(status_code=status, headers=self._close_header(pairs)))
 
     def send_chunk(self, data: bytes) -> bytes:
-        return self._send(h11.Data(data=data)) if data else b""
+        return self._send(h11.Data(data=data)) if data and not self._head else b""  # HEAD: the head only
 
     def end_stream(self) -> bytes:
         return self._send(h11.EndOfMessage())

@@ -144,6 +144,18 @@ def test_an_error_after_a_head_request_is_a_whole_response(bad: bytes) -> None:
     assert out.startswith(b"HTTP/1.1 400") and b"content-length: %d" % len(body) in head and b'"BadRequest"' in body
 
 
+def test_a_streamed_answer_to_a_head_request_is_its_head_only() -> None:
+    """Found by tests/fuzz/drive_http.py: send_chunk wrote the body of a HEAD response, which h11 refuses
+    (LocalProtocolError, 'Too much data for declared Content-Length'); send_response already left it out."""
+    conn = connection()
+    conn.receive_data(client_bytes("HEAD", "/stream") + client_bytes("GET", "/next"))
+    assert isinstance(conn.next_request(), HttpRequest)
+    out = conn.start_stream(200, [("content-type", "text/event-stream")]) + conn.send_chunk(b"data: x\n\n")
+    out += conn.end_stream()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\n") and b"data: x" not in out
+    assert conn.start_next_cycle() and conn.next_request().path == "/next"  # type: ignore[union-attr]
+
+
 def test_headers_too_big_is_431() -> None:
     conn = connection(max_header_bytes=1024)
     conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 2000)
