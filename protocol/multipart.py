@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from protocol.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaType
@@ -103,7 +103,10 @@ class MultipartReader:
     def __init__(self, content_type: str | None, max_file_bytes: int,
                  max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES, max_parts: int = DEFAULT_MAX_PARTS) -> None:
         self._collector = _Collector(max_file_bytes, max_field_bytes, max_parts)
-        self._parser = MultipartParser(_boundary(content_type), self._collector.callbacks())  # type: ignore[arg-type]
+        try:
+            self._parser = MultipartParser(_boundary(content_type), self._collector.callbacks())  # type: ignore[arg-type]
+        except FormParserError as exc:  # a boundary past python-multipart's 256 bytes (RFC 2046: 70)
+            raise InvalidParameter(f"bad multipart boundary: {exc}") from None
 
     def feed(self, data: bytes) -> None:
         try:
