@@ -37,7 +37,8 @@ good_frames = st.one_of(
     st.builds(lambda b: frame(PING, b), st.binary(max_size=20)),
     st.builds(lambda b: frame(PONG, b), st.binary(max_size=20)),
     st.builds(lambda c, r: frame(CLOSE, close_payload(c, r.encode())),
-              st.sampled_from([1000, 1001, 1002, 1003, 1007, 1011, 3000, 4999, 999, 1004, 1005, 1006, 1015, 5000]),
+              st.sampled_from([1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999, 999, 1004,
+                               1005, 1006, 1015, 2999, 5000]),
               st.text(max_size=10)),
     st.just(frame(CLOSE, b"")), st.just(frame(CLOSE, b"\x03")),  # no code; a 1-byte payload (invalid)
 )

@@ -1,10 +1,10 @@
 """`HttpConnection` driven the way server/connection.py drives it, recording what a client would see.
 
 Every request is answered (200: whole, or streamed for every other one) and the connection goes on while
-`start_next_cycle` allows; an `ApiError`
-is answered with `send_error` and ends the connection, as the server does. The trace holds the parsed
-requests, the upgrade (with every byte after it), the peer's close and the error: what must not depend
-on how the bytes were split. Anything but an `ApiError` escaping is a bug.
+`start_next_cycle` allows; an `ApiError` is answered with `send_error` and ends the connection, as the
+server does; an upgrade gets the WebSocket handshake. The trace holds the parsed requests, the upgrade
+(its handshake's answer, every byte after it), the peer's close and the error: what must not depend on
+how the bytes were split. Anything but an `ApiError` escaping is a bug.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 
 from protocol.errors import ApiError
 from protocol.http import ConnectionClosed, HttpConnection, HttpRequest, NeedData, Upgrade
+from protocol.websocket import WebSocketSession
 
 # The header limit sits above any fuzz input: h11 bounds only an *incomplete* head, so a lower one makes
 # a big head's answer depend on the split (server/connection.py measures heads that arrived whole).
@@ -57,17 +58,30 @@ def _answer_error(conn: HttpConnection, err: ApiError) -> None:
 
 
 def _stream(conn: HttpConnection, req: HttpRequest) -> None:
-    """start_stream / send_chunk / end_stream: chunked on HTTP/1.1, delimited by the close on 1.0."""
+    """start_stream / send_chunk / end_stream: chunked on HTTP/1.1, delimited by the close before it."""
     out = conn.start_stream(200, [("content-type", "text/event-stream")])
     out += conn.send_chunk(b"ok") + conn.send_chunk(b"") + conn.end_stream()
     status, headers, body = _split_response(out)
     assert status == 200 and "content-length" not in headers, out
     if req.method == "HEAD":
         assert body == b"", out
-    elif req.http_version == "1.1":
+    elif req.http_version >= "1.1":  # h11 reads any HTTP/d.d; 1.1 and later get chunked
         assert headers["transfer-encoding"] == "chunked" and body == b"2\r\nok\r\n0\r\n\r\n", out
     else:
         assert headers["connection"] == "close" and body == b"ok" and conn.must_close, out
+
+
+def _handshake(upgrade: Upgrade) -> int:
+    """The WebSocket handshake on whatever asked to switch: 101, or a 400/426 sent as a plain answer."""
+    session = WebSocketSession(upgrade)
+    try:
+        out = session.accept_bytes()
+    except ApiError as err:
+        assert err.status in (400, 426), repr(err)
+        check_answer(session.reject_bytes(err.status, b"{}"), err.status, upgrade.request.method == "HEAD")
+        return err.status
+    assert out.startswith(b"HTTP/1.1 101 ") and b"\r\nsec-websocket-accept: " in out, out
+    return 101
 
 
 def _pump(conn: HttpConnection, trace: Trace) -> bool:
@@ -86,7 +100,7 @@ def _pump(conn: HttpConnection, trace: Trace) -> bool:
             trace.append(("closed",))
             return True
         if isinstance(event, Upgrade):
-            trace.append(("upgrade", *_fields(event.request), event.trailing_data))
+            trace.append(("upgrade", *_fields(event.request), _handshake(event), event.trailing_data))
             return True
         assert isinstance(event, HttpRequest), event
         trace.append(("request", *_fields(event)))

@@ -12,7 +12,7 @@ from protocol.websocket import WebSocketSession, WsBinary, WsClosed, WsMessage, 
 
 MAX_MESSAGE_BYTES = 64
 # A close the session reports: the peer's own (any code RFC 6455 lets it send) or ours.
-VALID_CLOSE_CODES = {*range(1000, 1004), *range(1005, 1012), *range(3000, 5000)}
+VALID_CLOSE_CODES = {*range(1000, 1004), *range(1005, 1014), *range(3000, 5000)}  # RFC 6455 7.4 + IANA
 
 
 def open_session(binary: bool = False, max_message_bytes: int = MAX_MESSAGE_BYTES,
