@@ -58,14 +58,14 @@ def test_valid_requests_parse_the_same_however_they_are_cut(data: bytes, extra_c
     assert all(kind != "error" for kind, *_ in trace), trace  # a real client's requests are all accepted
 
 
-@examples(150)
+@examples(300)
 @given(mutated(streams, TOKENS), cuts)
 def test_mutated_requests_are_accepted_or_refused_the_same_however_they_are_cut(data: bytes,
                                                                                 extra_cuts: list[int]) -> None:
     same_whatever_the_cuts(data, extra_cuts)
 
 
-@examples(60)
+@examples(100)
 @given(st.binary(max_size=300), cuts)
 def test_any_bytes_are_accepted_or_refused_the_same_however_they_are_cut(data: bytes, extra_cuts: list[int]) -> None:
     same_whatever_the_cuts(data, extra_cuts)

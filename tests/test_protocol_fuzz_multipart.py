@@ -44,7 +44,7 @@ def test_a_form_reads_back_the_same_however_it_is_cut(form: tuple[str, bytes], e
     assert result[0] == "form" or result[2] == 413, result  # only the size limits refuse a valid form
 
 
-@examples(150)
+@examples(300)
 @given(mutated(st.just(
     b"--B0UNDARY\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
     b"Content-Type: audio/wav\r\n\r\nRIFF\x00\r\n--B0UNDARY\r\n"

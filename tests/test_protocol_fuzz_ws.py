@@ -74,7 +74,7 @@ def test_well_formed_frames_give_the_same_events_however_they_are_cut(data: byte
     assert trace[-1] == ("closed", 1006), trace  # nothing refused: the close is the EOF's
 
 
-@examples(150)
+@examples(300)
 @given(mutated(streams, TOKENS), cuts, options)
 def test_any_frames_give_events_and_one_close_however_they_are_cut(data: bytes, extra_cuts: list[int],
                                                                    opts: dict[str, bool]) -> None:
