@@ -103,8 +103,9 @@ class MultipartReader:
     def __init__(self, content_type: str | None, max_file_bytes: int,
                  max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES, max_parts: int = DEFAULT_MAX_PARTS) -> None:
         self._collector = _Collector(max_file_bytes, max_field_bytes, max_parts)
+        boundary = _boundary(content_type)
         try:
-            self._parser = MultipartParser(_boundary(content_type), self._collector.callbacks())  # type: ignore[arg-type]
+            self._parser = MultipartParser(boundary, self._collector.callbacks())  # type: ignore[arg-type]
         except FormParserError as exc:  # a boundary past python-multipart's 256 bytes (RFC 2046: 70)
             raise InvalidParameter(f"bad multipart boundary: {exc}") from None
 

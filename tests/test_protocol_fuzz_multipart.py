@@ -55,7 +55,8 @@ def test_a_mutated_body_is_accepted_or_refused_the_same_however_it_is_cut(body: 
 
 @examples(60)
 @given(st.text(st.characters(codec="latin-1"), max_size=60), st.binary(max_size=120), cuts)
-def test_any_content_type_and_body_is_accepted_or_refused(content_type: str, body: bytes, extra_cuts: list[int]) -> None:
+def test_any_content_type_and_body_is_accepted_or_refused(content_type: str, body: bytes,
+                                                          extra_cuts: list[int]) -> None:
     """Content-Type as HttpRequest hands it over: latin-1 text, anything at all."""
     same_whatever_the_cuts(body, "multipart/form-data; boundary=" + content_type, extra_cuts)
     same_whatever_the_cuts(body, content_type, extra_cuts)

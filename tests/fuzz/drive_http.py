@@ -105,7 +105,8 @@ def _pump(conn: HttpConnection, trace: Trace) -> bool:
         assert isinstance(event, HttpRequest), event
         trace.append(("request", *_fields(event)))
         if len(trace) % 2:
-            check_answer(conn.send_response(200, [("content-type", "text/plain")], b"ok"), 200, event.method == "HEAD")
+            out = conn.send_response(200, [("content-type", "text/plain")], b"ok")
+            check_answer(out, 200, event.method == "HEAD")
         else:  # every other one streamed, as SSE and audio streams are
             _stream(conn, event)
         if not conn.start_next_cycle():

@@ -55,9 +55,15 @@ class FakeEngine:
                 self.job, self.admitted, self.text_done = a.task_id, False, False
             elif isinstance(a, FinishText):
                 self.text_done = True
-            elif isinstance(a, CancelTask) or isinstance(a, SendEvent) and a.event["header"]["event"] in ("task-finished", "task-failed") \
-                    and a.event["header"]["task_id"] == self.job:
+            elif isinstance(a, CancelTask) or self._told_the_end(a):
                 self.job = None
+
+    def _told_the_end(self, action: Action) -> bool:
+        """task-finished / task-failed for the job: the server lets the job go."""
+        if not isinstance(action, SendEvent):
+            return False
+        header = action.event["header"]
+        return header["event"] in ("task-finished", "task-failed") and header["task_id"] == self.job
 
     def possible(self) -> list[str]:
         """What the running job may do next."""

@@ -35,8 +35,9 @@ def http_request(method: str, target: str, body: bytes = b"", headers: list[tupl
 def form(files: dict, data: dict) -> tuple[str, bytes]:
     req = requests.Request("POST", "http://x/", files=files, data=data).prepare()
     content_type, body = req.headers["Content-Type"], req.body
+    assert isinstance(body, bytes)
     boundary = content_type.partition("boundary=")[2]  # random: fixed here so the corpus is reproducible
-    return content_type.replace(boundary, "seedboundary"), body.replace(boundary.encode(), b"seedboundary")  # type: ignore[union-attr]
+    return content_type.replace(boundary, "seedboundary"), body.replace(boundary.encode(), b"seedboundary")
 
 
 def http_seeds() -> dict[str, bytes]:
@@ -127,8 +128,8 @@ def regressions() -> dict[str, dict[str, bytes]]:
     """One input per bug fixed (docs/faults-fuzz.md), in its harness's format."""
     malformed = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n"
     client, _ = open_session()
-    speech = {"model": "CosyVoice2-0.5B", "input": {"text": "hi", "mode": "fast_replication",
-                                                    "reference_audio_id": "r"}}
+    inp = {"text": "hi", "mode": "fast_replication", "reference_audio_id": "r"}
+    speech = {"model": "CosyVoice2-0.5B", "input": inp}
     return {
         "http": {  # an error after a HEAD; a HEAD answered streamed (drive_http streams every other request)
             "head-then-malformed": SEED + http_request("HEAD", "/ready") + malformed,
@@ -142,11 +143,11 @@ def regressions() -> dict[str, dict[str, bytes]]:
             "deep-nesting": script((0, 192), (1, 0, 0, 0), (0, 193)),
         },
         "json_schema": {
-            "huge-volume": b"\x00" + json.dumps({**speech, "input": {**speech["input"], "volume": 10 ** 400}}).encode(),
+            "huge-volume": b"\x00" + json.dumps({**speech, "input": {**inp, "volume": 10 ** 400}}).encode(),
             "huge-speed": b"\x01" + json.dumps({"model": "tts-1", "input": "hi", "voice": "v",
                                                  "speed": -10 ** 400}).encode(),
             "deep-array": b"\x00" + b"[" * 1020,
-            "surrogate-text": b"\x00" + json.dumps({**speech, "input": {**speech["input"], "text": "\ud800"}}).encode(),
+            "surrogate-text": b"\x00" + json.dumps({**speech, "input": {**inp, "text": "\ud800"}}).encode(),
         },
     }
 
