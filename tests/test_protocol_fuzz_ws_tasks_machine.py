@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from protocol.ws_tasks import Action, CancelTask, FinishText, PushText, SendEvent, StartTask, State
 from tests.fuzz.drive_ws_tasks import (
@@ -252,8 +258,8 @@ class TaskProtocol(RuleBasedStateMachine):
         assert m.state is expected, (m.state, self.model)
 
 
-TaskProtocol.TestCase.settings = settings(examples(200), stateful_step_count=40)
-test_task_protocol = TaskProtocol.TestCase
+def test_task_protocol() -> None:
+    run_state_machine_as_test(TaskProtocol, settings=settings(examples(200), stateful_step_count=40))
 
 
 @examples(200)
