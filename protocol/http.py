@@ -206,7 +206,7 @@ class HttpConnection:
         return self._send(h11.Response(status_code=status, headers=self._close_header(pairs)))
 
     def send_chunk(self, data: bytes) -> bytes:
-        return self._send(h11.Data(data=data)) if data else b""
+        return self._send(h11.Data(data=data)) if data and not self._head else b""  # HEAD: the head only
 
     def end_stream(self) -> bytes:
         return self._send(h11.EndOfMessage())
@@ -237,7 +237,7 @@ class HttpConnection:
             return False
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
-            self._request = None
+            self._request, self._head = None, False  # an error before the next request parses has a body
             self.request_id = None
             return True
         return False

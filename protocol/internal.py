@@ -312,7 +312,7 @@ class Reader:
             raise InternalProtocolError(f"{self._waiting[0]}: expected its binary frame, got a text frame")
         try:
             head = json.loads(frame)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise InternalProtocolError("text frame is not JSON") from None
         if not isinstance(head, dict) or not isinstance(head.get("type"), str):
             raise InternalProtocolError("text frame is not an object with a string 'type'")

@@ -1,13 +1,14 @@
 """multipart/form-data bodies -> (text fields, files), with python-multipart's streaming parser.
 
-The body is already whole (the HTTP layer caps it); the streaming parser keeps memory flat and
-is strict about framing: a body without its closing boundary is refused (400).
+The server's bodies are already whole (the HTTP layer caps them): `parse_multipart`. `MultipartReader`
+takes the same body in pieces, with the same answer however it is cut. The streaming parser keeps memory
+flat and is strict about framing: a body without its closing boundary is refused (400).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from protocol.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaType
@@ -96,20 +97,42 @@ def _boundary(content_type: str | None) -> bytes:
     return boundary
 
 
+class MultipartReader:
+    """One multipart/form-data body fed in pieces; refusals are `ApiError`s (400, 413, 415)."""
+
+    def __init__(self, content_type: str | None, max_file_bytes: int,
+                 max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES, max_parts: int = DEFAULT_MAX_PARTS) -> None:
+        self._collector = _Collector(max_file_bytes, max_field_bytes, max_parts)
+        boundary = _boundary(content_type)
+        try:
+            self._parser = MultipartParser(boundary, self._collector.callbacks())  # type: ignore[arg-type]
+        except FormParserError as exc:  # a boundary past python-multipart's 256 bytes (RFC 2046: 70)
+            raise InvalidParameter(f"bad multipart boundary: {exc}") from None
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.write(data)
+        except MultipartParseError as exc:
+            raise InvalidParameter(f"malformed multipart body: {exc}") from None
+
+    def finish(self) -> tuple[dict[str, str], dict[str, UploadedFile]]:
+        """Returns (text fields, files) by form name; a repeated name keeps the first."""
+        try:
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise InvalidParameter(f"malformed multipart body: {exc}") from None
+        if not self._collector.ended:
+            raise InvalidParameter("malformed multipart body: truncated (no closing boundary)")
+        return _split(self._collector.parts)
+
+
 def parse_multipart(body: bytes, content_type: str | None, max_file_bytes: int,
                     max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES,
                     max_parts: int = DEFAULT_MAX_PARTS) -> tuple[dict[str, str], dict[str, UploadedFile]]:
     """Returns (text fields, files) by form name; a repeated name keeps the first."""
-    collector = _Collector(max_file_bytes, max_field_bytes, max_parts)
-    parser = MultipartParser(_boundary(content_type), collector.callbacks())  # type: ignore[arg-type]
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise InvalidParameter(f"malformed multipart body: {exc}") from None
-    if not collector.ended:
-        raise InvalidParameter("malformed multipart body: truncated (no closing boundary)")
-    return _split(collector.parts)
+    reader = MultipartReader(content_type, max_file_bytes, max_field_bytes, max_parts)
+    reader.feed(body)
+    return reader.finish()
 
 
 def _split(parts: list[_Part]) -> tuple[dict[str, str], dict[str, UploadedFile]]:

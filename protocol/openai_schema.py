@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import ApiError, ErrorCode, InvalidParameter
-from protocol.schema import HTTP_MODEL, SpeechParams, check_json_content_type, json_type, load_json_object
+from protocol.schema import (
+    HTTP_MODEL,
+    SpeechParams,
+    as_float,
+    check_json_content_type,
+    json_type,
+    load_json_object,
+)
 from protocol.speech_mode import Mode
 
 SERVED_MODELS = ("cosyvoice2", HTTP_MODEL)
@@ -125,9 +132,10 @@ def _speed(req: Mapping[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid("speed", f"must be a number, got {json_type(value)}")
     low, high = SPEED_RANGE
-    if not math.isfinite(value) or not low <= value <= high:
-        raise _invalid("speed", f"must be between {low} and {high}; got {value:g}")
-    return float(value)
+    speed = as_float(value)
+    if not math.isfinite(speed) or not low <= speed <= high:
+        raise _invalid("speed", f"must be between {low} and {high}; got {speed:g}")
+    return speed
 
 
 def _stream_format(req: Mapping[str, Any]) -> str | None:

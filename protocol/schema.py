@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,9 +120,18 @@ def _number(obj: Mapping[str, Any], key: str, field: str, default: float) -> flo
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, f"must be a number, got {json_type(value)}")
-    if not math.isfinite(value):
+    number = as_float(value)
+    if not math.isfinite(number):
         raise _bad(field, "must be a finite number")
-    return float(value)
+    return number
+
+
+def as_float(value: float) -> float:
+    """`float(value)`, or infinity for an integer beyond a float's range (JSON integers have no limit)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _choice(value: str, choices: Mapping[str, Any] | tuple[str, ...], field: str) -> str:
@@ -191,9 +201,32 @@ def load_json_object(body: bytes, what: str = "request body") -> Mapping[str, An
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidParameter(f"{what} is not valid JSON: {exc}") from None
+    if has_lone_surrogate(value):
+        raise InvalidParameter(f"{what} is not valid Unicode: {LONE_SURROGATE}")
     if not isinstance(value, dict):
         raise InvalidParameter(f"{what} must be a JSON object")
     return value
+
+
+LONE_SURROGATE = "a \\u escape names half of a UTF-16 surrogate pair"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether parsed JSON holds half of a UTF-16 surrogate pair (JSON can escape one: "\\ud800"): Python
+    reads it into a str no UTF-8 encoder takes (the tokenizer, a WebSocket frame, an SSE event, the logs)."""
+    stack = [value]
+    while stack:  # not recursive: json.loads allows nesting deeper than a Python walk would
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return False
 
 
 def check_json_content_type(content_type: str | None) -> None:

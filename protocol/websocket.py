@@ -148,6 +148,8 @@ class WebSocketSession:
         if isinstance(event, TextMessage):
             return self._on_text(event)
         if isinstance(event, Ping):
+            if ws.state is not ConnectionState.OPEN:
+                return []  # our close is on its way: nothing follows it (wsproto would raise on the pong)
             return [WsPong(ws.send(event.response()))]
         if isinstance(event, BytesMessage):
             if not self._binary:

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import ApiError, ErrorCode, ws_task_failed
-from protocol.schema import DEFAULT_MAX_TEXT_CHARS, SpeechParams, check_ws_text, parse_ws_run_task
+from protocol.schema import (
+    DEFAULT_MAX_TEXT_CHARS,
+    LONE_SURROGATE,
+    SpeechParams,
+    check_ws_text,
+    has_lone_surrogate,
+    parse_ws_run_task,
+)
 from protocol.ws_events import result_generated, task_failed, task_finished, task_started
 
 __all__ = ["Action", "CancelTask", "FinishText", "PushText", "SendEvent", "StartTask", "State", "WsTaskMachine",
@@ -246,6 +253,8 @@ def _load(text: str) -> dict[str, Any]:
         msg = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise _ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
+    if has_lone_surrogate(msg):  # not even its task_id could be sent back
+        raise _ProtocolError(ErrorCode.INVALID_MESSAGE, f"message is not valid Unicode: {LONE_SURROGATE}")
     if not isinstance(msg, dict):
         raise _ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
     return msg

@@ -128,6 +128,34 @@ def test_a_head_response_has_the_get_head_and_no_body_and_the_connection_goes_on
     assert [ev.data for ev in get if isinstance(ev, h11.Data)] == [b"body"]  # a GET still gets its body
 
 
+@pytest.mark.parametrize("bad", [b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", b"GARBAGE\r\n\r\n"])
+def test_an_error_after_a_head_request_is_a_whole_response(bad: bytes) -> None:
+    """Found by tests/fuzz/fuzz_http.py: the HEAD's no-body framing stuck to the connection, so the next
+    request's 400 went out without its body and h11 raised LocalProtocolError instead."""
+    conn = connection()
+    conn.receive_data(client_bytes("HEAD", "/ready") + bad)
+    assert isinstance(conn.next_request(), HttpRequest)
+    conn.send_response(200, [], b"ok")
+    assert conn.start_next_cycle()
+    with pytest.raises(ApiError) as e:
+        conn.next_request()
+    out = conn.send_error(e.value, "rid")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"content-length: %d" % len(body) in head and b'"BadRequest"' in body
+
+
+def test_a_streamed_answer_to_a_head_request_is_its_head_only() -> None:
+    """Found by tests/fuzz/drive_http.py: send_chunk wrote the body of a HEAD response, which h11 refuses
+    (LocalProtocolError, 'Too much data for declared Content-Length'); send_response already left it out."""
+    conn = connection()
+    conn.receive_data(client_bytes("HEAD", "/stream") + client_bytes("GET", "/next"))
+    assert isinstance(conn.next_request(), HttpRequest)
+    out = conn.start_stream(200, [("content-type", "text/event-stream")]) + conn.send_chunk(b"data: x\n\n")
+    out += conn.end_stream()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\n") and b"data: x" not in out
+    assert conn.start_next_cycle() and conn.next_request().path == "/next"  # type: ignore[union-attr]
+
+
 def test_headers_too_big_is_431() -> None:
     conn = connection(max_header_bytes=1024)
     conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 2000)

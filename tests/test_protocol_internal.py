@@ -107,6 +107,7 @@ def test_features_request_round_trips() -> None:
 
 @pytest.mark.parametrize(("frames", "to_backend", "says"), [
     (["not json"], True, "not JSON"),
+    (["[" * 100_000], False, "not JSON"),  # nested too deep: was a RecursionError
     (["[1]"], True, "string 'type'"),
     ([json.dumps({"type": "launch"})], True, "unknown message type"),
     ([json.dumps({"type": "chunk", "samples": 1})], True, "unknown message type"),  # a backend never gets chunks

@@ -42,6 +42,7 @@ def test_curl_style_upload_with_content_type_and_utf8_name() -> None:
 
 @pytest.mark.parametrize("ctype,status", [
     ("application/json", 415), (None, 415), ("multipart/form-data", 400),
+    ("multipart/form-data; boundary=" + "b" * 257, 400),  # was a FormParserError, a 500 (tests/fuzz)
 ])
 def test_content_type_errors(ctype: str | None, status: int) -> None:
     body, _ = form({"file": ("a.wav", b"x")}, {})

@@ -104,6 +104,7 @@ def test_unknown_model_is_a_400_naming_the_accepted_ones() -> None:
     ({"response_format": 3}, "response_format"),
     ({"speed": "1.0"}, "speed"),
     ({"speed": True}, "speed"),
+    ({"speed": 10 ** 400}, "speed"),  # beyond a float: was an OverflowError (tests/fuzz)
     ({"stream_format": "chunks"}, "stream_format"),
     ({"stream": "yes"}, "stream"),
 ])
@@ -256,3 +257,11 @@ def test_voices_list_shape() -> None:
     assert listing == {"object": "list", "has_more": True, "data": [
         {"id": "v1", "name": "alice", "object": "audio.voice", "created_at": 1_700_000_000,
          "type": "audio_sample"}]}
+
+
+def test_a_lone_surrogate_escape_is_a_400() -> None:
+    """JSON may escape half a UTF-16 pair; the tokenizer cannot take it (tests/test_protocol_fuzz_schema.py)."""
+    for fields in ({"input": "a\ud800"}, {"voice": "\udfff"}, {"instructions": "\ud800"}):
+        with pytest.raises(ApiError, match="not valid Unicode") as info:
+            parse(**fields)
+        assert info.value.status == 400

@@ -65,6 +65,8 @@ BAD_INPUTS = [
     ({"volume": -1.0}, "input.volume"),
     ({"volume": 10.5}, "input.volume"),
     ({"volume": "2"}, "input.volume"),
+    ({"volume": 10 ** 400}, "input.volume"),  # beyond a float: was an OverflowError (tests/fuzz)
+    ({"speed": -10 ** 400}, "input.speed"),
     ({"speed": 0.4}, "input.speed"),
     ({"speed": 2.01}, "input.speed"),
     ({"speed": False}, "input.speed"),
@@ -95,7 +97,8 @@ def test_bad_top_level(raw: bytes, field: str) -> None:
     assert e.value.status == 400 and f"'{field}'" in e.value.message
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\xff\xfe", b"null"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\xff\xfe", b"null",
+                                 b"[" * 100_000, b'{"a":' * 100_000])  # too deep: was a RecursionError (tests/fuzz)
 def test_not_a_json_object(raw: bytes) -> None:
     with pytest.raises(ApiError) as e:
         parse_speech_request(raw, JSON)
@@ -147,3 +150,12 @@ def test_error_bodies() -> None:
     assert err.status == 429 and ("retry-after", "3") in error_headers(err)
     with pytest.raises(ValueError):
         Overloaded(status=500)
+
+
+@pytest.mark.parametrize("inp", [{"text": "a\ud800"}, {"reference_audio_id": "\udfff"}, {"extra": ["\ud800"]}])
+def test_a_lone_surrogate_escape_is_a_400(inp: dict) -> None:
+    """Found by tests/test_protocol_fuzz_schema.py: JSON may escape half a UTF-16 pair ("\\ud800"); it was
+    accepted and the tokenizer raised TypeError on the text (a 500). Refused wherever it is."""
+    with pytest.raises(ApiError) as e:
+        parse_speech_request(body(inp), JSON)
+    assert e.value.status == 400 and "not valid Unicode" in e.value.message

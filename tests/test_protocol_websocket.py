@@ -146,3 +146,12 @@ def test_bad_frame_closes_with_protocol_error() -> None:
     _, session = accepted()
     events = session.receive_data(b"\x81\x05hello")  # unmasked client frame: RFC 6455 violation
     assert isinstance(events[0], WsSend) and isinstance(events[-1], WsClosed) and events[-1].code == 1002
+
+
+def test_a_ping_after_our_close_is_ignored() -> None:
+    """Found by tests/fuzz/fuzz_ws.py: the peer may ping before it reads our close (the backend closes after
+    each job and waits); answering it made wsproto raise LocalProtocolError out of receive_data."""
+    client, session = accepted()
+    session.send_close(1000, "done")
+    assert session.receive_data(client.send(Ping(payload=b"p"))) == []
+    assert session.receive_data(client.send(CloseConnection(code=1000))) == [WsClosed(1000, "")]

@@ -105,6 +105,8 @@ def test_engine_failure_and_late_events_dropped() -> None:
 
 @pytest.mark.parametrize("msg,code", [
     ("not json", "InvalidMessage"), ("[]", "InvalidMessage"), ('{"payload":{}}', "InvalidMessage"),
+    ("[" * 100_000, "InvalidMessage"),  # nested too deep: was a RecursionError out of the machine (tests/fuzz)
+    (cont("x", "\ud800"), "InvalidMessage"),  # half a surrogate pair: not sendable back (see below)
     (json.dumps({"header": {"action": "stop", "task_id": "t1"}}), "UnknownAction"),
     (cont("x"), "TaskNotStarted"), (finish(), "TaskNotStarted"),
     (run_task(params={**PARAMS, "speed": 9}), "InvalidParameter"),
@@ -179,3 +181,18 @@ def test_connection_lost_cancels() -> None:
     assert m.connection_lost() == []
     m.handle_client_message(run_task())
     assert m.connection_lost() == [CancelTask("t1", failed=False)] and m.state is State.IDLE
+
+
+@pytest.mark.parametrize("msg", [cont("x", task_id="\ud800"), run_task("t\udfff"), cont("a\ud800b"),
+                                 json.dumps({"header": {"action": "finish-task", "task_id": "t1"}, "x": "\udc00"})])
+def test_a_lone_surrogate_escape_is_an_invalid_message_that_can_be_sent(msg: str) -> None:
+    """Found by tests/fuzz/fuzz_ws_tasks.py: JSON may escape half a UTF-16 pair ("\\ud800"); echoed in
+    task-failed's task_id it made a str no WebSocket frame can carry (UnicodeEncodeError in the server),
+    and as text it reached the tokenizer (TypeError). Refused whole, idle or while a task runs."""
+    for running in (False, True):
+        m = WsTaskMachine()
+        if running:
+            m.handle_client_message(run_task())
+        actions = m.handle_client_message(msg)
+        assert failed(actions) == ("t1" if running else "", "InvalidMessage") and m.state is State.IDLE
+        assert all(a.to_text().encode("utf-8") for a in actions if isinstance(a, SendEvent))
