@@ -125,7 +125,7 @@ def sse_seeds() -> dict[str, bytes]:
 
 
 def regressions() -> dict[str, dict[str, bytes]]:
-    """One input per bug fixed (docs/faults-fuzz.md), in its harness's format."""
+    """One input per bug fixed (docs/faults.md, "Protocol, fuzzed"), in its harness's format."""
     malformed = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n"
     client, _ = open_session()
     inp = {"text": "hi", "mode": "fast_replication", "reference_audio_id": "r"}
