@@ -12,12 +12,19 @@ with instrumented(__name__):
     from tests.fuzz.drive_multipart import parse_input, run_multipart
 
 
+def verdict(result: tuple[object, ...]) -> tuple[object, ...]:
+    """A form must be the same form however it was cut; a refusal only a refusal. A body with two faults
+    (a part over its limit and malformed framing) is refused for whichever the parser reaches first, and
+    python-multipart hands over part data at the end of each piece, so that depends on the cuts."""
+    return ("refused",) if result[0] == "error" else result
+
+
 def one_input(data: bytes) -> None:
     seed, rest = take_seed(data)
     content_type, body = parse_input(rest)
     results = {name: run_multipart(pieces, content_type) for name, pieces in splits(body, seed).items()}
-    assert results["bytewise"] == results["whole"], results
-    assert results["random"] == results["whole"], results
+    assert verdict(results["bytewise"]) == verdict(results["whole"]), results
+    assert verdict(results["random"]) == verdict(results["whole"]), results
 
 
 if __name__ == "__main__":
