@@ -38,7 +38,7 @@ async def handle(ctx: Ctx) -> None:
 async def _error(ctx: Ctx, err: ApiError) -> None:
     ctx.state.metrics.error(err.code)
     body = json.dumps(error_object(err), ensure_ascii=False).encode("utf-8")
-    await ctx.out.respond(err.status, error_headers(err) + [("x-request-id", ctx.request_id)], body)
+    await ctx.out.respond(err.status, error_headers(err), body)  # X-Request-Id: protocol.http adds it
 
 
 def _route(ctx: Ctx) -> Handler:

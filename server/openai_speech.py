@@ -45,9 +45,9 @@ async def synthesize(ctx: Ctx) -> None:
         if req.stream_format == "sse":
             await _sse(ctx, synth)
         elif req.stream_format == "audio":
-            await _audio_stream(ctx, synth, _audio_headers(ctx, req, synth))
+            await _audio_stream(ctx, synth, _audio_headers(req, synth))
         else:
-            await _whole_file(ctx, synth, _audio_headers(ctx, req, synth))
+            await _whole_file(ctx, synth, _audio_headers(req, synth))
     finally:
         synth.close()
 
@@ -69,8 +69,8 @@ async def find_voice(state: ServerState, voice: str) -> tuple[str, VoicePrompt]:
     raise unknown_voice(voice)
 
 
-def _audio_headers(ctx: Ctx, req: OpenAISpeechRequest, synth: Synthesis) -> list[tuple[str, str]]:
-    headers = [("content-type", synth.content_type), ("x-request-id", ctx.request_id)]
+def _audio_headers(req: OpenAISpeechRequest, synth: Synthesis) -> list[tuple[str, str]]:
+    headers = [("content-type", synth.content_type)]  # X-Request-Id: protocol.http adds it to every response
     if req.response_format == "pcm":  # raw samples say nothing about their rate
         headers.append(("x-sample-rate", str(SAMPLE_RATE)))
     return headers
@@ -98,7 +98,7 @@ async def _audio_stream(ctx: Ctx, synth: Synthesis, headers: list[tuple[str, str
 async def _sse(ctx: Ctx, synth: Synthesis) -> None:
     """`speech.audio.delta` per encoded piece, then `speech.audio.done` with the token usage; a failure
     after the head went out is an `error` event that ends the stream."""
-    headers = [("content-type", SSE_CONTENT_TYPE), ("x-request-id", ctx.request_id)] + _STREAM_HEADERS
+    headers = [("content-type", SSE_CONTENT_TYPE), *_STREAM_HEADERS]
     try:
         async for chunk in synth.chunks():
             if not ctx.out.started:
