@@ -33,6 +33,7 @@ from typing import Any
 from scheduler.jobs import VoicePrompt
 from server import crash_points
 from server.store import VoiceRecord, _safe_ext, now_us, prompt_from_npz, prompt_to_npz
+from server.voice_ids import is_voice_id
 
 _META = "meta.json"
 _FEATURES = "features.npz"
@@ -241,7 +242,7 @@ class S3VoiceStore:
                 return
 
     def _get_meta(self, voice_id: str) -> dict[str, Any] | None:
-        if not _is_voice_id(voice_id):  # ids come from URLs: never build keys from anything else
+        if not is_voice_id(voice_id):  # ids come from URLs: never build keys from anything else
             return None
         data = self._get_bytes(self._key(voice_id, _META))
         return json.loads(data) if data is not None else None
@@ -277,13 +278,6 @@ def _record(meta: dict[str, Any]) -> VoiceRecord:
     return VoiceRecord(id=str(meta["id"]), filename=str(meta["filename"]), bytes=int(meta["bytes"]),
                        created_at=created_at, text=str(meta["text"]),
                        created_us=int(meta.get("created_us", created_at * 1_000_000)))  # older meta: seconds
-
-
-def _is_voice_id(voice_id: str) -> bool:
-    try:
-        return str(uuid.UUID(voice_id)) == voice_id
-    except (ValueError, TypeError, AttributeError):
-        return False
 
 
 def _error_code(exc: Exception) -> str:
