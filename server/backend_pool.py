@@ -59,6 +59,7 @@ class Backend:
     failed: int = 0  # job attempts that failed here (refused, reset, busy)
     retries: int = 0  # jobs retried elsewhere after failing here
     ejections: int = 0
+    chunks: int = 0  # audio chunks received from it (a job with one cannot be retried elsewhere)
     sent_voices: dict[str, None] = field(default_factory=dict)  # voice hashes sent here (insertion order)
 
     @property

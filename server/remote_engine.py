@@ -319,6 +319,8 @@ class RemoteJob:
             self._ended = True
         elif isinstance(event, AudioChunk):
             self._streamed = True
+            if self.backend is not None:
+                self.backend.chunks += 1
         self._sink(event)
 
     def _fail(self, code: ErrorCode, message: str, status: int | None = None) -> None:

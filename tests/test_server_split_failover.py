@@ -66,25 +66,32 @@ class Cluster:
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
+    def frontend_metrics(self) -> str:
+        return requests.get(f"{self.url}/metrics", headers=AUTH, timeout=5).text
+
+    def chunks_received(self) -> list[float]:
+        """Audio chunks the frontend has received from each backend (a job with one is not retried)."""
+        text = self.frontend_metrics()
+        return [float(text.split(f'cosyserve_backend_chunks_total{{backend="127.0.0.1:{p}"}} ')[1].split()[0])
+                for p in self.ports]
+
     def busy(self, wait_s: float = 20) -> int:
-        """The backend with a job running, once one has streamed a chunk (waits up to `wait_s`)."""
+        """The backend running a job whose first chunk has reached the frontend (waits up to `wait_s`). The
+        frontend's count, not the backend's: a chunk the backend sent may still be in flight when it is
+        killed, and a job whose first chunk never arrived is retried elsewhere, invisibly, by design."""
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            for i in range(2):
-                try:
-                    m = self.metrics(i)
-                except requests.RequestException:
-                    continue
-                if m["cosyserve_backend_running_jobs"] > 0 and m["cosyserve_backend_llm_tokens_total"] > self.seen[i]:
+            for i, n in enumerate(self.chunks_received()):
+                if n > self.seen[i]:
                     return i
             time.sleep(0.05)
         raise TimeoutError("no backend started streaming")
 
     def mark(self) -> None:
-        self.seen = [self.metrics(i)["cosyserve_backend_llm_tokens_total"] for i in range(2)]
+        self.seen = self.chunks_received()
 
     def frontend_up(self, i: int) -> bool:
-        text = requests.get(f"{self.url}/metrics", headers=AUTH, timeout=5).text
+        text = self.frontend_metrics()
         return f'cosyserve_backend_up{{backend="127.0.0.1:{self.ports[i]}"}} 1' in text
 
     def kill_restart_and_readmit(self, i: int, during: Callable[[], None]) -> None:

@@ -101,7 +101,9 @@ def test_a_refusing_backend_gets_the_job_retried_on_the_other(tmp_path: Path) ->
         assert r.status_code == 200, r.text  # invisible to the client
         down, up = _backends(front)
         assert (down.failed, down.retries, up.jobs) == (1, 1, 1) and len(engine.jobs) == 1
+        assert down.chunks == 0 < up.chunks  # the audio came from the live one
         metrics = requests.get(f"{front.url}/metrics", headers=AUTH, timeout=5).text
+        assert f'cosyserve_backend_chunks_total{{backend="{up.key}"}} {up.chunks}' in metrics
         assert f'cosyserve_backend_retries_total{{backend="{down.key}"}} 1' in metrics
         assert f'cosyserve_backend_failures_total{{backend="{down.key}"}} 1' in metrics
 
