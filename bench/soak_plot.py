@@ -34,6 +34,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.axvspan(lo, lo + window, color="tab:green", alpha=0.08)
     ax_rss.plot(*_xy(result["rss_mb"]), label="server")
     ax_rss.plot(*_xy(result["rss_tree_mb"]), label="server + children", linestyle="--")
+    for kind, points in result.get("heap_mb", {}).items():  # what malloc says the RSS is made of
+        if points:
+            ax_rss.plot(*_xy(points), label=f"heap {kind}", linestyle=":")
     ax_rss.set_ylabel("RSS (MiB)")
     ax_fd.plot(*_xy(result["open_fds"]), label="open fds")
     ax_fd.plot(*_xy(result["fds_less_connections"]), label="open fds - connections")

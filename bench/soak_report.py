@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.load_stats import percentile
 from bench.soak_outcomes import DOCUMENTED, HUNG_UP, LOST, OK
+from bench.soak_sampler import HEAP_KINDS
 from bench.soak_workers import Record
 
 RSS_GROWTH_PCT = 5.0
@@ -160,6 +161,7 @@ def build_json(records: Sequence[Record], samples: Sequence[dict[str, Any]], pro
         "health_ms": series(samples, "health_ms", duration_s),
         "inflight": series(samples, "inflight", duration_s),
         "server_errors": series(samples, "server_errors", duration_s),  # cosyserve_errors_total, all codes
+        "heap_mb": {kind: series(samples, f"heap_{kind}_mb", duration_s) for kind in HEAP_KINDS},
         "ttfp_ms_by_request": [[r.start_s, round(r.ttfp_ms, 1)] for r in audible],
         "counts": {
             "columns": ["t_s", *count_keys],

@@ -19,6 +19,7 @@ import requests
 from bench.load import Target
 from bench.soak_workers import Tally
 
+HEAP_KINDS = ("in_use", "free", "mmapped")  # cosyserve_heap_bytes{kind=...}: what the server's RSS is made of
 _SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
@@ -128,6 +129,9 @@ class Sampler(threading.Thread):
         out["connections"] = series.get("cosyserve_connections")
         out["inflight"] = series.get("cosyserve_inflight")
         out["server_errors"] = sum(v for k, v in series.items() if k.startswith("cosyserve_errors_total{"))
+        for kind in HEAP_KINDS:  # absent off glibc and on servers that predate the gauge
+            value = series.get(f'cosyserve_heap_bytes{{kind="{kind}"}}')
+            out[f"heap_{kind}_mb"] = value / 2**20 if value is not None else None
         return out
 
     def process(self) -> dict[str, Any]:

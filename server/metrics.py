@@ -10,6 +10,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kernels.runtime.host_memory import heap_stats
 from scheduler.jobs import EngineStats
 from server.backend_pool import Backend
 
@@ -151,6 +152,7 @@ class Metrics:
         for outcome in ("finished", "failed", "cancelled", "refused"):
             lines.append(f'{name}{{outcome="{outcome}"}} {self._backend_jobs[outcome]}')
         lines += _engine_lines(stats)
+        lines += _heap_lines()
         return "\n".join(lines) + "\n"
 
     def render(self, stats: EngineStats | None, backends: Sequence[Backend] = ()) -> str:
@@ -176,6 +178,7 @@ class Metrics:
         lines += self._first_packet_s.render("cosyserve_first_packet_seconds")
         lines += self._rtf.render("cosyserve_rtf")
         lines += self._loop_and_limit_lines()
+        lines += _heap_lines()
         if stats is not None:
             lines += _engine_lines(stats)
         if backends:
@@ -193,6 +196,17 @@ class Metrics:
             if value is not None:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
         return lines
+
+
+def _heap_lines() -> list[str]:
+    """The process heap as glibc sees it (kernels/runtime/host_memory.heap_stats): RSS that grows with
+    `free` is memory malloc keeps for reuse, not a leak; growth in `in_use` is."""
+    heap = heap_stats()
+    if heap is None:
+        return []
+    name = "cosyserve_heap_bytes"
+    return [f"# HELP {name} the malloc heap: in_use (live), free (kept for reuse), mmapped (large blocks)",
+            f"# TYPE {name} gauge", *(f'{name}{{kind="{kind}"}} {value}' for kind, value in heap.items())]
 
 
 def _engine_lines(s: EngineStats) -> list[str]:
@@ -215,6 +229,7 @@ _BACKEND_SERIES = (  # (name, type, Backend attribute, help)
     ("cosyserve_backend_failures_total", "counter", "failed", "refused, reset or busy (503) attempts"),
     ("cosyserve_backend_retries_total", "counter", "retries", "jobs retried elsewhere after failing here"),
     ("cosyserve_backend_ejections_total", "counter", "ejections", "times the backend was ejected"),
+    ("cosyserve_backend_chunks_total", "counter", "chunks", "audio chunks received from the backend"),
 )
 
 

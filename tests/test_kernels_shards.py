@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from kernels.runtime.host_memory import tune_allocator
+from kernels.runtime.host_memory import heap_stats, tune_allocator
 from kernels.runtime.shards import ShardPool, balanced_shards
 
 
@@ -107,6 +107,31 @@ def test_tune_allocator_respects_the_environment(monkeypatch: pytest.MonkeyPatch
     if applied:  # glibc: the other two are set
         assert applied["MALLOC_MMAP_THRESHOLD_"] == 32 << 20
         assert applied["MALLOC_TRIM_THRESHOLD_"] == 1 << 30
+
+
+def test_heap_stats_see_a_block_malloc_hands_out_and_takes_back() -> None:
+    import ctypes
+    import ctypes.util
+
+    before = heap_stats()
+    if before is None:
+        pytest.skip("not glibc (or glibc < 2.33): no mallinfo2")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 8 << 20
+    block = libc.malloc(size)
+    try:
+        ctypes.memset(block, 1, size)
+        held = heap_stats()
+    finally:
+        libc.free(block)
+    after = heap_stats()
+    assert held is not None and after is not None
+    live = lambda h: h["in_use"] + h["mmapped"]  # noqa: E731 - on the heap or mapped alone, by the threshold
+    slack = 64 << 10  # the interpreter allocates a little meanwhile
+    assert live(held) - live(before) >= size - slack and live(held) - live(after) >= size - slack
+    assert all(value >= 0 for value in after.values())
 
 
 def test_flow_pool_setting_and_cpu_default() -> None:

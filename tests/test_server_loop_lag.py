@@ -1,4 +1,4 @@
-"""The event-loop lag probe (server/loop_lag.py), and its gauge and the admission limits in /metrics."""
+"""The event-loop lag probe (server/loop_lag.py), and its gauge, the admission limits and the heap in /metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import requests
 
+from kernels.runtime.host_memory import heap_stats
 from server.loop_lag import LoopLagProbe
 from server.metrics import Metrics
 from tests.server_helpers import AUTH, running_server
@@ -58,3 +59,7 @@ def test_running_server_exposes_loop_lag_and_its_limits(tmp_path: Path) -> None:
     lag = _gauge(text, "cosyserve_loop_lag_seconds")
     assert lag is not None and 0 <= lag < 1.0
     assert _gauge(text, "cosyserve_max_inflight") == 7 and _gauge(text, "cosyserve_max_batch") == 3
+    if heap_stats() is not None:  # glibc: what the RSS is made of, beside it
+        in_use = _gauge(text, 'cosyserve_heap_bytes{kind="in_use"}')
+        assert in_use is not None and in_use > 1 << 20  # an interpreter with a server in it: megabytes
+        assert _gauge(text, 'cosyserve_heap_bytes{kind="free"}') is not None

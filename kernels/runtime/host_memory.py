@@ -47,6 +47,26 @@ def tune_allocator() -> dict[str, int]:
     return applied
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_stats() -> dict[str, int] | None:
+    """glibc's own account of the heap (mallinfo2, glibc >= 2.33), bytes: `in_use` (live allocations),
+    `free` (freed but kept by malloc: what the settings above retain, and fragmentation), `mmapped`
+    (large blocks mapped on their own). None off glibc. RSS minus these is code, weights' file pages, etc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"in_use": info.uordblks, "free": info.fordblks, "mmapped": info.hblkhd}
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
     try:
