@@ -39,6 +39,7 @@ from kernels.networks.chunk_attention import chunk_hidden as _chunk_masked  # no
 from kernels.networks.flow import CausalMaskedDiffWithXvec
 from kernels.networks.flow_encoder import UPSAMPLE_STRIDE
 from kernels.networks.step_cache import KVStore, Segment
+from kernels.runtime.host_buffers import empty_outside_heap
 from scheduler import flow_budget
 from scheduler.flow_budget import DEFAULT_REQUEST_BYTES, FlowBudgetConfig
 
@@ -47,7 +48,8 @@ GROWTH = 1.5  # TimeBuffer capacity after a grow: 1.5x what is needed (capped at
 
 
 class TimeBuffer:
-    """A tensor grown along dim 2 (time) geometrically (x1.5 of the need); `append` returns the filled prefix."""
+    """A tensor grown along dim 2 (time) geometrically (x1.5 of the need); `append` returns the filled prefix.
+    On the CPU a large one lives outside the malloc heap (kernels/runtime/host_buffers.py)."""
 
     def __init__(self) -> None:
         self.data: Tensor | None = None
@@ -58,7 +60,7 @@ class TimeBuffer:
         if self.data is None or self.data.size(2) < need:
             old = 0 if self.data is None else self.data.size(2)
             cap = max(need, min(2 * old, int(GROWTH * need)), 64)
-            grown = new.new_empty(*new.shape[:2], cap, *new.shape[3:])
+            grown = empty_outside_heap((*new.shape[:2], cap, *new.shape[3:]), new)
             if self.data is not None:
                 grown[:, :, : self.length] = self.data[:, :, : self.length]
             self.data = grown
