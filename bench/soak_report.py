@@ -3,9 +3,9 @@
 Warm-up: the first max(60 s, 10 %) of the run (at most half of it), when caches, pools and allocator
 arenas fill. After it, two comparison windows: the first minute after the warm-up and the run's last
 minute, or, when less than two minutes follow the warm-up (the 2-minute CI run), its two halves; medians,
-so one GC or allocator spike does not decide. (The server keeps freed memory in the process, see
-kernels/runtime/host_memory.py, so its RSS is near the high-water mark of its heap and rises in steps while
-new batch compositions reach new peaks; a window of a few samples would read one such step as growth.)
+so one GC or allocator spike does not decide. (The server's RSS moves by hundreds of MiB from sample to
+sample as requests' flow caches are mapped and unmapped, kernels/runtime/host_buffers.py; a window of a few
+samples would read one busy moment as growth.)
 Limits (LIMITS): RSS may grow at most 5 %; fds not held by a client connection (open fds - the
 server's connections gauge) by at most FD_TOLERANCE; no request lost.
 """

@@ -30,7 +30,7 @@ def test_a_large_buffer_is_its_own_mapping_and_goes_when_its_last_view_does() ->
     if before is not None:  # malloc did not hand it out: its books do not grow by 4 MiB
         after = heap_stats()
         assert after is not None
-        live = lambda h: h["in_use"] + h["mmapped"]  # noqa: E731
+        live = lambda h: h["in_use"] + h["mmapped"]
         assert live(after) - live(before) < 1 << 20
     t.fill_(2.0)
     view = t[:, :, :10]
