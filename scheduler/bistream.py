@@ -58,6 +58,7 @@ class Feed:
     segments: tuple[Segment, ...]
     ignore_eos: bool
     forced_token: int | None
+    unexpected: tuple[int, ...] = ()  # special ids this stage has no rule for (upstream raises on them)
 
 
 class BistreamFeeder:
@@ -72,6 +73,7 @@ class BistreamFeeder:
     ) -> None:
         self._eos = eos_token
         self._fill = fill_token
+        self._specials = tuple(range(eos_token, fill_token + 1))  # eos, task/sos, fill: the ids past speech
         self._n_text, self._n_speech = mix_ratio
         self._pending: deque[int] = deque()
         self._text_cache: list[int] = list(prompt_text_ids)  # upstream seeds the cache with the prompt text
@@ -107,11 +109,13 @@ class BistreamFeeder:
     def pending_feed(self) -> Feed | None:
         """What the next forward consumes, or None while waiting for text. Idempotent."""
         self._advance()
-        if self.state is FeederState.DECODE:
+        if self.state is FeederState.DECODE:  # a fill asks for text; eos is masked
             forced = self._fill if self._out_len == self._next_fill else None
-            return Feed(tuple(self._lm_input), ignore_eos=True, forced_token=forced)
-        if self.state is FeederState.FINAL:
-            return Feed(tuple(self._lm_input), ignore_eos=False, forced_token=None)
+            unexpected = tuple(t for t in self._specials if t != self._fill)
+            return Feed(tuple(self._lm_input), ignore_eos=True, forced_token=forced, unexpected=unexpected)
+        if self.state is FeederState.FINAL:  # the text has ended: only eos ends the speech
+            unexpected = tuple(t for t in self._specials if t != self._eos)
+            return Feed(tuple(self._lm_input), ignore_eos=False, forced_token=None, unexpected=unexpected)
         return None
 
     def on_sampled(self, token: int) -> Outcome:

@@ -59,6 +59,9 @@ class SampleSpec:
     seed: int | None = None  # per-request RNG; None: the runner's global generator
     step: int = 0  # index of the token being sampled (RNG counter for seeded requests)
     ignore_all_stops: bool = False  # bench `fixed_tokens`: mask every stop id, never end early
+    # ids this draw may not produce (bistream: the special ids upstream raises on); drawn, they are drawn
+    # again without them, so any draw upstream accepts stays exactly upstream's
+    redraw_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class Scheduler:
         if req.num_computed + segments_length(feed.segments) + 1 > self.config.slot_len:
             self._end_llm(req)  # the slot is full: stop here (documented truncation)
             return
-        spec = self._sample_spec(req, feed.ignore_eos, feed.forced_token)
+        spec = self._sample_spec(req, feed.ignore_eos, feed.forced_token, feed.unexpected)
         single = feed.segments[0] if len(feed.segments) == 1 else None
         if single is not None and single.kind == "speech" and len(single.ids) == 1 and req.num_computed:
             decodes.append(DecodeItem(req.request_id, req.slot, req.num_computed, single.ids[0], spec))
@@ -192,6 +192,7 @@ class Scheduler:
                 req,
                 ignore_eos=feed.ignore_eos if feed else (req.min_len or 0) > 0,
                 forced=feed.forced_token if feed else None,
+                redraw=feed.unexpected if feed else (),
             )
             prefills.append(PrefillItem(req.request_id, slot, 0, segments, spec))
             admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed))
@@ -212,7 +213,8 @@ class Scheduler:
             segs.append(speech_segment(req.prompt_speech_ids))
         return tuple(segs)
 
-    def _sample_spec(self, req: Request, ignore_eos: bool, forced: int | None = None) -> SampleSpec:
+    def _sample_spec(self, req: Request, ignore_eos: bool, forced: int | None = None,
+                     redraw: tuple[int, ...] = ()) -> SampleSpec:
         fixed = req.fixed_tokens is not None
         return SampleSpec(
             ignore_eos=ignore_eos or fixed,
@@ -221,6 +223,7 @@ class Scheduler:
             seed=req.seed,
             step=len(req.sampled_ids),
             ignore_all_stops=fixed,
+            redraw_ids=redraw,
         )
 
     def _plan_chunks(self) -> list[ChunkItem]:

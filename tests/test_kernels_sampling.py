@@ -96,6 +96,24 @@ def test_ignore_eos_masks_only_eos() -> None:
     assert EOS not in masked and EOS + 1 in masked  # 6562-like ids stay possible (upstream)
 
 
+def test_redraw_ids_are_drawn_again_and_every_other_draw_is_unchanged() -> None:
+    """Rule 4 (bistream's special ids where upstream raises): a row that draws one of its redraw ids draws
+    again without them; a draw that avoids them is exactly the draw without the rule (parity)."""
+    probs = [0.0] * 8
+    probs[EOS], probs[EOS + 1], probs[0], probs[1] = 0.3, 0.4, 0.2, 0.1
+    logp = _logp(probs)
+    redraw = torch.zeros(1, 8, dtype=torch.bool)
+    redraw[0, EOS + 1] = True
+    for u1 in (0.1, 0.5, 0.9):
+        plain = _sweep(logp, n=200, u1=u1)
+        kept = _sweep(logp, n=200, u1=u1, redraw=redraw.expand(200, -1))
+        assert EOS + 1 in plain and EOS + 1 not in kept
+        assert all(k == p for p, k in zip(plain, kept) if p != EOS + 1)  # upstream's draws stay
+        assert {k for p, k in zip(plain, kept) if p == EOS + 1} <= {0, 1, EOS}  # the rest of the distribution
+    none = torch.zeros(200, 8, dtype=torch.bool)
+    assert _sweep(logp, n=200, redraw=none) == _sweep(logp, n=200)
+
+
 def test_rows_are_independent_and_seeded_per_request() -> None:
     torch.manual_seed(0)
     logp = torch.randn(3, 300).log_softmax(-1)

@@ -11,6 +11,12 @@ from scheduler.scheduler import Scheduler
 from scheduler.testing import FakeClock, answer
 
 FILL, EOS = 6563, 6561
+
+
+def feed(segments: tuple[Segment, ...], ignore_eos: bool, forced_token: int | None) -> Feed:
+    """The Feed expected at a stage: its unexpected ids (drawn again by the runner) follow from the stage."""
+    unexpected = (EOS, EOS + 1) if ignore_eos else (EOS + 1, FILL)  # text phase: a fill asks for text
+    return Feed(segments, ignore_eos, forced_token, unexpected)
 PROMPT_TEXT = (100, 101, 102, 103)
 PROMPT_SPEECH = tuple(range(1000, 1020))  # P = 20: groups of 15 + 5, next_fill = 30 - 20 = 10
 
@@ -31,25 +37,25 @@ def test_feeder_zero_shot_sequence() -> None:
     f.push_text([201, 202, 203])
     assert f.pending_feed() is None
     f.push_text([204, 205, 206])  # 205 completes group 2 (last 5 prompt speech); 206 stays pending
-    first = Feed((SOS, T(100, 101, 102, 103, 200), S(*range(1000, 1015)), T(201, 202, 203, 204, 205),
+    first = feed((SOS, T(100, 101, 102, 103, 200), S(*range(1000, 1015)), T(201, 202, 203, 204, 205),
                   S(*range(1015, 1020))), ignore_eos=True, forced_token=None)
     assert f.pending_feed() == first and f.pending_feed() == first  # idempotent
     for tok in range(7, 17):  # 10 speech tokens: out indices 0..9
         assert f.on_sampled(tok) is Outcome.SPEECH
         forced = FILL if tok == 16 else None  # index 10 == next_fill
-        assert f.pending_feed() == Feed((S(tok),), True, forced)
+        assert f.pending_feed() == feed((S(tok),), True, forced)
     assert f.on_sampled(FILL) is Outcome.FILL
     assert f.pending_feed() is None  # 206 pulled: 1 < 5
     f.push_text([207, 208, 209])
     assert f.pending_feed() is None
     f.push_text([210])
-    assert f.pending_feed() == Feed((T(206, 207, 208, 209, 210),), True, None)  # replaces lm_input
+    assert f.pending_feed() == feed((T(206, 207, 208, 209, 210),), True, None)  # replaces lm_input
     assert f.on_sampled(FILL) is Outcome.FILL  # a sampled fill also breaks (next_fill = 11 + 16)
     f.finish_text()
     # quirk: the consumed lm_input (the 5 text tokens) is fed again before task_id
-    assert f.pending_feed() == Feed((T(206, 207, 208, 209, 210), TASK), False, None)
+    assert f.pending_feed() == feed((T(206, 207, 208, 209, 210), TASK), False, None)
     assert f.on_sampled(20) is Outcome.SPEECH
-    assert f.pending_feed() == Feed((S(20),), False, None)
+    assert f.pending_feed() == feed((S(20),), False, None)
     assert f.on_sampled(EOS) is Outcome.END and f.state is FeederState.DONE
 
 
@@ -58,19 +64,19 @@ def test_feeder_cross_lingual_forces_a_fill_after_every_15_speech_tokens() -> No
     f.push_text([1, 2, 3, 4])
     assert f.pending_feed() is None
     f.push_text([5, 6])  # 6 stays pending until the first fill
-    assert f.pending_feed() == Feed((SOS, T(1, 2, 3, 4, 5)), True, None)
+    assert f.pending_feed() == feed((SOS, T(1, 2, 3, 4, 5)), True, None)
     forced_at, tok = [], 500
     for group in range(3):
-        while (feed := f.pending_feed()) is not None and feed.forced_token is None:
+        while (got := f.pending_feed()) is not None and got.forced_token is None:
             tok += 1
             assert f.on_sampled(tok) is Outcome.SPEECH
-        assert feed is not None
+        assert got is not None
         forced_at.append(f.out_len)
-        assert f.on_sampled(feed.forced_token) is Outcome.FILL
+        assert f.on_sampled(got.forced_token) is Outcome.FILL
         base = 7 + 5 * group
         f.push_text(list(range(base, base + 5)))
         expected_text = (6, 7, 8, 9, 10) if group == 0 else tuple(range(base - 1, base + 4))
-        assert f.pending_feed() == Feed((T(*expected_text),), True, None)
+        assert f.pending_feed() == feed((T(*expected_text),), True, None)
     assert forced_at == [15, 31, 47]  # 15 speech tokens between fills; fills count in out indices
     assert f.out_len == 48 and tok == 545
 
@@ -81,11 +87,11 @@ def test_feeder_final_refeeds_last_speech_with_remaining_text() -> None:
     for tok in range(100, 115):
         assert f.pending_feed() is not None  # the scheduler always plans before it reports
         f.on_sampled(tok)
-    assert f.pending_feed() == Feed((S(114),), True, FILL)
+    assert f.pending_feed() == feed((S(114),), True, FILL)
     f.on_sampled(FILL)
     f.push_text([6, 7])
     f.finish_text()
-    assert f.pending_feed() == Feed((S(114), T(6, 7), TASK), False, None)
+    assert f.pending_feed() == feed((S(114), T(6, 7), TASK), False, None)
 
 
 def test_feeder_text_ends_during_interleave_drops_prompt_speech() -> None:
@@ -93,14 +99,14 @@ def test_feeder_text_ends_during_interleave_drops_prompt_speech() -> None:
     f.push_text([1, 2, 3, 4, 5])
     assert f.pending_feed() is None  # 5 prompt speech tokens left, no more text
     f.finish_text()
-    assert f.pending_feed() == Feed((SOS, T(1, 2, 3, 4, 5), S(*range(1000, 1015)), TASK), False, None)
+    assert f.pending_feed() == feed((SOS, T(1, 2, 3, 4, 5), S(*range(1000, 1015)), TASK), False, None)
     assert f.dropped_prompt_speech == 5
 
 
 def test_feeder_no_text_at_all() -> None:
     f = BistreamFeeder(PROMPT_TEXT[:2], ())
     f.finish_text()
-    assert f.pending_feed() == Feed((SOS, T(100, 101), TASK), False, None)
+    assert f.pending_feed() == feed((SOS, T(100, 101), TASK), False, None)
 
 
 @pytest.mark.parametrize("stage, token", [("decode", EOS), ("decode", 6562), ("final", FILL), ("final", 6562)])
@@ -183,6 +189,31 @@ def test_scheduler_bistream_with_text_arriving_while_decoding() -> None:
     assert r.speech_ids == list(range(7, 32)) + [40]
     assert r.sampled_ids.count(FILL) == 2 and r.sampled_ids[10] == FILL and r.sampled_ids[26] == FILL
     assert r.status is RequestStatus.DRAINING and r.slot is None and s.kv.num_free == 2
+
+
+def test_scheduler_bistream_items_name_the_ids_the_runner_draws_again() -> None:
+    """The special ids a stage has no rule for (upstream raises on them) reach the runner's sampling as
+    redraw ids: eos and 6562 while text is read (a fill asks for more), 6562 and fill once it has ended;
+    a unistream request has none (every special id stops it)."""
+    s = make()
+    r = Request("b", text_ids=[1, 2, 3, 4, 5], bistream=True)
+    u = Request("u", text_ids=[1, 2, 3], min_len=0, max_len=50)
+    s.add_request(r)
+    s.add_request(u)
+
+    def specs() -> dict[str, tuple[int, ...]]:
+        plan = s.schedule()
+        items = {i.request_id: i.sample.redraw_ids for i in (*plan.prefills, *plan.decodes)}
+        s.update(plan, answer(plan, 100))
+        return items
+
+    assert specs() == {"b": (EOS, EOS + 1), "u": ()}
+    r.finish_text()
+    for _ in range(20):  # to the next fill, then the final stage
+        specs()
+        if r.feeder is not None and r.feeder.state is FeederState.FINAL:
+            break
+    assert specs()["b"] == (EOS + 1, FILL)
 
 
 def test_scheduler_bistream_recent_window_includes_fills() -> None:

@@ -6,6 +6,9 @@ Per row, equivalent to upstream `ras_sampling`:
    exclusive cumulative mass before it is < top_p and i < top_k; draw among the kept;
 3. if the drawn id occurs >= W * tau_r times in the last W generated ids, mask it and draw
    from the full renormalised distribution instead.
+4. (ours) a row given `redraw` ids that drew one of them draws again, from the full distribution without
+   them, with the second uniform: bistream's special ids where upstream raises (a fill after the text
+   ended). Only draws upstream would fail on change, so parity holds wherever upstream works.
 
 Draws use inverse-CDF sampling on uniforms (two per row per step, always both, so a request's
 random stream depends only on its own generator and step count, never on batch composition or
@@ -85,10 +88,11 @@ def ras_sample(
     tau_r: float = 0.1,
     generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     uniforms: torch.Tensor | None = None,
+    redraw: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logp [B, V] log-probs; recent [B, W] last W generated ids (-1 padded); ignore_eos [B] bool.
     Returns LongTensor [B]. `uniforms` [B, 2] may be given instead of generators (e.g. drawn
-    ahead of a CUDA-graph replay)."""
+    ahead of a CUDA-graph replay). `redraw` [B, V] bool: ids each row may not produce (rule 4)."""
     b, vocab = logp.shape
     if uniforms is None:
         uniforms = draw_uniforms(b, logp.device, generator)
@@ -112,10 +116,23 @@ def ras_sample(
             masked = logp[rows].scatter(1, top[rows].unsqueeze(-1), NEG_INF)
             top = top.clone()
             top[rows] = _inverse_cdf(masked.softmax(-1), uniforms[rows, 1])
+    else:
+        masked = logp.scatter(1, top.unsqueeze(-1), NEG_INF)
+        top = torch.where(hit, _inverse_cdf(masked.softmax(-1), uniforms[:, 1]), top)
+    return top if redraw is None else _redraw(logp, top, redraw.to(logp.device), uniforms[:, 1])
+
+
+def _redraw(logp: torch.Tensor, top: torch.Tensor, redraw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rule 4: the rows whose draw is one of their `redraw` ids draw again without those ids."""
+    bad = redraw.gather(1, top.unsqueeze(-1)).squeeze(-1)
+    if logp.device.type == "cpu":
+        rows = bad.nonzero().squeeze(-1)
+        if not rows.numel():
+            return top
+        top = top.clone()
+        top[rows] = _inverse_cdf(logp[rows].masked_fill(redraw[rows], NEG_INF).softmax(-1), u[rows])
         return top
-    masked = logp.scatter(1, top.unsqueeze(-1), NEG_INF)
-    fallback = _inverse_cdf(masked.softmax(-1), uniforms[:, 1])
-    return torch.where(hit, fallback, top)
+    return torch.where(bad, _inverse_cdf(logp.masked_fill(redraw, NEG_INF).softmax(-1), u), top)
 
 
 def push_recent(recent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -253,8 +253,14 @@ class ModelRunner:
         if no_stops:  # bench fixed length: no stop id may win
             logp[torch.tensor(no_stops, device=dev)[:, None], torch.tensor(cfg.stop_token_ids, device=dev)] = float("-inf")
         gens = [self._sampler(it.request_id) for it in items]
+        redraw = None
+        if any(it.sample.redraw_ids for it in items):
+            redraw = torch.zeros(logp.shape, dtype=torch.bool)
+            for row, it in enumerate(items):
+                redraw[row, list(it.sample.redraw_ids)] = True
         tokens = ras_sample(
-            logp, recent.to(dev), ignore_eos.to(dev), cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens
+            logp, recent.to(dev), ignore_eos.to(dev), cfg.eos_token, cfg.top_p, cfg.top_k, cfg.tau_r, gens,
+            redraw=redraw,
         ).tolist()
         out: dict[str, int] = {}
         for item, tok in zip(items, tokens):
