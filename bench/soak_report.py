@@ -1,9 +1,9 @@
 """The soak's numbers and verdict, from its records and samples. Pure: no clock, no sockets.
 
 Warm-up: the first max(60 s, 10 %) of the run (at most half of it), when caches, pools and allocator
-arenas fill. After it, two comparison windows: the first minute after the warm-up and the run's last
-minute, or, when less than two minutes follow the warm-up (the 2-minute CI run), its two halves; medians,
-so one GC or allocator spike does not decide. (The server's RSS moves by hundreds of MiB from sample to
+arenas fill. After it, two comparison windows of max(60 s, 10 % of what follows), at most its two halves
+(the 2-minute CI run): the first after the warm-up and the run's last; medians, so one GC or allocator
+spike does not decide. (The server's RSS moves by hundreds of MiB from sample to
 sample as requests' flow caches are mapped and unmapped, kernels/runtime/host_buffers.py; a window of a few
 samples would read one busy moment as growth.)
 Limits (LIMITS): RSS may grow at most 5 %; fds not held by a client connection (open fds - the
@@ -38,7 +38,10 @@ def warmup_s(duration_s: float, override: float | None = None) -> float:
 
 
 def compare_window_s(duration_s: float, warmup: float) -> float:
-    return min(60.0, (duration_s - warmup) / 2)
+    """max(1 minute, 10 % of what follows the warm-up), at most half of it: a 30-minute run compares two
+    162-second medians (its one-minute medians spread 9 % with no trend, so 5 % could not be read on them)."""
+    measured = duration_s - warmup
+    return min(max(60.0, 0.1 * measured), measured / 2)
 
 
 def ttfp_window_s(duration_s: float) -> float:

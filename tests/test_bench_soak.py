@@ -93,7 +93,8 @@ def test_record_keeps_ttfp_of_audio_and_the_error_of_a_loss() -> None:
 
 
 def test_warmup_and_comparison_windows() -> None:
-    assert warmup_s(1800) == 180 and compare_window_s(1800, 180) == 60  # 30 min: 10 %, minute windows
+    assert warmup_s(1800) == 180 and compare_window_s(1800, 180) == 162  # 30 min: 10 % of the 27 measured
+    assert compare_window_s(480, 60) == 60  # 8 min: a minute (10 % would be 42 s)
     assert warmup_s(120) == 60 and compare_window_s(120, 60) == 30  # 2 min: a minute, then its halves
     assert warmup_s(30) == 15  # never more than half the run
     assert warmup_s(30, override=5) == 5 and compare_window_s(30, 5) == 12.5
