@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -29,14 +30,21 @@ _SETTINGS = (
 )
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (found once: find_library may run `ldconfig -p`), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    path = ctypes.util.find_library("c")
+    return ctypes.CDLL(path) if path else None
+
+
 def tune_allocator() -> dict[str, int]:
     """Apply the settings the environment does not already choose; returns what was set (empty off glibc)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return {}
-    path = ctypes.util.find_library("c")
-    if path is None:
-        return {}
-    mallopt = ctypes.CDLL(path).mallopt
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     applied = {}
     for env, param, value in _SETTINGS:
@@ -56,10 +64,7 @@ def heap_stats() -> dict[str, int] | None:
     """glibc's own account of the heap (mallinfo2, glibc >= 2.33), bytes: `in_use` (live allocations),
     `free` (freed but kept by malloc: what the settings above retain, and fragmentation), `mmapped`
     (large blocks mapped on their own). None off glibc. RSS minus these is code, weights' file pages, etc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    path = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(path) if path else None
+    libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
