@@ -165,6 +165,7 @@ def build_json(records: Sequence[Record], samples: Sequence[dict[str, Any]], pro
         "inflight": series(samples, "inflight", duration_s),
         "server_errors": series(samples, "server_errors", duration_s),  # cosyserve_errors_total, all codes
         "heap_mb": {kind: series(samples, f"heap_{kind}_mb", duration_s) for kind in HEAP_KINDS},
+        "heap_trims": series(samples, "heap_trims", duration_s),  # cumulative malloc_trim calls
         "ttfp_ms_by_request": [[r.start_s, round(r.ttfp_ms, 1)] for r in audible],
         "counts": {
             "columns": ["t_s", *count_keys],

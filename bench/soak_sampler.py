@@ -132,6 +132,7 @@ class Sampler(threading.Thread):
         for kind in HEAP_KINDS:  # absent off glibc and on servers that predate the gauge
             value = series.get(f'cosyserve_heap_bytes{{kind="{kind}"}}')
             out[f"heap_{kind}_mb"] = value / 2**20 if value is not None else None
+        out["heap_trims"] = series.get("cosyserve_heap_trims_total")  # kernels/runtime/heap_trim.py
         return out
 
     def process(self) -> dict[str, Any]:

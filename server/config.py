@@ -127,6 +127,9 @@ class ServerConfig:
     flow_cache_mb: int = field(default=-1, metadata=_doc(
         "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
         "memory; 0: recompute the prefix, as upstream)"))
+    heap_trim_s: float = field(default=60.0, metadata=_doc(
+        "CPU: give the heap's free pages back to the kernel at most this often under load, and once when "
+        "the engine falls idle (0: never; RSS then creeps up as step activations fragment the heap)"))
     text_process: int = field(default=1, metadata=_doc(
         "normalise request text in a child process (0: on the worker threads, where its pure-Python work "
         "holds the GIL and slows every running stream; see bench.stall)", choices=(0, 1)))
@@ -170,6 +173,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if self.flow_cache_mb < -1:
             raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
+        if self.heap_trim_s < 0:
+            raise ValueError("heap_trim_s must be >= 0 (0 = never)")
         if self.threads < 0 or self.stage_workers < 0:
             raise ValueError("threads and stage_workers must be >= 0 (0 = automatic)")
         for f in fields(self):

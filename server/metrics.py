@@ -10,7 +10,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kernels.runtime.host_memory import heap_stats
+from kernels.runtime.host_memory import TRIM_COUNTS, heap_stats
 from scheduler.jobs import EngineStats
 from server.backend_pool import Backend
 
@@ -206,7 +206,11 @@ def _heap_lines() -> list[str]:
         return []
     name = "cosyserve_heap_bytes"
     return [f"# HELP {name} the malloc heap: in_use (live), free (kept for reuse), mmapped (large blocks)",
-            f"# TYPE {name} gauge", *(f'{name}{{kind="{kind}"}} {value}' for kind, value in heap.items())]
+            f"# TYPE {name} gauge", *(f'{name}{{kind="{kind}"}} {value}' for kind, value in heap.items()),
+            "# HELP cosyserve_heap_trims_total free heap pages given back to the kernel (kernels/runtime/heap_trim)",
+            "# TYPE cosyserve_heap_trims_total counter", f"cosyserve_heap_trims_total {TRIM_COUNTS.trims}",
+            "# TYPE cosyserve_heap_trim_seconds_total counter",
+            f"cosyserve_heap_trim_seconds_total {TRIM_COUNTS.seconds:.6f}"]
 
 
 def _engine_lines(s: EngineStats) -> list[str]:

@@ -442,7 +442,7 @@ def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
     try:
         line = engine.describe()
         for part in ("device cpu", "llm fp32", "flow fp32", "threads ", "stage workers 2", "overlap off",
-                     "max batch 4", "attention torch SDPA", "flow cache "):
+                     "max batch 4", "attention torch SDPA", "flow cache ", "heap trim "):
             assert part in line, (part, line)
     finally:
         engine.shutdown(1.0)

@@ -63,3 +63,5 @@ def test_running_server_exposes_loop_lag_and_its_limits(tmp_path: Path) -> None:
         in_use = _gauge(text, 'cosyserve_heap_bytes{kind="in_use"}')
         assert in_use is not None and in_use > 1 << 20  # an interpreter with a server in it: megabytes
         assert _gauge(text, 'cosyserve_heap_bytes{kind="free"}') is not None
+        trims = _gauge(text, "cosyserve_heap_trims_total")  # the fake engine starts no trimmer: a count, >= 0
+        assert trims is not None and trims >= 0 and _gauge(text, "cosyserve_heap_trim_seconds_total") is not None

@@ -8,6 +8,7 @@ delegation: the loop, the jobs and every policy are torch-free and tested withou
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from kernels.config import ModelConfig
 from kernels.networks.attention import use_flash
 from kernels.runtime.device import default_device
 from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
+from kernels.runtime.heap_trim import HeapTrimmer, TrimPolicy
 from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.runtime.runner import ModelRunner
 from kernels.weights.model import CosyVoice2Model, load_model
@@ -63,6 +65,9 @@ class EngineConfig:
     # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
     # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
     overlap_stages: bool = True
+    # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
+    # kernels/runtime/heap_trim.py says why and what it costs.
+    heap_trim_s: float = 60.0
 
 
 def scheduler_config(model: ModelConfig, limits: SchedulerConfig) -> SchedulerConfig:
@@ -140,6 +145,14 @@ class Engine:
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
                                idle_wait_s=config.idle_wait_s)
         self.loop.start(on_thread_start=lambda: torch.set_grad_enabled(False))
+        self.heap_trimmer = self._start_heap_trimmer(device)
+
+    def _start_heap_trimmer(self, device: str) -> HeapTrimmer | None:
+        if device.startswith("cuda") or self.config.heap_trim_s <= 0:
+            return None
+        trimmer = HeapTrimmer(TrimPolicy(interval_s=self.config.heap_trim_s),
+                              idle=lambda: not self.loop.busy(), clock=time.monotonic)
+        return trimmer if trimmer.start() else None
 
     def _build_runner(self, model: CosyVoice2Model) -> ModelRunner:
         cfg, limits = self.config, self.config.scheduler
@@ -182,6 +195,7 @@ class Engine:
             f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
             f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
             *([f"stage workers {runner.shards.workers}"] if cpu else []),
+            *([f"heap trim {f'every {cfg.heap_trim_s:g} s' if self.heap_trimmer else 'off'}"] if cpu else []),
             f"overlap {'on' if self.loop.overlap else 'off'}",
             f"max batch {self.scheduler.config.num_slots}",
             f"max chunks/step {self.scheduler.config.chunk.max_chunks_per_step}",
@@ -191,6 +205,8 @@ class Engine:
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
         """Let running jobs finish until the deadline, then cancel what is left and stop."""
+        if self.heap_trimmer is not None:
+            self.heap_trimmer.stop()
         stopped = self.loop.stop(deadline_s)
         self.text.close()
         if stopped:

@@ -15,6 +15,9 @@ import ctypes.util
 import functools
 import os
 import platform
+import threading
+import time
+from dataclasses import dataclass
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -30,13 +33,25 @@ _SETTINGS = (
 )
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (found once: find_library may run `ldconfig -p`), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     path = ctypes.util.find_library("c")
-    return ctypes.CDLL(path) if path else None
+    if not path:
+        return None
+    libc = ctypes.CDLL(path)
+    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def tune_allocator() -> dict[str, int]:
@@ -44,20 +59,13 @@ def tune_allocator() -> dict[str, int]:
     libc = _glibc()
     if libc is None:
         return {}
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     applied = {}
     for env, param, value in _SETTINGS:
         if env in os.environ:
             continue
-        if mallopt(param, value) == 1:
+        if libc.mallopt(param, value) == 1:
             applied[env] = value
     return applied
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def heap_stats() -> dict[str, int] | None:
@@ -67,9 +75,35 @@ def heap_stats() -> dict[str, int] | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return {"in_use": info.uordblks, "free": info.fordblks, "mmapped": info.hblkhd}
+
+
+@dataclass
+class TrimCounts:
+    """The process's malloc_trim calls (the heap is process-wide, so are these): for /metrics."""
+
+    trims: int = 0
+    seconds: float = 0.0
+
+
+TRIM_COUNTS = TrimCounts()
+_trim_lock = threading.Lock()
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the kernel (glibc malloc_trim(0): whole free pages anywhere in
+    the heap, not only at its top). Holds malloc's lock while it runs (tens of ms for ~0.5 GiB free).
+    False off glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    start = time.perf_counter()
+    libc.malloc_trim(0)
+    with _trim_lock:
+        TRIM_COUNTS.trims += 1
+        TRIM_COUNTS.seconds += time.perf_counter() - start
+    return True
 
 
 def usable_cores() -> int:
