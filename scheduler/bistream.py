@@ -58,7 +58,7 @@ class Feed:
     segments: tuple[Segment, ...]
     ignore_eos: bool
     forced_token: int | None
-    unexpected: tuple[int, ...] = ()  # special ids this stage has no rule for (upstream raises on them)
+    redraw_ids: tuple[int, ...] = ()  # special ids this stage has no rule for (upstream raises; we draw again)
 
 
 class BistreamFeeder:
@@ -111,11 +111,11 @@ class BistreamFeeder:
         self._advance()
         if self.state is FeederState.DECODE:  # a fill asks for text; eos is masked
             forced = self._fill if self._out_len == self._next_fill else None
-            unexpected = tuple(t for t in self._specials if t != self._fill)
-            return Feed(tuple(self._lm_input), ignore_eos=True, forced_token=forced, unexpected=unexpected)
+            redraw = tuple(t for t in self._specials if t != self._fill)
+            return Feed(tuple(self._lm_input), ignore_eos=True, forced_token=forced, redraw_ids=redraw)
         if self.state is FeederState.FINAL:  # the text has ended: only eos ends the speech
-            unexpected = tuple(t for t in self._specials if t != self._eos)
-            return Feed(tuple(self._lm_input), ignore_eos=False, forced_token=None, unexpected=unexpected)
+            redraw = tuple(t for t in self._specials if t != self._eos)
+            return Feed(tuple(self._lm_input), ignore_eos=False, forced_token=None, redraw_ids=redraw)
         return None
 
     def on_sampled(self, token: int) -> Outcome:

@@ -163,7 +163,7 @@ class Scheduler:
         if req.num_computed + segments_length(feed.segments) + 1 > self.config.slot_len:
             self._end_llm(req)  # the slot is full: stop here (documented truncation)
             return
-        spec = self._sample_spec(req, feed.ignore_eos, feed.forced_token, feed.unexpected)
+        spec = self._sample_spec(req, feed.ignore_eos, feed.forced_token, feed.redraw_ids)
         single = feed.segments[0] if len(feed.segments) == 1 else None
         if single is not None and single.kind == "speech" and len(single.ids) == 1 and req.num_computed:
             decodes.append(DecodeItem(req.request_id, req.slot, req.num_computed, single.ids[0], spec))
@@ -192,7 +192,7 @@ class Scheduler:
                 req,
                 ignore_eos=feed.ignore_eos if feed else (req.min_len or 0) > 0,
                 forced=feed.forced_token if feed else None,
-                redraw=feed.unexpected if feed else (),
+                redraw=feed.redraw_ids if feed else (),
             )
             prefills.append(PrefillItem(req.request_id, slot, 0, segments, spec))
             admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed))

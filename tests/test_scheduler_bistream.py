@@ -14,9 +14,9 @@ FILL, EOS = 6563, 6561
 
 
 def feed(segments: tuple[Segment, ...], ignore_eos: bool, forced_token: int | None) -> Feed:
-    """The Feed expected at a stage: its unexpected ids (drawn again by the runner) follow from the stage."""
-    unexpected = (EOS, EOS + 1) if ignore_eos else (EOS + 1, FILL)  # text phase: a fill asks for text
-    return Feed(segments, ignore_eos, forced_token, unexpected)
+    """The Feed expected at a stage: its redraw ids (special ids drawn again) follow from the stage."""
+    redraw = (EOS, EOS + 1) if ignore_eos else (EOS + 1, FILL)  # text phase: a fill asks for text
+    return Feed(segments, ignore_eos, forced_token, redraw)
 PROMPT_TEXT = (100, 101, 102, 103)
 PROMPT_SPEECH = tuple(range(1000, 1020))  # P = 20: groups of 15 + 5, next_fill = 30 - 20 = 10
 
