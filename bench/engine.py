@@ -567,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="engine intra-op threads (default 0: auto, as the server: kernels/runtime/auto_settings.py)")
     p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
-    p.add_argument("--flow-dtype", default="fp32", choices=FLOW_DTYPES)
+    p.add_argument("--flow-dtype", default="auto", choices=FLOW_DTYPES)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument(
@@ -588,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_for(args.model_dir, threads=args.threads, overlap_stages=args.overlap_stages,
-                            cuda=args.device == "cuda")
+                            cuda=args.device == "cuda", llm_dtype=args.llm_dtype, flow_dtype=args.flow_dtype)
+    args.llm_dtype, args.flow_dtype = settings.llm_dtype, settings.flow_dtype  # resolved: what ran
     print(f"settings: {settings.summary()}", file=sys.stderr)
     if settings.threads:
         torch.set_num_threads(settings.threads)

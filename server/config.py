@@ -17,8 +17,8 @@ from protocol.websocket import DEFAULT_MAX_MESSAGE_BYTES
 from server.log_lines import LOG_FORMATS
 
 # Weight dtype names (kernels.runtime.engine.weight_dtype maps them to torch dtypes; "auto": bf16 on CUDA, else fp32).
-FLOW_DTYPES = ("fp32", "bf16", "fp16")
-LLM_DTYPES = ("auto", *FLOW_DTYPES)
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16")
+LLM_DTYPES = FLOW_DTYPES = ("auto", *WEIGHT_DTYPES)
 ENV_PREFIX = "COSYSERVE_"
 ROLES = ("all", "frontend", "backend")
 
@@ -120,10 +120,11 @@ class ServerConfig:
     stage_workers: int = field(default=0, metadata=_doc(
         "CPU: flow/vocoder of a batch split over this many 1-thread workers (0 = auto: one per core)"))
     llm_dtype: str = field(default="auto", metadata=_doc(
-        "LLM weights (auto: bf16 on CUDA, fp32 on CPU)", choices=LLM_DTYPES))
-    flow_dtype: str = field(default="fp32", metadata=_doc(
-        "flow weights; bf16: ~2x faster full-size flow on AVX512-BF16 CPUs, mel within ~1 % of fp32",
-        choices=FLOW_DTYPES))
+        "LLM weights (auto: bf16 on CUDA; on CPU bf16 for the full-size model where the CPU has "
+        "AVX512-BF16 or AMX, else fp32; logged at start)", choices=LLM_DTYPES))
+    flow_dtype: str = field(default="auto", metadata=_doc(
+        "flow weights (auto: fp32 on CUDA; on CPU as --llm-dtype auto). bf16: ~2x faster full-size flow on "
+        "AVX512-BF16 CPUs, mel within ~1 % of fp32", choices=FLOW_DTYPES))
     flow_cache_mb: int = field(default=-1, metadata=_doc(
         "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
         "memory; 0: recompute the prefix, as upstream)"))

@@ -119,7 +119,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     device = default_device(config.device)
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
-                            overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"))
+                            overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
+                            llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
     for reason in settings.reasons:
         log.info("auto setting: %s", reason)
     if settings.threads:
@@ -131,8 +132,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         overlap_stages=settings.overlap_stages,
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end
         stage_workers=settings.stage_workers,
-        llm_dtype=config.llm_dtype,
-        flow_dtype=config.flow_dtype,
+        llm_dtype=settings.llm_dtype,
+        flow_dtype=settings.flow_dtype,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
     )
