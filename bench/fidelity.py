@@ -1,0 +1,168 @@
+"""How far a faster numeric path moves the model's outputs from the fp32 eager path, on any checkpoint.
+
+    python -m bench.fidelity --model-dir DIR [--llm-dtype auto|fp32|bf16|fp16] [--flow-dtype ...]
+        [--tokens 100] [--json FILE] [--markdown FILE]
+
+Both models load from the same directory: the reference in fp32, the candidate with the given dtypes
+("auto": what the server would choose on this machine, kernels/runtime/auto_settings.py). Same voice
+(bench.engine's synthetic prompt), same text, no sampling:
+- LLM: the reference decodes `--tokens` speech tokens greedily (stop ids masked: fixed length). Then
+  `teacher_forced_top1`: the share of positions where the candidate, fed the reference's tokens, picks
+  the same next token (errors do not compound); `logp_max_abs_diff`: the largest difference of the
+  log-probability either gives the reference's token; `greedy_common_prefix`: how many tokens the
+  candidate's own greedy decode shares with the reference's before the first difference (one near-tie
+  flips everything after it, so on random weights this is the harshest figure).
+- Flow: the reference tokens after the prompt's, to mel, offline (finalize) and as one streaming call
+  (chunk masks, 3 lookahead tokens); `mel_rel_mean` = mean |candidate - reference| / mean |reference|,
+  and `mel_max_abs`.
+HiFT always runs in fp32, so the same mel gives the same waveform.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.engine import llm_prompt_embeds, make_voice
+from bench.provenance import commit, cpu_name, now_iso
+from kernels.runtime.auto_settings import settings_for
+from kernels.runtime.engine import weight_dtype
+from server.config import FLOW_DTYPES, LLM_DTYPES
+
+
+def greedy_tokens(model: Any, embeds: torch.Tensor, n: int) -> list[int]:
+    """`n` greedy speech tokens after the prompt embeddings (stop ids masked)."""
+    from kernels.networks.kv_cache import KVCache
+
+    lm, cfg = model.llm, model.llm.cfg
+    dtype = next(lm.parameters()).dtype
+    kv = KVCache.for_model(model.config.llm.qwen, 1, embeds.shape[0] + n + 1, embeds.device, dtype)
+    stops = list(cfg.stop_token_ids)
+    out: list[int] = []
+    hidden = lm.prefill(embeds, 0, 0, kv)[None]
+    slots = torch.zeros(1, dtype=torch.long)
+    for step in range(n):
+        logp = lm.logprobs(hidden)
+        logp[:, stops] = float("-inf")
+        out.append(int(logp.argmax(-1)))
+        if step + 1 < n:
+            position = torch.tensor([embeds.shape[0] + step])
+            hidden = lm.decode(lm.speech_embed(torch.tensor(out[-1:])), slots, position, kv)
+    return out
+
+
+def teacher_forced_logp(model: Any, embeds: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V] log-probs of each next token given the prompt and the tokens before it."""
+    from kernels.networks.kv_cache import KVCache
+
+    lm = model.llm
+    dtype = next(lm.parameters()).dtype
+    seq = torch.cat([embeds, lm.speech_embed(torch.tensor(tokens[:-1])).to(embeds.dtype)])
+    kv = KVCache.for_model(model.config.llm.qwen, 1, seq.shape[0], embeds.device, dtype)
+    hidden = lm.prefill_hidden(seq, 0, 0, kv)[embeds.shape[0] - 1:]
+    logp = lm.logprobs(hidden)
+    logp[:, list(lm.cfg.stop_token_ids)] = float("-inf")
+    return logp
+
+
+def compare_llm(ref: Any, cand: Any, model_dir: Path, voice: Any, n: int) -> dict[str, Any]:
+    embeds = llm_prompt_embeds(ref, model_dir, voice)
+    want = greedy_tokens(ref, embeds, n)
+    cand_embeds = llm_prompt_embeds(cand, model_dir, voice)
+    got = greedy_tokens(cand, cand_embeds, n)
+    ref_logp = teacher_forced_logp(ref, embeds, want)
+    cand_logp = teacher_forced_logp(cand, cand_embeds, want)
+    chosen = torch.tensor(want)[:, None]
+    agree = (cand_logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()
+    diff = (cand_logp.gather(1, chosen) - ref_logp.gather(1, chosen)).abs().max()
+    prefix = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), n)
+    return {"tokens": n, "teacher_forced_top1": round(float(agree), 4),
+            "logp_max_abs_diff": round(float(diff), 5), "greedy_common_prefix": prefix,
+            "reference_tokens": want}
+
+
+def _mel(model: Any, voice: Any, tokens: list[int], streaming: bool) -> torch.Tensor:
+    dtype = next(model.flow.parameters()).dtype
+    ids = torch.tensor([list(voice.speech_tokens) + tokens])
+    feat = torch.as_tensor(voice.mel, dtype=dtype)[None]
+    emb = torch.as_tensor(voice.embedding, dtype=dtype)[None]
+    mel, _ = model.flow.inference(ids, torch.tensor([ids.shape[1]]), feat, torch.tensor([feat.shape[1]]), emb,
+                                  streaming, not streaming)
+    return mel.float()
+
+
+def compare_flow(ref: Any, cand: Any, voice: Any, tokens: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, streaming in (("offline", False), ("streaming", True)):
+        want, got = _mel(ref, voice, tokens, streaming), _mel(cand, voice, tokens, streaming)
+        diff = (got - want).abs()
+        out[name] = {"frames": int(want.shape[-1]), "mel_rel_mean": round(float(diff.mean() / want.abs().mean()), 6),
+                     "mel_max_abs": round(float(diff.max()), 5)}
+    return out
+
+
+def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int) -> dict[str, Any]:
+    from kernels.weights.model import load_model
+
+    settings = settings_for(model_dir, llm_dtype=llm_dtype, flow_dtype=flow_dtype)
+    torch.set_grad_enabled(False)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
+    ref = load_model(model_dir)
+    cand = load_model(model_dir, llm_dtype=weight_dtype(settings.llm_dtype, False),
+                      flow_dtype=weight_dtype(settings.flow_dtype, False))
+    voice = make_voice(model_dir)
+    with torch.inference_mode():
+        llm = compare_llm(ref, cand, model_dir, voice, tokens)
+        flow = compare_flow(ref, cand, voice, llm["reference_tokens"])
+    return {
+        "meta": {"date": now_iso(), "commit": commit(), "cpu": cpu_name(), "model_dir": str(model_dir),
+                 "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1)},
+        "candidate": {"llm": settings.llm_dtype, "flow": settings.flow_dtype},
+        "reasons": list(settings.reasons),
+        "llm": llm,
+        "flow": flow,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c, llm, meta = result["candidate"], result["llm"], result["meta"]
+    lines = [(f"Candidate llm {c['llm']}, flow {c['flow']} against fp32 eager · {meta['model_dir']} · "
+             f"{meta['cpu']} · {meta['date']} · {meta['commit']}"), "",
+             "| figure | value |", "| --- | --- |",
+             f"| LLM teacher-forced top-1 agreement ({llm['tokens']} tokens) | {llm['teacher_forced_top1']:.2%} |",
+             f"| LLM max abs diff of the reference token's log-prob | {llm['logp_max_abs_diff']:.4f} |",
+             f"| LLM greedy tokens equal before the first difference | {llm['greedy_common_prefix']} / {llm['tokens']} |"]
+    for name, f in result["flow"].items():
+        lines.append(f"| flow {name} mel: mean rel diff / max abs diff ({f['frames']} frames) | "
+                     f"{f['mel_rel_mean']:.3%} / {f['mel_max_abs']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
+    p.add_argument("--flow-dtype", default="auto", choices=FLOW_DTYPES)
+    p.add_argument("--tokens", type=int, default=100, help="greedy speech tokens to compare")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    args = p.parse_args(argv)
+    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens)
+    text = markdown(result)
+    print(text, end="")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,33 @@
+"""bench.fidelity on the tiny model: the same path agrees with itself exactly; bf16 stays close."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import fidelity
+
+
+@pytest.fixture(scope="module")
+def same(tiny_model_dir: Path) -> dict:
+    return fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30)
+
+
+def test_fp32_against_itself_is_identical(same: dict) -> None:
+    llm = same["llm"]
+    assert (llm["teacher_forced_top1"], llm["logp_max_abs_diff"], llm["greedy_common_prefix"]) == (1.0, 0.0, 30)
+    assert len(llm["reference_tokens"]) == 30
+    for f in same["flow"].values():
+        assert f["frames"] > 0 and (f["mel_rel_mean"], f["mel_max_abs"]) == (0.0, 0.0)
+
+
+def test_bf16_is_close_and_the_report_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.json"
+    result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "bf16", "--flow-dtype", "bf16",
+                            "--tokens", "30", "--json", str(out), "--markdown", str(tmp_path / "f.md")])
+    assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16"}
+    assert result["llm"]["teacher_forced_top1"] >= 0.9  # measured 98 % over 60 tokens
+    for f in result["flow"].values():
+        assert 0 < f["mel_rel_mean"] < 0.02 and f["mel_max_abs"] < 0.15  # measured ~0.65 %, 0.05
+    assert "teacher-forced top-1" in (tmp_path / "f.md").read_text()
