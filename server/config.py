@@ -128,6 +128,9 @@ class ServerConfig:
     flow_cache_mb: int = field(default=-1, metadata=_doc(
         "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
         "memory; 0: recompute the prefix, as upstream)"))
+    voice_prefix_mb: int = field(default=1024, metadata=_doc(
+        "streaming: a voice's prompt frames through the flow, computed once and reused by its later streams "
+        "(the first chunk then skips most of the prompt); an LRU of this many MiB (0: off)"))
     heap_trim_s: float = field(default=60.0, metadata=_doc(
         "CPU: give the heap's free pages back to the kernel at most this often under load, and once when "
         "the engine falls idle (0: never; RSS then creeps up as step activations fragment the heap)"))
@@ -174,6 +177,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if self.flow_cache_mb < -1:
             raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
+        if self.voice_prefix_mb < 0:
+            raise ValueError("voice_prefix_mb must be >= 0 (0 = off)")
         if self.heap_trim_s < 0:
             raise ValueError("heap_trim_s must be >= 0 (0 = never)")
         if self.threads < 0 or self.stage_workers < 0:

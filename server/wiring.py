@@ -136,6 +136,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         flow_dtype=settings.flow_dtype,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
+        voice_prefix_bytes=config.voice_prefix_mb << 20,
     )
     engine = Engine(directory, device=device, config=engine_config)
     if engine.model.load_stats is not None:

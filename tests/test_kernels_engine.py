@@ -83,8 +83,10 @@ class Trace:
         return torch.cat(self.mels[job], dim=1)
 
 
-def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None) -> dict[str, np.ndarray]:
-    engine = Engine(model_dir, model=model, config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024)))
+def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None,
+             **config) -> dict[str, np.ndarray]:
+    engine = Engine(model_dir, model=model,
+                    config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024), **config))
     if trace is not None:
         trace.spy_on(engine)
     try:
@@ -104,9 +106,41 @@ def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
     ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
                       final_streaming=ChunkPolicyConfig().final_streaming)
     expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
-    got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)])["a"]
+    # the reference computes the prompt frames in each stream's first call, so the engine does too here: with
+    # the voice prefix (its own call, other matmul shapes) the mel moves ~1e-6 and HiFT's phase integration
+    # makes that ~1e-3 in the waveform (test_streams_from_the_voice_prefix_equal_streams_that_compute_it)
+    got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)],
+                   voice_prefix_bytes=0)["a"]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_streams_from_the_voice_prefix_equal_streams_that_compute_it(model, tiny_model_dir, voice):
+    """kernels/runtime/voice_prefix.py: the second and third streams of a voice start from a copy of its
+    prompt frames (one in the same batch as the first, one later); the same tokens and mel as without."""
+    jobs = [SpeechJob(f"s{i}", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=7 + i, fixed_tokens=60 + 20 * i)
+            for i in range(3)]
+    traces = {"on": Trace(), "off": Trace()}
+    for name, trace in traces.items():
+        run_jobs(model, tiny_model_dir, jobs[:2], trace, voice_prefix_bytes=(1 << 30) if name == "on" else 0)
+        run_jobs(model, tiny_model_dir, jobs[2:], trace, voice_prefix_bytes=(1 << 30) if name == "on" else 0)
+    for job in jobs:
+        rid = job.request_id
+        assert traces["on"].tokens[rid] == traces["off"].tokens[rid]
+        torch.testing.assert_close(traces["on"].mel(rid), traces["off"].mel(rid), atol=1e-4, rtol=0)
+
+
+def test_the_engine_keeps_a_voice_prefix_and_reuses_it(model, tiny_model_dir, voice):
+    engine = _engine(model, tiny_model_dir)
+    try:
+        for i in range(2):
+            sink = Collector()
+            engine.submit(SpeechJob(f"p{i}", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=i, fixed_tokens=60), sink)
+            sink.audio()
+        stats = engine.runner.voice_prefix.stats
+        assert (stats.misses, stats.hits) == (1, 1) and engine.runner.voice_prefix.nbytes > 0
+    finally:
+        engine.shutdown(1.0)
 
 
 def test_batch_invariance_among_eight(model, tiny_model_dir, voice):
@@ -442,7 +476,7 @@ def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
     try:
         line = engine.describe()
         for part in ("device cpu", "llm fp32", "flow fp32", "threads ", "stage workers 2", "overlap off",
-                     "max batch 4", "attention torch SDPA", "flow cache ", "heap trim "):
+                     "max batch 4", "attention torch SDPA", "flow cache ", "heap trim ", "voice prefix 1.0 GiB"):
             assert part in line, (part, line)
     finally:
         engine.shutdown(1.0)

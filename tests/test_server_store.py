@@ -115,6 +115,9 @@ def test_dtype_flags() -> None:
     assert (cfg.flow_dtype, cfg.llm_dtype) == ("bf16", "fp32")
     assert load_config(["--token", "x"], {}).flow_dtype == "fp32"
     assert load_config(["--token", "x", "--flow-cache-mb", "0"], {}).flow_cache_mb == 0
+    assert load_config(["--token", "x", "--voice-prefix-mb", "0"], {}).voice_prefix_mb == 0
+    with pytest.raises(ValueError, match="voice_prefix_mb"):
+        ServerConfig(voice_prefix_mb=-1)
     with pytest.raises(ValueError, match="flow_cache_mb"):
         ServerConfig(flow_cache_mb=-2)
     with pytest.raises(ValueError, match="flow_dtype"):

@@ -25,6 +25,7 @@ from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.runtime.heap_trim import HeapTrimmer, TrimPolicy
 from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.runtime.runner import ModelRunner
+from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BYTES
 from kernels.weights.model import CosyVoice2Model, load_model
 from scheduler.config import SchedulerConfig
 from scheduler.engine_loop import EngineLoop, JobHandle
@@ -51,6 +52,9 @@ class EngineConfig:
     # frame in fp32 (an 11 s sentence: ~3.5 GB) and computes its flow 1.9x faster than by recomputing.
     flow_cache_bytes: int = DEFAULT_BUDGET_BYTES
     flow_cache_pool_bytes: int = -1
+    # A voice's streaming-flow prompt frames, computed once and copied into its later streams
+    # (kernels/runtime/voice_prefix.py): an LRU of this many bytes (0 = off).
+    voice_prefix_bytes: int = VOICE_PREFIX_BYTES
     max_jobs: int = 0  # jobs in flight at once (0 = no limit beyond the scheduler); 1 = strictly sequential
     # CPU only: the flow/vocoder requests of a step split into this many shards, each on its own
     # single-threaded worker (kernels/runtime/shards.py); 0 = one per usable core; 1 = off.
@@ -113,6 +117,10 @@ def _configure_device(device: str) -> None:
         tune_allocator()  # keep freed activations in the process (kernels/runtime/host_memory.py)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "off"
+
+
 class Engine:
     """EngineProtocol implementation over the real model."""
 
@@ -159,6 +167,7 @@ class Engine:
         return ModelRunner(
             model, limits.num_slots, limits.slot_len, cuda_graphs=cfg.cuda_graphs,
             incremental_flow=cfg.incremental_flow, stage_workers=cfg.stage_workers or usable_cores(),
+            voice_prefix_bytes=cfg.voice_prefix_bytes,
         )
 
     # ------------------------------------------------------------------ EngineProtocol (any thread)
@@ -189,7 +198,7 @@ class Engine:
         flow_dtype = next(model.flow.parameters()).dtype
         attention = "flash-attn" if use_flash(runner.device, model.llm.attn_backend, llm_dtype) else "torch SDPA"
         pool = self.scheduler.config.flow_cache.pool_bytes
-        cache = "off" if not cfg.incremental_flow or not pool else f"{pool / 2**30:.1f} GiB"
+        cache = "off" if not cfg.incremental_flow or not pool else _size(pool)
         cpu = runner.device.type == "cpu"
         parts = [
             f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
@@ -200,6 +209,7 @@ class Engine:
             f"max batch {self.scheduler.config.num_slots}",
             f"max chunks/step {self.scheduler.config.chunk.max_chunks_per_step}",
             f"attention {attention}", f"flow cache {cache}",
+            f"voice prefix {_size(runner.voice_prefix.budget_bytes) if runner.voice_prefix else 'off'}",
         ]
         return ", ".join(parts)
 

@@ -27,6 +27,8 @@ from kernels.runtime.cuda_graphs import DecodeGraphs
 from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.runtime.shards import ShardPool
 from kernels.runtime.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
+from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BYTES
+from kernels.runtime.voice_prefix import VoicePrefixCache, voice_key
 from kernels.weights.model import CosyVoice2Model
 from scheduler.plan import ChunkItem, ChunkOutput, NewRequest, Segment, StepPlan, StepResult
 
@@ -41,6 +43,7 @@ class RequestTensors:
     speed: float
     vocoder: VocoderState
     sampler: torch.Generator | None  # per-request LLM sampling RNG (seeded requests)
+    voice_key: bytes = b""  # digest of the voice's prompt arrays (kernels/runtime/voice_prefix.py)
     llm_time_s: float = 0.0  # LLM time accrued since this request's last chunk
 
 
@@ -74,6 +77,7 @@ class ModelRunner:
         graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
         incremental_flow: bool = False,  # False: incremental chunks recompute (reported in StepResult)
         stage_workers: int = 1,  # CPU: flow/vocoder shards of a batch run on this many single-threaded workers
+        voice_prefix_bytes: int = VOICE_PREFIX_BYTES,  # streaming flow prefixes kept per voice (0 = off)
     ) -> None:
         self.model = model
         self.device = torch.device(model.device)
@@ -97,6 +101,8 @@ class ModelRunner:
         # their mel equals the recompute path's to ~1e-6 (other matmul shapes). Which requests may keep a
         # cache, and how much memory that takes, is the scheduler's call (scheduler/flow_budget.py).
         self.flow_inc = IncrementalFlow(model.flow) if incremental_flow else None
+        # A voice's prompt frames are computed once and copied into its later streams (voice_prefix.py).
+        self.voice_prefix = VoicePrefixCache(self.flow_inc, voice_prefix_bytes) if self.flow_inc else None
         self.flow_states: dict[str, FlowStreamState] = {}
         # flow_states change on the stage thread (chunks) and the engine thread (release)
         self._flow_lock = threading.RLock()
@@ -120,6 +126,7 @@ class ModelRunner:
             vocoder=VocoderState(generator=_generator(None if seed is None else seed + 1, torch.device("cpu"))),
             # sampling RNG on the host too: per step a CUDA batch then costs one copy, not B RNG launches
             sampler=_generator(seed, torch.device("cpu")),
+            voice_key=voice_key(voice.speech_tokens, voice.mel, voice.embedding),
         )
 
     def release(self, request_id: str) -> None:
@@ -382,7 +389,11 @@ class ModelRunner:
         inc = [i for i, (_, call) in enumerate(part) if call is not None]
         rec = [i for i, (_, call) in enumerate(part) if call is None]
         if inc:
-            results = self.flow_inc.forward([part[i][1] for i in inc], finalize)
+            calls = [part[i][1] for i in inc]
+            if self.voice_prefix is not None:  # fresh streams start from their voice's prompt frames
+                keys = [self.requests[part[i][0].request_id].voice_key for i in inc]
+                self.voice_prefix.prepare(list(zip(keys, calls)))
+            results = self.flow_inc.forward(calls, finalize)
             for i, (mel, first) in zip(inc, results):
                 c = part[i][0]
                 keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
