@@ -113,7 +113,7 @@ def test_cpu_engine_flags(tmp_path: Path) -> None:
 def test_dtype_flags() -> None:
     cfg = load_config(["--token", "x", "--flow-dtype", "bf16", "--llm-dtype", "fp32"], {})
     assert (cfg.flow_dtype, cfg.llm_dtype) == ("bf16", "fp32")
-    assert load_config(["--token", "x"], {}).flow_dtype == "fp32"
+    assert load_config(["--token", "x"], {}).flow_dtype == "auto"  # chosen at start-up from the CPU
     assert load_config(["--token", "x", "--flow-cache-mb", "0"], {}).flow_cache_mb == 0
     assert load_config(["--token", "x", "--voice-prefix-mb", "0"], {}).voice_prefix_mb == 0
     with pytest.raises(ValueError, match="voice_prefix_mb"):
