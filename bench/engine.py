@@ -16,6 +16,10 @@ On CUDA each run records its peak GPU memory (`gpu_peak_mb`: torch.cuda.max_memo
 JSON file is rewritten after every run ("complete": false until the last), so a run cut short by a
 time limit keeps the levels it finished.
 
+`--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
+"baseline": its own dtypes, the voice prefix on or off), right after the measured one in the same process,
+and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side.
+
 `--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
 the time to the first sampled speech token.
@@ -215,7 +219,10 @@ def run_engine(
     slot_len: int,
     timeout_s: float,
     overlap: bool = True,
+    mode: str | None = None,
+    **engine_kw: Any,
 ) -> dict[str, Any]:
+    """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label."""
     from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
@@ -223,7 +230,7 @@ def run_engine(
     if sequential:
         config = EngineConfig(
             scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len), max_jobs=1, cuda_graphs=cuda_graphs,
-            use_wetext=False, overlap_stages=overlap,
+            use_wetext=False, overlap_stages=overlap, **engine_kw,
         )
     else:
         config = EngineConfig(
@@ -232,6 +239,7 @@ def run_engine(
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
+            **engine_kw,
         )
     engine = Engine(model_dir, model=model, config=config)
     cuda = engine.runner.device.type == "cuda"
@@ -247,7 +255,7 @@ def run_engine(
     speech_s = loop.samples / SAMPLE_RATE
     llm_s = stats.seconds["prefill_s"] + stats.seconds["decode_s"] + stats.seconds["sample_s"]
     return {
-        "mode": "sequential" if sequential else "batched",
+        "mode": mode or ("sequential" if sequential else "batched"),
         "concurrency": concurrency,
         "requests": len(jobs),
         "wall_s": round(wall, 3),
@@ -377,12 +385,13 @@ def run_llm_only(
 # ---------------------------------------------------------------- report
 
 
-def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Batched / sequential of every figure, per concurrency (ttfc: batched p50/p95 over sequential's)."""
+def ratios(runs: list[dict[str, Any]], against: str = "sequential") -> dict[str, dict[str, float | None]]:
+    """Batched / `against` (sequential, or baseline) of every figure, per concurrency (ttfc: batched
+    p50/p95 over the other's)."""
     out: dict[str, dict[str, float | None]] = {}
     by = {(r["mode"], r["concurrency"]): r for r in runs}
     for (mode, c), batched in sorted(by.items(), key=lambda kv: kv[0][1]):
-        seq = by.get(("sequential", c))
+        seq = by.get((against, c))
         if mode != "batched" or seq is None:
             continue
         row: dict[str, float | None] = {k: _ratio(batched.get(k), seq.get(k)) for k in FIGURES}
@@ -468,29 +477,18 @@ def table(result: dict[str, Any]) -> str:
             )
             + " |"
         )
-        if r["mode"] == "batched" and str(r["concurrency"]) in result["ratios"]:
-            q = result["ratios"][str(r["concurrency"])]
-            rows.append(
-                "| "
-                + " | ".join(
-                    [
-                        str(r["concurrency"]),
-                        "**ratio**",
-                        "",
-                        "",
-                        _x(q["speech_seconds_per_second"]),
-                        _x(q["llm_tokens_per_second"]),
-                        _x(q["llm_stage_tokens_per_second"]),
-                        _x(q["ttfc_p50"]),
-                        _x(q["ttfc_p95"]),
-                        _x(q["decode_batch_mean"]),
-                        _x(q["flow_batch_mean"]),
-                        _x(q["vocoder_batch_mean"]),
-                    ]
-                )
-                + " |"
-            )
+        for key, label in (("ratios", "**ratio**"), ("ratios_vs_baseline", "**vs baseline**")):
+            q = result.get(key, {}).get(str(r["concurrency"])) if r["mode"] == "batched" else None
+            if q is not None:
+                rows.append(_ratio_row(r["concurrency"], label, q))
     return "\n".join(rows)
+
+
+def _ratio_row(concurrency: int, label: str, q: dict[str, float | None]) -> str:
+    cells = [str(concurrency), label, "", "", _x(q["speech_seconds_per_second"]), _x(q["llm_tokens_per_second"]),
+             _x(q["llm_stage_tokens_per_second"]), _x(q["ttfc_p50"]), _x(q["ttfc_p95"]), _x(q["decode_batch_mean"]),
+             _x(q["flow_batch_mean"]), _x(q["vocoder_batch_mean"])]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _x(v: float | None) -> str:
@@ -530,6 +528,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- model: {m['model']}",
         f"- threads: {json.dumps(m['threads'])}",
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
+        *([f"- baseline (\"vs baseline\" rows: measured / baseline): {json.dumps(result['baseline'])}"]
+          if "baseline" in result else []),
         *([f"- overlapped stages: {m['overlap_stages']}"
            + (" (LLM steps run beside the flow: LLM-stage tok/s includes waiting for cores and the GIL;"
               " for the LLM's own batching use --llm-only or --overlap-stages 0)"
@@ -573,6 +573,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--llm-only", action="store_true", help="LLM alone: prefill + batched decode, no flow/vocoder"
     )
+    p.add_argument("--baseline", type=parse_path,
+                   help='also run each level batched on this path, e.g. "llm=bf16,flow=bf16,voice_prefix=0" '
+                        "(unnamed: as measured), and report measured / baseline")
     p.add_argument("--model-label", help="model name for meta (default: the model dir)")
     p.add_argument("--timeout", type=float, default=1800.0, help="per run")
     return p.parse_args(argv)
@@ -584,6 +587,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _main(parse_args(argv))
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
+
+
+def parse_path(spec: str) -> dict[str, str]:
+    """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
+    allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1")}
+    out: dict[str, str] = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in allowed or value not in allowed[key]:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected one of {', '.join(f'{k}=' for k in allowed)} "
+                                             f"with a value in {allowed.get(key, ())}")
+        out[key] = value
+    return out
+
+
+def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str, Any] | None:
+    """The --baseline path: its model (the measured one when the dtypes match) and EngineConfig fields."""
+    if args.baseline is None or args.llm_only:
+        return None
+    from kernels.runtime.engine import weight_dtype
+    from kernels.weights.model import load_model
+
+    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1", **args.baseline}
+    settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
+    spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
+    same = (spec["llm"], spec["flow"]) == (args.llm_dtype, args.flow_dtype)
+    base_model = model if same else load_model(args.model_dir, device=device,
+                                               llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
+                                               flow_dtype=weight_dtype(spec["flow"], False))
+    engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
+    print(f"baseline: {spec}", file=sys.stderr)
+    return {"spec": spec, "model": base_model, "engine": engine}
+
+
+def report(runs: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"runs": runs, "ratios": ratios(runs)}
+    if base is not None:
+        out["baseline"] = base["spec"]
+        out["ratios_vs_baseline"] = ratios(runs, "baseline")
+    return out
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -622,18 +665,22 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         warm = make_jobs(voice, top, args.tokens, args.stream, "warm")
         run_engine(model, args.model_dir, warm, top, False, cuda_graphs, slot_len, args.timeout,
                    args.overlap)
+    base = baseline_path(args, model, device)
     label = args.model_label or str(args.model_dir)
     seq_levels = args.concurrency if args.sequential_concurrency is None else args.sequential_concurrency
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
-        for sequential in (False, True) if c in seq_levels else (False,):
+        modes = ["batched", *(["baseline"] if base else []), *(["sequential"] if c in seq_levels else [])]
+        for mode in modes:
+            sequential = mode == "sequential"
             if args.llm_only:
                 run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
             else:
                 jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
+                path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
                 run = run_engine(
-                    model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                    args.overlap,
+                    path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
+                    args.overlap, mode, **path_kw,
                 )
             runs.append(run)
             print(
@@ -642,10 +689,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
             if args.json:  # partial results survive a run cut short
-                partial = {"runs": runs, "ratios": ratios(runs), "meta": meta(label, device, args),
-                           "complete": False}
+                partial = {**report(runs, base), "meta": meta(label, device, args), "complete": False}
                 args.json.write_text(json.dumps(partial, indent=2) + "\n")
-    result = {"runs": runs, "ratios": ratios(runs), "meta": meta(label, device, args), "complete": True}
+    result = {**report(runs, base), "meta": meta(label, device, args), "complete": True}
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -94,3 +94,23 @@ def test_llm_only_smoke(tiny_model_dir):
     assert b["decode_batch_mean"] == 2 and s["decode_batch_mean"] == 1
     assert b["llm_tokens"] == s["llm_tokens"] == 12 and b["speech_seconds_per_second"] is None
     assert res["meta"]["llm_only"] and res["ratios"]["2"]["llm_tokens_per_second"] > 0
+
+
+def test_a_baseline_path_runs_beside_each_level(tiny_model_dir, tmp_path):
+    md = tmp_path / "e.md"
+    res = bench_engine.main(["--model-dir", str(tiny_model_dir), "--concurrency", "2", "--tokens", str(TOKENS),
+                             "--sequential-concurrency", "", "--baseline", "flow=bf16,voice_prefix=0",
+                             "--markdown", str(md)])
+    assert [r["mode"] for r in res["runs"]] == ["batched", "baseline"]
+    assert res["baseline"] == {"llm": "fp32", "flow": "bf16", "voice_prefix": "0"}  # unnamed: as measured
+    b, base = res["runs"]
+    assert res["ratios_vs_baseline"]["2"]["llm_tokens_per_second"] == pytest.approx(
+        b["llm_tokens_per_second"] / base["llm_tokens_per_second"], rel=1e-2)
+    assert res["ratios"] == {} and "| 2 | **vs baseline** |" in md.read_text()
+
+
+def test_a_baseline_spec_names_known_settings_only():
+    assert bench_engine.parse_path("llm=bf16,voice_prefix=0") == {"llm": "bf16", "voice_prefix": "0"}
+    for bad in ("llm=int8", "prefix=0", "voice_prefix=yes"):
+        with pytest.raises(Exception, match="expected one of"):
+            bench_engine.parse_path(bad)
