@@ -18,7 +18,9 @@ time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
 "baseline": its own dtypes, the voice prefix on or off), right after the measured one in the same process,
-and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side.
+and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
+engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
+server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
 
 `--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
@@ -242,6 +244,8 @@ def run_engine(
             **engine_kw,
         )
     engine = Engine(model_dir, model=model, config=config)
+    if jobs and jobs[0].stream and jobs[0].voice is not None:
+        engine.warm_voice(jobs[0].voice)  # a server that serves the voice has its prefix (off: a no-op)
     cuda = engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

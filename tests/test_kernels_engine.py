@@ -139,6 +139,16 @@ def test_the_engine_keeps_a_voice_prefix_and_reuses_it(model, tiny_model_dir, vo
             sink.audio()
         stats = engine.runner.voice_prefix.stats
         assert (stats.misses, stats.hits) == (1, 1) and engine.runner.voice_prefix.nbytes > 0
+        assert engine.warm_voice(voice) and stats.misses == 1  # already kept
+    finally:
+        engine.shutdown(1.0)
+    engine = _engine(model, tiny_model_dir)
+    try:
+        assert engine.warm_voice(voice)  # before any stream: the first one starts from it
+        sink = Collector()
+        engine.submit(SpeechJob("w", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=1, fixed_tokens=60), sink)
+        sink.audio()
+        assert (engine.runner.voice_prefix.stats.misses, engine.runner.voice_prefix.stats.hits) == (1, 1)
     finally:
         engine.shutdown(1.0)
 

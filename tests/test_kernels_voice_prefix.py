@@ -100,3 +100,17 @@ def test_voice_key_follows_the_arrays() -> None:
     assert voice_key(tokens, mel, emb) == voice_key(tokens.copy(), torch.from_numpy(mel), emb)
     assert voice_key(tokens, mel, emb) != voice_key(tokens, mel * 2, emb)
     assert voice_key(tokens, mel, emb) != voice_key(tokens.astype(np.int64), mel, emb)
+
+
+def test_warming_a_voice_stores_its_prefix_without_a_stream(flow) -> None:
+    inc = IncrementalFlow(flow)
+    cache = VoicePrefixCache(inc)
+    tokens, feat, emb = _voice(4)
+    assert cache.warm(b"w", tokens[:PROMPT], feat, emb) and cache.stats.misses == 1
+    assert cache.warm(b"w", tokens[:PROMPT], feat, emb) and cache.stats.misses == 1  # kept: not computed again
+    torch.testing.assert_close(_stream(inc, (tokens, feat, emb), cache, b"w"), _stream(inc, (tokens, feat, emb), None),
+                               atol=1e-5, rtol=0)
+    assert cache.stats.hits == 1
+    short = _voice(5, prompt=27)
+    assert not cache.warm(b"s", short[0][:27], short[1], short[2])  # no whole chunk before the look-ahead
+    assert not VoicePrefixCache(inc, budget_bytes=0).warm(b"w", tokens[:PROMPT], feat, emb)

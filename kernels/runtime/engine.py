@@ -29,7 +29,7 @@ from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BY
 from kernels.weights.model import CosyVoice2Model, load_model
 from scheduler.config import SchedulerConfig
 from scheduler.engine_loop import EngineLoop, JobHandle
-from scheduler.jobs import EngineStats, EventSink, PreparedJob, SpeechJob
+from scheduler.jobs import EngineStats, EventSink, PreparedJob, SpeechJob, VoicePrompt
 from scheduler.scheduler import Scheduler
 
 
@@ -183,6 +183,11 @@ class Engine:
         """A SpeechJob is prepared here, on the calling thread (tests, tools); servers pass PreparedJobs."""
         prepared = job if isinstance(job, PreparedJob) else self.prepare(job)
         return self.loop.submit(prepared, sink, self.encode_text)
+
+    def warm_voice(self, voice: VoicePrompt) -> bool:
+        """Compute a voice's streaming-flow prefix ahead of its first stream (any thread; uses the CPU/GPU
+        beside the engine). False when nothing is kept for it."""
+        return self.runner.warm_voice(voice)
 
     def can_admit(self) -> bool:
         return self.loop.can_admit()

@@ -30,6 +30,7 @@ from kernels.runtime.vocoder_stream import VocoderState, stretch_mel, vocode_chu
 from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BYTES
 from kernels.runtime.voice_prefix import VoicePrefixCache, voice_key
 from kernels.weights.model import CosyVoice2Model
+from scheduler.jobs import VoicePrompt
 from scheduler.plan import ChunkItem, ChunkOutput, NewRequest, Segment, StepPlan, StepResult
 
 
@@ -128,6 +129,19 @@ class ModelRunner:
             sampler=_generator(seed, torch.device("cpu")),
             voice_key=voice_key(voice.speech_tokens, voice.mel, voice.embedding),
         )
+
+    def warm_voice(self, voice: VoicePrompt) -> bool:
+        """Compute the voice's streaming-flow prefix now (kernels/runtime/voice_prefix.py), so its first
+        stream starts from it too. Runs on the caller's thread (the flow's weights are only read; the
+        store has its own lock). False when there is nothing to keep (prefix off, a short prompt)."""
+        if self.voice_prefix is None:
+            return False
+        dev, dtype = self.device, next(self.model.flow.parameters()).dtype
+        return self.voice_prefix.warm(
+            voice_key(voice.speech_tokens, voice.mel, voice.embedding),
+            torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
+            torch.as_tensor(np.asarray(voice.mel), dtype=dtype, device=dev),
+            torch.as_tensor(np.asarray(voice.embedding), dtype=dtype, device=dev))
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)

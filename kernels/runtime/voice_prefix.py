@@ -107,6 +107,15 @@ class VoicePrefixCache:
                 _restore(other.state, snapshot)
             self._put(key, snapshot)
 
+    def warm(self, key: bytes, prompt_tokens: Tensor, prompt_feat: Tensor, embedding: Tensor) -> bool:
+        """Compute and keep a voice's prefix before any stream needs it (needs only the prompt). True when
+        the voice has a stored prefix afterwards."""
+        if self.budget_bytes <= 0 or self.prefix_tokens(int(prompt_feat.shape[0]) // self.flow.ratio) == 0:
+            return False
+        if key not in self._entries:
+            self.prepare([(key, StreamCall(FlowStreamState(), prompt_tokens, prompt_feat, embedding))])
+        return key in self._entries
+
     def _get(self, key: bytes) -> FlowStreamState | None:
         with self._lock:
             found = self._entries.get(key)
