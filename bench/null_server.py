@@ -84,6 +84,9 @@ class NullEngine:
         return EngineStats(running=n, waiting=0, kv_used_tokens=0, kv_total_tokens=1, last_decode_batch=n,
                            last_flow_batch=n, last_vocoder_batch=n, steps=self._steps)  # fmt: skip
 
+    def warm_voice(self, voice) -> bool:  # nothing to precompute
+        return False
+
     def can_admit(self) -> bool:
         return True
 

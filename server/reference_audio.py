@@ -47,6 +47,7 @@ async def upload(ctx: Ctx) -> None:
     record: VoiceRecord = await _store_call(state, "the voice was not stored", state.store.add,
                                             filename, data, text, prompt)
     state.voices.put(record.id, prompt)
+    state.warm_voice(prompt)  # background: the voice's first stream then skips most of its prompt's flow
     await ctx.json(record.to_json())
 
 

@@ -112,6 +112,10 @@ class RemoteEngine:
                            kv_used_tokens=0, kv_total_tokens=0, last_decode_batch=0, last_flow_batch=0,
                            last_vocoder_batch=0, steps=0)
 
+    def warm_voice(self, voice: VoicePrompt) -> bool:
+        """Nothing here: a backend computes a voice's prefix at its first stream there."""
+        return False
+
     def can_admit(self) -> bool:
         """Some backend is usable (not ejected, not draining, not full); else the job fails at once (503)."""
         return self.pool.usable()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, TypeVarTuple
@@ -21,6 +22,8 @@ from server.metrics import Metrics
 from server.store_base import VoiceStoreBase
 from server.voice_ids import check_voice_id, not_found
 from server.voices import FeatureCache, VoiceCache
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
@@ -48,12 +51,25 @@ class ServerState:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # in-flight handlers, for the drain
     connections: set[OpenConnection] = field(default_factory=set)
     features: FeatureCache | None = None  # --role backend: the voices jobs brought, by content hash
+    background: set[asyncio.Future[bool]] = field(default_factory=set)  # work nobody awaits (warm_voice)
 
     async def run_blocking(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         """CPU/disk work (decode, encode, features, fsync) goes to the pool, never the loop; in the caller's
         context, so what it logs carries the caller's request id (server/log_lines.py)."""
         run_here = contextvars.copy_context().run
         return await asyncio.get_running_loop().run_in_executor(self.pool, run_here, fn, *args)
+
+    def warm_voice(self, prompt: VoicePrompt) -> None:
+        """Let the engine precompute a new voice's work on the pool, in the background (its first stream then
+        starts from it: kernels/runtime/voice_prefix.py). A failure is logged: the upload already succeeded."""
+        future = asyncio.ensure_future(self.run_blocking(self.engine.warm_voice, prompt))
+        self.background.add(future)
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: asyncio.Future[bool]) -> None:
+        self.background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("precomputing a voice failed: %r", future.exception())
 
     async def voice(self, voice_id: str) -> VoicePrompt:
         prompt = self.voices.peek(check_voice_id(voice_id))

@@ -122,6 +122,7 @@ class FakeEngine:
         self.admit = admit
         self.fail_after_chunks = fail_after_chunks
         self.jobs: list[SpeechJob] = []
+        self.warmed: list[VoicePrompt] = []  # voices the server asked to precompute (upload)
         self._running: set[_FakeJob] = set()
         self._lock = threading.Lock()
         self.steps = 0
@@ -183,6 +184,10 @@ class FakeEngine:
         n = self.running
         return EngineStats(running=n, waiting=0, kv_used_tokens=n * 100, kv_total_tokens=10000,
                            last_decode_batch=n, last_flow_batch=1, last_vocoder_batch=1, steps=self.steps)
+
+    def warm_voice(self, voice: VoicePrompt) -> bool:
+        self.warmed.append(voice)
+        return True
 
     def can_admit(self) -> bool:
         return self.admit

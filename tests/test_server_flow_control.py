@@ -167,6 +167,9 @@ class ManualEngine:
         self.jobs.append(ManualJob(prepared.job, sink))
         return self.jobs[-1]
 
+    def warm_voice(self, voice) -> bool:  # nothing to precompute
+        return False
+
     def can_admit(self) -> bool:
         return True
 

@@ -94,6 +94,17 @@ def test_upload_formats_get_and_delete(server, data: bytes, filename: str, extra
     assert again.status_code == 404 and again.json()["code"] == "NotFound"
 
 
+def test_an_upload_asks_the_engine_to_precompute_the_voice(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    with running_server(tmp_path, engine) as srv:
+        r = upload(requests, srv.url, text="transcript")
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while not engine.warmed and time.monotonic() < deadline:  # a background task: poll its outcome
+            time.sleep(0.01)
+    assert len(engine.warmed) == 1 and engine.warmed[0].text == "transcript"
+
+
 def test_list_limit_and_order(tmp_path: Path) -> None:
     with running_server(tmp_path) as srv:
         ids = [upload(requests, srv.url, text=f"t{i}").json()["id"] for i in range(3)]

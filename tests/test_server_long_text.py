@@ -119,6 +119,9 @@ class TaggingEngine:
         return EngineStats(running=0, waiting=0, kv_used_tokens=0, kv_total_tokens=1, last_decode_batch=0,
                            last_flow_batch=0, last_vocoder_batch=0, steps=0)
 
+    def warm_voice(self, voice) -> bool:  # nothing to precompute
+        return False
+
     def can_admit(self) -> bool:
         return True
 

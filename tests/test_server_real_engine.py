@@ -161,6 +161,21 @@ def test_upload_keeps_the_transcript_ids_the_engine_would_derive(server: ServerT
     assert stored.text_ids == server.app.engine.text.transcript_ids(without)  # type: ignore[attr-defined]
 
 
+def test_an_uploaded_voice_has_its_flow_prefix_before_its_first_stream(server: ServerThread, voice: str) -> None:
+    """The upload asks the engine to precompute the voice's streaming-flow prefix in the background
+    (server/state.py warm_voice -> kernels/runtime/voice_prefix.py)."""
+    from kernels.runtime.voice_prefix import voice_key
+
+    stored = server.app.store.load_prompt(voice)
+    assert stored is not None
+    prefix = server.app.engine.runner.voice_prefix  # type: ignore[attr-defined]
+    key = voice_key(stored.speech_tokens, stored.mel, stored.embedding)
+    deadline = time.monotonic() + 30
+    while not prefix.holds(key) and time.monotonic() < deadline:  # a background task: poll its outcome
+        time.sleep(0.05)
+    assert prefix.holds(key)
+
+
 def test_upload_below_16k_is_400(server: ServerThread) -> None:
     r = requests.post(f"{server.url}/api/v1/audio/reference_audio", headers=AUTH,
                       files={"file": ("voice8k.wav", wav_file(2.0, 8000))}, data={"text": PROMPT_TEXT},

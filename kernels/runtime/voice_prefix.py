@@ -77,6 +77,10 @@ class VoicePrefixCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def holds(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._entries
+
     @torch.inference_mode()
     def prepare(self, calls: list[tuple[bytes, StreamCall]]) -> None:
         """Bring each fresh call's state (nothing cached yet) to the end of its voice's prefix: from a stored
@@ -112,9 +116,9 @@ class VoicePrefixCache:
         the voice has a stored prefix afterwards."""
         if self.budget_bytes <= 0 or self.prefix_tokens(int(prompt_feat.shape[0]) // self.flow.ratio) == 0:
             return False
-        if key not in self._entries:
+        if not self.holds(key):
             self.prepare([(key, StreamCall(FlowStreamState(), prompt_tokens, prompt_feat, embedding))])
-        return key in self._entries
+        return self.holds(key)
 
     def _get(self, key: bytes) -> FlowStreamState | None:
         with self._lock:
