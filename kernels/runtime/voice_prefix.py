@@ -6,9 +6,10 @@ streaming call everything is chunk-causal (kernels/runtime/flow_cache.py): the f
 encoder chunks that end before the look-ahead reaches a generated token depend only on the voice (its
 tokens, prompt mel and speaker embedding) and the fixed CFM noise. So their caches (each layer's K/V and
 conv tails, per Euler step) are the same for every request in that voice. We compute them in a call of
-their own the first time a voice streams, keep a copy, and start later requests from a copy of it: the
-same computation (a call that starts on the chunk grid where its cache ends is exact; the mel moves
-~1e-6 only because the matmul shapes differ, as with the incremental flow itself), minus the prefix. The full-size model's first chunk on a 3 s prompt then computes 100 frames instead of 200.
+their own the first time a voice streams (or when the server stores it: `warm`), keep a copy, and start
+later requests from a copy of it: the same computation (a call that starts on the chunk grid where its
+cache ends is exact; the mel moves ~1e-6 only because the matmul shapes differ, as with the incremental
+flow itself), minus the prefix. The first chunk on a 3 s prompt then computes 100 frames instead of 200.
 
 The copies live in an LRU bounded by bytes (`budget_bytes`, 0 = off); the key is a digest of the voice's
 arrays, so an edited or deleted voice never matches and simply ages out.
@@ -146,4 +147,3 @@ def _restore(state: FlowStreamState, snapshot: FlowStreamState) -> None:
     """Fill a fresh state with a copy of the snapshot (the request then appends to its own buffers)."""
     copied = copy_state(snapshot)
     state.tokens_done, state.kv, state.tails = copied.tokens_done, copied.kv, copied.tails
-
