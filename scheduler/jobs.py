@@ -114,6 +114,11 @@ class EngineStats:
     steps: int
     flow_cache_bytes: int = 0  # streaming flow caches reserved by running requests
     flow_cache_pool_bytes: int = 0  # their shared limit (0: none / flow cache off)
+    # voices' streaming-flow prefixes (kernels/runtime/voice_prefix.py): streams started from a kept one,
+    # prefixes computed, bytes kept
+    voice_prefix_hits: int = 0
+    voice_prefix_misses: int = 0
+    voice_prefix_bytes: int = 0
 
 
 class EngineProtocol(Protocol):

@@ -139,6 +139,8 @@ def test_the_engine_keeps_a_voice_prefix_and_reuses_it(model, tiny_model_dir, vo
             sink.audio()
         stats = engine.runner.voice_prefix.stats
         assert (stats.misses, stats.hits) == (1, 1) and engine.runner.voice_prefix.nbytes > 0
+        seen = engine.stats()  # what /metrics reads
+        assert (seen.voice_prefix_misses, seen.voice_prefix_hits) == (1, 1) and seen.voice_prefix_bytes > 0
         assert engine.warm_voice(voice) and stats.misses == 1  # already kept
     finally:
         engine.shutdown(1.0)

@@ -174,6 +174,8 @@ def test_an_uploaded_voice_has_its_flow_prefix_before_its_first_stream(server: S
     while not prefix.holds(key) and time.monotonic() < deadline:  # a background task: poll its outcome
         time.sleep(0.05)
     assert prefix.holds(key)
+    assert _metric(server, "cosyserve_engine_voice_prefix_bytes") > 0  # what /metrics shows of it
+    assert _metric(server, "cosyserve_engine_voice_prefix_misses_total") >= 1
 
 
 def test_upload_below_16k_is_400(server: ServerThread) -> None:

@@ -193,7 +193,11 @@ class Engine:
         return self.loop.can_admit()
 
     def stats(self) -> EngineStats:
-        return self.loop.stats()
+        prefix = self.runner.voice_prefix
+        if prefix is None:
+            return self.loop.stats()
+        return replace(self.loop.stats(), voice_prefix_hits=prefix.stats.hits,
+                       voice_prefix_misses=prefix.stats.misses, voice_prefix_bytes=prefix.nbytes)
 
     def describe(self) -> str:
         """One line for the start-up log: device, dtypes, threads, batch limits, attention, flow cache."""
