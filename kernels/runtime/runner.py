@@ -116,19 +116,27 @@ class ModelRunner:
         voice, seed = new.voice, new.seed
         if voice is None:
             raise ValueError("the request has no voice prompt")
-        dev = self.device
-        flow_dtype = next(self.model.flow.parameters()).dtype
+        tokens, mel, embedding = self._voice_tensors(voice)
         self.requests[new.request_id] = RequestTensors(
-            prompt_tokens=torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
-            prompt_mel=torch.as_tensor(np.asarray(voice.mel), dtype=flow_dtype, device=dev),
-            embedding=torch.as_tensor(np.asarray(voice.embedding), dtype=flow_dtype, device=dev),
+            prompt_tokens=tokens,
+            prompt_mel=mel,
+            embedding=embedding,
             speed=float(new.speed),
             # the vocoder noise RNG lives on the CPU: cheap, and identical on every device
             vocoder=VocoderState(generator=_generator(None if seed is None else seed + 1, torch.device("cpu"))),
             # sampling RNG on the host too: per step a CUDA batch then costs one copy, not B RNG launches
             sampler=_generator(seed, torch.device("cpu")),
-            voice_key=voice_key(voice.speech_tokens, voice.mel, voice.embedding),
+            # only the voice prefix reads it: no digest of the prompt per request when it is off
+            voice_key=voice_key(voice.speech_tokens, voice.mel, voice.embedding) if self.voice_prefix else b"",
         )
+
+    def _voice_tensors(self, voice: VoicePrompt) -> tuple[Tensor, Tensor, Tensor]:
+        """The flow's prompt inputs on the device: speech tokens (long), prompt mel and speaker embedding
+        (in the flow's dtype)."""
+        dev, dtype = self.device, next(self.model.flow.parameters()).dtype
+        return (torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
+                torch.as_tensor(np.asarray(voice.mel), dtype=dtype, device=dev),
+                torch.as_tensor(np.asarray(voice.embedding), dtype=dtype, device=dev))
 
     def warm_voice(self, voice: VoicePrompt) -> bool:
         """Compute the voice's streaming-flow prefix now (kernels/runtime/voice_prefix.py), so its first
@@ -136,12 +144,8 @@ class ModelRunner:
         store has its own lock). False when there is nothing to keep (prefix off, a short prompt)."""
         if self.voice_prefix is None:
             return False
-        dev, dtype = self.device, next(self.model.flow.parameters()).dtype
-        return self.voice_prefix.warm(
-            voice_key(voice.speech_tokens, voice.mel, voice.embedding),
-            torch.as_tensor(np.asarray(voice.speech_tokens), dtype=torch.long, device=dev),
-            torch.as_tensor(np.asarray(voice.mel), dtype=dtype, device=dev),
-            torch.as_tensor(np.asarray(voice.embedding), dtype=dtype, device=dev))
+        return self.voice_prefix.warm(voice_key(voice.speech_tokens, voice.mel, voice.embedding),
+                                      *self._voice_tensors(voice))
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
