@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kernels.config import EstimatorConfig
 from kernels.networks.chunk_attention import chunk_causal_attention
+from kernels.networks.cpu_sdpa import attention
 from kernels.networks.flow_encoder import additive_mask, attention_mask
 from kernels.networks.step_cache import (
     NO_CACHE,
@@ -112,7 +113,7 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
         if kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, mask)
         else:
             out = torch.zeros_like(q)  # right padding stays zero (masked downstream)
             for seg, store in kv:
