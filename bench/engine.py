@@ -23,6 +23,12 @@ process, and reports measured / baseline ("vs baseline" rows): a new path agains
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
 server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
 
+`--repeats N` runs each level N times, swapping the order of batched and baseline on every other repeat
+(A B B A ...), and reports each mode's repeats merged (rates over the summed time, percentiles over all
+first chunks). On the 2-vCPU VMs whichever path ran first at a level read ~5-9 % slower than the same
+path run second (an A/A run: C1 0.91x, C8 0.96x), so a single order biases every "vs baseline" ratio;
+use an even N for a comparison.
+
 `--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
 the time to the first sampled speech token.
@@ -273,6 +279,7 @@ def run_engine(
         # the LLM's own rate inside the engine: tokens per second of prefill + decode + sampling time
         "llm_stage_tokens_per_second": loop.tokens / llm_s if llm_s else None,
         "ttfc_ms": percentiles(loop.ttfc_s()),
+        "ttfc_each_s": [round(t, 4) for t in loop.ttfc_s()],
         "decode_batch_mean": _mean(stats.decode_batches),
         "flow_batch_mean": _mean(stats.flow_batches),
         "vocoder_batch_mean": _mean(stats.vocoder_batches),
@@ -392,6 +399,47 @@ def run_llm_only(
 # ---------------------------------------------------------------- report
 
 
+def repeat_order(modes: list[str], repeat: int) -> list[str]:
+    """The modes of one repeat: batched and baseline swap places on every other repeat (A B B A ...)."""
+    if repeat % 2 == 0 or "baseline" not in modes:
+        return modes
+    swapped = {"batched": "baseline", "baseline": "batched"}
+    return [swapped.get(m, m) for m in modes]
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's repeats at a level as one run: totals summed, rates over the summed wall time,
+    first-chunk percentiles over every request, batch means averaged; `repeat_speech_s_per_s` keeps each."""
+    if len(runs) == 1:
+        return runs[0]
+    first, wall = runs[0], sum(r["wall_s"] for r in runs)
+    speech, tokens = sum(r["speech_seconds"] for r in runs), sum(r["llm_tokens"] for r in runs)
+    llm_s = sum(r["llm_tokens"] / r["llm_stage_tokens_per_second"] for r in runs
+                if r.get("llm_stage_tokens_per_second"))
+    each = [t for r in runs for t in r.get("ttfc_each_s", [])]
+    merged = {
+        **first,
+        "requests": sum(r["requests"] for r in runs),
+        "wall_s": round(wall, 3),
+        "speech_seconds": round(speech, 3),
+        "llm_tokens": tokens,
+        "speech_seconds_per_second": speech / wall,
+        "llm_tokens_per_second": tokens / wall,
+        "llm_stage_tokens_per_second": tokens / llm_s if llm_s else None,
+        "ttfc_ms": percentiles(each),
+        "ttfc_each_s": each,
+        "repeat_speech_s_per_s": [round(r["speech_seconds_per_second"], 4) for r in runs],
+    }
+    for key in ("decode_batch_mean", "flow_batch_mean", "vocoder_batch_mean"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        merged[key] = sum(values) / len(values) if values else None
+    if "steps" in first:
+        merged["steps"] = sum(r["steps"] for r in runs)
+    if "stage_seconds" in first:
+        merged["stage_seconds"] = {k: round(sum(r["stage_seconds"][k] for r in runs), 3) for k in first["stage_seconds"]}
+    return merged
+
+
 def ratios(runs: list[dict[str, Any]], against: str = "sequential") -> dict[str, dict[str, float | None]]:
     """Batched / `against` (sequential, or baseline) of every figure, per concurrency (ttfc: batched
     p50/p95 over the other's)."""
@@ -428,6 +476,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         },
         "tokens_per_request": args.tokens,
+        "repeats": args.repeats,
         "stream": args.stream,
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
@@ -544,6 +593,8 @@ def markdown(result: dict[str, Any]) -> str:
           if "overlap_stages" in m else []),
         *([f"- CUDA graphs: {m['cuda_graphs']}; GPU {m['gpu']} ({m['gpu_total_mb']} MiB)"] if "gpu" in m else []),
         f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
+        *([f"- repeats: {m['repeats']} per level, batched and baseline alternating (A B B A ...), merged"]
+          if m.get("repeats", 1) > 1 else []),
         "",
         table(result),
         "",
@@ -563,6 +614,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8])
     p.add_argument("--tokens", type=int, default=150, help="fixed speech tokens per request")
     p.add_argument("--requests-per-level", type=int, default=0, help="jobs per level (default: = C)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each level, batched and baseline in alternating order (A B B A ...), merged")
     p.add_argument("--sequential-concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="levels that also run one-at-a-time (default: every --concurrency level; '': none)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
@@ -679,28 +732,31 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     for c in args.concurrency:
         n = max(c, args.requests_per_level)
         modes = ["batched", *(["baseline"] if base else []), *(["sequential"] if c in seq_levels else [])]
-        for mode in modes:
-            sequential = mode == "sequential"
-            if args.llm_only:
-                run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
-            else:
-                jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
-                path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
-                fused = mode == "baseline" and base["spec"]["attention"] == "fused"
-                with fused_kernel_only() if fused else nullcontext():
-                    run = run_engine(
-                        path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                        args.overlap, mode, **path_kw,
-                    )
-            runs.append(run)
-            print(
-                f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "
-                f"{_f(run['speech_seconds_per_second'])} speech s/s",
-                file=sys.stderr,
-            )
-            if args.json:  # partial results survive a run cut short
-                partial = {**report(runs, base), "meta": meta(label, device, args), "complete": False}
-                args.json.write_text(json.dumps(partial, indent=2) + "\n")
+        done: dict[str, list[dict[str, Any]]] = {}
+        for repeat in range(args.repeats):
+            for mode in repeat_order(modes, repeat):
+                sequential = mode == "sequential"
+                if args.llm_only:
+                    run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
+                else:
+                    jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
+                    path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
+                    fused = mode == "baseline" and base["spec"]["attention"] == "fused"
+                    with fused_kernel_only() if fused else nullcontext():
+                        run = run_engine(
+                            path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
+                            args.overlap, mode, **path_kw,
+                        )
+                done.setdefault(mode, []).append(run)
+                print(
+                    f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "
+                    f"{_f(run['speech_seconds_per_second'])} speech s/s",
+                    file=sys.stderr,
+                )
+        runs.extend(merge_runs(done[mode]) for mode in modes)
+        if args.json:  # partial results survive a run cut short
+            partial = {**report(runs, base), "meta": meta(label, device, args), "complete": False}
+            args.json.write_text(json.dumps(partial, indent=2) + "\n")
     result = {**report(runs, base), "meta": meta(label, device, args), "complete": True}
     print(markdown(result))
     if args.json:

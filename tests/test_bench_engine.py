@@ -114,3 +114,30 @@ def test_a_baseline_spec_names_known_settings_only():
     for bad in ("llm=int8", "prefix=0", "voice_prefix=yes"):
         with pytest.raises(Exception, match="expected one of"):
             bench_engine.parse_path(bad)
+
+
+def test_repeats_alternate_batched_and_baseline_and_merge_each_mode(tiny_model_dir):
+    assert bench_engine.repeat_order(["batched", "baseline", "sequential"], 0) == ["batched", "baseline", "sequential"]
+    assert bench_engine.repeat_order(["batched", "baseline", "sequential"], 1) == ["baseline", "batched", "sequential"]
+    assert bench_engine.repeat_order(["batched", "sequential"], 1) == ["batched", "sequential"]
+    res = bench_engine.main(["--model-dir", str(tiny_model_dir), "--concurrency", "1", "--tokens", str(TOKENS),
+                             "--requests-per-level", "2", "--sequential-concurrency", "", "--repeats", "2",
+                             "--baseline", "voice_prefix=0"])
+    assert [(r["mode"], r["requests"], len(r["repeat_speech_s_per_s"])) for r in res["runs"]] == [
+        ("batched", 4, 2), ("baseline", 4, 2)]
+
+
+def test_merged_repeats_rate_over_the_summed_time_and_rank_every_first_chunk():
+    def run(wall, speech, tokens, ttfc):
+        return {"mode": "batched", "concurrency": 2, "requests": len(ttfc), "wall_s": wall, "speech_seconds": speech,
+                "llm_tokens": tokens, "speech_seconds_per_second": speech / wall, "llm_tokens_per_second": tokens / wall,
+                "llm_stage_tokens_per_second": tokens / (wall / 2), "ttfc_ms": bench_engine.percentiles(ttfc),
+                "ttfc_each_s": ttfc, "decode_batch_mean": 2.0, "flow_batch_mean": 1.0, "vocoder_batch_mean": None,
+                "steps": 10, "stage_seconds": {"flow_s": wall / 2}}
+    merged = bench_engine.merge_runs([run(2.0, 4.0, 100, [0.1, 0.2]), run(6.0, 4.0, 100, [0.3, 0.4])])
+    assert merged["requests"] == 4 and merged["wall_s"] == 8.0 and merged["steps"] == 20
+    assert merged["speech_seconds_per_second"] == pytest.approx(1.0)  # 8 s of speech in 8 s, not mean(2, 0.67)
+    assert merged["llm_stage_tokens_per_second"] == pytest.approx(50.0)
+    assert merged["ttfc_ms"]["p50"] == pytest.approx(250.0) and merged["stage_seconds"] == {"flow_s": 4.0}
+    assert merged["repeat_speech_s_per_s"] == [2.0, pytest.approx(0.6667, abs=1e-4)]
+    assert merged["vocoder_batch_mean"] is None and merged["decode_batch_mean"] == 2.0
