@@ -17,17 +17,15 @@ JSON file is rewritten after every run ("complete": false until the last), so a 
 time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
-"baseline": its own dtypes, the voice prefix on or off, `attention=fused`: torch's fused attention kernel
-for the bf16 flow on the CPU, not kernels/networks/cpu_sdpa.py), right after the measured one in the same
+"baseline": its own dtypes, the voice prefix on or off), right after the measured one in the same
 process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
 server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
 
 `--repeats N` runs each level N times, swapping the order of batched and baseline on every other repeat
 (A B B A ...), and reports each mode's repeats merged (rates over the summed time, percentiles over all
-first chunks). On the 2-vCPU VMs whichever path ran first at a level read ~5-9 % slower than the same
-path run second (an A/A run: C1 0.91x, C8 0.96x), so a single order biases every "vs baseline" ratio;
-use an even N for a comparison.
+first chunks). The 2-vCPU VMs drift: four C8 runs in a row, two per path, took 31.8, 30.8, 28.8 and
+27.4 s, so with one order a path's place in the sequence weighs as much as the path; use an even N.
 
 `--llm-only` drives Qwen2LM directly (packed prefill + batched decode + RAS sampling) without flow or
 vocoder, for the full-size model where the CPU flow is too slow to benchmark whole; "ttfc" is then
@@ -43,7 +41,6 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +49,6 @@ import numpy as np
 import torch
 
 from bench.provenance import commit, cpu_name, now_iso
-from kernels.networks.cpu_sdpa import fused_kernel_only
 from kernels.runtime.auto_settings import settings_for
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
@@ -651,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
-    allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"), "attention": ("explicit", "fused")}
+    allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -669,8 +665,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     from kernels.runtime.engine import weight_dtype
     from kernels.weights.model import load_model
 
-    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1", "attention": "explicit",
-            **args.baseline}
+    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1", **args.baseline}
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
     spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
     same = (spec["llm"], spec["flow"]) == (args.llm_dtype, args.flow_dtype)
@@ -741,12 +736,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
                     path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
-                    fused = mode == "baseline" and base["spec"]["attention"] == "fused"
-                    with fused_kernel_only() if fused else nullcontext():
-                        run = run_engine(
-                            path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                            args.overlap, mode, **path_kw,
-                        )
+                    run = run_engine(
+                        path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
+                        args.overlap, mode, **path_kw,
+                    )
                 done.setdefault(mode, []).append(run)
                 print(
                     f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "

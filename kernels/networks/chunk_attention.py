@@ -5,9 +5,8 @@ Query i (absolute frame start+i) sees keys up to the end of its own chunk; chunk
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
-from kernels.networks.cpu_sdpa import attention
 
 
 def chunk_hidden(start: int, n: int, chunk: int, device: torch.device) -> Tensor:
@@ -19,14 +18,14 @@ def chunk_hidden(start: int, n: int, chunk: int, device: torch.device) -> Tensor
 
 def chunk_causal_attention(q: Tensor, keys: Tensor, values: Tensor, start: int, chunk: int) -> Tensor:
     """Attention of new queries `(.., n, d)` (absolute frames start..start+n-1) over keys [0, start+n): one
-    unmasked attention (kernels/networks/cpu_sdpa.py) per chunk of queries over a key prefix (no mask
-    tensor, and the masked blocks are never computed; 10-35 % faster than one masked call on CPU)."""
+    unmasked SDPA per chunk of queries over a key prefix (no mask tensor, and the masked blocks are never
+    computed; 10-35 % faster than one masked call on CPU)."""
     n, end = q.size(2), keys.size(2)
     outs = []
     i = 0
     while i < n:
         stop = min(n, (((start + i) // chunk) + 1) * chunk - start)  # this chunk's last query + 1
         visible = min(end, start + stop)
-        outs.append(attention(q[:, :, i:stop], keys[:, :, :visible], values[:, :, :visible]))
+        outs.append(F.scaled_dot_product_attention(q[:, :, i:stop], keys[:, :, :visible], values[:, :, :visible]))
         i = stop
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from kernels.config import EstimatorConfig
 from kernels.networks.chunk_attention import chunk_causal_attention
-from kernels.networks.cpu_sdpa import attention
 from kernels.networks.flow_encoder import additive_mask, attention_mask
 from kernels.networks.step_cache import (
     NO_CACHE,
@@ -113,7 +112,7 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
         if kv is None:
-            out = attention(q, k, v, mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = torch.zeros_like(q)  # right padding stays zero (masked downstream)
             for seg, store in kv:
