@@ -17,8 +17,8 @@ JSON file is rewritten after every run ("complete": false until the last), so a 
 time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
-"baseline": its own dtypes, the voice prefix on or off), right after the measured one in the same
-process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
+"baseline": its own dtypes, the voice prefix on or off, its flow steps), right after the measured one in
+the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
 server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
 
@@ -392,6 +392,9 @@ def run_llm_only(
     }
 
 
+UPSTREAM_FLOW_STEPS = 10  # the flow ODE's Euler steps in upstream's inference
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -476,6 +479,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "stream": args.stream,
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
+        "flow_steps": args.flow_steps or UPSTREAM_FLOW_STEPS,
         "overlap_stages": args.overlap,
         "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
         "torch": torch.__version__,
@@ -580,6 +584,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- model: {m['model']}",
         f"- threads: {json.dumps(m['threads'])}",
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
+        *([f"- flow steps: {m['flow_steps']}"] if "flow_steps" in m else []),
         *([f"- baseline (\"vs baseline\" rows: measured / baseline): {json.dumps(result['baseline'])}"]
           if "baseline" in result else []),
         *([f"- overlapped stages: {m['overlap_stages']}"
@@ -610,6 +615,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8])
     p.add_argument("--tokens", type=int, default=150, help="fixed speech tokens per request")
     p.add_argument("--requests-per-level", type=int, default=0, help="jobs per level (default: = C)")
+    p.add_argument("--flow-steps", type=int, default=0,
+                   help="Euler steps of the flow's ODE on the measured path (default 0: upstream's 10)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each level, batched and baseline in alternating order (A B B A ...), merged")
     p.add_argument("--sequential-concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -647,7 +654,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
-    allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1")}
+    allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
+               "flow_steps": tuple(str(n) for n in range(1, 11))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -665,13 +673,16 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     from kernels.runtime.engine import weight_dtype
     from kernels.weights.model import load_model
 
-    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1", **args.baseline}
+    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1",
+            "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), **args.baseline}
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
     spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
-    same = (spec["llm"], spec["flow"]) == (args.llm_dtype, args.flow_dtype)
+    same = (spec["llm"], spec["flow"], int(spec["flow_steps"])) == (
+        args.llm_dtype, args.flow_dtype, args.flow_steps or UPSTREAM_FLOW_STEPS)
     base_model = model if same else load_model(args.model_dir, device=device,
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
-                                               flow_dtype=weight_dtype(spec["flow"], False))
+                                               flow_dtype=weight_dtype(spec["flow"], False),
+                                               flow_steps=int(spec["flow_steps"]))
     engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     print(f"baseline: {spec}", file=sys.stderr)
     return {"spec": spec, "model": base_model, "engine": engine}
@@ -702,7 +713,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     llm_dtype = weight_dtype(args.llm_dtype, device == "cuda")
     t0 = time.perf_counter()
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
-                       flow_dtype=weight_dtype(args.flow_dtype, False))
+                       flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None)
     voice = make_voice(args.model_dir)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",

@@ -1,10 +1,11 @@
 """How far a faster numeric path moves the model's outputs from the fp32 eager path, on any checkpoint.
 
     python -m bench.fidelity --model-dir DIR [--llm-dtype auto|fp32|bf16|fp16] [--flow-dtype ...]
-        [--tokens 100] [--json FILE] [--markdown FILE]
+        [--flow-steps N] [--tokens 100] [--json FILE] [--markdown FILE]
 
 Both models load from the same directory: the reference in fp32, the candidate with the given dtypes
-("auto": what the server would choose on this machine, kernels/runtime/auto_settings.py). Same voice
+("auto": what the server would choose on this machine, kernels/runtime/auto_settings.py) and, with
+`--flow-steps`, that many Euler steps in its flow ODE instead of upstream's 10. Same voice
 (bench.engine's synthetic prompt), same text, no sampling:
 - LLM: the reference decodes `--tokens` speech tokens greedily (stop ids masked: fixed length). Then
   `teacher_forced_top1`: the share of positions where the candidate, fed the reference's tokens, picks
@@ -106,7 +107,7 @@ def compare_flow(ref: Any, cand: Any, voice: Any, tokens: list[int]) -> dict[str
     return out
 
 
-def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int) -> dict[str, Any]:
+def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_steps: int = 0) -> dict[str, Any]:
     from kernels.weights.model import load_model
 
     settings = settings_for(model_dir, llm_dtype=llm_dtype, flow_dtype=flow_dtype)
@@ -116,7 +117,7 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int) -> dict[s
     start = time.perf_counter()
     ref = load_model(model_dir)
     cand = load_model(model_dir, llm_dtype=weight_dtype(settings.llm_dtype, False),
-                      flow_dtype=weight_dtype(settings.flow_dtype, False))
+                      flow_dtype=weight_dtype(settings.flow_dtype, False), flow_steps=flow_steps or None)
     voice = make_voice(model_dir)
     with torch.inference_mode():
         llm = compare_llm(ref, cand, model_dir, voice, tokens)
@@ -124,7 +125,8 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int) -> dict[s
     return {
         "meta": {"date": now_iso(), "commit": commit(), "cpu": cpu_name(), "model_dir": str(model_dir),
                  "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1)},
-        "candidate": {"llm": settings.llm_dtype, "flow": settings.flow_dtype},
+        "candidate": {"llm": settings.llm_dtype, "flow": settings.flow_dtype,
+                      "flow_steps": cand.config.flow.n_timesteps},
         "reasons": list(settings.reasons),
         "llm": llm,
         "flow": flow,
@@ -133,7 +135,9 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int) -> dict[s
 
 def markdown(result: dict[str, Any]) -> str:
     c, llm, meta = result["candidate"], result["llm"], result["meta"]
-    lines = [(f"Candidate llm {c['llm']}, flow {c['flow']} against fp32 eager · {meta['model_dir']} · "
+    steps = c.get("flow_steps", 10)
+    lines = [(f"Candidate llm {c['llm']}, flow {c['flow']}{f' ({steps} ODE steps)' if steps != 10 else ''} "
+              f"against fp32 eager (10 steps) · {meta['model_dir']} · "
              f"{meta['cpu']} · {meta['date']} · {meta['commit']}"), "",
              "| figure | value |", "| --- | --- |",
              f"| LLM teacher-forced top-1 agreement ({llm['tokens']} tokens) | {llm['teacher_forced_top1']:.2%} |",
@@ -151,10 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
     p.add_argument("--flow-dtype", default="auto", choices=FLOW_DTYPES)
     p.add_argument("--tokens", type=int, default=100, help="greedy speech tokens to compare")
+    p.add_argument("--flow-steps", type=int, default=0, help="Euler steps of the candidate's flow (0: upstream's 10)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
-    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens)
+    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps)
     text = markdown(result)
     print(text, end="")
     if args.json:

@@ -134,6 +134,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         stage_workers=settings.stage_workers,
         llm_dtype=settings.llm_dtype,
         flow_dtype=settings.flow_dtype,
+        flow_steps=config.flow_steps,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
         voice_prefix_bytes=config.voice_prefix_mb << 20,

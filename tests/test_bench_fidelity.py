@@ -26,8 +26,19 @@ def test_bf16_is_close_and_the_report_says_so(tiny_model_dir: Path, tmp_path: Pa
     out = tmp_path / "f.json"
     result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "bf16", "--flow-dtype", "bf16",
                             "--tokens", "30", "--json", str(out), "--markdown", str(tmp_path / "f.md")])
-    assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16"}
+    assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16", "flow_steps": 10}
     assert result["llm"]["teacher_forced_top1"] >= 0.9  # measured 98 % over 60 tokens
     for f in result["flow"].values():
         assert 0 < f["mel_rel_mean"] < 0.02 and f["mel_max_abs"] < 0.15  # measured ~0.65 %, 0.05
     assert "teacher-forced top-1" in (tmp_path / "f.md").read_text()
+
+
+def test_fewer_flow_steps_move_only_the_mel(tiny_model_dir: Path, tmp_path: Path) -> None:
+    md = tmp_path / "f.md"
+    result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "fp32", "--flow-dtype", "fp32",
+                            "--flow-steps", "5", "--tokens", "20", "--markdown", str(md)])
+    assert result["candidate"]["flow_steps"] == 5
+    assert result["llm"]["teacher_forced_top1"] == 1.0  # the LLM is untouched
+    for f in result["flow"].values():
+        assert f["mel_rel_mean"] > 0.001  # a different ODE solve, not the same mel
+    assert "(5 ODE steps)" in md.read_text()

@@ -278,6 +278,27 @@ def test_bf16_llm_and_flow_engine_speaks_like_fp32(tiny_model_dir, voice):
     assert diff < 0.6, diff  # measured 0.28 (streamed vs offline fp32: 0.29)
 
 
+def test_fewer_flow_steps_give_audio_as_long_from_a_different_mel(model, tiny_model_dir, voice):
+    """`--flow-steps 5`: same tokens (the LLM is untouched), same length, another ODE solve."""
+    job = SpeechJob("s", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5, fixed_tokens=60)
+    out = {}
+    for steps, kw in ((10, {"model": model}), (5, {"config": EngineConfig(
+            scheduler=SchedulerConfig(num_slots=2, slot_len=1024), flow_steps=5)})):
+        engine = Engine(tiny_model_dir, device="cpu", **kw)
+        try:
+            assert f"flow steps {steps}" in engine.describe()
+            sink = Collector()
+            engine.submit(job, sink)
+            out[steps] = sink.audio()
+        finally:
+            engine.shutdown(1.0)
+    assert out[5].shape == out[10].shape == (60 * 960,)
+    diff = (flow_prompt_mel(out[5]) - flow_prompt_mel(out[10])).abs().mean().item()
+    assert 0 < diff < 1.0, diff
+    with pytest.raises(ValueError, match="flow_steps"):
+        load_model(tiny_model_dir, flow_steps=0)
+
+
 # ---------------------------------------------------------------- overlapped stages
 
 
@@ -488,7 +509,7 @@ def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
     try:
         line = engine.describe()
         for part in ("device cpu", "llm fp32", "flow fp32", "threads ", "stage workers 2", "overlap off",
-                     "max batch 4", "attention torch SDPA", "flow cache ", "heap trim ", "voice prefix 1.0 GiB"):
+                     "max batch 4", "attention torch SDPA", "flow cache ", "flow steps 10", "heap trim ", "voice prefix 1.0 GiB"):
             assert part in line, (part, line)
     finally:
         engine.shutdown(1.0)

@@ -1,6 +1,9 @@
 """Incremental streaming flow: every non-final call's new frames equal the recompute path's (tiny model)."""
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -67,6 +70,20 @@ def test_each_call_matches_recompute(flow: CausalMaskedDiffWithXvec, seed: int, 
         offset += hop
         assert state.tokens_done == prompt + offset and inc.keeps_state(state.tokens_done)
     assert 0 < state.nbytes <= 2 * 2 * state.tokens_done * inc.bytes_per_frame()
+
+
+def test_fewer_ode_steps_keep_incremental_equal_to_recompute(flow: CausalMaskedDiffWithXvec) -> None:
+    """`--flow-steps`: the cache holds one set of estimator states per Euler step, however many there are."""
+    few = copy.deepcopy(flow)
+    few.cfg = few.decoder.cfg = replace(flow.cfg, n_timesteps=4)
+    tokens, feat, emb = _request(4, 21, 120)
+    inc, state, offset = IncrementalFlow(few), FlowStreamState(), 0
+    for hop in _hops(21, 2):
+        end = 21 + offset + hop + LOOK
+        got = _new_frames(inc.forward([StreamCall(state, tokens[:end], feat, emb)])[0], 21, offset)
+        torch.testing.assert_close(got, _recompute(few, tokens[:end], feat, emb, offset), atol=1e-5, rtol=0)
+        assert not torch.allclose(got, _recompute(flow, tokens[:end], feat, emb, offset), atol=1e-3)
+        offset += hop
 
 
 def test_batched_requests_at_different_offsets_match_alone(flow: CausalMaskedDiffWithXvec) -> None:

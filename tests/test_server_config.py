@@ -101,3 +101,10 @@ def test_tokens_never_show_in_the_configs_repr() -> None:
     # the tokens were in repr(ServerConfig): any log line or traceback showing the config showed them
     cfg = ServerConfig(tokens=("tok-secret-1", "tok-secret-2"), internal_token="int-secret")
     assert "secret" not in repr(cfg) and "secret" not in str(cfg)
+
+
+def test_flow_steps_flag_and_its_bounds() -> None:
+    assert load_config(["--token", "x", "--flow-steps", "5"], {}).flow_steps == 5
+    assert ServerConfig().flow_steps == 0  # upstream's 10 unless asked
+    with pytest.raises(ValueError, match="flow_steps"):
+        ServerConfig(flow_steps=-1)

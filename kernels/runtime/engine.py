@@ -65,6 +65,9 @@ class EngineConfig:
     # (mean relative difference on the tiny model, tests/test_kernels_flow_dtype.py). HiFT is always fp32.
     llm_dtype: str = "auto"
     flow_dtype: str = "fp32"
+    # Euler steps of the flow's ODE (0 = upstream's 10). Opt-in speed for a different mel: the flow's
+    # time is proportional to it (bench/results/2026-12-07-cpu2-full-flow-steps.md).
+    flow_steps: int = 0
     # Run each step's flow/vocoder chunks on a stage thread (its own CUDA stream on a GPU) while the
     # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
     # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
@@ -136,7 +139,7 @@ class Engine:
         _configure_device(device)
         if model is None:
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
-                               flow_dtype=weight_dtype(config.flow_dtype, False))
+                               flow_dtype=weight_dtype(config.flow_dtype, False), flow_steps=config.flow_steps or None)
         self.model = model
         self.sample_rate = model.config.sample_rate
         # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
@@ -211,6 +214,7 @@ class Engine:
         cpu = runner.device.type == "cpu"
         parts = [
             f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
+            f"flow steps {model.config.flow.n_timesteps}",
             f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
             *([f"stage workers {runner.shards.workers}"] if cpu else []),
             *([f"heap trim {f'every {cfg.heap_trim_s:g} s' if self.heap_trimmer else 'off'}"] if cpu else []),

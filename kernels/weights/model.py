@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -127,8 +127,10 @@ def load_model(
     llm_dtype: torch.dtype | None = None,
     flow_dtype: torch.dtype | None = None,
     progress_file: IO[str] | None = None,
+    flow_steps: int | None = None,
 ) -> CosyVoice2Model:
-    """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32."""
+    """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32. `flow_steps`: Euler
+    steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel)."""
     from kernels.networks.flow import CausalMaskedDiffWithXvec
     from kernels.networks.hift import HiFTGenerator, fold_weight_norm
     from kernels.networks.llm import Qwen2LM
@@ -138,6 +140,10 @@ def load_model(
     device = torch.device(device)
     check_model_dir(model_dir)
     cfg = read_model_config(model_dir)
+    if flow_steps is not None:
+        if flow_steps < 1:
+            raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
+        cfg = replace(cfg, flow=replace(cfg.flow, n_timesteps=flow_steps))
     layout = expected_layout(cfg)
     # Check all three before building anything: a bad hift.pt fails fast, not after the LLM.
     sizes = {name: (model_dir / name).stat().st_size for name in ("llm.pt", "flow.pt", "hift.pt")}
