@@ -480,6 +480,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "llm_only": args.llm_only,
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "flow_steps": args.flow_steps or UPSTREAM_FLOW_STEPS,
+        "llm_int8": bool(args.llm_int8),
         "overlap_stages": args.overlap,
         "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
         "torch": torch.__version__,
@@ -585,6 +586,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- threads: {json.dumps(m['threads'])}",
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
         *([f"- flow steps: {m['flow_steps']}"] if "flow_steps" in m else []),
+        *(["- LLM int8 weights for steps of <= 8 rows (--llm-int8 1)"] if m.get("llm_int8") else []),
         *([f"- baseline (\"vs baseline\" rows: measured / baseline): {json.dumps(result['baseline'])}"]
           if "baseline" in result else []),
         *([f"- overlapped stages: {m['overlap_stages']}"
@@ -617,6 +619,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests-per-level", type=int, default=0, help="jobs per level (default: = C)")
     p.add_argument("--flow-steps", type=int, default=0,
                    help="Euler steps of the flow's ODE on the measured path (default 0: upstream's 10)")
+    p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
+                   help="int8 copies of the LLM's decoder-layer weights for small steps (CPU, opt-in)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each level, batched and baseline in alternating order (A B B A ...), merged")
     p.add_argument("--sequential-concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -655,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
-               "flow_steps": tuple(str(n) for n in range(1, 11))}
+               "flow_steps": tuple(str(n) for n in range(1, 11)), "llm_int8": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -673,16 +677,16 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     from kernels.runtime.engine import weight_dtype
     from kernels.weights.model import load_model
 
-    spec = {"llm": args.llm_dtype, "flow": args.flow_dtype, "voice_prefix": "1",
-            "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), **args.baseline}
+    measured = {"llm": args.llm_dtype, "flow": args.flow_dtype,
+                "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), "llm_int8": str(args.llm_int8)}
+    spec = {**measured, "voice_prefix": "1", **args.baseline}
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
     spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
-    same = (spec["llm"], spec["flow"], int(spec["flow_steps"])) == (
-        args.llm_dtype, args.flow_dtype, args.flow_steps or UPSTREAM_FLOW_STEPS)
+    same = all(spec[key] == value for key, value in measured.items())
     base_model = model if same else load_model(args.model_dir, device=device,
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
                                                flow_dtype=weight_dtype(spec["flow"], False),
-                                               flow_steps=int(spec["flow_steps"]))
+                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
     engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     print(f"baseline: {spec}", file=sys.stderr)
     return {"spec": spec, "model": base_model, "engine": engine}
@@ -713,7 +717,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     llm_dtype = weight_dtype(args.llm_dtype, device == "cuda")
     t0 = time.perf_counter()
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
-                       flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None)
+                       flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
+                       llm_int8=bool(args.llm_int8))
     voice = make_voice(args.model_dir)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",

@@ -1,14 +1,15 @@
 """How far a faster numeric path moves the model's outputs from the fp32 eager path, on any checkpoint.
 
     python -m bench.fidelity --model-dir DIR [--llm-dtype auto|fp32|bf16|fp16] [--flow-dtype ...]
-        [--flow-steps N] [--tokens 100] [--json FILE] [--markdown FILE]
+        [--flow-steps N] [--llm-int8 0|1] [--tokens 100] [--json FILE] [--markdown FILE]
 
 Both models load from the same directory: the reference in fp32, the candidate with the given dtypes
 ("auto": what the server would choose on this machine, kernels/runtime/auto_settings.py) and, with
 `--flow-steps`, that many Euler steps in its flow ODE instead of upstream's 10. Same voice
 (bench.engine's synthetic prompt), same text, no sampling:
 - LLM: the reference decodes `--tokens` speech tokens greedily (stop ids masked: fixed length). Then
-  `teacher_forced_top1`: the share of positions where the candidate, fed the reference's tokens, picks
+  `teacher_forced_top1`: the share of positions where the candidate, fed the reference's tokens (one
+  decode step each, as served), picks
   the same next token (errors do not compound); `logp_max_abs_diff`: the largest difference of the
   log-probability either gives the reference's token; `greedy_common_prefix`: how many tokens the
   candidate's own greedy decode shares with the reference's before the first difference (one near-tie
@@ -58,15 +59,20 @@ def greedy_tokens(model: Any, embeds: torch.Tensor, n: int) -> list[int]:
 
 
 def teacher_forced_logp(model: Any, embeds: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """[len(tokens), V] log-probs of each next token given the prompt and the tokens before it."""
+    """[len(tokens), V] log-probs of each next token given the prompt and the tokens before it. Fed as the
+    server feeds them: the prompt in one prefill, then one decode step a token (so a path that differs
+    only for small steps, `--llm-int8`, is measured where it acts)."""
     from kernels.networks.kv_cache import KVCache
 
     lm = model.llm
     dtype = next(lm.parameters()).dtype
-    seq = torch.cat([embeds, lm.speech_embed(torch.tensor(tokens[:-1])).to(embeds.dtype)])
-    kv = KVCache.for_model(model.config.llm.qwen, 1, seq.shape[0], embeds.device, dtype)
-    hidden = lm.prefill_hidden(seq, 0, 0, kv)[embeds.shape[0] - 1:]
-    logp = lm.logprobs(hidden)
+    kv = KVCache.for_model(model.config.llm.qwen, 1, embeds.shape[0] + len(tokens), embeds.device, dtype)
+    hidden = [lm.prefill(embeds, 0, 0, kv)[None]]
+    slots = torch.zeros(1, dtype=torch.long)
+    for i, token in enumerate(tokens[:-1]):
+        position = torch.tensor([embeds.shape[0] + i])
+        hidden.append(lm.decode(lm.speech_embed(torch.tensor([token])), slots, position, kv))
+    logp = lm.logprobs(torch.cat(hidden))
     logp[:, list(lm.cfg.stop_token_ids)] = float("-inf")
     return logp
 
@@ -107,7 +113,8 @@ def compare_flow(ref: Any, cand: Any, voice: Any, tokens: list[int]) -> dict[str
     return out
 
 
-def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_steps: int = 0) -> dict[str, Any]:
+def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_steps: int = 0,
+        llm_int8: bool = False) -> dict[str, Any]:
     from kernels.weights.model import load_model
 
     settings = settings_for(model_dir, llm_dtype=llm_dtype, flow_dtype=flow_dtype)
@@ -117,7 +124,7 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
     start = time.perf_counter()
     ref = load_model(model_dir)
     cand = load_model(model_dir, llm_dtype=weight_dtype(settings.llm_dtype, False),
-                      flow_dtype=weight_dtype(settings.flow_dtype, False), flow_steps=flow_steps or None)
+                      flow_dtype=weight_dtype(settings.flow_dtype, False), flow_steps=flow_steps or None, llm_int8=llm_int8)
     voice = make_voice(model_dir)
     with torch.inference_mode():
         llm = compare_llm(ref, cand, model_dir, voice, tokens)
@@ -126,7 +133,7 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
         "meta": {"date": now_iso(), "commit": commit(), "cpu": cpu_name(), "model_dir": str(model_dir),
                  "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1)},
         "candidate": {"llm": settings.llm_dtype, "flow": settings.flow_dtype,
-                      "flow_steps": cand.config.flow.n_timesteps},
+                      "flow_steps": cand.config.flow.n_timesteps, "llm_int8": llm_int8},
         "reasons": list(settings.reasons),
         "llm": llm,
         "flow": flow,
@@ -136,7 +143,8 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
 def markdown(result: dict[str, Any]) -> str:
     c, llm, meta = result["candidate"], result["llm"], result["meta"]
     steps = c.get("flow_steps", 10)
-    lines = [(f"Candidate llm {c['llm']}, flow {c['flow']}{f' ({steps} ODE steps)' if steps != 10 else ''} "
+    int8 = " + int8 weights" if c.get("llm_int8") else ""
+    lines = [(f"Candidate llm {c['llm']}{int8}, flow {c['flow']}{f' ({steps} ODE steps)' if steps != 10 else ''} "
               f"against fp32 eager (10 steps) · {meta['model_dir']} · "
              f"{meta['cpu']} · {meta['date']} · {meta['commit']}"), "",
              "| figure | value |", "| --- | --- |",
@@ -156,10 +164,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--flow-dtype", default="auto", choices=FLOW_DTYPES)
     p.add_argument("--tokens", type=int, default=100, help="greedy speech tokens to compare")
     p.add_argument("--flow-steps", type=int, default=0, help="Euler steps of the candidate's flow (0: upstream's 10)")
+    p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
+                   help="the candidate's LLM with int8 weights for small steps (as --llm-int8 1 on the server)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
-    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps)
+    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps, bool(args.llm_int8))
     text = markdown(result)
     print(text, end="")
     if args.json:

@@ -118,6 +118,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     device = default_device(config.device)
+    if config.llm_int8 and device.startswith("cuda"):
+        raise ValueError("--llm-int8 1 is a CPU option: its int8 kernel runs on the CPU (use --device cpu)")
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
                             llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
@@ -135,6 +137,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         llm_dtype=settings.llm_dtype,
         flow_dtype=settings.flow_dtype,
         flow_steps=config.flow_steps,
+        llm_int8=bool(config.llm_int8),
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
         voice_prefix_bytes=config.voice_prefix_mb << 20,

@@ -102,7 +102,8 @@ def test_a_baseline_path_runs_beside_each_level(tiny_model_dir, tmp_path):
                              "--sequential-concurrency", "", "--baseline", "flow=bf16,voice_prefix=0",
                              "--markdown", str(md)])
     assert [r["mode"] for r in res["runs"]] == ["batched", "baseline"]
-    assert res["baseline"] == {"llm": "fp32", "flow": "bf16", "voice_prefix": "0", "flow_steps": "10"}  # unnamed: as measured
+    assert res["baseline"] == {"llm": "fp32", "flow": "bf16", "voice_prefix": "0", "flow_steps": "10",
+                               "llm_int8": "0"}  # unnamed: as measured
     b, base = res["runs"]
     assert res["ratios_vs_baseline"]["2"]["llm_tokens_per_second"] == pytest.approx(
         b["llm_tokens_per_second"] / base["llm_tokens_per_second"], rel=1e-2)

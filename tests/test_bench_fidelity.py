@@ -26,7 +26,8 @@ def test_bf16_is_close_and_the_report_says_so(tiny_model_dir: Path, tmp_path: Pa
     out = tmp_path / "f.json"
     result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "bf16", "--flow-dtype", "bf16",
                             "--tokens", "30", "--json", str(out), "--markdown", str(tmp_path / "f.md")])
-    assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16", "flow_steps": 10}
+    assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16", "flow_steps": 10,
+                                                              "llm_int8": False}
     assert result["llm"]["teacher_forced_top1"] >= 0.9  # measured 98 % over 60 tokens
     for f in result["flow"].values():
         assert 0 < f["mel_rel_mean"] < 0.02 and f["mel_max_abs"] < 0.15  # measured ~0.65 %, 0.05
@@ -42,3 +43,15 @@ def test_fewer_flow_steps_move_only_the_mel(tiny_model_dir: Path, tmp_path: Path
     for f in result["flow"].values():
         assert f["mel_rel_mean"] > 0.001  # a different ODE solve, not the same mel
     assert "(5 ODE steps)" in md.read_text()
+
+
+def test_int8_llm_is_measured_on_decode_steps(tiny_model_dir: Path) -> None:
+    result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "fp32", "--flow-dtype", "fp32",
+                            "--llm-int8", "1", "--tokens", "30"])
+    assert result["candidate"]["llm_int8"] is True
+    llm = result["llm"]
+    # int8 weights move the decode steps' log-probs a little (tiny model, width 64: measured 0.15, 93 %)
+    assert 0 < llm["logp_max_abs_diff"] < 0.5
+    assert llm["teacher_forced_top1"] >= 0.8
+    for f in result["flow"].values():
+        assert f["mel_rel_mean"] == 0.0  # same reference tokens into the same fp32 flow

@@ -299,6 +299,22 @@ def test_fewer_flow_steps_give_audio_as_long_from_a_different_mel(model, tiny_mo
         load_model(tiny_model_dir, flow_steps=0)
 
 
+def test_int8_llm_engine_speaks_and_says_so(tiny_model_dir, voice):
+    """`--llm-int8 1`: decode steps of few rows run on int8 weights; the rest of the engine is unchanged."""
+    engine = Engine(tiny_model_dir, device="cpu", config=EngineConfig(
+        scheduler=SchedulerConfig(num_slots=2, slot_len=1024), llm_int8=True))
+    try:
+        assert "llm fp32 + int8 weights" in engine.describe()
+        sink = Collector()
+        engine.submit(SpeechJob("q", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5, fixed_tokens=40), sink)
+        audio = sink.audio()
+        assert audio.shape == (40 * 960,) and np.isfinite(audio).all()
+    finally:
+        engine.shutdown(1.0)
+    with pytest.raises(ValueError, match="CPU option"):
+        load_model(tiny_model_dir, device="cuda", llm_int8=True)
+
+
 # ---------------------------------------------------------------- overlapped stages
 
 

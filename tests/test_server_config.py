@@ -108,3 +108,10 @@ def test_flow_steps_flag_and_its_bounds() -> None:
     assert ServerConfig().flow_steps == 0  # upstream's 10 unless asked
     with pytest.raises(ValueError, match="flow_steps"):
         ServerConfig(flow_steps=-1)
+
+
+def test_llm_int8_is_opt_in() -> None:
+    assert ServerConfig().llm_int8 == 0
+    assert load_config(["--token", "x", "--llm-int8", "1"], {}).llm_int8 == 1
+    with pytest.raises(SystemExit):
+        load_config(["--token", "x", "--llm-int8", "2"], {})

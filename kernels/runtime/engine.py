@@ -68,6 +68,9 @@ class EngineConfig:
     # Euler steps of the flow's ODE (0 = upstream's 10). Opt-in speed for a different mel: the flow's
     # time is proportional to it (bench/results/2026-12-07-cpu2-full-flow-steps.md).
     flow_steps: int = 0
+    # CPU: int8 copies of the LLM's decoder-layer weights for steps of <= 8 rows (opt-in, numerics move;
+    # kernels/networks/int8_linear.py).
+    llm_int8: bool = False
     # Run each step's flow/vocoder chunks on a stage thread (its own CUDA stream on a GPU) while the
     # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
     # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
@@ -139,7 +142,8 @@ class Engine:
         _configure_device(device)
         if model is None:
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
-                               flow_dtype=weight_dtype(config.flow_dtype, False), flow_steps=config.flow_steps or None)
+                               flow_dtype=weight_dtype(config.flow_dtype, False), flow_steps=config.flow_steps or None,
+                               llm_int8=config.llm_int8)
         self.model = model
         self.sample_rate = model.config.sample_rate
         # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
@@ -212,8 +216,9 @@ class Engine:
         pool = self.scheduler.config.flow_cache.pool_bytes
         cache = "off" if not cfg.incremental_flow or not pool else _size(pool)
         cpu = runner.device.type == "cpu"
+        int8 = " + int8 weights" if any(b.dtype == torch.int8 for b in model.llm.buffers()) else ""
         parts = [
-            f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}", f"flow {names.get(flow_dtype, '?')}",
+            f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}{int8}", f"flow {names.get(flow_dtype, '?')}",
             f"flow steps {model.config.flow.n_timesteps}",
             f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
             *([f"stage workers {runner.shards.workers}"] if cpu else []),

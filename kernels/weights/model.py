@@ -128,9 +128,11 @@ def load_model(
     flow_dtype: torch.dtype | None = None,
     progress_file: IO[str] | None = None,
     flow_steps: int | None = None,
+    llm_int8: bool = False,
 ) -> CosyVoice2Model:
     """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32. `flow_steps`: Euler
-    steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel)."""
+    steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel). `llm_int8` (CPU):
+    the LLM's decoder-layer linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py)."""
     from kernels.networks.flow import CausalMaskedDiffWithXvec
     from kernels.networks.hift import HiFTGenerator, fold_weight_norm
     from kernels.networks.llm import Qwen2LM
@@ -144,6 +146,8 @@ def load_model(
         if flow_steps < 1:
             raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
         cfg = replace(cfg, flow=replace(cfg.flow, n_timesteps=flow_steps))
+    if llm_int8 and device.type != "cpu":
+        raise ValueError("llm_int8 is a CPU option (its kernel is aten._weight_int8pack_mm on the CPU)")
     layout = expected_layout(cfg)
     # Check all three before building anything: a bad hift.pt fails fast, not after the LLM.
     sizes = {name: (model_dir / name).stat().st_size for name in ("llm.pt", "flow.pt", "hift.pt")}
@@ -166,6 +170,10 @@ def load_model(
     del llm_state, flow_state, hift_state
 
     llm = _finish(llm, device, llm_dtype)
+    if llm_int8:
+        from kernels.networks.int8_linear import quantize_decoder_linears
+
+        quantize_decoder_linears(llm.backbone.layers)
     flow = _finish(flow, device, flow_dtype)
     if flow.decoder.rand_noise.dtype != torch.float32:  # the fixed CFM noise stays exact in fp32
         from kernels.networks.flow import fixed_noise
