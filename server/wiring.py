@@ -22,6 +22,7 @@ from kernels.features.extractor import (
 )
 from scheduler.jobs import EngineProtocol
 from server.config import ServerConfig
+from server.presets import engine_options
 from server.remote_engine import RemoteEngine
 from server.state import ExtractPrompt, ServerState
 from server.store import VoiceStore
@@ -120,6 +121,9 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     device = default_device(config.device)
     if config.llm_int8 and device.startswith("cuda"):
         raise ValueError("--llm-int8 1 is a CPU option: its int8 kernel runs on the CPU (use --device cpu)")
+    options = engine_options(config, cuda=device.startswith("cuda"))
+    if options.reason:
+        log.info("%s", options.reason)
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
                             llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
@@ -136,8 +140,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         stage_workers=settings.stage_workers,
         llm_dtype=settings.llm_dtype,
         flow_dtype=settings.flow_dtype,
-        flow_steps=config.flow_steps,
-        llm_int8=bool(config.llm_int8),
+        flow_steps=options.flow_steps,
+        llm_int8=options.llm_int8,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
         voice_prefix_bytes=config.voice_prefix_mb << 20,

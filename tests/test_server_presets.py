@@ -1,0 +1,28 @@
+"""`--preset cpu-fast` resolves to the opt-in CPU options; explicit flags and GPUs are respected."""
+from __future__ import annotations
+
+from server.config import ServerConfig, load_config
+from server.presets import CPU_FAST_FLOW_STEPS, engine_options
+
+
+def test_no_preset_passes_the_flags_through() -> None:
+    opts = engine_options(ServerConfig(flow_steps=7, llm_int8=1), cuda=False)
+    assert (opts.flow_steps, opts.llm_int8, opts.reason) == (7, True, None)
+    assert engine_options(ServerConfig(), cuda=False) == engine_options(ServerConfig(), cuda=True)
+
+
+def test_cpu_fast_on_a_cpu_turns_both_on_and_says_so() -> None:
+    opts = engine_options(load_config(["--token", "x", "--preset", "cpu-fast"], {}), cuda=False)
+    assert (opts.flow_steps, opts.llm_int8) == (CPU_FAST_FLOW_STEPS, True)
+    assert opts.reason is not None and "flow steps 5" in opts.reason and "int8" in opts.reason
+
+
+def test_an_explicit_flow_steps_wins_over_the_preset() -> None:
+    opts = engine_options(ServerConfig(preset="cpu-fast", flow_steps=8), cuda=False)
+    assert (opts.flow_steps, opts.llm_int8) == (8, True)
+
+
+def test_cpu_fast_on_a_gpu_changes_nothing() -> None:
+    opts = engine_options(ServerConfig(preset="cpu-fast"), cuda=True)
+    assert (opts.flow_steps, opts.llm_int8) == (0, False)
+    assert opts.reason is not None and "ignored" in opts.reason
