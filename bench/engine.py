@@ -35,12 +35,14 @@ the time to the first sampled speech token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -659,7 +661,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
-               "flow_steps": tuple(str(n) for n in range(1, 11)), "llm_int8": ("0", "1")}
+               "flow_steps": tuple(str(n) for n in range(1, 11)), "llm_int8": ("0", "1"),
+               "threads": tuple(str(n) for n in range(1, 257))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -689,7 +692,19 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
     engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     print(f"baseline: {spec}", file=sys.stderr)
-    return {"spec": spec, "model": base_model, "engine": engine}
+    return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0))}
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Engines made inside run with `n` intra-op threads (0: unchanged): the engine thread inherits them."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def report(runs: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
@@ -752,10 +767,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
                     path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
-                    run = run_engine(
-                        path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                        args.overlap, mode, **path_kw,
-                    )
+                    with intra_op_threads(base["threads"] if mode == "baseline" else 0):
+                        run = run_engine(
+                            path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
+                            args.overlap, mode, **path_kw,
+                        )
                 done.setdefault(mode, []).append(run)
                 print(
                     f"C{c} {run['mode']}: wall {run['wall_s']:.1f} s, {_f(run['llm_tokens_per_second'], 1)} tok/s, "

@@ -112,7 +112,9 @@ def test_a_baseline_path_runs_beside_each_level(tiny_model_dir, tmp_path):
 
 def test_a_baseline_spec_names_known_settings_only():
     assert bench_engine.parse_path("llm=bf16,voice_prefix=0") == {"llm": "bf16", "voice_prefix": "0"}
-    for bad in ("llm=int8", "prefix=0", "voice_prefix=yes"):
+    assert bench_engine.parse_path("flow_steps=5,llm_int8=1,threads=1") == {
+        "flow_steps": "5", "llm_int8": "1", "threads": "1"}
+    for bad in ("llm=int8", "prefix=0", "voice_prefix=yes", "flow_steps=0", "threads=0", "llm_int8=2"):
         with pytest.raises(Exception, match="expected one of"):
             bench_engine.parse_path(bad)
 
@@ -142,3 +144,19 @@ def test_merged_repeats_rate_over_the_summed_time_and_rank_every_first_chunk():
     assert merged["ttfc_ms"]["p50"] == pytest.approx(250.0) and merged["stage_seconds"] == {"flow_s": 4.0}
     assert merged["repeat_speech_s_per_s"] == [2.0, pytest.approx(0.6667, abs=1e-4)]
     assert merged["vocoder_batch_mean"] is None and merged["decode_batch_mean"] == 2.0
+
+
+def test_a_baseline_with_other_threads_gives_its_engine_thread_those_and_restores():
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    with bench_engine.intra_op_threads(1):
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # as the engine thread
+        t.start()
+        t.join()
+    assert seen == [1] and torch.get_num_threads() == before
+    with bench_engine.intra_op_threads(0):  # 0: unchanged
+        assert torch.get_num_threads() == before
