@@ -114,3 +114,22 @@ def test_warming_a_voice_stores_its_prefix_without_a_stream(flow) -> None:
     short = _voice(5, prompt=27)
     assert not cache.warm(b"s", short[0][:27], short[1], short[2])  # no whole chunk before the look-ahead
     assert not VoicePrefixCache(inc, budget_bytes=0).warm(b"w", tokens[:PROMPT], feat, emb)
+
+
+def test_a_restored_stream_has_room_for_its_first_call(flow) -> None:
+    """Its buffers are not regrown (copied and faulted in again) by the call that restored them."""
+    inc = IncrementalFlow(flow)
+    cache = VoicePrefixCache(inc)
+    tokens, feat, emb = _voice(6)
+    assert cache.warm(b"r", tokens[:PROMPT], feat, emb)
+    state = FlowStreamState()
+    call = StreamCall(state, tokens[: PROMPT + 40 + LOOK], feat, emb)  # 50 prefix tokens -> 100 after the call
+    with torch.inference_mode():
+        cache.prepare([(b"r", call)])
+        assert state.tokens_done == 50
+        before = {key: (kv.k.data.data_ptr(), kv.k.length, kv.k.data.size(2)) for key, kv in state.kv.items()}
+        assert all(cap >= 2 * length for _, length, cap in before.values())
+        inc.forward([call])
+    assert state.tokens_done == PROMPT + 40
+    assert all(state.kv[key].k.data.data_ptr() == ptr and state.kv[key].k.length > length
+               for key, (ptr, length, _) in before.items())

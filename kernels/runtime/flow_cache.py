@@ -55,11 +55,12 @@ class TimeBuffer:
         self.data: Tensor | None = None
         self.length = 0
 
-    def append(self, new: Tensor) -> Tensor:
+    def append(self, new: Tensor, min_capacity: int = 0) -> Tensor:
+        """`min_capacity`: room to allocate when this append grows the buffer, for what will follow."""
         need = self.length + new.size(2)
         if self.data is None or self.data.size(2) < need:
             old = 0 if self.data is None else self.data.size(2)
-            cap = max(need, min(2 * old, int(GROWTH * need)), 64)
+            cap = max(need, min(2 * old, int(GROWTH * need)), 64, min_capacity)
             grown = empty_outside_heap((*new.shape[:2], cap, *new.shape[3:]), new)
             if self.data is not None:
                 grown[:, :, : self.length] = self.data[:, :, : self.length]

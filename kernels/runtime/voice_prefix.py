@@ -17,6 +17,7 @@ arrays, so an edited or deleted voice never matches and simply ages out.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,9 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, KVBuffers, StreamCall
+from kernels.runtime.flow_cache import GROWTH, FlowStreamState, IncrementalFlow, KVBuffers, StreamCall
 
 DEFAULT_BUDGET_BYTES = 1 << 30
+
+
+MAX_ROOM = 4.0  # a restored stream's buffers at most this many times its prefix (a long first call grows them)
 
 
 def voice_key(*arrays: np.ndarray | Tensor) -> bytes:
@@ -40,14 +44,15 @@ def voice_key(*arrays: np.ndarray | Tensor) -> bytes:
     return h.digest()
 
 
-def copy_state(state: FlowStreamState) -> FlowStreamState:
-    """A deep copy without growth slack (buffers hold exactly the cached frames)."""
+def copy_state(state: FlowStreamState, room: float = 1.0) -> FlowStreamState:
+    """A deep copy whose buffers have room for `room` times the cached frames (1.0: exactly them, as a
+    stored prefix keeps them)."""
     out = FlowStreamState(tokens_done=state.tokens_done)
     for key, kv in state.kv.items():
         new = KVBuffers()
         for src, dst in ((kv.k, new.k), (kv.v, new.v)):
             if src.data is not None:
-                dst.append(src.data[:, :, : src.length])
+                dst.append(src.data[:, :, : src.length], min_capacity=math.ceil(src.length * room))
         out.kv[key] = new
     out.tails = {key: t.clone() for key, t in state.tails.items()}
     return out
@@ -95,7 +100,7 @@ class VoicePrefixCache:
                 continue
             stored = self._get(key)
             if stored is not None:
-                _restore(call.state, stored)
+                _restore(call.state, stored, self._room(call, stored.tokens_done))
             else:
                 missing.setdefault(key, []).append(call)
         if not missing:
@@ -108,9 +113,17 @@ class VoicePrefixCache:
         self.flow.forward(prefixes)
         for key, call in zip(missing, firsts):
             snapshot = copy_state(call.state)
-            for other in missing[key][1:]:  # the same new voice twice in one batch
-                _restore(other.state, snapshot)
+            for other in missing[key]:  # (the same new voice twice in one batch: each its own copy)
+                _restore(other.state, snapshot, self._room(other, snapshot.tokens_done))
             self._put(key, snapshot)
+
+    def _room(self, call: StreamCall, prefix_tokens: int) -> float:
+        """How much larger than the prefix a stream's buffers are made when it starts from one: what this
+        call will have cached, with the usual growth slack. Copied at the prefix's exact size, every buffer
+        (one per Euler step, layer, K/V: 1,100+ on the full-size model) was grown -- copied again and its
+        fresh pages faulted in again -- by the very call that restored it, and again by the next."""
+        done_after = max(prefix_tokens, len(call.tokens) - self.lookahead)
+        return min(MAX_ROOM, GROWTH * done_after / max(1, prefix_tokens))
 
     def warm(self, key: bytes, prompt_tokens: Tensor, prompt_feat: Tensor, embedding: Tensor) -> bool:
         """Compute and keep a voice's prefix before any stream needs it (needs only the prompt). True when
@@ -143,7 +156,7 @@ class VoicePrefixCache:
             self._bytes += size
 
 
-def _restore(state: FlowStreamState, snapshot: FlowStreamState) -> None:
+def _restore(state: FlowStreamState, snapshot: FlowStreamState, room: float) -> None:
     """Fill a fresh state with a copy of the snapshot (the request then appends to its own buffers)."""
-    copied = copy_state(snapshot)
+    copied = copy_state(snapshot, room)
     state.tokens_done, state.kv, state.tails = copied.tokens_done, copied.kv, copied.tails
