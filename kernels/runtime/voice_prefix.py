@@ -120,7 +120,7 @@ class VoicePrefixCache:
     def _room(self, call: StreamCall, prefix_tokens: int) -> float:
         """How much larger than the prefix a stream's buffers are made when it starts from one: what this
         call will have cached, with the usual growth slack. Copied at the prefix's exact size, every buffer
-        (one per Euler step, layer, K/V: 1,100+ on the full-size model) was grown -- copied again and its
+        (a K and a V per Euler step and attention layer) was grown -- copied again and its
         fresh pages faulted in again -- by the very call that restored it, and again by the next."""
         done_after = max(prefix_tokens, len(call.tokens) - self.lookahead)
         return min(MAX_ROOM, GROWTH * done_after / max(1, prefix_tokens))
