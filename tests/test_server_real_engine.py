@@ -407,3 +407,15 @@ def test_text_is_prepared_on_the_pool_never_the_engine_or_the_loop(server: Serve
     assert {n for n, _ in calls} == {"encode"}
     threads = {t for _, t in calls}
     assert threads and all(t.startswith("cosy-work") for t in threads), threads
+
+
+def test_the_cpu_fast_preset_reaches_the_engine(tiny_model_dir: Path) -> None:
+    from server.config import ServerConfig
+    from server.wiring import build_engine
+
+    engine = build_engine(ServerConfig(tokens=("x",), preset="cpu-fast", warmup=0), tiny_model_dir)
+    try:
+        line = engine.describe()
+        assert "llm fp32 + int8 weights" in line and "flow steps 5" in line, line
+    finally:
+        engine.shutdown(1.0)
