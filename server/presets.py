@@ -2,8 +2,9 @@
 
 The automatic CPU settings (kernels/runtime/auto_settings.py) only pick what keeps the output within the
 parity tolerances. The preset adds the two options that move it more, each measured in the README's CPU
-section: 5 Euler steps in the flow's ODE instead of 10, and int8 LLM weights for small decode steps.
-An explicit `--flow-steps N` wins over the preset's 5.
+section: 5 Euler steps in the flow's ODE instead of 10, and int8 LLM weights for small decode steps
+(not for a small model such as the tiny one: there the int8 kernel is slower than its float matmuls,
+LLM 0.76x at C1). An explicit `--flow-steps N` wins over the preset's 5.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class EngineOptions:
     reason: str | None  # the log line when a preset changed something
 
 
-def engine_options(config: ServerConfig, cuda: bool) -> EngineOptions:
+def engine_options(config: ServerConfig, cuda: bool, small_model: bool = False) -> EngineOptions:
     """The flow steps and int8 switch the engine gets: the flags', or the preset's where it applies."""
     flow_steps, llm_int8 = config.flow_steps, bool(config.llm_int8)
     if config.preset != "cpu-fast":
@@ -29,5 +30,7 @@ def engine_options(config: ServerConfig, cuda: bool) -> EngineOptions:
     if cuda:
         return EngineOptions(flow_steps, llm_int8, "preset cpu-fast ignored: the device is a GPU")
     steps = flow_steps or CPU_FAST_FLOW_STEPS
-    return EngineOptions(steps, True, f"preset cpu-fast: flow steps {steps}, LLM int8 weights for small "
-                                      "steps (faster; the output moves more than the parity tolerances: README)")
+    int8 = llm_int8 or not small_model
+    what = "LLM int8 weights for small steps" if int8 else "no LLM int8 (small model: it would be slower)"
+    return EngineOptions(steps, int8, f"preset cpu-fast: flow steps {steps}, {what} (faster; the output moves "
+                                      "more than the parity tolerances: README)")

@@ -121,12 +121,12 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     device = default_device(config.device)
     if config.llm_int8 and device.startswith("cuda"):
         raise ValueError("--llm-int8 1 is a CPU option: its int8 kernel runs on the CPU (use --device cpu)")
-    options = engine_options(config, cuda=device.startswith("cuda"))
-    if options.reason:
-        log.info("%s", options.reason)
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
                             llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
+    options = engine_options(config, cuda=device.startswith("cuda"), small_model=settings.small_model)
+    if options.reason:
+        log.info("%s", options.reason)
     for reason in settings.reasons:
         log.info("auto setting: %s", reason)
     if settings.threads:

@@ -26,3 +26,11 @@ def test_cpu_fast_on_a_gpu_changes_nothing() -> None:
     opts = engine_options(ServerConfig(preset="cpu-fast"), cuda=True)
     assert (opts.flow_steps, opts.llm_int8) == (0, False)
     assert opts.reason is not None and "ignored" in opts.reason
+
+
+def test_cpu_fast_leaves_int8_off_for_a_small_model_unless_asked() -> None:
+    opts = engine_options(ServerConfig(preset="cpu-fast"), cuda=False, small_model=True)
+    assert (opts.flow_steps, opts.llm_int8) == (CPU_FAST_FLOW_STEPS, False)
+    assert opts.reason is not None and "small model" in opts.reason
+    asked = engine_options(ServerConfig(preset="cpu-fast", llm_int8=1), cuda=False, small_model=True)
+    assert asked.llm_int8

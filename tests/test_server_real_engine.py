@@ -416,6 +416,7 @@ def test_the_cpu_fast_preset_reaches_the_engine(tiny_model_dir: Path) -> None:
     engine = build_engine(ServerConfig(tokens=("x",), preset="cpu-fast", warmup=0), tiny_model_dir)
     try:
         line = engine.describe()
-        assert "llm fp32 + int8 weights" in line and "flow steps 5" in line, line
+        # the tiny model is small: the preset leaves int8 off there (slower), flow steps apply
+        assert "flow steps 5" in line and "int8" not in line, line
     finally:
         engine.shutdown(1.0)

@@ -37,6 +37,7 @@ class EngineSettings:
     reasons: tuple[str, ...]  # one line per automatic choice, for the start-up log
     llm_dtype: str = "fp32"  # fp32 | bf16 | fp16 (never "auto": chosen here)
     flow_dtype: str = "fp32"
+    small_model: bool = False  # LLM width < SMALL_MODEL_HIDDEN (the tiny model): its ops are too small to gain
 
     def summary(self) -> str:
         threads = "torch default" if self.threads == 0 else str(self.threads)
@@ -96,7 +97,7 @@ def choose_settings(*, threads: int, stage_workers: int, overlap_stages: str, ll
     llm, flow, why = choose_dtypes(llm_dtype, flow_dtype, small=small, cuda=cuda,
                                    cpu=cpu if cpu is not None else read_cpu_features())
     reasons += [why] if why else []
-    return EngineSettings(threads, stage_workers, overlap, tuple(reasons), llm, flow)
+    return EngineSettings(threads, stage_workers, overlap, tuple(reasons), llm, flow, small)
 
 
 def settings_for(model_dir: str | Path, *, threads: int = 0, stage_workers: int = 0,
