@@ -129,8 +129,9 @@ class ServerConfig:
         "Euler steps of the flow's ODE (0: upstream's 10). Opt-in: 5 halves the flow's time (the most "
         "of the CPU's) and changes the mel; see the README's CPU section for the measured difference"))
     preset: str = field(default="none", metadata=_doc(
-        "cpu-fast: --flow-steps 5 (unless given) and --llm-int8 1 on a CPU, the opt-in speed options "
-        "whose numerics move (README CPU section); ignored on a GPU", choices=("none", "cpu-fast")))
+        "cpu-fast: --flow-steps 5 (unless given) and, for the full-size model, --llm-int8 1 on a CPU: the "
+        "opt-in speed options whose numerics move (README CPU section); ignored on a GPU",
+        choices=("none", "cpu-fast")))
     llm_int8: int = field(default=0, metadata=_doc(
         "CPU: the LLM's decoder layers also get int8 weights (per channel) for decode steps of up to 8 "
         "requests: ~1.8x faster one-request decode, opt-in (numerics move; README CPU section)",
