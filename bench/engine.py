@@ -51,9 +51,12 @@ import numpy as np
 import torch
 
 from bench.provenance import commit, cpu_name, now_iso
+from kernels.config import FlowConfig
 from kernels.runtime.auto_settings import settings_for
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
+
+UPSTREAM_FLOW_STEPS = FlowConfig.n_timesteps  # the flow ODE's Euler steps in upstream's inference
 
 TEXT = "Hello, this is a steady benchmark sentence for the engine."
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
@@ -394,9 +397,6 @@ def run_llm_only(
     }
 
 
-UPSTREAM_FLOW_STEPS = 10  # the flow ODE's Euler steps in upstream's inference
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
-               "flow_steps": tuple(str(n) for n in range(1, 11)), "llm_int8": ("0", "1"),
+               "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):

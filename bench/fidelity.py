@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.engine import llm_prompt_embeds, make_voice
+from bench.engine import UPSTREAM_FLOW_STEPS, llm_prompt_embeds, make_voice
 from bench.provenance import commit, cpu_name, now_iso
 from kernels.runtime.auto_settings import settings_for
 from kernels.runtime.engine import weight_dtype
@@ -142,10 +142,11 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
 
 def markdown(result: dict[str, Any]) -> str:
     c, llm, meta = result["candidate"], result["llm"], result["meta"]
-    steps = c.get("flow_steps", 10)
+    steps = c.get("flow_steps", UPSTREAM_FLOW_STEPS)
     int8 = " + int8 weights" if c.get("llm_int8") else ""
-    lines = [(f"Candidate llm {c['llm']}{int8}, flow {c['flow']}{f' ({steps} ODE steps)' if steps != 10 else ''} "
-              f"against fp32 eager (10 steps) · {meta['model_dir']} · "
+    lines = [(f"Candidate llm {c['llm']}{int8}, flow {c['flow']}"
+              f"{f' ({steps} ODE steps)' if steps != UPSTREAM_FLOW_STEPS else ''} "
+              f"against fp32 eager ({UPSTREAM_FLOW_STEPS} steps) · {meta['model_dir']} · "
              f"{meta['cpu']} · {meta['date']} · {meta['commit']}"), "",
              "| figure | value |", "| --- | --- |",
              f"| LLM teacher-forced top-1 agreement ({llm['tokens']} tokens) | {llm['teacher_forced_top1']:.2%} |",

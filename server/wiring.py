@@ -119,8 +119,6 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
     device = default_device(config.device)
-    if config.llm_int8 and device.startswith("cuda"):
-        raise ValueError("--llm-int8 1 is a CPU option: its int8 kernel runs on the CPU (use --device cpu)")
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
                             llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
