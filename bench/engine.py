@@ -232,26 +232,22 @@ def run_engine(
     timeout_s: float,
     overlap: bool = True,
     mode: str | None = None,
-    flow_ahead: bool = True,
     **engine_kw: Any,
 ) -> dict[str, Any]:
-    """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label;
-    `flow_ahead`: the scheduler's flow work ahead of chunks (scheduler/chunk_policy.py)."""
+    """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label."""
     from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
     if sequential:
         config = EngineConfig(
-            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len, chunk=ChunkPolicyConfig(flow_ahead=flow_ahead)),
-            max_jobs=1, cuda_graphs=cuda_graphs,
+            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len), max_jobs=1, cuda_graphs=cuda_graphs,
             use_wetext=False, overlap_stages=overlap, **engine_kw,
         )
     else:
         config = EngineConfig(
             scheduler=SchedulerConfig(num_slots=max(1, concurrency), slot_len=slot_len,
-                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency),
-                                                              flow_ahead=flow_ahead)),
+                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency))),
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
@@ -666,7 +662,7 @@ def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
-               "threads": tuple(str(n) for n in range(1, 257)), "flow_ahead": ("0", "1")}
+               "threads": tuple(str(n) for n in range(1, 257))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -694,9 +690,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
                                                flow_dtype=weight_dtype(spec["flow"], False),
                                                flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
-    engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
-    if spec.get("flow_ahead") == "0":
-        engine["flow_ahead"] = False
+    engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     print(f"baseline: {spec}", file=sys.stderr)
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0))}
 

@@ -223,8 +223,7 @@ class EngineLoop:
             future = self.stage.submit(self.runner.execute_chunks, plan.chunks)
             self._in_flight = _InFlight(StepPlan(plan.step, chunks=plan.chunks), future,
                                         frozenset(c.request_id for c in plan.chunks),
-                                        any(self.book.starts_playback(c.request_id) for c in plan.chunks
-                                            if not c.advance))
+                                        any(self.book.starts_playback(c.request_id) for c in plan.chunks))
         llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return
@@ -295,7 +294,6 @@ class EngineLoop:
             steps=s.totals.steps,
             flow_cache_bytes=s.flow_cache_bytes,
             flow_cache_pool_bytes=s.flow_cache_pool_bytes,
-            flow_advances=s.totals.flow_advances,
         )
 
     # ------------------------------------------------------------------ commands
