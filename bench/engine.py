@@ -480,7 +480,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "repeats": args.repeats,
         "stream": args.stream,
         "llm_only": args.llm_only,
-        "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype, "hift": args.hift_dtype},
+        "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "flow_steps": args.flow_steps or UPSTREAM_FLOW_STEPS,
         "llm_int8": bool(args.llm_int8),
         "overlap_stages": args.overlap,
@@ -637,8 +637,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="engine intra-op threads (default 0: auto, as the server: kernels/runtime/auto_settings.py)")
     p.add_argument("--llm-dtype", default="auto", choices=LLM_DTYPES)
     p.add_argument("--flow-dtype", default="auto", choices=FLOW_DTYPES)
-    p.add_argument("--hift-dtype", default="fp32", choices=("fp32", "bf16"),
-                   help="the vocoder's convolutions (bf16: opt-in, kernels/networks/hift.py)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument(
@@ -664,7 +662,7 @@ def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
-               "threads": tuple(str(n) for n in range(1, 257)), "hift": ("fp32", "bf16")}
+               "threads": tuple(str(n) for n in range(1, 257))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -682,7 +680,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     from kernels.runtime.engine import weight_dtype
     from kernels.weights.model import load_model
 
-    measured = {"llm": args.llm_dtype, "flow": args.flow_dtype, "hift": args.hift_dtype,
+    measured = {"llm": args.llm_dtype, "flow": args.flow_dtype,
                 "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), "llm_int8": str(args.llm_int8)}
     spec = {**measured, "voice_prefix": "1", **args.baseline}
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
@@ -691,8 +689,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     base_model = model if same else load_model(args.model_dir, device=device,
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
                                                flow_dtype=weight_dtype(spec["flow"], False),
-                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1",
-                                               hift_dtype=weight_dtype(spec["hift"], False))
+                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
     engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     print(f"baseline: {spec}", file=sys.stderr)
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0))}
@@ -736,7 +733,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
                        flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
-                       llm_int8=bool(args.llm_int8), hift_dtype=weight_dtype(args.hift_dtype, False))
+                       llm_int8=bool(args.llm_int8))
     voice = make_voice(args.model_dir)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",

@@ -128,14 +128,10 @@ class ServerConfig:
     flow_steps: int = field(default=0, metadata=_doc(
         "Euler steps of the flow's ODE (0: upstream's 10). Opt-in: 5 halves the flow's time (the most "
         "of the CPU's) and changes the mel; see the README's CPU section for the measured difference"))
-    hift_dtype: str = field(default="auto", metadata=_doc(
-        "vocoder (HiFT) convolutions (auto: fp32, or bf16 under --preset cpu-fast where the flow runs in "
-        "bf16). bf16: 1.7x faster vocoder on AVX512-BF16 CPUs; opt-in, the waveform moves about as much as "
-        "another draw of its source noise (README CPU section)", choices=("auto", "fp32", "bf16")))
     preset: str = field(default="none", metadata=_doc(
-        "cpu-fast: --flow-steps 5 (unless given), for the full-size model --llm-int8 1, and bf16 vocoder "
-        "convolutions where the flow runs in bf16, on a CPU: the opt-in speed options whose numerics move "
-        "(README CPU section); ignored on a GPU", choices=("none", "cpu-fast")))
+        "cpu-fast: --flow-steps 5 (unless given) and, for the full-size model, --llm-int8 1 on a CPU: the "
+        "opt-in speed options whose numerics move (README CPU section); ignored on a GPU",
+        choices=("none", "cpu-fast")))
     llm_int8: int = field(default=0, metadata=_doc(
         "CPU: the LLM's decoder layers also get int8 weights (per channel) for decode steps of up to 8 "
         "requests: ~1.8x faster one-request decode, opt-in (numerics move; README CPU section)",

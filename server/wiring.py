@@ -122,8 +122,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     settings = settings_for(directory, threads=config.threads, stage_workers=config.stage_workers,
                             overlap_stages=config.overlap_stages, cuda=device.startswith("cuda"),
                             llm_dtype=config.llm_dtype, flow_dtype=config.flow_dtype)
-    options = engine_options(config, cuda=device.startswith("cuda"), small_model=settings.small_model,
-                             flow_dtype=settings.flow_dtype)
+    options = engine_options(config, cuda=device.startswith("cuda"), small_model=settings.small_model)
     if options.reason:
         log.info("%s", options.reason)
     for reason in settings.reasons:
@@ -141,7 +140,6 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         flow_dtype=settings.flow_dtype,
         flow_steps=options.flow_steps,
         llm_int8=options.llm_int8,
-        hift_dtype=options.hift_dtype,
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
         voice_prefix_bytes=config.voice_prefix_mb << 20,

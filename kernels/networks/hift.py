@@ -8,11 +8,6 @@ Pipeline for a mel `[B, 80, T]` (L = 480·T samples at 24 kHz):
 Weights are plain tensors at run time: `fold_weight_norm` turns the checkpoint's (g, v) pairs
 into `weight` once at load, so the forward pass never recomputes norms.
 
-`set_compute_dtype(torch.bfloat16)` (opt-in) runs the generator's convolutions (conv_pre, upsampling,
-resblocks, source convs, conv_post: nearly all of HiFT's time) in bf16; the F0 predictor, the sine source,
-both STFTs and the magnitude/phase head stay fp32. On random weights the waveform moves about as much as a
-different draw of the source noise does (tests/test_kernels_hift.py).
-
 The only randomness is the additive source noise (the random initial phase upstream adds is
 never read, spec App. A.9). Parity injects the recorded noise; production draws it from a
 per-request generator.
@@ -188,15 +183,6 @@ class HiFTGenerator(nn.Module):
         self.register_buffer("stft_window", window, persistent=False)
         harmonics = torch.arange(1, self.num_harmonics + 1, dtype=torch.float32)
         self.register_buffer("harmonics", harmonics, persistent=False)
-        self.compute_dtype = torch.float32
-
-    GENERATOR_PARTS = ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post")
-
-    def set_compute_dtype(self, dtype: torch.dtype) -> None:
-        """Run the generator's convolutions in `dtype` (see the module docstring); fp32 elsewhere."""
-        for name in self.GENERATOR_PARTS:
-            getattr(self, name).to(dtype)
-        self.compute_dtype = dtype
 
     # -- F0 and source ------------------------------------------------------
 
@@ -246,8 +232,8 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: Tensor, s: Tensor) -> Tensor:
         """mel [B, 80, T], source s [B, 1, L] -> waveform [B, L] clamped to ±audio_limit."""
         cfg = self.cfg
-        s_stft = self._source_stft(s).to(self.compute_dtype)
-        x = self.conv_pre(mel.to(self.compute_dtype))
+        s_stft = self._source_stft(s)
+        x = self.conv_pre(mel)
         last = len(self.ups) - 1
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, cfg.lrelu_slope))
@@ -259,7 +245,7 @@ class HiFTGenerator(nn.Module):
             for block in blocks[1:]:
                 xs = xs + block(x)
             x = xs / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x)).float()  # default slope 0.01 here, as upstream
+        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as upstream
         half = cfg.istft_n_fft // 2 + 1
         magnitude = torch.exp(x[:, :half]).clamp(max=1e2)
         phase = torch.sin(x[:, half:])

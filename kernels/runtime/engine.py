@@ -62,12 +62,9 @@ class EngineConfig:
     # Weights' dtypes: "auto" = bf16 LLM on CUDA, fp32 on CPU; the flow defaults to fp32 (parity). "bf16"
     # flow runs the estimator/encoder in bf16 with the ODE state in fp32: 2.1x faster for the full-size
     # flow on an AVX512-BF16 CPU, mel within ~0.6 % of fp32 on random weights
-    # (mean relative difference on the tiny model, tests/test_kernels_flow_dtype.py).
+    # (mean relative difference on the tiny model, tests/test_kernels_flow_dtype.py). HiFT is always fp32.
     llm_dtype: str = "auto"
     flow_dtype: str = "fp32"
-    # HiFT's convolutions: "fp32" (parity) or "bf16" (opt-in: 1.7x faster vocoder on an AVX512-BF16 CPU; the
-    # waveform moves about as much as another draw of its source noise; kernels/networks/hift.py).
-    hift_dtype: str = "fp32"
     # Euler steps of the flow's ODE (0 = upstream's 10). Opt-in speed for a different mel: the flow's
     # time is proportional to it (bench/results/2026-12-07-cpu2-full-flow-steps.md).
     flow_steps: int = 0
@@ -146,7 +143,7 @@ class Engine:
         if model is None:
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
                                flow_dtype=weight_dtype(config.flow_dtype, False), flow_steps=config.flow_steps or None,
-                               llm_int8=config.llm_int8, hift_dtype=weight_dtype(config.hift_dtype, False))
+                               llm_int8=config.llm_int8)
         self.model = model
         self.sample_rate = model.config.sample_rate
         # Used by `prepare`/`encode_text` on the callers' threads only: the engine thread gets token ids.
@@ -222,7 +219,7 @@ class Engine:
         int8 = " + int8 weights" if any(b.dtype == torch.int8 for b in model.llm.buffers()) else ""
         parts = [
             f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}{int8}", f"flow {names.get(flow_dtype, '?')}",
-            f"flow steps {model.config.flow.n_timesteps}", f"hift {names.get(model.hift.compute_dtype, '?')}",
+            f"flow steps {model.config.flow.n_timesteps}",
             f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
             *([f"stage workers {runner.shards.workers}"] if cpu else []),
             *([f"heap trim {f'every {cfg.heap_trim_s:g} s' if self.heap_trimmer else 'off'}"] if cpu else []),

@@ -129,12 +129,10 @@ def load_model(
     progress_file: IO[str] | None = None,
     flow_steps: int | None = None,
     llm_int8: bool = False,
-    hift_dtype: torch.dtype = torch.float32,
 ) -> CosyVoice2Model:
-    """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`. `flow_steps`: Euler steps of the flow's ODE
-    instead of upstream's 10 (fewer: faster, and a different mel). `llm_int8` (CPU): the LLM's decoder-layer
-    linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py). `hift_dtype`: the
-    vocoder's convolutions in bf16 instead of fp32 (opt-in; HiFTGenerator.set_compute_dtype)."""
+    """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32. `flow_steps`: Euler
+    steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel). `llm_int8` (CPU):
+    the LLM's decoder-layer linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py)."""
     from kernels.networks.flow import CausalMaskedDiffWithXvec
     from kernels.networks.hift import HiFTGenerator, fold_weight_norm
     from kernels.networks.llm import Qwen2LM
@@ -182,8 +180,6 @@ def load_model(
 
         flow.decoder.rand_noise = fixed_noise(cfg.flow.output_size, cfg.flow.noise_frames).to(device)
     hift = _finish(hift, device, torch.float32)
-    if hift_dtype != torch.float32:
-        hift.set_compute_dtype(hift_dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("llm", llm), ("flow", flow), ("hift", hift))}
     stats = LoadStats(seconds=time.perf_counter() - t0, memory=memory_stats(), params=params)
     return CosyVoice2Model(cfg, llm, flow, hift, device, model_dir, stats)
