@@ -17,7 +17,8 @@ JSON file is rewritten after every run ("complete": false until the last), so a 
 time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
-"baseline": its own dtypes, the voice prefix on or off, its flow steps), right after the measured one in
+"baseline": its own dtypes, the voice prefix on or off, its flow steps, int8, threads, stage overlap
+`overlap=0|1`, `first_alone=0|1` (EngineConfig.first_chunk_alone)), right after the measured one in
 the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
 server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
@@ -662,7 +663,7 @@ def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
-               "threads": tuple(str(n) for n in range(1, 257))}
+               "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -690,9 +691,13 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
                                                flow_dtype=weight_dtype(spec["flow"], False),
                                                flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
-    engine = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
+    engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
+    if spec.get("first_alone") == "0":
+        engine["first_chunk_alone"] = False
     print(f"baseline: {spec}", file=sys.stderr)
-    return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0))}
+    overlap = None if "overlap" not in spec else spec["overlap"] == "1"
+    return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),
+            "overlap": overlap}
 
 
 @contextlib.contextmanager
@@ -767,10 +772,13 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
                     path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
+                    overlap = args.overlap
+                    if mode == "baseline" and base["overlap"] is not None:
+                        overlap = base["overlap"]
                     with intra_op_threads(base["threads"] if mode == "baseline" else 0):
                         run = run_engine(
                             path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
-                            args.overlap, mode, **path_kw,
+                            overlap, mode, **path_kw,
                         )
                 done.setdefault(mode, []).append(run)
                 print(

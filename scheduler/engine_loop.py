@@ -84,14 +84,17 @@ class EngineLoop:
         clock: Callable[[], float] = time.monotonic,
         max_jobs: int = 0,
         idle_wait_s: float = 0.05,
+        first_alone_batch: int = 0,
     ) -> None:
         """`stage`: where chunk batches run beside the LLM (None: serial steps); `max_jobs`: jobs in flight
         at once (0 = no limit beyond the scheduler's queue); `idle_wait_s`: how long the thread waits on its
-        inbox with nothing to do."""
+        inbox with nothing to do; `first_alone_batch`: a batch holding a listener's first audio with at least
+        this many requests (it keeps the cores busy) pauses its own streams' LLM too (0 = never)."""
         self.scheduler = scheduler
         self.runner = runner
         self.stage = stage
         self.idle_wait_s = idle_wait_s
+        self.first_alone_batch = first_alone_batch
         self.book = JobBook(scheduler, self._release, clock, max_jobs)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # submitted (callers, under a lock) - taken (this thread): jobs still in the inbox
@@ -185,10 +188,14 @@ class EngineLoop:
             self._collect(self.idle_wait_s)  # e.g. the chunks of a request cancelled meanwhile
             return True
         flight = self._in_flight
-        # a first packet in flight: other streams hold back to one chunk ahead, so it gets the cores sooner
-        plan = self.scheduler.schedule(
-            with_chunks=flight is None, chunks_ahead=1 if flight is not None and flight.has_first else 2,
-            in_flight=flight.request_ids if flight is not None else ())
+        first = flight is not None and flight.has_first
+        # a first packet in flight: other streams hold back to one chunk ahead, so it gets the cores sooner;
+        # in a batch big enough to keep the cores busy, the batch's own streams too (their chunk out is the
+        # one): on a CPU the LLM beside the flow slows both (bench/results/2026-12-07-cpu2-full-first-alone.md)
+        alone = first and 0 < self.first_alone_batch <= len(flight.request_ids)
+        in_flight = () if flight is None or alone else flight.request_ids
+        plan = self.scheduler.schedule(with_chunks=flight is None, chunks_ahead=1 if first else 2,
+                                       in_flight=in_flight)
         for rid in plan.released:
             self._release(rid)
         if plan.is_empty:

@@ -114,9 +114,20 @@ def test_a_baseline_spec_names_known_settings_only():
     assert bench_engine.parse_path("llm=bf16,voice_prefix=0") == {"llm": "bf16", "voice_prefix": "0"}
     assert bench_engine.parse_path("flow_steps=5,llm_int8=1,threads=1") == {
         "flow_steps": "5", "llm_int8": "1", "threads": "1"}
-    for bad in ("llm=int8", "prefix=0", "voice_prefix=yes", "flow_steps=0", "threads=0", "llm_int8=2"):
+    assert bench_engine.parse_path("overlap=0,first_alone=0") == {"overlap": "0", "first_alone": "0"}
+    for bad in ("llm=int8", "prefix=0", "voice_prefix=yes", "flow_steps=0", "threads=0", "llm_int8=2",
+                "overlap=2", "first_alone=yes"):
         with pytest.raises(Exception, match="expected one of"):
             bench_engine.parse_path(bad)
+
+
+def test_a_baseline_without_overlap_or_first_alone_configures_its_engine(tiny_model_dir):
+    args = bench_engine.parse_args(["--model-dir", str(tiny_model_dir), "--baseline", "overlap=0,first_alone=0"])
+    base = bench_engine.baseline_path(args, None, "cpu")
+    assert base is not None and base["overlap"] is False and base["engine"] == {"first_chunk_alone": False}
+    plain = bench_engine.baseline_path(bench_engine.parse_args(["--model-dir", str(tiny_model_dir), "--baseline", ""]),
+                                       None, "cpu")
+    assert plain is not None and plain["overlap"] is None and plain["engine"] == {}
 
 
 def test_repeats_alternate_batched_and_baseline_and_merge_each_mode(tiny_model_dir):

@@ -359,6 +359,16 @@ def test_overlapped_and_serial_stages_give_the_same_audio(model, tiny_model_dir,
         np.testing.assert_allclose(audio[True][rid], audio[False][rid], atol=1e-5)
 
 
+def test_on_a_cpu_a_first_audio_batch_as_big_as_the_stage_workers_runs_alone(model, tiny_model_dir):
+    for kw, expected in (({"stage_workers": 2}, 2), ({"stage_workers": 1}, 1),
+                         ({"stage_workers": 2, "first_chunk_alone": False}, 0)):
+        engine = _engine(model, tiny_model_dir, **kw)
+        try:
+            assert engine.loop.first_alone_batch == expected
+        finally:
+            engine.shutdown(1.0)
+
+
 class GatedChunks:
     """Holds the runner's chunk calls (on the stage thread) until `open` is set; counts LLM steps meanwhile."""
 

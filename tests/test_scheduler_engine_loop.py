@@ -46,14 +46,15 @@ class Sink:
 
 
 class Harness:
-    def __init__(self, overlap: bool = False, max_jobs: int = 0, max_waiting: int = 256, num_slots: int = 4) -> None:
+    def __init__(self, overlap: bool = False, max_jobs: int = 0, max_waiting: int = 256, num_slots: int = 4,
+                 first_alone_batch: int = 0) -> None:
         self.clock = FakeClock()
         self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots, slot_len=1024, max_waiting=max_waiting),
                                    self.clock)
         self.runner = FakeRunner(fill=piece_number)
         self.stage = ManualExecutor() if overlap else None
         self.loop = EngineLoop(self.scheduler, self.runner, stage=self.stage, clock=self.clock, max_jobs=max_jobs,
-                               idle_wait_s=0.0)
+                               idle_wait_s=0.0, first_alone_batch=first_alone_batch)
 
     def submit(self, rid: str, pieces: tuple[tuple[int, ...], ...] = ((1, 2, 3),), tokens: int = 30,
                duplex: bool = False, refusal: str | None = None) -> Sink:
@@ -158,6 +159,32 @@ def test_a_cancelled_requests_state_is_kept_until_its_chunk_batch_is_back() -> N
     h.stage.finish()
     h.loop.run_pass()
     assert "j#0" in h.runner.released and len(sink.events) == events  # its audio is dropped
+
+
+@pytest.mark.parametrize("first_alone_batch, decodes_beside", [(0, True), (2, False), (3, True)])
+def test_a_first_audio_batch_that_fills_the_workers_runs_without_its_streams_decoding(
+        first_alone_batch: int, decodes_beside: bool) -> None:
+    """scheduler/engine_loop.py: two streams' first chunks go out together; while that batch runs, their LLM
+    pauses only when the batch is as big as `first_alone_batch` (the stage workers), else it goes on."""
+    h = Harness(overlap=True, first_alone_batch=first_alone_batch)
+    assert h.stage is not None
+    sinks = [h.submit(rid, tokens=200) for rid in ("a", "b")]
+    for _ in range(500):
+        h.loop.run_pass()
+        if h.stage.pending:
+            break
+    assert h.stage.pending, "no chunk batch went out"
+    out = h.stage.pending[0][2][0]  # the chunks handed to the stage
+    assert sorted(c.request_id for c in out) == ["a#0", "b#0"] and all(c.is_first for c in out)
+    plans_before = len(h.runner.llm_plans)
+    for _ in range(5):
+        h.loop.run_pass()
+    decoded = [d.request_id for p in h.runner.llm_plans[plans_before:] for d in p.decodes]
+    assert bool(decoded) == decodes_beside
+    h.stage.finish()
+    h.run(lambda: all(sink.ended for sink in sinks))
+    assert all(isinstance(sink.events[-1], Finished) for sink in sinks)
+    assert [len(sink.audio) for sink in sinks] == [200 * SAMPLES_PER_TOKEN] * 2
 
 
 def test_a_failing_step_fails_its_jobs_and_the_loop_goes_on() -> None:

@@ -75,6 +75,10 @@ class EngineConfig:
     # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
     # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
     overlap_stages: bool = True
+    # CPU: while a chunk batch holding a listener's first audio runs and keeps every stage worker busy, the
+    # streams whose chunk is in it do not decode either (others already hold back to one chunk ahead), so the
+    # LLM does not slow that batch down (scheduler/engine_loop.py).
+    first_chunk_alone: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.
     heap_trim_s: float = 60.0
@@ -158,9 +162,16 @@ class Engine:
         if stage is not None and device.startswith("cuda"):
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
-                               idle_wait_s=config.idle_wait_s)
+                               idle_wait_s=config.idle_wait_s, first_alone_batch=self._first_alone_batch(device))
         self.loop.start(on_thread_start=lambda: torch.set_grad_enabled(False))
         self.heap_trimmer = self._start_heap_trimmer(device)
+
+    def _first_alone_batch(self, device: str) -> int:
+        """EngineLoop's `first_alone_batch`: on a CPU a batch as large as the stage workers (0: off; on a GPU
+        the LLM and the flow run on streams of their own)."""
+        if device.startswith("cuda") or not self.config.first_chunk_alone:
+            return 0
+        return self.runner.shards.workers
 
     def _start_heap_trimmer(self, device: str) -> HeapTrimmer | None:
         if device.startswith("cuda") or self.config.heap_trim_s <= 0:
