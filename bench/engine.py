@@ -18,7 +18,8 @@ time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
 "baseline": its own dtypes, the voice prefix on or off, its flow steps, int8, threads, stage overlap
-`overlap=0|1`, `first_alone=0|1` (EngineConfig.first_chunk_alone)), right after the measured one in
+`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1` (EngineConfig.first_chunk_alone, .lone_flow_worker)),
+right after the measured one in
 the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
 server that has served the voice before has it; with `voice_prefix=0` there is nothing to compute.
@@ -663,7 +664,8 @@ def parse_path(spec: str) -> dict[str, str]:
     """`llm=bf16,flow=fp32,voice_prefix=0` -> {"llm": "bf16", "flow": "fp32", "voice_prefix": "0"}."""
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
-               "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1")}
+               "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
+               "lone_worker": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -694,6 +696,8 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     if spec.get("first_alone") == "0":
         engine["first_chunk_alone"] = False
+    if spec.get("lone_worker") == "0":
+        engine["lone_flow_worker"] = False
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),

@@ -369,6 +369,31 @@ def test_on_a_cpu_a_first_audio_batch_as_big_as_the_stage_workers_runs_alone(mod
             engine.shutdown(1.0)
 
 
+@pytest.mark.parametrize("kw, beside", [({}, True), ({"overlap_stages": False}, False),
+                                        ({"lone_flow_worker": False}, False)])
+def test_on_a_cpu_a_lone_flow_call_beside_the_llm_goes_to_a_worker(model, tiny_model_dir, voice, kw, beside):
+    engine = _engine(model, tiny_model_dir, stage_workers=2, **kw)
+    calls = []
+    shard_map = engine.runner.shards.map
+
+    def spy(fn, items, costs, lone_inline=True):
+        calls.append((len(items), lone_inline))
+        return shard_map(fn, items, costs, lone_inline)
+
+    engine.runner.shards.map = spy
+    try:
+        assert engine.runner.lone_flow_beside_llm is beside
+        assert_speaks(engine, voice, "w", seed=2, tokens=60)
+    finally:
+        engine.shutdown(1.0)
+    # each chunk maps its flow, then its vocoder; the lone stream's non-final chunks run beside its LLM,
+    # its last one (the LLM done) inline, with the stage thread's threads
+    flows = [inline for _, inline in calls[0::2]]
+    assert len(flows) >= 2 and all(n == 1 for n, _ in calls)
+    assert flows[:-1] == [not beside] * (len(flows) - 1) and flows[-1]
+    assert all(inline for _, inline in calls[1::2])  # the vocoder: inline
+
+
 class GatedChunks:
     """Holds the runner's chunk calls (on the stage thread) until `open` is set; counts LLM steps meanwhile."""
 

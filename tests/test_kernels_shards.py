@@ -68,6 +68,18 @@ def test_lone_item_runs_inline_on_the_caller() -> None:
         pool.close()
 
 
+def test_a_lone_item_beside_other_work_runs_on_a_single_threaded_worker() -> None:
+    pool = ShardPool(2)
+    try:
+        seen = pool.map(lambda part: [(threading.current_thread().name, torch.get_num_threads()) for _ in part],
+                        ["x"], [1.0], lone_inline=False)
+        assert seen[0][0].startswith("cosyserve-shard") and seen[0][1] == 1
+        assert ShardPool(1).map(lambda part: [threading.current_thread().name for _ in part], ["x"], [1.0],
+                                lone_inline=False) == [threading.current_thread().name]  # no workers: inline
+    finally:
+        pool.close()
+
+
 def test_shard_errors_propagate_after_every_shard_finished() -> None:
     pool = ShardPool(2)
     finished = []

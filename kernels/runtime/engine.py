@@ -79,6 +79,9 @@ class EngineConfig:
     # streams whose chunk is in it do not decode either (others already hold back to one chunk ahead), so the
     # LLM does not slow that batch down (scheduler/engine_loop.py).
     first_chunk_alone: bool = True
+    # CPU, overlapped stages: a lone request's flow call beside its decoding LLM runs on one 1-thread stage
+    # worker instead of the stage thread's intra-op threads (ModelRunner.lone_flow_beside_llm says why).
+    lone_flow_worker: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.
     heap_trim_s: float = 60.0
@@ -158,6 +161,8 @@ class Engine:
                                         flow_pool_bytes(config.flow_cache_pool_bytes, device))
         self.scheduler = Scheduler(replace(scheduler_config(model.config, config.scheduler), flow_cache=flow_cache))
         self.runner = self._build_runner(model)
+        self.runner.lone_flow_beside_llm = (config.lone_flow_worker and config.overlap_stages
+                                            and not device.startswith("cuda"))
         stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage") if config.overlap_stages else None
         if stage is not None and device.startswith("cuda"):
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))

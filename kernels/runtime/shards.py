@@ -4,8 +4,8 @@ On a CPU the flow is compute-bound and its per-request work does not shrink with
 one request's ops are too small to keep several cores busy through intra-op threads (2 threads make
 a lone request slower here). A batch of requests, though, splits into independent shards — each
 request's caches are its own — so W single-threaded workers run W shards at once. A lone request
-still runs inline on the caller's thread with the caller's intra-op threads, so the one-at-a-time
-path is unchanged.
+runs inline on the caller's thread with the caller's intra-op threads (the one-at-a-time path), unless
+the caller says it runs beside other work (`lone_inline=False`): then on one worker, one thread.
 
 Workers are started eagerly and pinned to one intra-op thread each; `torch.set_num_threads` also
 sets the process default for threads created later, so the constructor puts that default back.
@@ -62,11 +62,15 @@ class ShardPool:
         ready.wait()
         torch.set_num_threads(default)  # the process default for later threads; workers keep 1
 
-    def map(self, fn: Callable[[list[T]], list[R]], items: Sequence[T], costs: Sequence[float]) -> list[R]:
-        """`fn` takes a sub-batch and returns one result per item; the outputs are re-assembled in order."""
+    def map(self, fn: Callable[[list[T]], list[R]], items: Sequence[T], costs: Sequence[float],
+            lone_inline: bool = True) -> list[R]:
+        """`fn` takes a sub-batch and returns one result per item; the outputs are re-assembled in order.
+        `lone_inline=False`: a single item goes to a worker too (see the module docstring)."""
         items = list(items)
-        if self._pool is None or len(items) < 2:
-            return list(fn(items)) if items else []
+        if not items:
+            return []
+        if self._pool is None or (len(items) < 2 and lone_inline):
+            return list(fn(items))
         groups = balanced_shards(costs, self.workers)
         futures = [self._pool.submit(_run, fn, [items[i] for i in g]) for g in groups]
         out: list[R | None] = [None] * len(items)
