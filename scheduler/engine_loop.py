@@ -10,8 +10,9 @@ With a stage executor (`overlap`, the default) a step's flow/vocoder chunks go t
 GPU, its own CUDA stream) and the loop goes on with LLM-only steps until that batch is back; then the
 next batch is planned. Runner state of a request whose chunk is out is released only once it is back.
 While a batch is out, streams already two chunks ahead of their audio do not decode (the scheduler's
-pacing; one chunk ahead while the batch holds a listener's first audio, except the batch's own requests),
-so the cores go to the chunks and to requests still working to a next chunk.
+pacing; one chunk ahead while the batch holds a listener's first audio, except the batch's own requests
+unless the batch is large enough to keep the cores busy: `first_alone_batch`), so the cores go to the chunks
+and to requests still working to a next chunk.
 """
 from __future__ import annotations
 
