@@ -10,9 +10,9 @@ With a stage executor (`overlap`, the default) a step's flow/vocoder chunks go t
 GPU, its own CUDA stream) and the loop goes on with LLM-only steps until that batch is back; then the
 next batch is planned. Runner state of a request whose chunk is out is released only once it is back.
 While a batch is out, streams already two chunks ahead of their audio do not decode (the scheduler's
-pacing; one chunk ahead while the batch holds a listener's first audio, except the batch's own requests
-unless the batch is large enough to keep the cores busy: `first_alone_batch`), so the cores go to the chunks
-and to requests still working to a next chunk.
+pacing; one chunk ahead while the batch holds a listener's first audio, except the batch's own requests,
+and those whose first audio it is hold too when the batch keeps the cores busy: `first_alone_batch`), so the
+cores go to the chunks and to requests still working to a next chunk.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class _InFlight:
     plan: StepPlan  # chunks only
     future: Future
     request_ids: frozenset[str]
-    has_first: bool  # holds some listener's first audio (not a later sentence piece's)
+    first_ids: frozenset[str]  # its requests whose chunk is a listener's first audio (not a later piece's)
 
 
 class JobHandle:
@@ -90,7 +90,8 @@ class EngineLoop:
         """`stage`: where chunk batches run beside the LLM (None: serial steps); `max_jobs`: jobs in flight
         at once (0 = no limit beyond the scheduler's queue); `idle_wait_s`: how long the thread waits on its
         inbox with nothing to do; `first_alone_batch`: a batch holding a listener's first audio with at least
-        this many requests (it keeps the cores busy) pauses its own streams' LLM too (0 = never)."""
+        this many requests (it keeps the cores busy) pauses the LLM of the streams whose first audio it
+        holds too (0 = never)."""
         self.scheduler = scheduler
         self.runner = runner
         self.stage = stage
@@ -189,12 +190,15 @@ class EngineLoop:
             self._collect(self.idle_wait_s)  # e.g. the chunks of a request cancelled meanwhile
             return True
         flight = self._in_flight
-        first = flight is not None and flight.has_first
+        first = flight is not None and bool(flight.first_ids)
         # a first packet in flight: other streams hold back to one chunk ahead, so it gets the cores sooner;
-        # in a batch big enough to keep the cores busy, the batch's own streams too (their chunk out is the
-        # one): on a CPU the LLM beside the flow slows both (bench/results/2026-12-07-cpu2-full-first-alone.md)
-        alone = first and 0 < self.first_alone_batch <= len(flight.request_ids)
-        in_flight = () if flight is None or alone else flight.request_ids
+        # in a batch big enough to keep the cores busy, the streams whose first audio it holds too (their
+        # chunk out is that one; streams already playing keep two): on a CPU the LLM beside the flow slows
+        # both (bench/results/2026-12-07-cpu2-full-first-alone.md)
+        in_flight: frozenset[str] = frozenset()
+        if flight is not None:
+            alone = first and 0 < self.first_alone_batch <= len(flight.request_ids)
+            in_flight = flight.request_ids - flight.first_ids if alone else flight.request_ids
         plan = self.scheduler.schedule(with_chunks=flight is None, chunks_ahead=1 if first else 2,
                                        in_flight=in_flight)
         for rid in plan.released:
@@ -231,7 +235,8 @@ class EngineLoop:
             future = self.stage.submit(self.runner.execute_chunks, plan.chunks)
             self._in_flight = _InFlight(StepPlan(plan.step, chunks=plan.chunks), future,
                                         frozenset(c.request_id for c in plan.chunks),
-                                        any(self.book.starts_playback(c.request_id) for c in plan.chunks))
+                                        frozenset(c.request_id for c in plan.chunks
+                                                  if self.book.starts_playback(c.request_id)))
         llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return

@@ -187,6 +187,32 @@ def test_a_first_audio_batch_that_fills_the_workers_runs_without_its_streams_dec
     assert [len(sink.audio) for sink in sinks] == [200 * SAMPLES_PER_TOKEN] * 2
 
 
+@pytest.mark.parametrize("first_alone_batch, expected", [(2, {"a#0"}), (3, {"a#0", "b#0"})])
+def test_only_the_streams_whose_first_audio_is_out_hold_with_it(first_alone_batch: int, expected: set) -> None:
+    """A batch of a playing stream's chunk (a) and a new stream's first chunk (b): when it fills the workers,
+    b holds (its chunk out is its one chunk ahead) while a keeps two ahead so its audio does not gap."""
+    from concurrent.futures import Future
+
+    from scheduler.engine_loop import _InFlight
+    from scheduler.plan import StepPlan
+
+    h = Harness(overlap=True, first_alone_batch=first_alone_batch)
+    h.submit("a", tokens=200)
+    h.submit("b", tokens=200)
+    h.loop.run_pass()  # both admitted
+    seen: list[dict] = []
+    schedule = h.scheduler.schedule
+
+    def spy(**kw):
+        seen.append(kw)
+        return schedule(**kw)
+
+    h.scheduler.schedule = spy  # type: ignore[method-assign]
+    h.loop._in_flight = _InFlight(StepPlan(0), Future(), frozenset({"a#0", "b#0"}), frozenset({"b#0"}))
+    h.loop.run_pass()
+    assert seen[-1]["chunks_ahead"] == 1 and set(seen[-1]["in_flight"]) == expected
+
+
 def test_a_failing_step_fails_its_jobs_and_the_loop_goes_on() -> None:
     h = Harness()
     h.runner.fail_llm = True

@@ -76,8 +76,8 @@ class EngineConfig:
     # their first chunk sooner under load. False = one thread does LLM, then chunks, every step.
     overlap_stages: bool = True
     # CPU: while a chunk batch holding a listener's first audio runs and keeps every stage worker busy, the
-    # streams whose chunk is in it do not decode either (others already hold back to one chunk ahead), so the
-    # LLM does not slow that batch down (scheduler/engine_loop.py).
+    # streams whose first audio it holds do not decode either (others already hold back to one chunk ahead),
+    # so the LLM does not slow that batch down (scheduler/engine_loop.py).
     first_chunk_alone: bool = True
     # CPU, overlapped stages: a lone request's flow call beside its decoding LLM runs on one 1-thread stage
     # worker instead of the stage thread's intra-op threads (ModelRunner.lone_flow_beside_llm says why).
