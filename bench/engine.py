@@ -234,22 +234,26 @@ def run_engine(
     timeout_s: float,
     overlap: bool = True,
     mode: str | None = None,
+    flow_ahead: bool = True,
     **engine_kw: Any,
 ) -> dict[str, Any]:
-    """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label."""
+    """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label;
+    `flow_ahead`: the scheduler's flow work ahead of chunks (scheduler/chunk_policy.py)."""
     from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
     if sequential:
         config = EngineConfig(
-            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len), max_jobs=1, cuda_graphs=cuda_graphs,
+            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len, chunk=ChunkPolicyConfig(flow_ahead=flow_ahead)),
+            max_jobs=1, cuda_graphs=cuda_graphs,
             use_wetext=False, overlap_stages=overlap, **engine_kw,
         )
     else:
         config = EngineConfig(
             scheduler=SchedulerConfig(num_slots=max(1, concurrency), slot_len=slot_len,
-                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency))),
+                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency),
+                                                              flow_ahead=flow_ahead)),
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
@@ -665,7 +669,7 @@ def parse_path(spec: str) -> dict[str, str]:
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
-               "lone_worker": ("0", "1")}
+               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -698,6 +702,8 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
         engine["first_chunk_alone"] = False
     if spec.get("lone_worker") == "0":
         engine["lone_flow_worker"] = False
+    if spec.get("flow_ahead") == "0":
+        engine["flow_ahead"] = False
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),

@@ -6,6 +6,17 @@ the 25-token chunk grid of the flow, then hop *= growth up to max_hop (25+pad, 5
 A non-final chunk needs hop + lookahead generated tokens beyond the offset. After the LLM ends,
 upstream keeps emitting full hops while enough tokens remain, then one final chunk with the rest
 (`drain_in_hops`; chunk boundaries change the audio, so this is kept for parity).
+
+Flow ahead (`flow_ahead`): the flow is chunk-causal on the 25-token grid, so the frames of a whole grid
+chunk are final once its 3 look-ahead tokens exist, long before the hop that emits them is complete. When
+no chunk is ready (the flow would idle), `next_advance` offers that work for a request's first chunk: the
+prompt's last chunk (whose look-ahead is the first 3 generated tokens, so no voice prefix can hold it;
+with a 3 s prompt, half the first chunk's frames) and any whole grid chunk of the first hop. The first
+chunk then computes only the rest, so the first audio comes sooner. Same frames, same audio. The
+scheduler asks for it only while one stream is live: on a 2-core CPU the LLM and the flow each run
+~25-30 % slower side by side than alone, and two 50-frame calls cost more than one of 100, so with several
+streams (C8) advances cost 5-10 % throughput for a TTFC within noise; later hops gained nothing either
+(bench/results/2026-12-07-cpu2-full-flow-ahead*.md).
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ class ChunkPolicyConfig:
     # requests' long chunks, which wait one batch (they have this much audio buffered). 0 = off.
     urgent_margin_s: float = 1.0
     sample_rate: int = 24000
+    flow_ahead: bool = True  # see the module docstring; False: the first chunk's flow starts when it is ready
 
     def __post_init__(self) -> None:
         if min(self.first_hop, self.growth, self.grid, self.max_chunks_per_step) < 1:
@@ -85,6 +97,34 @@ class ChunkPolicy:
             streaming=not final or (req.stream and self.config.final_streaming),
             is_first=req.chunks_done == 0,
             is_last=final,
+        )
+
+    def next_advance(self, req: Request, cache_end: int) -> ChunkItem | None:
+        """Flow work `req` can do before its next chunk is ready (see the module docstring): the frames up to
+        the last grid point whose look-ahead tokens are generated, when that lies beyond `cache_end` (where
+        its flow cache ends, flow tokens, prompt included) and past the voice-only part of the prompt.
+        Only for a streaming request still generating towards its first chunk, not ready yet."""
+        cfg = self.config
+        if not (cfg.flow_ahead and req.stream) or req.is_finished or req.llm_done or req.chunks_done:
+            return None
+        if self.next_chunk(req) is not None:
+            return None
+        prompt, look = req.flow_prompt_len, cfg.lookahead
+        point = (prompt + len(req.speech_ids) - look) // cfg.grid * cfg.grid
+        if point <= cache_end or point + look <= prompt:
+            return None
+        end = point - prompt + look
+        return ChunkItem(
+            request_id=req.request_id,
+            token_ids=tuple(req.speech_ids[:end]),
+            token_offset=req.token_offset,
+            token_end=end,
+            finalize=False,
+            streaming=True,
+            is_first=False,
+            is_last=False,
+            incremental=True,
+            advance=True,
         )
 
     def far_ahead(self, req: Request, chunks: int = 2) -> bool:

@@ -236,7 +236,7 @@ class EngineLoop:
             self._in_flight = _InFlight(StepPlan(plan.step, chunks=plan.chunks), future,
                                         frozenset(c.request_id for c in plan.chunks),
                                         frozenset(c.request_id for c in plan.chunks
-                                                  if self.book.starts_playback(c.request_id)))
+                                                  if not c.advance and self.book.starts_playback(c.request_id)))
         llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return
@@ -307,6 +307,7 @@ class EngineLoop:
             steps=s.totals.steps,
             flow_cache_bytes=s.flow_cache_bytes,
             flow_cache_pool_bytes=s.flow_cache_pool_bytes,
+            flow_advances=s.totals.flow_advances,
         )
 
     # ------------------------------------------------------------------ commands

@@ -14,6 +14,11 @@ slack). Here the scheduler decides, per chunk it plans (`ChunkItem.incremental`)
   * after an incremental chunk the cache covers tokens [0, end) and stays reserved, unless it ends off
     the grid or is the request's final chunk: then it is spent and its reservation freed.
 
+An advance (`ChunkItem.advance`: flow work ahead of a chunk, see scheduler/chunk_policy.py) runs only
+against a cache: `plan_advances` keeps those that fit and moves the request's cache end to the advance's
+end, past the chunk's first kept token; the runner holds the frames in between for that chunk, so the
+chunk continues from there (`_ahead`). A chunk that recomputes drops both.
+
 Positions are flow tokens, prompt included: a chunk keeps the audio from token P + token_offset and its
 frames end at P + token_end - lookahead (no look-ahead in a final chunk), P = `Request.flow_prompt_len`.
 The budget tracks each request's cache end (`tokens_done`, as the runner's `FlowStreamState` does) and
@@ -74,6 +79,7 @@ class FlowCacheBudget:
         self.config = config
         self._done: dict[str, int] = {}  # request id -> its cache's end in tokens (prompt included)
         self._reserved: dict[str, int] = {}  # request id -> bytes its cache may hold
+        self._ahead: set[str] = set()  # caches run past the next chunk's first kept token (an advance)
         self.reserved_bytes = 0  # their sum
 
     # ------------------------------------------------------------------ queries
@@ -118,23 +124,50 @@ class FlowCacheBudget:
             self.release(rid)
         return out  # type: ignore[return-value]
 
+    def plan_advances(self, items: Sequence[tuple[ChunkItem, int]]) -> list[ChunkItem]:
+        """The advances (as (advance, flow prompt tokens P)) whose request's cache can continue to their
+        end within the budget; each of them now holds that cache (see the module docstring)."""
+        cfg = self.config
+        kept = []
+        for chunk, prompt_len in items:
+            rid = chunk.request_id
+            end = prompt_len + chunk.token_end - cfg.lookahead
+            done = self.tokens_done(rid)
+            if not (cfg.enabled and chunk.streaming and done < end and keeps_state(done, cfg.token_chunk)):
+                continue
+            if not self._fits(end, self.reservation(rid)):
+                continue  # the cache stays as it is; the chunk itself decides later
+            self._hold(rid, end)
+            self._ahead.add(rid)
+            kept.append(chunk)
+        return kept
+
     def _decide(self, chunk: ChunkItem, prompt_len: int) -> bool:
         cfg = self.config
         rid = chunk.request_id
         first_kept = prompt_len + chunk.token_offset
         end = prompt_len + chunk.token_end - (0 if chunk.finalize else cfg.lookahead)
         done = self.tokens_done(rid)
+        start = max(first_kept, done) if rid in self._ahead else first_kept  # frames before `done`: held
         self.release(rid)  # the cache either continues into this chunk (re-reserved below) or is dropped
-        need = self.need_bytes(end)
-        fits = need <= cfg.per_request_bytes and (cfg.pool_bytes is None or self.reserved_bytes + need <= cfg.pool_bytes)
-        if not (can_continue(done, first_kept, end, cfg.token_chunk) and fits):
+        if not (can_continue(done, start, end, cfg.token_chunk) and self._fits(end, 0)):
             return False  # off the grid, or over the request's budget or the pool: recompute
-        self._done[rid] = end
-        self._reserved[rid] = need
-        self.reserved_bytes += need
+        self._hold(rid, end)
         return True
+
+    def _fits(self, end: int, held: int) -> bool:
+        """Whether a cache up to `end` fits the per-request budget and, instead of `held`, the pool."""
+        cfg, need = self.config, self.need_bytes(end)
+        pool_ok = cfg.pool_bytes is None or self.reserved_bytes - held + need <= cfg.pool_bytes
+        return need <= cfg.per_request_bytes and pool_ok
+
+    def _hold(self, rid: str, end: int) -> None:
+        self.reserved_bytes += self.need_bytes(end) - self._reserved.get(rid, 0)
+        self._done[rid] = end
+        self._reserved[rid] = self.need_bytes(end)
 
     def release(self, request_id: str) -> None:
         """Forget the request's cache and free its reservation (request ended, or the runner recomputed)."""
         self._done.pop(request_id, None)
+        self._ahead.discard(request_id)
         self.reserved_bytes -= self._reserved.pop(request_id, 0)

@@ -119,6 +119,7 @@ class EngineStats:
     voice_prefix_hits: int = 0
     voice_prefix_misses: int = 0
     voice_prefix_bytes: int = 0
+    flow_advances: int = 0  # flow calls done ahead of the chunk that emits their frames (chunk_policy.py)
 
 
 class EngineProtocol(Protocol):

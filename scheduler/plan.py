@@ -98,6 +98,9 @@ class ChunkItem:
     Final: finalize=True, streaming=False (upstream runs the last chunk with full attention).
     incremental: run the flow against the request's flow cache, starting one if it has none (the
     scheduler's `FlowCacheBudget` decided it fits); False: recompute, and drop any cache of the request.
+    advance: flow work ahead of the request's next chunk, no audio (`ChunkPolicy.next_advance`): the
+    runner computes the frames up to token_end - lookahead (a chunk-grid point) against the flow cache and
+    keeps those from token_offset on for that chunk, which then computes only the rest. Always incremental.
     """
 
     request_id: str
@@ -109,6 +112,7 @@ class ChunkItem:
     is_first: bool
     is_last: bool
     incremental: bool = False
+    advance: bool = False
 
 
 @dataclass(frozen=True)

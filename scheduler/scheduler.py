@@ -233,11 +233,29 @@ class Scheduler:
             if chunk is not None:
                 ready.append((req, chunk))
         picked = self.chunks.pick(ready, self.clock())
-        if not picked:
-            return picked
-        self._chunks_out.update(c.request_id for c in picked)
-        prompt = {req.request_id: req.flow_prompt_len for req, _ in ready}
-        return self.flow_cache.plan([(c, prompt[c.request_id]) for c in picked])
+        if picked:
+            prompt = {req.request_id: req.flow_prompt_len for req, _ in ready}
+            planned = self.flow_cache.plan([(c, prompt[c.request_id]) for c in picked])
+        else:
+            planned = self._plan_advances()
+        self._chunks_out.update(c.request_id for c in planned)
+        return planned
+
+    def _plan_advances(self) -> list[ChunkItem]:
+        """With no chunk ready the flow would idle: flow work ahead of a lone stream's first chunk
+        (scheduler/chunk_policy.py). Only for a lone one: with others, advances batched beside their
+        decoding cost more throughput than they saved latency (measured in chunk_policy's docstring)."""
+        if len(self._running) + len(self._draining) != 1:
+            return []
+        offers = []
+        for req in self._running.values():
+            item = self.chunks.next_advance(req, self.flow_cache.tokens_done(req.request_id))
+            if item is not None:
+                offers.append((req, item))
+        picked = {c.request_id for c in self.chunks.pick(offers, self.clock())}
+        prompt = {req.request_id: req.flow_prompt_len for req, _ in offers}
+        return self.flow_cache.plan_advances([(c, prompt[c.request_id]) for _, c in offers
+                                              if c.request_id in picked])
 
     def _step_stats(self, prefills: list[PrefillItem], decodes: list[DecodeItem], chunks: list[ChunkItem]) -> StepStats:
         return StepStats(
@@ -330,6 +348,9 @@ class Scheduler:
     def _apply_chunk(self, chunk: ChunkItem, result: StepResult) -> None:
         req = self._live(chunk.request_id)
         if req is None:
+            return
+        if chunk.advance:
+            self._counters.flow_advances += 1  # no audio; the runner holds its frames for the next chunk
             return
         samples = result.chunk_samples.get(chunk.request_id)
         if samples is None:

@@ -33,6 +33,7 @@ class Counters:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    flow_advances: int = 0  # flow work done ahead of a chunk (ChunkItem.advance)
 
     def snapshot(self) -> CounterTotals:
         # all ints: a shallow copy (asdict's deep copy cost ~12 us, and the engine publishes every pass)
@@ -52,6 +53,7 @@ class CounterTotals:
     finished: int
     cancelled: int
     failed: int
+    flow_advances: int
 
 
 @dataclass(frozen=True)

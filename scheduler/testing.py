@@ -44,7 +44,7 @@ def answer(plan: StepPlan, token: TokenFn | int = 100) -> StepResult:
         return token(item) if callable(token) else token
 
     sampled = {i.request_id: pick(i) for i in (*plan.prefills, *plan.decodes)}
-    samples = {c.request_id: upstream_chunk_samples(c) for c in plan.chunks}
+    samples = {c.request_id: upstream_chunk_samples(c) for c in plan.chunks if not c.advance}  # advances: no audio
     return StepResult(sampled=sampled, chunk_samples=samples)
 
 
@@ -88,10 +88,11 @@ class FakeRunner:
         if self.fail_chunks:
             self.fail_chunks = False
             raise RuntimeError("fake chunk failure")
-        samples = {c.request_id: upstream_chunk_samples(c) for c in chunks}
+        audible = [c for c in chunks if not c.advance]  # an advance is flow work only, as in the real runner
+        samples = {c.request_id: upstream_chunk_samples(c) for c in audible}
         outputs = [ChunkOutput(c.request_id, np.full(samples[c.request_id], self.fill(c.request_id), np.float32),
                                tokens=c.token_end - c.token_offset, generate_time_s=0.0,
-                               flow_batch=len(chunks), vocoder_batch=len(chunks)) for c in chunks]
+                               flow_batch=len(chunks), vocoder_batch=len(audible)) for c in audible]
         return StepResult(chunk_samples=samples), outputs
 
     def release(self, request_id: str) -> None:

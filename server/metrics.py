@@ -224,6 +224,9 @@ def _engine_lines(s: EngineStats) -> list[str]:
     for key, value in gauges.items():
         lines += [f"# TYPE cosyserve_engine_{key} gauge", f"cosyserve_engine_{key} {value}"]
     lines += ["# TYPE cosyserve_engine_steps_total counter", f"cosyserve_engine_steps_total {s.steps}"]
+    lines += ["# HELP cosyserve_engine_flow_advances_total flow calls run ahead of the chunk that emits their frames",
+              "# TYPE cosyserve_engine_flow_advances_total counter",
+              f"cosyserve_engine_flow_advances_total {s.flow_advances}"]
     for key, value in (("voice_prefix_hits", s.voice_prefix_hits), ("voice_prefix_misses", s.voice_prefix_misses)):
         lines += [f"# TYPE cosyserve_engine_{key}_total counter", f"cosyserve_engine_{key}_total {value}"]
     lines += ["# TYPE cosyserve_engine_voice_prefix_bytes gauge", f"cosyserve_engine_voice_prefix_bytes {s.voice_prefix_bytes}"]

@@ -65,6 +65,7 @@ class Trace:
         self.audio: dict[str, np.ndarray] = {}
         self.tokens: dict[str, tuple[int, ...]] = {}
         self.mels: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.engines: list[Engine] = []
 
     def spy_on(self, engine: Engine) -> None:
         flow_group = engine.runner._flow_group
@@ -72,6 +73,8 @@ class Trace:
         def spy(group, streaming, finalize):
             out = flow_group(group, streaming, finalize)
             for chunk in group:
+                if chunk.advance:
+                    continue  # its frames come out again with the chunk that emits them
                 job = chunk.request_id.split("#")[0]
                 self.tokens[job] = chunk.token_ids
                 self.mels[job].append(out[chunk.request_id].clone())
@@ -83,12 +86,14 @@ class Trace:
         return torch.cat(self.mels[job], dim=1)
 
 
-def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None,
+def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None, flow_ahead: bool = True,
              **config) -> dict[str, np.ndarray]:
+    chunk = ChunkPolicyConfig(flow_ahead=flow_ahead)
     engine = Engine(model_dir, model=model,
-                    config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024), **config))
+                    config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024, chunk=chunk), **config))
     if trace is not None:
         trace.spy_on(engine)
+        trace.engines.append(engine)
     try:
         sinks = {job.request_id: Collector() for job in jobs}
         for prepared in [engine.prepare(job) for job in jobs]:  # all text first: the jobs arrive together
@@ -108,9 +113,11 @@ def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
     expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
     # the reference computes the prompt frames in each stream's first call, so the engine does too here: with
     # the voice prefix (its own call, other matmul shapes) the mel moves ~1e-6 and HiFT's phase integration
-    # makes that ~1e-3 in the waveform (test_streams_from_the_voice_prefix_equal_streams_that_compute_it)
+    # makes that ~1e-3 in the waveform (test_streams_from_the_voice_prefix_equal_streams_that_compute_it);
+    # so is the flow's work ahead of chunks (test_flow_ahead_gives_the_frames_of_chunk_calls), and a flow call
+    # on a 1-thread stage worker against the reference's threads (lone_flow_worker: other reduction orders)
     got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)],
-                   voice_prefix_bytes=0)["a"]
+                   flow_ahead=False, voice_prefix_bytes=0, lone_flow_worker=False)["a"]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -128,6 +135,25 @@ def test_streams_from_the_voice_prefix_equal_streams_that_compute_it(model, tiny
         rid = job.request_id
         assert traces["on"].tokens[rid] == traces["off"].tokens[rid]
         torch.testing.assert_close(traces["on"].mel(rid), traces["off"].mel(rid), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prefix_bytes", [0, 1 << 30])
+def test_flow_ahead_gives_the_frames_of_chunk_calls(model, tiny_model_dir, voice, prefix_bytes):
+    """scheduler/chunk_policy.py: grid chunks of a lone stream's first chunk computed ahead of it (the
+    prompt's last chunk) give that chunk's tokens and mel, for streams of several lengths, with and without
+    a voice prefix."""
+    jobs = [SpeechJob(f"f{i}", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=3 + i, fixed_tokens=40 + 37 * i)
+            for i in range(3)]
+    traces = {"ahead": Trace(), "off": Trace()}
+    for name, trace in traces.items():
+        for job in jobs:  # one at a time: advances are for a lone stream
+            run_jobs(model, tiny_model_dir, [job], trace, flow_ahead=name == "ahead", voice_prefix_bytes=prefix_bytes)
+    assert all(engine.stats().flow_advances > 0 for engine in traces["ahead"].engines)
+    assert all(engine.stats().flow_advances == 0 for engine in traces["off"].engines)
+    for job in jobs:
+        rid = job.request_id
+        assert traces["ahead"].tokens[rid] == traces["off"].tokens[rid]
+        torch.testing.assert_close(traces["ahead"].mel(rid), traces["off"].mel(rid), atol=1e-4, rtol=0)
 
 
 def test_the_engine_keeps_a_voice_prefix_and_reuses_it(model, tiny_model_dir, voice):
@@ -318,9 +344,9 @@ def test_int8_llm_engine_speaks_and_says_so(tiny_model_dir, voice):
 # ---------------------------------------------------------------- overlapped stages
 
 
-def _engine(model, model_dir, num_slots: int = 4, **kw) -> Engine:
-    return Engine(model_dir, model=model,
-                  config=EngineConfig(scheduler=SchedulerConfig(num_slots=num_slots, slot_len=1024), **kw))
+def _engine(model, model_dir, num_slots: int = 4, flow_ahead: bool = True, **kw) -> Engine:
+    scheduler = SchedulerConfig(num_slots=num_slots, slot_len=1024, chunk=ChunkPolicyConfig(flow_ahead=flow_ahead))
+    return Engine(model_dir, model=model, config=EngineConfig(scheduler=scheduler, **kw))
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -346,7 +372,10 @@ def test_overlapped_and_serial_stages_give_the_same_audio(model, tiny_model_dir,
     ]
     audio = {}
     for overlap in (True, False):
-        engine = _engine(model, tiny_model_dir, overlap_stages=overlap)
+        # flow work ahead of chunks goes where the flow is idle, which depends on timing with overlap, and
+        # splits calls differently: the same frames ~1e-6 apart (test_flow_ahead_gives_the_frames_of_chunk_calls);
+        # a lone flow call on a 1-thread worker (overlap only) runs other reduction orders than inline
+        engine = _engine(model, tiny_model_dir, overlap_stages=overlap, flow_ahead=False, lone_flow_worker=False)
         try:
             sinks = {job.request_id: Collector() for job in jobs}
             for prepared in [engine.prepare(job) for job in jobs]:  # all text first: the jobs arrive together
@@ -372,7 +401,7 @@ def test_on_a_cpu_a_first_audio_batch_as_big_as_the_stage_workers_runs_alone(mod
 @pytest.mark.parametrize("kw, beside", [({}, True), ({"overlap_stages": False}, False),
                                         ({"lone_flow_worker": False}, False)])
 def test_on_a_cpu_a_lone_flow_call_beside_the_llm_goes_to_a_worker(model, tiny_model_dir, voice, kw, beside):
-    engine = _engine(model, tiny_model_dir, stage_workers=2, **kw)
+    engine = _engine(model, tiny_model_dir, stage_workers=2, flow_ahead=False, **kw)  # each step: flow, vocoder
     calls = []
     shard_map = engine.runner.shards.map
 

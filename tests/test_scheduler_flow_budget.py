@@ -117,6 +117,7 @@ VOICE = VoicePrompt(np.zeros(71, np.int32), np.zeros(192, np.float32), np.zeros(
 def sched(flow: FlowBudgetConfig | None = None, **chunk_kw: object) -> Scheduler:
     flow = flow or FlowBudgetConfig(enabled=True, bytes_per_frame=BPF)
     chunk_kw.setdefault("final_streaming", False)  # upstream's full-attention final chunk unless a test says
+    chunk_kw.setdefault("flow_ahead", False)  # the chunks' own decisions; advances have their tests below
     cfg = SchedulerConfig(num_slots=8, slot_len=4096, max_running=8, chunk=ChunkPolicyConfig(**chunk_kw),
                           flow_cache=flow)
     return Scheduler(cfg, FakeClock())

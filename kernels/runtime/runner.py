@@ -46,6 +46,11 @@ class RequestTensors:
     sampler: torch.Generator | None  # per-request LLM sampling RNG (seeded requests)
     voice_key: bytes = b""  # digest of the voice's prompt arrays (kernels/runtime/voice_prefix.py)
     llm_time_s: float = 0.0  # LLM time accrued since this request's last chunk
+    # mel [80, n] of the next chunk's first frames, computed ahead (`ChunkItem.advance`), from mel frame
+    # `ahead_from` (prompt included) up to where the flow cache ends
+    ahead: Tensor | None = None
+    ahead_from: int = 0
+    ahead_s: float = 0.0  # flow time of those advances, charged to that chunk
 
 
 @dataclass
@@ -310,6 +315,9 @@ class ModelRunner:
         for c in chunks:
             if c.request_id not in self.requests:
                 failed[c.request_id] = "runner has no state for this request"
+        if self.flow_inc is None:  # no flow cache to advance: the scheduler's budget forgets the request's
+            recomputed.update(c.request_id for c in live if c.advance)
+            live = [c for c in live if not c.advance]
         groups: dict[tuple[bool, bool], list[ChunkItem]] = {}
         for c in live:
             groups.setdefault((c.streaming, c.finalize), []).append(c)
@@ -319,6 +327,11 @@ class ModelRunner:
             mels.update(self._flow_group(group, streaming, finalize))
         recomputed.update(c.request_id for c in live if c.incremental and not self._can_run_incremental(c))
         t1 = time.perf_counter()
+        flowed = len(live)
+        for c in live:
+            if c.advance:
+                self.requests[c.request_id].ahead_s += (t1 - t0) / flowed
+        live = [c for c in live if not c.advance]  # advances: flow only, their frames wait in `ahead`
         vocoder_items = []
         for c in live:
             state = self.requests[c.request_id]
@@ -331,7 +344,7 @@ class ModelRunner:
                                [float(mel.shape[-1]) for _, mel, _ in vocoder_items])
         t2 = time.perf_counter()
         timings.flow_s, timings.vocoder_s = t1 - t0, t2 - t1
-        timings.flow_batch = timings.vocoder_batch = len(live)
+        timings.flow_batch, timings.vocoder_batch = flowed, len(live)
         share = (t2 - t0) / max(1, len(live))
         outputs = []
         for c, wav in zip(live, wavs):
@@ -343,13 +356,13 @@ class ModelRunner:
                     request_id=c.request_id,
                     pcm=wav.float().cpu().numpy(),
                     tokens=covered,
-                    generate_time_s=state.llm_time_s + share,
+                    generate_time_s=state.llm_time_s + state.ahead_s + share,
                     flow_batch=len(groups[(c.streaming, c.finalize)]),
                     vocoder_batch=len(live),
                     detail=detail,
                 )
             )
-            state.llm_time_s = 0.0
+            state.llm_time_s = state.ahead_s = 0.0
         return outputs
 
     def _can_run_incremental(self, chunk: ChunkItem) -> bool:
@@ -368,14 +381,22 @@ class ModelRunner:
         with self._flow_lock:
             for c in group:
                 state = self.flow_states.pop(c.request_id, None)
+                st = self.requests[c.request_id]
+                ahead, st.ahead = st.ahead, None
                 if not (c.incremental and self._can_run_incremental(c)):
                     rest.append(c)
                     continue
-                st = self.requests[c.request_id]
-                first_kept = (st.prompt_mel.shape[0] + c.token_offset * self.ratio) // self.ratio  # in tokens
+                keep_from = st.prompt_mel.shape[0] + c.token_offset * self.ratio
                 end = st.prompt_tokens.shape[0] + c.token_end - look
-                if state is None or not self.flow_inc.can_start(state, first_kept, end):
-                    state = FlowStreamState()
+                # the first token this call must compute: past frames held from an advance, if they still
+                # join the cache (else they are recomputed); an advance may end before keep_from (the
+                # prompt's last chunk): then any cache before its end does
+                start = keep_from // self.ratio
+                if ahead is not None and state is not None and ahead_joins(ahead, st.ahead_from, keep_from,
+                                                                           state.tokens_done * self.ratio):
+                    start, st.ahead = state.tokens_done, ahead
+                if state is None or not self.flow_inc.can_start(state, min(start, end - 1), end):
+                    state, st.ahead = FlowStreamState(), None
                 cached.append((c, state))
         return self._flow_mixed(cached, rest, streaming, finalize)
 
@@ -421,8 +442,14 @@ class ModelRunner:
             results = self.flow_inc.forward(calls, finalize)
             for i, (mel, first) in zip(inc, results):
                 c = part[i][0]
-                keep_from = self.requests[c.request_id].prompt_mel.shape[0] + c.token_offset * self.ratio
-                out[i] = mel[:, keep_from - first :].float()
+                st = self.requests[c.request_id]
+                keep_from = st.prompt_mel.shape[0] + c.token_offset * self.ratio
+                if st.ahead is not None:  # the frames [ahead_from, first) were computed by an advance
+                    mel, first, st.ahead = torch.cat([st.ahead, mel], dim=1), st.ahead_from, None
+                kept = mel[:, max(0, keep_from - first):]
+                if c.advance:
+                    st.ahead, st.ahead_from = (kept, keep_from) if kept.shape[1] else (None, 0)
+                out[i] = kept.float()
         if rec:
             for i, mel in zip(rec, self._flow_recompute_batch([part[i][0] for i in rec], streaming, finalize)):
                 out[i] = mel
@@ -449,3 +476,8 @@ class ModelRunner:
         emb = torch.stack([st.embedding for st in states])
         mel, mel_lens = flow.inference(tokens, lens.to(dev), feat, feat_lens.to(dev), emb, streaming, finalize)
         return [mel[row, :, c.token_offset * self.ratio : int(mel_lens[row])].float() for row, c in enumerate(group)]
+
+
+def ahead_joins(ahead: Tensor, ahead_from: int, keep_from: int, cache_end: int) -> bool:
+    """Whether frames held from an advance are exactly a chunk's first frames up to where its cache ends."""
+    return ahead_from == keep_from and ahead_from + ahead.shape[1] == cache_end
