@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scheduler.plan import ChunkItem
 from scheduler.request import Request
@@ -114,18 +114,7 @@ class ChunkPolicy:
         if point <= cache_end or point + look <= prompt:
             return None
         end = point - prompt + look
-        return ChunkItem(
-            request_id=req.request_id,
-            token_ids=tuple(req.speech_ids[:end]),
-            token_offset=req.token_offset,
-            token_end=end,
-            finalize=False,
-            streaming=True,
-            is_first=False,
-            is_last=False,
-            incremental=True,
-            advance=True,
-        )
+        return replace(self._make(req, end, final=False), is_first=False, incremental=True, advance=True)
 
     def far_ahead(self, req: Request, chunks: int = 2) -> bool:
         """Whether `req` has the tokens of its next `chunks` chunks (the first of them may be in flight)."""
