@@ -4,7 +4,8 @@ Per step, `schedule()` builds a `StepPlan`: one decode for every running request
 input (bistream requests waiting for text are skipped), prefills for newly admitted requests
 (and bistream extends) with the data of newly admitted requests, and the flow/vocoder chunks that
 are ready, most urgent first, each marked incremental or recompute by the flow-cache budget
-(scheduler/flow_budget.py). The runner executes it; `update(plan, result)` applies the sampled tokens (stop ids, min/max
+(scheduler/flow_budget.py); when none is ready and one stream is live, flow work ahead of its first
+chunk instead (`ChunkItem.advance`, scheduler/chunk_policy.py). The runner executes it; `update(plan, result)` applies the sampled tokens (stop ids, min/max
 length, fixed_tokens, bistream rules), frees KV slots as soon as the LLM of a request ends,
 advances chunk progress and returns the ids of requests that ended in this step.
 Not thread-safe: the engine thread owns it (cancel/push_text are relayed to that thread).
