@@ -51,7 +51,9 @@ def test_runs_cover_both_modes_at_each_level(result):
         assert r["speech_seconds_per_second"] > 0 and r["llm_tokens_per_second"] > 0
         assert 0 < r["ttfc_ms"]["p50"] <= r["ttfc_ms"]["p95"]
         assert r["decode_batch_mean"] >= 1 and r["flow_batch_mean"] >= 1 and r["vocoder_batch_mean"] >= 1
-        assert r["stage_seconds"]["step_s"] <= r["wall_s"] + 1e-6
+        # one engine thread: its steps fit in the wall; overlapped, the LLM and the stage thread each do
+        threads = 2 if result["meta"]["overlap_stages"] else 1
+        assert 0 < r["stage_seconds"]["step_s"] <= threads * r["wall_s"] + 1e-6
     seq = [r for r in runs if r["mode"] == "sequential"]
     assert all(r["decode_batch_mean"] == 1 and r["flow_batch_mean"] == 1 for r in seq)  # one at a time
 
