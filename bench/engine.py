@@ -698,12 +698,10 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                flow_dtype=weight_dtype(spec["flow"], False),
                                                flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
-    if spec.get("first_alone") == "0":
-        engine["first_chunk_alone"] = False
-    if spec.get("lone_worker") == "0":
-        engine["lone_flow_worker"] = False
-    if spec.get("flow_ahead") == "0":
-        engine["flow_ahead"] = False
+    for key, switch in (("first_alone", "first_chunk_alone"), ("lone_worker", "lone_flow_worker"),
+                        ("flow_ahead", "flow_ahead")):
+        if spec.get(key) == "0":
+            engine[switch] = False
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),

@@ -133,7 +133,7 @@ class FlowCacheBudget:
             rid = chunk.request_id
             end = prompt_len + chunk.token_end - cfg.lookahead
             done = self.tokens_done(rid)
-            if not (cfg.enabled and chunk.streaming and done < end and keeps_state(done, cfg.token_chunk)):
+            if not (cfg.enabled and chunk.streaming and can_continue(done, done, end, cfg.token_chunk)):
                 continue
             if not self._fits(end, self.reservation(rid)):
                 continue  # the cache stays as it is; the chunk itself decides later
@@ -162,9 +162,10 @@ class FlowCacheBudget:
         return need <= cfg.per_request_bytes and pool_ok
 
     def _hold(self, rid: str, end: int) -> None:
-        self.reserved_bytes += self.need_bytes(end) - self._reserved.get(rid, 0)
+        need = self.need_bytes(end)
+        self.reserved_bytes += need - self._reserved.get(rid, 0)
         self._done[rid] = end
-        self._reserved[rid] = self.need_bytes(end)
+        self._reserved[rid] = need
 
     def release(self, request_id: str) -> None:
         """Forget the request's cache and free its reservation (request ended, or the runner recomputed)."""

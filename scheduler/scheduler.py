@@ -246,17 +246,11 @@ class Scheduler:
         """With no chunk ready the flow would idle: flow work ahead of a lone stream's first chunk
         (scheduler/chunk_policy.py). Only for a lone one: with others, advances batched beside their
         decoding cost more throughput than they saved latency (measured in chunk_policy's docstring)."""
-        if len(self._running) + len(self._draining) != 1:
-            return []
-        offers = []
-        for req in self._running.values():
-            item = self.chunks.next_advance(req, self.flow_cache.tokens_done(req.request_id))
-            if item is not None:
-                offers.append((req, item))
-        picked = {c.request_id for c in self.chunks.pick(offers, self.clock())}
-        prompt = {req.request_id: req.flow_prompt_len for req, _ in offers}
-        return self.flow_cache.plan_advances([(c, prompt[c.request_id]) for _, c in offers
-                                              if c.request_id in picked])
+        if len(self._running) + len(self._draining) != 1 or not self._running:
+            return []  # (a lone draining stream has its final chunk ready: nothing ahead)
+        req = next(iter(self._running.values()))
+        item = self.chunks.next_advance(req, self.flow_cache.tokens_done(req.request_id))
+        return [] if item is None else self.flow_cache.plan_advances([(item, req.flow_prompt_len)])
 
     def _step_stats(self, prefills: list[PrefillItem], decodes: list[DecodeItem], chunks: list[ChunkItem]) -> StepStats:
         return StepStats(
