@@ -235,17 +235,20 @@ def run_engine(
     overlap: bool = True,
     mode: str | None = None,
     flow_ahead: bool = True,
+    lead_hop: int = 0,
     **engine_kw: Any,
 ) -> dict[str, Any]:
     """`engine_kw`: EngineConfig fields of this path (e.g. voice_prefix_bytes); `mode`: its label;
-    `flow_ahead`: the scheduler's flow work ahead of chunks (scheduler/chunk_policy.py)."""
+    `flow_ahead`, `lead_hop`: the scheduler's flow work ahead of chunks and short first chunk
+    (scheduler/chunk_policy.py)."""
     from kernels.runtime.engine import Engine, EngineConfig
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
     if sequential:
         config = EngineConfig(
-            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len, chunk=ChunkPolicyConfig(flow_ahead=flow_ahead)),
+            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len,
+                                      chunk=ChunkPolicyConfig(flow_ahead=flow_ahead, lead_hop=lead_hop)),
             max_jobs=1, cuda_graphs=cuda_graphs,
             use_wetext=False, overlap_stages=overlap, **engine_kw,
         )
@@ -253,7 +256,7 @@ def run_engine(
         config = EngineConfig(
             scheduler=SchedulerConfig(num_slots=max(1, concurrency), slot_len=slot_len,
                                       chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency),
-                                                              flow_ahead=flow_ahead)),
+                                                              flow_ahead=flow_ahead, lead_hop=lead_hop)),
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
@@ -481,6 +484,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
             "torch": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
         },
         "tokens_per_request": args.tokens,
         "repeats": args.repeats,
@@ -489,6 +493,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "flow_steps": args.flow_steps or UPSTREAM_FLOW_STEPS,
         "llm_int8": bool(args.llm_int8),
+        "first_chunk_tokens": args.first_chunk_tokens,
         "overlap_stages": args.overlap,
         "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
         "torch": torch.__version__,
@@ -595,6 +600,8 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
         *([f"- flow steps: {m['flow_steps']}"] if "flow_steps" in m else []),
         *(["- LLM int8 weights for steps of <= 8 rows (--llm-int8 1)"] if m.get("llm_int8") else []),
+        *([f"- first chunk: {m['first_chunk_tokens']} tokens (--first-chunk-tokens)"]
+          if m.get("first_chunk_tokens") else []),
         *([f"- baseline (\"vs baseline\" rows: measured / baseline): {json.dumps(result['baseline'])}"]
           if "baseline" in result else []),
         *([f"- overlapped stages: {m['overlap_stages']}"
@@ -629,6 +636,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Euler steps of the flow's ODE on the measured path (default 0: upstream's 10)")
     p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
                    help="int8 copies of the LLM's decoder-layer weights for small steps (CPU, opt-in)")
+    p.add_argument("--first-chunk-tokens", type=int, default=0,
+                   help="a shorter first streaming chunk on the measured path (scheduler lead_hop; 0: upstream's)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each level, batched and baseline in alternating order (A B B A ...), merged")
     p.add_argument("--sequential-concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -669,7 +678,8 @@ def parse_path(spec: str) -> dict[str, str]:
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
-               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1")}
+               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
+               "first_chunk": tuple(str(n) for n in range(101))}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -702,6 +712,9 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                         ("flow_ahead", "flow_ahead")):
         if spec.get(key) == "0":
             engine[switch] = False
+    lead = int(spec.get("first_chunk", args.first_chunk_tokens))  # unnamed: as measured
+    if lead:
+        engine["lead_hop"] = lead
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),
@@ -779,7 +792,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
                 else:
                     jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
-                    path_model, path_kw = (base["model"], base["engine"]) if mode == "baseline" else (model, {})
+                    path_model, path_kw = ((base["model"], base["engine"]) if mode == "baseline"
+                                           else (model, {"lead_hop": args.first_chunk_tokens}))
                     overlap = args.overlap
                     if mode == "baseline" and base["overlap"] is not None:
                         overlap = base["overlap"]

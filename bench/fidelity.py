@@ -1,7 +1,7 @@
 """How far a faster numeric path moves the model's outputs from the fp32 eager path, on any checkpoint.
 
     python -m bench.fidelity --model-dir DIR [--llm-dtype auto|fp32|bf16|fp16] [--flow-dtype ...]
-        [--flow-steps N] [--llm-int8 0|1] [--tokens 100] [--json FILE] [--markdown FILE]
+        [--flow-steps N] [--llm-int8 0|1] [--first-chunk-tokens N] [--tokens 100] [--json FILE] [--markdown FILE]
 
 Both models load from the same directory: the reference in fp32, the candidate with the given dtypes
 ("auto": what the server would choose on this machine, kernels/runtime/auto_settings.py) and, with
@@ -17,6 +17,10 @@ Both models load from the same directory: the reference in fp32, the candidate w
 - Flow: the reference tokens after the prompt's, to mel, offline (finalize) and as one streaming call
   (chunk masks, 3 lookahead tokens); `mel_rel_mean` = mean |candidate - reference| / mean |reference|,
   and `mel_max_abs`.
+- First chunk (`--first-chunk-tokens N`, the server's short first chunk): on the fp32 reference, the mel
+  of the first N generated tokens from a streaming call over prompt + N + 3 tokens (an incomplete flow
+  chunk) against the same frames from upstream's first chunk (prompt + 25 + pad + 3 tokens). Every later
+  frame is upstream's (tests/test_kernels_engine.py), so this is all the option moves.
 HiFT always runs in fp32, so the same mel gives the same waveform.
 """
 from __future__ import annotations
@@ -113,8 +117,21 @@ def compare_flow(ref: Any, cand: Any, voice: Any, tokens: list[int]) -> dict[str
     return out
 
 
+def compare_first_chunk(ref: Any, voice: Any, tokens: list[int], lead: int) -> dict[str, Any]:
+    """The first `lead` tokens' mel from a first chunk of `lead` tokens against upstream's first chunk."""
+    prompt, grid = len(voice.speech_tokens), ref.config.chunk_size
+    first = grid + (-prompt % grid)  # upstream's first hop: 25 + the prompt's pad to the grid
+    look = ref.config.flow.pre_lookahead_len
+    frames = slice(0, ref.config.flow.token_mel_ratio * lead)  # the mel comes without the prompt's frames
+    want = _mel(ref, voice, tokens[: first + look], True)[..., frames]
+    got = _mel(ref, voice, tokens[: lead + look], True)[..., frames]
+    diff = (got - want).abs()
+    return {"frames": int(want.shape[-1]), "mel_rel_mean": round(float(diff.mean() / want.abs().mean()), 6),
+            "mel_max_abs": round(float(diff.max()), 5), "tokens": lead}
+
+
 def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_steps: int = 0,
-        llm_int8: bool = False) -> dict[str, Any]:
+        llm_int8: bool = False, first_chunk: int = 0) -> dict[str, Any]:
     from kernels.weights.model import load_model
 
     settings = settings_for(model_dir, llm_dtype=llm_dtype, flow_dtype=flow_dtype)
@@ -129,6 +146,9 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
     with torch.inference_mode():
         llm = compare_llm(ref, cand, model_dir, voice, tokens)
         flow = compare_flow(ref, cand, voice, llm["reference_tokens"])
+        if first_chunk:
+            flow[f"first {first_chunk} tokens as the first chunk, vs upstream's first chunk"] = compare_first_chunk(
+                ref, voice, llm["reference_tokens"], first_chunk)
     return {
         "meta": {"date": now_iso(), "commit": commit(), "cpu": cpu_name(), "model_dir": str(model_dir),
                  "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1)},
@@ -167,10 +187,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--flow-steps", type=int, default=0, help="Euler steps of the candidate's flow (0: upstream's 10)")
     p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
                    help="the candidate's LLM with int8 weights for small steps (as --llm-int8 1 on the server)")
+    p.add_argument("--first-chunk-tokens", type=int, default=0,
+                   help="also measure a first streaming chunk of this many tokens (fp32 reference, see above)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
-    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps, bool(args.llm_int8))
+    result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps, bool(args.llm_int8),
+                 args.first_chunk_tokens)
     text = markdown(result)
     print(text, end="")
     if args.json:

@@ -17,6 +17,20 @@ scheduler asks for it only while one stream is live: on a 2-core CPU the LLM and
 ~25-30 % slower side by side than alone, and two 50-frame calls cost more than one of 100, so with several
 streams (C8) advances cost 5-10 % throughput for a TTFC within noise; later hops gained nothing either
 (bench/results/2026-12-07-cpu2-full-flow-ahead*.md).
+
+A short first chunk (`lead_hop`, opt-in, off by default): the first chunk advances only `lead_hop` tokens
+and the second one the rest of the first hop, so every later chunk ends on the grid where upstream's do;
+then 50, 100, ... as before. The first audio then needs lead_hop + 3 tokens instead of 28 (upstream's
+Triton runtime starts with 15). Its frames are those of a flow call over an incomplete grid chunk
+(attention sees only that chunk's tokens so far, as in any call whose hop ends off the grid), so they
+differ from upstream's 25-token schedule; the second chunk recomputes that grid chunk whole and keeps
+the frames after the first chunk's, so from there the mel is upstream's again (the vocoder's window at
+the one extra boundary aside). Costs the flow the first chunk's frames twice, and a call: with 8 streams
+on 2 cores 0.93x throughput (TTFC 0.69x) for 2 s requests. So by default only a request that starts with
+no other stream live gets it (`lead_max_live`), when the cores have time for the extra work: decided once,
+as the request starts (`Request.lead_hop`), so its chunks never change under it. Flow ahead still pays
+with it: the prompt's last chunk is computed while the 10 tokens after the first 3 are decoded (C1, lead
+10: TTFC p50 0.68x of upstream's first chunk with advances, 0.75x without them).
 """
 from __future__ import annotations
 
@@ -48,6 +62,8 @@ class ChunkPolicyConfig:
     urgent_margin_s: float = 1.0
     sample_rate: int = 24000
     flow_ahead: bool = True  # see the module docstring; False: the first chunk's flow starts when it is ready
+    lead_hop: int = 0  # a shorter first chunk, in tokens (see the module docstring); 0 = off
+    lead_max_live: int = 1  # ... for a request starting with at most this many live streams, itself included (0: any)
 
     def __post_init__(self) -> None:
         if min(self.first_hop, self.growth, self.grid, self.max_chunks_per_step) < 1:
@@ -56,18 +72,31 @@ class ChunkPolicyConfig:
             raise ValueError("urgent_margin_s must be >= 0 (0 = off)")
         if self.max_hop < self.first_hop or self.lookahead < 0:
             raise ValueError("need max_hop >= first_hop and lookahead >= 0")
+        if self.lead_hop < 0 or self.lead_max_live < 0:
+            raise ValueError("lead_hop and lead_max_live must be >= 0 (0 = off / any)")
 
 
 class ChunkPolicy:
     def __init__(self, config: ChunkPolicyConfig) -> None:
         self.config = config
 
-    def hop(self, chunk_index: int, flow_prompt_len: int) -> int:
-        """Tokens the chunk_index-th non-final chunk advances (25+pad, 50, 100, 100, ...)."""
+    def lead_for(self, live: int) -> int:
+        """The lead hop of a request starting while `live` streams are live (itself included): 0 = none."""
         cfg = self.config
+        return cfg.lead_hop if cfg.lead_max_live == 0 or live <= cfg.lead_max_live else 0
+
+    def hop(self, chunk_index: int, flow_prompt_len: int, lead: int = 0) -> int:
+        """Tokens the chunk_index-th non-final chunk advances (25+pad, 50, 100, 100, ...; with a lead hop
+        L: L, 25+pad-L, 50, 100, ...)."""
+        cfg = self.config
+        pad = math.ceil(flow_prompt_len / cfg.grid) * cfg.grid - flow_prompt_len
+        first = cfg.first_hop + pad
+        if 0 < lead < first:
+            if chunk_index <= 1:
+                return lead if chunk_index == 0 else first - lead
+            chunk_index -= 1
         if chunk_index == 0:
-            pad = math.ceil(flow_prompt_len / cfg.grid) * cfg.grid - flow_prompt_len
-            return cfg.first_hop + pad
+            return first
         return min(cfg.max_hop, cfg.first_hop * cfg.growth ** min(chunk_index, 32))
 
     def next_chunk(self, req: Request) -> ChunkItem | None:
@@ -77,7 +106,7 @@ class ChunkPolicy:
         n = len(req.speech_ids)
         if not req.stream:
             return self._final(req, n) if req.llm_done else None
-        hop, look = self.hop(req.chunks_done, req.flow_prompt_len), self.config.lookahead
+        hop, look = self.hop(req.chunks_done, req.flow_prompt_len, req.lead_hop), self.config.lookahead
         if n - req.token_offset >= hop + look and (not req.llm_done or self.config.drain_in_hops):
             return self._make(req, req.token_offset + hop + look, final=False)
         return self._final(req, n) if req.llm_done else None
@@ -121,7 +150,7 @@ class ChunkPolicy:
         if not req.stream:
             return False  # one chunk after the LLM ends: its LLM never waits on audio
         k = req.chunks_done
-        need = sum(self.hop(k + i, req.flow_prompt_len) for i in range(chunks)) + self.config.lookahead
+        need = sum(self.hop(k + i, req.flow_prompt_len, req.lead_hop) for i in range(chunks)) + self.config.lookahead
         return len(req.speech_ids) - req.token_offset >= need
 
     def margin_s(self, req: Request, now_s: float) -> float:

@@ -11,8 +11,10 @@ slack). Here the scheduler decides, per chunk it plans (`ChunkItem.incremental`)
     (or the request has none yet: the first call encodes the prompt too), the request's cache up to the
     chunk's end fits the per-request budget, and all requests' reservations together fit the pool;
   * otherwise it recomputes, and the request's cache (if any) is dropped: a later chunk may start one;
-  * after an incremental chunk the cache covers tokens [0, end) and stays reserved, unless it ends off
-    the grid or is the request's final chunk: then it is spent and its reservation freed.
+  * after an incremental chunk the cache covers tokens [0, end) and stays reserved, unless it is the
+    request's final chunk: then it is spent and its reservation freed. A chunk ending off the grid (a
+    short first chunk, scheduler/chunk_policy.py `lead_hop`) leaves the cache at its last grid point:
+    the next chunk recomputes the rest of that grid chunk (kernels/runtime/flow_cache.py).
 
 An advance (`ChunkItem.advance`: flow work ahead of a chunk, see scheduler/chunk_policy.py) runs only
 against a cache: `plan_advances` keeps those that fit and moves the request's cache end to the advance's
@@ -49,6 +51,11 @@ def can_continue(done: int, start: int, end: int, token_chunk: int) -> bool:
 def keeps_state(end: int, token_chunk: int) -> bool:
     """After a call ending at `end`, the cache stays valid only on the chunk grid."""
     return end % token_chunk == 0
+
+
+def grid_floor(end: int, token_chunk: int) -> int:
+    """Where a cache ends after a non-final call ending at `end`: its last grid point."""
+    return end // token_chunk * token_chunk
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,7 @@ class FlowCacheBudget:
             if out[i] is not None:
                 continue
             incremental = self._decide(chunk, prompt_len)
-            if incremental and (chunk.finalize or not keeps_state(self._done[chunk.request_id], cfg.token_chunk)):
+            if incremental and chunk.finalize:
                 spent.append(chunk.request_id)
             out[i] = chunk if chunk.incremental == incremental else replace(chunk, incremental=incremental)
         for rid in spent:
@@ -152,7 +159,7 @@ class FlowCacheBudget:
         self.release(rid)  # the cache either continues into this chunk (re-reserved below) or is dropped
         if not (can_continue(done, start, end, cfg.token_chunk) and self._fits(end, 0)):
             return False  # off the grid, or over the request's budget or the pool: recompute
-        self._hold(rid, end)
+        self._hold(rid, end, end if chunk.finalize else grid_floor(end, cfg.token_chunk))
         return True
 
     def _fits(self, end: int, held: int) -> bool:
@@ -161,10 +168,11 @@ class FlowCacheBudget:
         pool_ok = cfg.pool_bytes is None or self.reserved_bytes - held + need <= cfg.pool_bytes
         return need <= cfg.per_request_bytes and pool_ok
 
-    def _hold(self, rid: str, end: int) -> None:
+    def _hold(self, rid: str, end: int, done: int | None = None) -> None:
+        """Reserve room for the frames up to `end` (the call computes them); the cache then ends at `done`."""
         need = self.need_bytes(end)
         self.reserved_bytes += need - self._reserved.get(rid, 0)
-        self._done[rid] = end
+        self._done[rid] = end if done is None else done
         self._reserved[rid] = need
 
     def release(self, request_id: str) -> None:

@@ -68,6 +68,7 @@ class Request:
     llm_done: bool = False
     token_offset: int = 0  # speech tokens already handed to flow and vocoded
     chunks_done: int = 0  # chunks vocoded (picks the next hop)
+    lead_hop: int = 0  # its first chunk's shorter hop (0: none), set as it starts (ChunkPolicy.lead_for)
     mel_frames_vocoded: int = 0
     samples_emitted: int = 0
     first_chunk_s: float | None = None

@@ -148,6 +148,7 @@ class Scheduler:
             if with_chunks or not self.chunks.far_ahead(req, ahead):
                 self._plan_llm(req, prefills, decodes)
         self._admit(prefills, admitted)
+        self._set_lead_hops(admitted)
         chunks = self._plan_chunks() if with_chunks else []
         self._last = self._step_stats(prefills, decodes, chunks)
         return StepPlan(self._step, tuple(prefills), tuple(decodes), tuple(chunks), released, tuple(admitted))
@@ -198,6 +199,13 @@ class Scheduler:
             prefills.append(PrefillItem(req.request_id, slot, 0, segments, spec))
             admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed))
             budget -= n
+
+    def _set_lead_hops(self, admitted: list[NewRequest]) -> None:
+        """Each request starting now gets its first chunk's hop for good (ChunkPolicy.lead_for)."""
+        lead = self.chunks.lead_for(self.num_live)
+        for item in admitted:
+            req = self._running[item.request_id]
+            req.lead_hop = lead if req.stream and not req.follows else 0  # a later piece's audio waits anyway
 
     def _has_room(self) -> bool:
         return self.kv.num_free > 0 and len(self._running) < self.config.max_running
@@ -416,3 +424,8 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def num_live(self) -> int:
+        """Requests decoding or with audio still to make (running + draining)."""
+        return len(self._running) + len(self._draining)

@@ -128,9 +128,16 @@ class ServerConfig:
     flow_steps: int = field(default=0, metadata=_doc(
         "Euler steps of the flow's ODE (0: upstream's 10). Opt-in: 5 halves the flow's time (the most "
         "of the CPU's) and changes the mel; see the README's CPU section for the measured difference"))
+    first_chunk_tokens: int = field(default=-1, metadata=_doc(
+        "streaming: the first audio chunk covers this many speech tokens (40 ms each) instead of upstream's "
+        "25 (+ the prompt's pad to the 25-token grid), so the first audio needs N+3 generated tokens instead "
+        "of 28; the second chunk completes the grid chunk, later ones are upstream's. Opt-in: the first "
+        "chunk's frames come from an incomplete flow chunk (README CPU section). -1: off, or the preset's; "
+        "0: off"))
     preset: str = field(default="none", metadata=_doc(
-        "cpu-fast: --flow-steps 5 (unless given) and, for the full-size model, --llm-int8 1 on a CPU: the "
-        "opt-in speed options whose numerics move (README CPU section); ignored on a GPU",
+        "cpu-fast: --flow-steps 5, --first-chunk-tokens 10 (unless given) and, for the full-size model, "
+        "--llm-int8 1 on a CPU: the opt-in speed options whose numerics move (README CPU section); ignored "
+        "on a GPU",
         choices=("none", "cpu-fast")))
     llm_int8: int = field(default=0, metadata=_doc(
         "CPU: the LLM's decoder layers also get int8 weights (per channel) for decode steps of up to 8 "
@@ -191,6 +198,8 @@ class ServerConfig:
             raise ValueError("flow_cache_mb must be >= -1 (-1 = automatic)")
         if self.flow_steps < 0:
             raise ValueError("flow_steps must be >= 0 (0 = upstream's 10)")
+        if self.first_chunk_tokens < -1:
+            raise ValueError("first_chunk_tokens must be >= -1 (-1 = the preset's or off, 0 = off)")
         if self.voice_prefix_mb < 0:
             raise ValueError("voice_prefix_mb must be >= 0 (0 = off)")
         if self.heap_trim_s < 0:

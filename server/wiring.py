@@ -115,6 +115,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
     from kernels.runtime.auto_settings import settings_for
     from kernels.runtime.device import default_device, set_intra_op_threads
     from kernels.runtime.engine import Engine, EngineConfig
+    from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
     directory = model_dir if model_dir is not None else resolve_model_dir(config)
@@ -131,7 +132,8 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         set_intra_op_threads(settings.threads)  # before the engine thread starts: it inherits the count
     engine_config = EngineConfig(
         text_process=bool(config.text_process),
-        scheduler=SchedulerConfig(num_slots=config.max_batch),
+        scheduler=SchedulerConfig(num_slots=config.max_batch,
+                                  chunk=ChunkPolicyConfig(lead_hop=options.first_chunk_tokens)),
         cuda_graphs=bool(config.cuda_graphs),
         overlap_stages=settings.overlap_stages,
         max_jobs=1 if config.max_batch == 1 else 0,  # batching off = one request at a time, end to end

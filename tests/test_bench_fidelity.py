@@ -55,3 +55,11 @@ def test_int8_llm_is_measured_on_decode_steps(tiny_model_dir: Path) -> None:
     assert llm["teacher_forced_top1"] >= 0.8
     for f in result["flow"].values():
         assert f["mel_rel_mean"] == 0.0  # same reference tokens into the same fp32 flow
+
+
+def test_a_short_first_chunk_moves_its_own_frames_only_by_a_little(tiny_model_dir: Path) -> None:
+    result = fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30, first_chunk=10)
+    (first,) = [v for k, v in result["flow"].items() if k.startswith("first 10 tokens")]
+    assert first["frames"] == 20 and first["tokens"] == 10
+    assert 0 < first["mel_rel_mean"] < 0.5  # an incomplete flow chunk: other frames, same kind of mel
+    assert result["flow"]["streaming"]["mel_rel_mean"] == 0.0  # the same path otherwise

@@ -87,8 +87,8 @@ class Trace:
 
 
 def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None, flow_ahead: bool = True,
-             **config) -> dict[str, np.ndarray]:
-    chunk = ChunkPolicyConfig(flow_ahead=flow_ahead)
+             lead_hop: int = 0, **config) -> dict[str, np.ndarray]:
+    chunk = ChunkPolicyConfig(flow_ahead=flow_ahead, lead_hop=lead_hop)
     engine = Engine(model_dir, model=model,
                     config=EngineConfig(scheduler=SchedulerConfig(num_slots=8, slot_len=1024, chunk=chunk), **config))
     if trace is not None:
@@ -120,6 +120,35 @@ def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
                    flow_ahead=False, voice_prefix_bytes=0, lone_flow_worker=False)["a"]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_lead_hop_equals_the_reference_with_that_schedule(model, tiny_model_dir, voice):
+    """A short first chunk (scheduler/chunk_policy.py `lead_hop`): the engine's audio is the reference's with
+    the same hop schedule (its flow cache stops at the grid point before the first chunk's end)."""
+    ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
+                      final_streaming=ChunkPolicyConfig().final_streaming, lead_hop=8)
+    chunks = list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5))
+    got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5)],
+                   flow_ahead=False, lead_hop=8, voice_prefix_bytes=0, lone_flow_worker=False)["a"]
+    assert chunks[0].shape[0] == 960 * 8 - 3840  # the first chunk: 8 tokens of audio, less HiFT's held tail
+    np.testing.assert_allclose(got, np.concatenate(chunks), atol=1e-5)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_lead_hop_moves_only_the_first_chunks_frames(model, tiny_model_dir, voice, ahead):
+    """With `lead_hop` the tokens are the same and so is the mel from the first chunk's end on; the first
+    chunk's own frames come from an incomplete grid chunk, so they differ. With flow ahead and the voice
+    prefix too (the prompt's last chunk computed while the first chunk's tokens come)."""
+    job = SpeechJob("l", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=9, fixed_tokens=90)
+    traces = {"lead": Trace(), "off": Trace()}
+    for name, trace in traces.items():
+        run_jobs(model, tiny_model_dir, [job], trace, flow_ahead=ahead, lead_hop=10 if name == "lead" else 0,
+                 voice_prefix_bytes=(1 << 30) if ahead else 0)
+    assert traces["lead"].tokens["l"] == traces["off"].tokens["l"]
+    assert [m.shape[1] for m in traces["lead"].mels["l"]][:2] == [20, traces["off"].mels["l"][0].shape[1] - 20]
+    lead, off = traces["lead"].mel("l"), traces["off"].mel("l")
+    torch.testing.assert_close(lead[:, 20:], off[:, 20:], atol=1e-4, rtol=0)
+    assert not torch.allclose(lead[:, :20], off[:, :20], atol=1e-3)
 
 
 def test_streams_from_the_voice_prefix_equal_streams_that_compute_it(model, tiny_model_dir, voice):

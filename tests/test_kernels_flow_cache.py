@@ -72,6 +72,46 @@ def test_each_call_matches_recompute(flow: CausalMaskedDiffWithXvec, seed: int, 
     assert 0 < state.nbytes <= 2 * 2 * state.tokens_done * inc.bytes_per_frame()
 
 
+@pytest.mark.parametrize(("seed", "prompt", "hops"), [(6, 50, [10, 15, 50]), (7, 21, [3, 1, 25, 50]),
+                                                    (8, 7, [40, 3, 25])])
+def test_calls_ending_off_the_grid_keep_the_cache_at_its_last_grid_point(flow: CausalMaskedDiffWithXvec, seed: int,
+                                                                           prompt: int, hops: list[int]) -> None:
+    """A short first chunk (chunk_policy `lead_hop`): a call ending inside a grid chunk gives that chunk's
+    frames as a recompute over its tokens would, and its cache stops at the grid point before, so the next
+    call (which recomputes the rest of that chunk) is exact too."""
+    tokens, feat, emb = _request(seed, prompt, 160)
+    inc, state, offset = IncrementalFlow(flow), FlowStreamState(), 0
+    for hop in hops:
+        end = prompt + offset + hop + LOOK
+        assert inc.can_continue(state, prompt + offset, end - LOOK)
+        got = _new_frames(inc.forward([StreamCall(state, tokens[:end], feat, emb)])[0], prompt, offset)
+        torch.testing.assert_close(got, _recompute(flow, tokens[:end], feat, emb, offset), atol=1e-5, rtol=0)
+        offset += hop
+        assert state.tokens_done == (prompt + offset) // 25 * 25 and inc.keeps_state(state.tokens_done)
+    partial = _recompute(flow, tokens[: prompt + hops[0] + LOOK], feat, emb, 0)
+    whole = _recompute(flow, tokens[: prompt + offset + LOOK], feat, emb, 0)[:, : partial.size(1)]
+    assert (prompt + hops[0]) % 25 == 0 or not torch.allclose(partial, whole, atol=1e-3)  # a partial chunk differs
+
+
+def test_off_grid_and_on_grid_calls_batch_together(flow: CausalMaskedDiffWithXvec) -> None:
+    """One call, one request ending inside a grid chunk and one on the grid; then both go on: each == alone."""
+    reqs = [_request(20 + i, p, 120) for i, p in enumerate((50, 30))]
+    inc = IncrementalFlow(flow)
+    states = [FlowStreamState(), FlowStreamState()]
+    offsets = [0, 0]
+    for hops in ([12, 20], [20, 45]):  # request 0 ends at 62, then 82 (off); request 1 at 50 (on), then 95
+        calls, expected = [], []
+        for i, ((tokens, feat, emb), st) in enumerate(zip(reqs, states)):
+            end = feat.size(0) // 2 + offsets[i] + hops[i] + LOOK
+            calls.append(StreamCall(st, tokens[:end], feat, emb))
+            expected.append(_recompute(flow, tokens[:end], feat, emb, offsets[i]))
+        for i, (res, ref) in enumerate(zip(inc.forward(calls), expected)):
+            got = _new_frames(res, reqs[i][1].size(0) // 2, offsets[i])
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            offsets[i] += hops[i]
+    assert [st.tokens_done for st in states] == [75, 75]
+
+
 def test_fewer_ode_steps_keep_incremental_equal_to_recompute(flow: CausalMaskedDiffWithXvec) -> None:
     """`--flow-steps`: the cache holds one set of estimator states per Euler step, however many there are."""
     few = copy.deepcopy(flow)

@@ -53,6 +53,49 @@ def test_stream_schedule_boundaries_and_total_coverage() -> None:
     assert r.samples_emitted == 960 * 300 and r.status is RequestStatus.FINISHED_STOPPED
 
 
+@pytest.mark.parametrize("p, lead, hops", [(75, 10, [10, 15, 50, 100]), (71, 10, [10, 19, 50, 100]),
+                                           (76, 15, [15, 34, 50, 100]), (75, 25, [25, 50, 100, 100]),
+                                           (71, 40, [29, 50, 100, 100])])
+def test_a_lead_hop_splits_the_first_hop_and_keeps_the_grid(p: int, lead: int, hops: list[int]) -> None:
+    """`lead_hop`: the first chunk is shorter, the second ends where upstream's first does (a lead hop as
+    long as the first hop, or longer, changes nothing)."""
+    policy = ChunkPolicy(ChunkPolicyConfig(lead_hop=lead))
+    assert [policy.hop(i, p, policy.lead_for(1)) for i in range(4)] == hops
+    ends = list(itertools.accumulate(hops, initial=p))
+    assert all(e % 25 == 0 for e in ends[2 if hops[0] < 25 else 1 :])
+
+
+def test_a_lead_hop_brings_the_first_chunk_forward_and_covers_every_token() -> None:
+    s = sched(lead_hop=10)
+    r = Request("a", text_ids=[1], fixed_tokens=120, flow_prompt_len=75)
+    s.add_request(r)
+    plans = run_until_idle(s)
+    got = [(c.token_offset, c.token_end, c.is_first) for c in chunks_of(plans, "a")]
+    assert got == [(0, 13, True), (10, 28, False), (25, 78, False), (75, 120, False)]
+    assert r.samples_emitted == 960 * 120
+
+
+@pytest.mark.parametrize("max_live, leads", [(1, [10, 0, 0]), (2, [10, 10, 0]), (0, [10, 10, 10])])
+def test_a_lead_hop_goes_to_requests_starting_with_few_streams_live(max_live: int, leads: list[int]) -> None:
+    """`lead_max_live`: decided once, as each request starts (by the streams live then, itself included)."""
+    s = sched(lead_hop=10, lead_max_live=max_live)
+    reqs = [Request(rid, text_ids=[1], fixed_tokens=200, flow_prompt_len=75) for rid in "abc"]
+    for r in reqs:
+        s.add_request(r)
+        step(s)  # admitted one at a time
+    assert [r.lead_hop for r in reqs] == leads
+    run_until_idle(s)
+    assert [r.samples_emitted for r in reqs] == [960 * 200] * 3
+
+
+def test_no_lead_hop_for_a_request_that_does_not_stream() -> None:
+    s = sched(lead_hop=10)
+    r = Request("a", text_ids=[1], fixed_tokens=60, flow_prompt_len=75, stream=False)
+    s.add_request(r)
+    step(s)
+    assert r.lead_hop == 0
+
+
 def test_first_chunk_waits_for_hop_plus_lookahead() -> None:
     s = sched()
     r = Request("a", text_ids=[1], fixed_tokens=100, flow_prompt_len=0)

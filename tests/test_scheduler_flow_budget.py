@@ -75,18 +75,22 @@ def test_a_cache_over_the_pool_frees_its_room_for_the_others() -> None:
     assert b.reserved_bytes == need(25)
 
 
-def test_off_grid_end_runs_incrementally_once_then_drops_the_cache() -> None:
+def test_an_off_grid_end_leaves_the_cache_at_its_last_grid_point() -> None:
+    """A short first chunk (lead_hop): the runner's cache stops at the grid point before its end, so the
+    next chunk, which keeps frames from the off-grid point on, continues from there."""
     b = budget(token_chunk=50)
     assert incremental(b, (chunk("a", 0, 53), 0),) == [True] and b.tokens_done("a") == 50
     assert incremental(b, (chunk("a", 50, 78), 0),) == [True]  # ends at 75: off the 50 grid
-    assert b.tokens_done("a") == 0 and b.reserved_bytes == 0
+    assert b.tokens_done("a") == 50 and b.reserved_bytes == need(75)  # room for the frames it computed
+    assert incremental(b, (chunk("a", 75, 103), 0),) == [True]
+    assert b.tokens_done("a") == 100 and b.reserved_bytes == need(100)
     # a cache that does not end on the grid, or ends past the first kept token, cannot continue
     b2 = budget()
     assert incremental(b2, (chunk("a", 0, 53), 0),) == [True]
     assert incremental(b2, (chunk("a", 25, 103), 0),) == [False]  # cache ends at 50, chunk keeps from 25
 
 
-def test_an_off_grid_or_final_chunk_holds_its_reservation_for_its_batch() -> None:
+def test_a_final_chunk_holds_its_reservation_for_its_batch() -> None:
     """Its cache exists while the batch runs: the next chunk in the same batch sees it."""
     b = budget(pool_bytes=need(75) + need(50) - 1)
     final = chunk("a", 50, 75, final=True)  # streaming final chunk (final_chunk_streaming): frames to 75

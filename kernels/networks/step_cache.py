@@ -38,7 +38,8 @@ class KVStore(Protocol):
 
 class StepCache(Protocol):
     segments: Sequence[Segment]
-    ends: Tensor | None  # (R,) long: new frames per batch row (where each row's valid part ends)
+    ends: Tensor | None  # (R,) long: per batch row, the new frames the cache keeps (the next call's left
+    # context ends there): all valid ones, or fewer when a call's cache stops short of its end
 
     def tail(self, layer: nn.Module) -> Tensor | None:
         """The layer's left context `(R, C, w)` for the batch (zeros for rows without one); None if no row has one."""
@@ -90,7 +91,7 @@ def with_left(x: Tensor, tail: Tensor | None, width: int) -> Tensor:
 
 def last_frames(full: Tensor, ends: Tensor | None, width: int) -> Tensor:
     """Each row's last `width` valid frames of `full` `(R, C, width + T)` (a left context then new frames):
-    the left context of the next call. Row b's new frames end at ends[b]; None: all T are valid."""
+    the left context of the next call, which starts at row b's new frame ends[b]; None: after all T."""
     if ends is None:
         return full[:, :, full.size(2) - width :]
     idx = ends.view(-1, 1, 1) + torch.arange(width, device=full.device).view(1, 1, -1)

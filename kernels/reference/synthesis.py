@@ -36,10 +36,15 @@ class HopSchedule:
     max_hop: int = 100
     lookahead: int = 3
     grid: int = 25
+    lead: int = 0  # > 0: the first hop in two, `lead` tokens then the rest (the engine's opt-in lead_hop)
 
     def hops(self, prompt_tokens: int) -> Iterator[int]:
         pad = math.ceil(prompt_tokens / self.grid) * self.grid - prompt_tokens
-        yield self.first + pad
+        if self.first + pad > self.lead > 0:
+            yield self.lead
+            yield self.first + pad - self.lead
+        else:
+            yield self.first + pad
         hop = self.first
         while True:
             hop = min(self.max_hop, hop * self.growth)
@@ -58,13 +63,14 @@ class Synthesizer:
     """One request at a time, no scheduler: the reference for batching and streaming tests."""
 
     def __init__(self, model: CosyVoice2Model, text: TextFrontend, slot_len: int = 4096,
-                 incremental: IncrementalFlow | None = None, final_streaming: bool = False) -> None:
+                 incremental: IncrementalFlow | None = None, final_streaming: bool = False, lead_hop: int = 0) -> None:
         self.model = model
         self.text = text
         self.incremental = incremental  # same flow cache rules as the engine's runner, when given
         self.final_streaming = final_streaming  # last chunk with chunk masks (else upstream: full attention)
         self.kv = KVCache.for_model(model.config.llm.qwen, 1, slot_len, model.device, next(model.llm.parameters()).dtype)
-        self.schedule = HopSchedule(lookahead=model.config.flow.pre_lookahead_len, grid=model.config.chunk_size)
+        self.schedule = HopSchedule(lookahead=model.config.flow.pre_lookahead_len, grid=model.config.chunk_size,
+                                    lead=lead_hop)
 
     @torch.inference_mode()
     def speech_tokens(self, mode: Mode, voice: VoicePrompt, text_ids: list[int], instruct: str | None = None,

@@ -21,7 +21,10 @@ cache length, so a row equals running it alone), buffer growth, planning and mem
 
 Exactness needs the call to start on the chunk grid and right where the cache ends; `IncrementalFlow.can_start`
 says whether a call can use the cache. A call that ends off the grid is still exact (its queries see every
-key they would see in a full pass) but its last chunk is incomplete, so the state is dropped afterwards.
+key they would see in a full pass) but its last chunk is incomplete: its frames change once the chunk has
+more tokens. So the cache keeps only the frames up to the call's last grid point (each layer's keys up to
+there, each conv's left context taken there); the next call recomputes the rest of that chunk. This is
+what a short first chunk needs (scheduler/chunk_policy.py `lead_hop`).
 The final call (finalize=True, streaming=False: full attention) is not incremental: callers recompute it.
 In the engine, which chunks run incrementally within what memory is the scheduler's decision
 (scheduler/flow_budget.py, whose arithmetic this module uses; `flow_budget_config` gives it the numbers).
@@ -83,6 +86,11 @@ class KVBuffers:
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.k.append(k), self.v.append(v)
 
+    def truncate(self, length: int) -> None:
+        """Forget the frames from `length` on (the data stays until the next append overwrites it)."""
+        self.k.length = min(self.k.length, length)
+        self.v.length = min(self.v.length, length)
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -112,12 +120,27 @@ class StreamCall:
     embedding: Tensor  # (192,)
 
 
+class _KeepFirst:
+    """A request's K/V store in a call that keeps only its first `keep` new frames in the cache: attention
+    sees all the new keys, the cache ends at the call's last grid point."""
+
+    def __init__(self, store: KVBuffers, keep: int) -> None:
+        self.store, self.keep = store, keep
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.store.extend(k, v)
+        self.store.truncate(keys.size(2) - k.size(2) + self.keep)
+        return keys, values
+
+
 class _BatchCache:
     """`StepCache` of one pass over a call's requests: each request's entries live in its own state under
-    `scope` (the encoder, or one Euler step) and the layer; this batches them and hands them back."""
+    `scope` (the encoder, or one Euler step) and the layer; this batches them and hands them back.
+    `ends` (per batch row) and `keeps` (per segment): how many new frames each request's cache keeps."""
 
-    def __init__(self, states: list[FlowStreamState], scope: tuple, segments: list[Segment], ends: Tensor) -> None:
-        self.states, self.scope, self.segments, self.ends = states, scope, segments, ends
+    def __init__(self, states: list[FlowStreamState], scope: tuple, segments: list[Segment], ends: Tensor,
+                 keeps: list[int]) -> None:
+        self.states, self.scope, self.segments, self.ends, self.keeps = states, scope, segments, ends, keeps
 
     def tail(self, layer: nn.Module) -> Tensor | None:
         key = (self.scope, layer)
@@ -137,11 +160,15 @@ class _BatchCache:
 
     def kv(self, layer: nn.Module) -> list[tuple[Segment, KVStore]]:
         key = (self.scope, layer)
-        return [(seg, st.kv.setdefault(key, KVBuffers())) for st, seg in zip(self.states, self.segments)]
+        out: list[tuple[Segment, KVStore]] = []
+        for st, seg, keep in zip(self.states, self.segments, self.keeps):
+            store = st.kv.setdefault(key, KVBuffers())
+            out.append((seg, store if keep == seg.new else _KeepFirst(store, keep)))
+        return out
 
     def scaled(self, factor: int) -> _BatchCache:
         segments = [Segment(s.rows, factor * s.start, factor * s.new) for s in self.segments]
-        return _BatchCache(self.states, self.scope, segments, self.ends * factor)
+        return _BatchCache(self.states, self.scope, segments, self.ends * factor, [factor * k for k in self.keeps])
 
 
 class IncrementalFlow:
@@ -208,23 +235,31 @@ class IncrementalFlow:
 
         finalize=True is the last call of a streaming request with chunk masks (streaming=True,
         finalize=True): no look-ahead tokens, the pre-lookahead conv sees zeros on the right. The
-        state is then spent (its end is off the chunk grid in general)."""
+        state is then spent (its end is off the chunk grid in general). A non-final call that ends off
+        the grid leaves its cache at its last grid point (see the module docstring)."""
         look = 0 if finalize else self.flow.cfg.pre_lookahead_len
         starts = [c.state.tokens_done for c in calls]
         news = [int(c.tokens.numel()) - look - s for c, s in zip(calls, starts)]
         if min(news) < 1:
             raise ValueError("a streaming call needs new tokens beyond the cached ones (plus look-ahead)")
-        mu = self._encode(calls, starts, news, finalize)
+        keeps = news if finalize else [self._grid_keep(s, n) for s, n in zip(starts, news)]
+        mu = self._encode(calls, starts, news, keeps, finalize)
         frames = [self.ratio * s for s in starts]
         nf = [self.ratio * n for n in news]
-        mel = self._solve(calls, mu, frames, nf)
-        for c, s, n in zip(calls, starts, news):
-            c.state.tokens_done = s + n
+        mel = self._solve(calls, mu, frames, nf, [self.ratio * k for k in keeps])
+        for c, s, k in zip(calls, starts, keeps):
+            c.state.tokens_done = s + k
         return [(mel[b, :, : nf[b]], frames[b]) for b in range(len(calls))]
+
+    def _grid_keep(self, start: int, new: int) -> int:
+        """How many of a call's new tokens its cache keeps: all, or those up to its last grid point."""
+        end = start + new
+        return new if end % self.token_chunk == 0 else end // self.token_chunk * self.token_chunk - start
 
     # ------------------------------------------------------------------ encoder
 
-    def _encode(self, calls: list[StreamCall], starts: list[int], news: list[int], finalize: bool) -> Tensor:
+    def _encode(self, calls: list[StreamCall], starts: list[int], news: list[int], keeps: list[int],
+                finalize: bool) -> Tensor:
         """mu `(B, 80, 2*max(news))` of each request's new tokens, right padded."""
         visible = [int(c.tokens.numel()) - s for c, s in zip(calls, starts)]
         dev = calls[0].tokens.device
@@ -232,13 +267,14 @@ class IncrementalFlow:
         for b, (c, s, n) in enumerate(zip(calls, starts, visible)):
             ids[b, :n] = c.tokens[s:]
         segments = [Segment(slice(b, b + 1), s, n) for b, (s, n) in enumerate(zip(starts, news))]
-        cache = _BatchCache([c.state for c in calls], ("enc",), segments, torch.tensor(news, device=dev))
+        cache = _BatchCache([c.state for c in calls], ("enc",), segments, torch.tensor(keeps, device=dev), keeps)
         mu, _ = self.flow.encode(ids, torch.tensor(visible, device=dev), True, finalize, cache)
         return mu
 
     # ------------------------------------------------------------------ estimator
 
-    def _solve(self, calls: list[StreamCall], mu: Tensor, frames: list[int], nf: list[int]) -> Tensor:
+    def _solve(self, calls: list[StreamCall], mu: Tensor, frames: list[int], nf: list[int],
+               kept: list[int]) -> Tensor:
         flow = self.flow
         noise = flow.decoder.rand_noise
         b, _, m = mu.shape
@@ -251,9 +287,9 @@ class IncrementalFlow:
         x0 = torch.stack([F.pad(noise[0, :, f : f + n], (0, m - n)) for f, n in zip(frames, nf)])
         # the estimator's rows are [cond rows..., uncond rows...]: request i owns rows i and i+B
         segments = [Segment(slice(i, None, b), f, n) for i, (f, n) in enumerate(zip(frames, nf))]
-        ends = torch.tensor(nf + nf, device=dev)
+        ends = torch.tensor(kept + kept, device=dev)
         states = [c.state for c in calls]
-        caches = [_BatchCache(states, ("est", step), segments, ends) for step in range(flow.cfg.n_timesteps)]
+        caches = [_BatchCache(states, ("est", step), segments, ends, kept) for step in range(flow.cfg.n_timesteps)]
         return flow.decoder.solve(mu, mask, spks, cond, True, x0, caches)
 
     @staticmethod
