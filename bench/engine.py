@@ -679,7 +679,7 @@ def parse_path(spec: str) -> dict[str, str]:
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
                "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
-               "first_chunk": tuple(str(n) for n in range(101))}
+               "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -718,7 +718,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),
-            "overlap": overlap}
+            "overlap": overlap, "sdpa": spec.get("attention") == "sdpa"}
 
 
 @contextlib.contextmanager
@@ -731,6 +731,19 @@ def intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def sdpa_only(on: bool) -> Iterator[None]:
+    """The flow's chunk attention through torch's SDPA on every device while inside (`attention=sdpa`)."""
+    from kernels.networks.chunk_attention import use_cpu_bf16_matmuls
+
+    before = use_cpu_bf16_matmuls(False) if on else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            use_cpu_bf16_matmuls(before)
 
 
 def report(runs: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
@@ -797,7 +810,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     overlap = args.overlap
                     if mode == "baseline" and base["overlap"] is not None:
                         overlap = base["overlap"]
-                    with intra_op_threads(base["threads"] if mode == "baseline" else 0):
+                    baseline = mode == "baseline"
+                    with intra_op_threads(base["threads"] if baseline else 0), sdpa_only(baseline and base["sdpa"]):
                         run = run_engine(
                             path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
                             overlap, mode, **path_kw,
