@@ -16,7 +16,8 @@ Both models load from the same directory: the reference in fp32, the candidate w
   flips everything after it, so on random weights this is the harshest figure).
 - Flow: the reference tokens after the prompt's, to mel, offline (finalize) and as one streaming call
   (chunk masks, 3 lookahead tokens); `mel_rel_mean` = mean |candidate - reference| / mean |reference|,
-  and `mel_max_abs`.
+  and `mel_max_abs`. "incremental": the candidate as the server streams it, chunk by chunk on its flow
+  cache (hops 25 + pad, 50, 50, ...), against the reference's one streaming call.
 - First chunk (`--first-chunk-tokens N`, the server's short first chunk): on the fp32 reference, the mel
   of the first N generated tokens from a streaming call over prompt + N + 3 tokens (an incomplete flow
   chunk) against the same frames from upstream's first chunk (prompt + 25 + pad + 3 tokens). Every later
@@ -107,13 +108,38 @@ def _mel(model: Any, voice: Any, tokens: list[int], streaming: bool) -> torch.Te
     return mel.float()
 
 
+def _incremental_mel(model: Any, voice: Any, tokens: list[int]) -> torch.Tensor | None:
+    """The generated frames as the engine computes them: non-final chunk calls on a flow cache (None:
+    too few tokens for one)."""
+    from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
+
+    dtype = next(model.flow.parameters()).dtype
+    ids = torch.tensor(list(voice.speech_tokens) + tokens)
+    feat, emb = torch.as_tensor(voice.mel, dtype=dtype), torch.as_tensor(voice.embedding, dtype=dtype)
+    prompt, grid, look = len(voice.speech_tokens), model.config.chunk_size, model.flow.cfg.pre_lookahead_len
+    inc, state, mels, end = IncrementalFlow(model.flow), FlowStreamState(), [], grid + (-prompt % grid)
+    while end + look <= len(tokens):
+        mel, first = inc.forward([StreamCall(state, ids[: prompt + end + look], feat, emb)])[0]
+        mels.append(mel[:, max(0, model.flow.cfg.token_mel_ratio * prompt - first):])
+        end += 2 * grid
+    return torch.cat(mels, dim=1)[None].float() if mels else None
+
+
+def _diff(want: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+    n = min(want.shape[-1], got.shape[-1])
+    want, got = want[..., :n], got[..., :n]
+    diff = (got - want).abs()
+    return {"frames": n, "mel_rel_mean": round(float(diff.mean() / want.abs().mean()), 6),
+            "mel_max_abs": round(float(diff.max()), 5)}
+
+
 def compare_flow(ref: Any, cand: Any, voice: Any, tokens: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, streaming in (("offline", False), ("streaming", True)):
-        want, got = _mel(ref, voice, tokens, streaming), _mel(cand, voice, tokens, streaming)
-        diff = (got - want).abs()
-        out[name] = {"frames": int(want.shape[-1]), "mel_rel_mean": round(float(diff.mean() / want.abs().mean()), 6),
-                     "mel_max_abs": round(float(diff.max()), 5)}
+        out[name] = _diff(_mel(ref, voice, tokens, streaming), _mel(cand, voice, tokens, streaming))
+    incremental = _incremental_mel(cand, voice, tokens)
+    if incremental is not None:
+        out["incremental"] = _diff(_mel(ref, voice, tokens, True), incremental)
     return out
 
 

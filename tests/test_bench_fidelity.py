@@ -18,8 +18,11 @@ def test_fp32_against_itself_is_identical(same: dict) -> None:
     llm = same["llm"]
     assert (llm["teacher_forced_top1"], llm["logp_max_abs_diff"], llm["greedy_common_prefix"]) == (1.0, 0.0, 30)
     assert len(llm["reference_tokens"]) == 30
-    for f in same["flow"].values():
-        assert f["frames"] > 0 and (f["mel_rel_mean"], f["mel_max_abs"]) == (0.0, 0.0)
+    for name, f in same["flow"].items():
+        if name == "incremental":  # the same frames from other call shapes: ~1e-6
+            assert f["frames"] >= 2 * 25 and f["mel_rel_mean"] < 1e-4
+        else:
+            assert f["frames"] > 0 and (f["mel_rel_mean"], f["mel_max_abs"]) == (0.0, 0.0)
 
 
 def test_bf16_is_close_and_the_report_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
