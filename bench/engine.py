@@ -86,14 +86,15 @@ def voiced_signal(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
     return (0.25 * voiced * envelope / np.abs(voiced).max()).astype(np.float32)
 
 
-def make_voice(model_dir: Path) -> VoicePrompt:
+def make_voice(model_dir: Path, seconds: float = 3.0) -> VoicePrompt:
     """The bench voice with its transcript ids kept, as the server keeps an uploaded voice's: jobs never
-    normalise the transcript (normalised as the bench's engines do, without wetext)."""
+    normalise the transcript (normalised as the bench's engines do, without wetext). `seconds` of prompt
+    audio give 25 speech tokens a second."""
     from frontend.prompt import with_transcript_ids
     from frontend.text_normalize import TextFrontend
     from kernels.features.extractor import PromptExtractor
 
-    voice = PromptExtractor(model_dir).extract(voiced_signal(), 16000, PROMPT_TEXT)
+    voice = PromptExtractor(model_dir).extract(voiced_signal(seconds), 16000, PROMPT_TEXT)
     return with_transcript_ids(voice, TextFrontend(model_dir, use_wetext=False))
 
 
@@ -487,6 +488,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
             "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
         },
         "tokens_per_request": args.tokens,
+        "prompt_seconds": args.prompt_seconds,
         "repeats": args.repeats,
         "stream": args.stream,
         "llm_only": args.llm_only,
@@ -610,7 +612,8 @@ def markdown(result: dict[str, Any]) -> str:
               if m["overlap_stages"] and not m["llm_only"] else "")]
           if "overlap_stages" in m else []),
         *([f"- CUDA graphs: {m['cuda_graphs']}; GPU {m['gpu']} ({m['gpu_total_mb']} MiB)"] if "gpu" in m else []),
-        f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}",
+        (f"- {m['tokens_per_request']} fixed speech tokens per request, stream={m['stream']}, "
+         f"prompt {m.get('prompt_seconds', 3.0)} s"),
         *([f"- repeats: {m['repeats']} per level, batched and baseline alternating (A B B A ...), merged"]
           if m.get("repeats", 1) > 1 else []),
         "",
@@ -636,6 +639,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Euler steps of the flow's ODE on the measured path (default 0: upstream's 10)")
     p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
                    help="int8 copies of the LLM's decoder-layer weights for small steps (CPU, opt-in)")
+    p.add_argument("--prompt-seconds", type=float, default=3.0,
+                   help="the voice's prompt audio (25 tokens a second; where it ends on the flow's 25-token "
+                        "grid decides how much of the first chunk's flow the voice prefix holds)")
     p.add_argument("--first-chunk-tokens", type=int, default=0,
                    help="a shorter first streaming chunk on the measured path (scheduler lead_hop; 0: upstream's)")
     p.add_argument("--repeats", type=int, default=1,
@@ -773,7 +779,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
                        flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
                        llm_int8=bool(args.llm_int8))
-    voice = make_voice(args.model_dir)
+    voice = make_voice(args.model_dir, args.prompt_seconds)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",
         file=sys.stderr,
