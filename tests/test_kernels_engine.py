@@ -151,6 +151,24 @@ def test_a_lead_hop_moves_only_the_first_chunks_frames(model, tiny_model_dir, vo
     assert not torch.allclose(lead[:, :20], off[:, :20], atol=1e-3)
 
 
+def test_a_lead_hop_after_flow_ahead_into_its_grid_chunk_gives_the_same_frames(model, tiny_model_dir):
+    """A prompt ending 4 tokens before the grid (71 tokens): flow ahead computes up to 75 after 7 tokens and
+    holds frames 71..75 for the 10-token first chunk, which then computes 75..81 only; the same tokens and
+    mel as without flow ahead."""
+    t = np.arange(int(2.84 * 16000)) / 16000
+    wav = (0.3 * np.sin(2 * np.pi * 170 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    voice = PromptExtractor(tiny_model_dir).extract(wav, 16000, "希望你以后能够做的比我还好呦。")
+    assert len(voice.speech_tokens) % 25 == 21  # the case this test is about
+    job = SpeechJob("g", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=4, fixed_tokens=60)
+    traces = {"ahead": Trace(), "off": Trace()}
+    for name, trace in traces.items():
+        run_jobs(model, tiny_model_dir, [job], trace, flow_ahead=name == "ahead", lead_hop=10)
+    assert traces["ahead"].engines[0].stats().flow_advances > 0
+    assert traces["ahead"].tokens["g"] == traces["off"].tokens["g"]
+    assert traces["ahead"].mels["g"][0].shape[1] == 20  # the first chunk: 10 tokens
+    torch.testing.assert_close(traces["ahead"].mel("g"), traces["off"].mel("g"), atol=1e-4, rtol=0)
+
+
 def test_streams_from_the_voice_prefix_equal_streams_that_compute_it(model, tiny_model_dir, voice):
     """kernels/runtime/voice_prefix.py: the second and third streams of a voice start from a copy of its
     prompt frames (one in the same batch as the first, one later); the same tokens and mel as without."""

@@ -88,6 +88,18 @@ def test_a_lead_hop_goes_to_requests_starting_with_few_streams_live(max_live: in
     assert [r.samples_emitted for r in reqs] == [960 * 200] * 3
 
 
+@pytest.mark.parametrize("n_tokens, p", [(1, 75), (12, 75), (13, 75), (14, 75), (30, 71), (200, 80), (27, 0)])
+def test_a_lead_hop_covers_every_token_once_for_any_length(n_tokens: int, p: int) -> None:
+    s = sched(lead_hop=10)
+    r = Request("a", text_ids=[1], fixed_tokens=n_tokens, flow_prompt_len=p)
+    s.add_request(r)
+    chunks = chunks_of(run_until_idle(s), "a")
+    assert chunks[-1].is_last and chunks[-1].token_end == n_tokens and sum(c.is_last for c in chunks) == 1
+    for prev, nxt in itertools.pairwise(chunks):
+        assert nxt.token_offset == prev.token_end - 3
+    assert r.samples_emitted == 960 * n_tokens
+
+
 def test_no_lead_hop_for_a_request_that_does_not_stream() -> None:
     s = sched(lead_hop=10)
     r = Request("a", text_ids=[1], fixed_tokens=60, flow_prompt_len=75, stream=False)
