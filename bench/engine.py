@@ -246,18 +246,17 @@ def run_engine(
     from scheduler.chunk_policy import ChunkPolicyConfig
     from scheduler.config import SchedulerConfig
 
+    chunk = {"flow_ahead": flow_ahead, "lead_hop": lead_hop}
     if sequential:
         config = EngineConfig(
-            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len,
-                                      chunk=ChunkPolicyConfig(flow_ahead=flow_ahead, lead_hop=lead_hop)),
+            scheduler=SchedulerConfig(num_slots=1, slot_len=slot_len, chunk=ChunkPolicyConfig(**chunk)),
             max_jobs=1, cuda_graphs=cuda_graphs,
             use_wetext=False, overlap_stages=overlap, **engine_kw,
         )
     else:
         config = EngineConfig(
             scheduler=SchedulerConfig(num_slots=max(1, concurrency), slot_len=slot_len,
-                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency),
-                                                              flow_ahead=flow_ahead, lead_hop=lead_hop)),
+                                      chunk=ChunkPolicyConfig(max_chunks_per_step=max(16, concurrency), **chunk)),
             cuda_graphs=cuda_graphs,
             use_wetext=False,
             overlap_stages=overlap,
@@ -811,12 +810,10 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     run = run_llm_only(model, embeds, n, c, sequential, args.tokens)
                 else:
                     jobs = make_jobs(voice, n, args.tokens, args.stream, f"c{c}")
-                    path_model, path_kw = ((base["model"], base["engine"]) if mode == "baseline"
-                                           else (model, {"lead_hop": args.first_chunk_tokens}))
-                    overlap = args.overlap
-                    if mode == "baseline" and base["overlap"] is not None:
-                        overlap = base["overlap"]
                     baseline = mode == "baseline"
+                    path_model, path_kw = ((base["model"], base["engine"]) if baseline
+                                           else (model, {"lead_hop": args.first_chunk_tokens}))
+                    overlap = base["overlap"] if baseline and base["overlap"] is not None else args.overlap
                     with intra_op_threads(base["threads"] if baseline else 0), sdpa_only(baseline and base["sdpa"]):
                         run = run_engine(
                             path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,

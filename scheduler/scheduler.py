@@ -254,7 +254,7 @@ class Scheduler:
         """With no chunk ready the flow would idle: flow work ahead of a lone stream's first chunk
         (scheduler/chunk_policy.py). Only for a lone one: with others, advances batched beside their
         decoding cost more throughput than they saved latency (measured in chunk_policy's docstring)."""
-        if len(self._running) + len(self._draining) != 1 or not self._running:
+        if self.num_live != 1 or not self._running:
             return []  # (a lone draining stream has its final chunk ready: nothing ahead)
         req = next(iter(self._running.values()))
         item = self.chunks.next_advance(req, self.flow_cache.tokens_done(req.request_id))
