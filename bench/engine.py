@@ -18,8 +18,7 @@ time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
 "baseline": its own dtypes, the voice prefix on or off, its flow steps, int8, threads, stage overlap
-`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1`, `early_restore=0|1` (EngineConfig.first_chunk_alone,
-.lone_flow_worker, .early_prefix_restore)),
+`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1` (EngineConfig.first_chunk_alone, .lone_flow_worker)),
 right after the measured one in
 the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
@@ -684,7 +683,7 @@ def parse_path(spec: str) -> dict[str, str]:
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
-               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"), "early_restore": ("0", "1"),
+               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
                "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
@@ -715,7 +714,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     for key, switch in (("first_alone", "first_chunk_alone"), ("lone_worker", "lone_flow_worker"),
-                        ("flow_ahead", "flow_ahead"), ("early_restore", "early_prefix_restore")):
+                        ("flow_ahead", "flow_ahead")):
         if spec.get(key) == "0":
             engine[switch] = False
     lead = int(spec.get("first_chunk", args.first_chunk_tokens))  # unnamed: as measured

@@ -124,7 +124,6 @@ class NewRequest:
     voice: VoicePrompt | None  # None only for scheduler-only tests (a runner fails such a request)
     speed: float = 1.0
     seed: int | None = None
-    stream: bool = False  # streaming: the runner may start its flow cache while the prompt prefills
 
 
 @dataclass(frozen=True)

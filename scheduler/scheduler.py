@@ -197,7 +197,7 @@ class Scheduler:
                 redraw=feed.redraw_ids if feed else (),
             )
             prefills.append(PrefillItem(req.request_id, slot, 0, segments, spec))
-            admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed, req.stream))
+            admitted.append(NewRequest(req.request_id, req.voice, req.speed, req.seed))
             budget -= n
 
     def _set_lead_hops(self, admitted: list[NewRequest]) -> None:

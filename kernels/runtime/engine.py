@@ -82,9 +82,6 @@ class EngineConfig:
     # CPU, overlapped stages: a lone request's flow call beside its decoding LLM runs on one 1-thread stage
     # worker instead of the stage thread's intra-op threads (ModelRunner.lone_flow_beside_llm says why).
     lone_flow_worker: bool = True
-    # CPU: a new stream's voice prefix is copied into its flow cache on a thread of its own while its
-    # prompt prefills, not in its first flow call (kernels/runtime/voice_prefix.py EarlyRestorer).
-    early_prefix_restore: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.
     heap_trim_s: float = 60.0
@@ -193,7 +190,7 @@ class Engine:
         return ModelRunner(
             model, limits.num_slots, limits.slot_len, cuda_graphs=cfg.cuda_graphs,
             incremental_flow=cfg.incremental_flow, stage_workers=cfg.stage_workers or usable_cores(),
-            voice_prefix_bytes=cfg.voice_prefix_bytes, early_prefix_restore=cfg.early_prefix_restore,
+            voice_prefix_bytes=cfg.voice_prefix_bytes,
         )
 
     # ------------------------------------------------------------------ EngineProtocol (any thread)
@@ -260,5 +257,3 @@ class Engine:
             if self.loop.stage is not None:
                 self.loop.stage.shutdown(wait=True)
             self.runner.shards.close()
-            if self.runner.early_restore is not None:
-                self.runner.early_restore.shutdown()

@@ -28,7 +28,7 @@ from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, StreamC
 from kernels.runtime.shards import ShardPool
 from kernels.runtime.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
 from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BYTES
-from kernels.runtime.voice_prefix import EarlyRestorer, VoicePrefixCache, voice_key
+from kernels.runtime.voice_prefix import VoicePrefixCache, voice_key
 from kernels.weights.model import CosyVoice2Model
 from scheduler.jobs import VoicePrompt
 from scheduler.plan import ChunkItem, ChunkOutput, NewRequest, Segment, StepPlan, StepResult
@@ -84,7 +84,6 @@ class ModelRunner:
         incremental_flow: bool = False,  # False: incremental chunks recompute (reported in StepResult)
         stage_workers: int = 1,  # CPU: flow/vocoder shards of a batch run on this many single-threaded workers
         voice_prefix_bytes: int = VOICE_PREFIX_BYTES,  # streaming flow prefixes kept per voice (0 = off)
-        early_prefix_restore: bool = False,  # CPU: copy a stream's voice prefix while its prompt prefills
     ) -> None:
         self.model = model
         self.device = torch.device(model.device)
@@ -110,9 +109,6 @@ class ModelRunner:
         self.flow_inc = IncrementalFlow(model.flow) if incremental_flow else None
         # A voice's prompt frames are computed once and copied into its later streams (voice_prefix.py).
         self.voice_prefix = VoicePrefixCache(self.flow_inc, voice_prefix_bytes) if self.flow_inc else None
-        # CPU: that copy runs on a thread of its own as the request is admitted, off its first call's path
-        self.early_restore = (EarlyRestorer(self.voice_prefix) if early_prefix_restore and self.voice_prefix
-                              and self.device.type == "cpu" else None)
         self.flow_states: dict[str, FlowStreamState] = {}
         # flow_states change on the stage thread (chunks) and the engine thread (release)
         self._flow_lock = threading.RLock()
@@ -143,8 +139,6 @@ class ModelRunner:
             # only the voice prefix reads it: no digest of the prompt per request when it is off
             voice_key=voice_key(voice.speech_tokens, voice.mel, voice.embedding) if self.voice_prefix else b"",
         )
-        if new.stream and self.early_restore is not None:
-            self.early_restore.start(new.request_id, self.requests[new.request_id].voice_key, int(tokens.shape[0]))
 
     def _voice_tensors(self, voice: VoicePrompt) -> tuple[Tensor, Tensor, Tensor]:
         """The flow's prompt inputs on the device: speech tokens (long), prompt mel and speaker embedding
@@ -165,8 +159,6 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-        if self.early_restore is not None:
-            self.early_restore.drop(request_id)
         with self._flow_lock:
             self.flow_states.pop(request_id, None)
 
@@ -386,11 +378,9 @@ class ModelRunner:
         cached: list[tuple[ChunkItem, FlowStreamState]] = []
         rest: list[ChunkItem] = []
         look = 0 if finalize else self.lookahead
-        # a new stream's voice prefix, copied as it was admitted (waited for outside the lock)
-        early = {c.request_id: self.early_restore.take(c.request_id) for c in group} if self.early_restore else {}
         with self._flow_lock:
             for c in group:
-                state = self.flow_states.pop(c.request_id, None) or early.get(c.request_id)
+                state = self.flow_states.pop(c.request_id, None)
                 st = self.requests[c.request_id]
                 ahead, st.ahead = st.ahead, None
                 if not (c.incremental and self._can_run_incremental(c)):

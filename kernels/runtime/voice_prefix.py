@@ -16,9 +16,7 @@ arrays, so an edited or deleted voice never matches and simply ages out.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-import logging
 import math
 import threading
 from collections import OrderedDict
@@ -31,9 +29,6 @@ from torch import Tensor
 from kernels.runtime.flow_cache import GROWTH, FlowStreamState, IncrementalFlow, KVBuffers, StreamCall
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-EARLY_ROOM_CHUNKS = 2  # an early restore makes room for this many grid chunks past the prompt (see `restore`)
-
-log = logging.getLogger(__name__)
 
 
 MAX_ROOM = 4.0  # a restored stream's buffers at most this many times its prefix (a long first call grows them)
@@ -130,16 +125,6 @@ class VoicePrefixCache:
         done_after = max(prefix_tokens, len(call.tokens) - self.lookahead)
         return min(MAX_ROOM, GROWTH * done_after / max(1, prefix_tokens))
 
-    def restore(self, key: bytes, prompt_tokens: int) -> FlowStreamState | None:
-        """A fresh stream's state from the voice's stored prefix, before its first call exists (None: no
-        prefix stored). Room for the prompt and `EARLY_ROOM_CHUNKS` grid chunks, so its first calls (the
-        prompt's last chunk, a short first chunk) do not grow it again."""
-        stored = self._get(key)
-        if stored is None or self.budget_bytes <= 0:
-            return None
-        done_after = prompt_tokens + EARLY_ROOM_CHUNKS * self.chunk
-        return copy_state(stored, min(MAX_ROOM, GROWTH * done_after / max(1, stored.tokens_done)))
-
     def warm(self, key: bytes, prompt_tokens: Tensor, prompt_feat: Tensor, embedding: Tensor) -> bool:
         """Compute and keep a voice's prefix before any stream needs it (needs only the prompt). True when
         the voice has a stored prefix afterwards."""
@@ -175,60 +160,3 @@ def _restore(state: FlowStreamState, snapshot: FlowStreamState, room: float) -> 
     """Fill a fresh state with a copy of the snapshot (the request then appends to its own buffers)."""
     copied = copy_state(snapshot, room)
     state.tokens_done, state.kv, state.tails = copied.tokens_done, copied.kv, copied.tails
-
-
-class EarlyRestorer:
-    """Copies a stored voice prefix into a new stream's state on a thread of its own while the request's
-    prompt prefills, instead of in its first flow call. The copy (~110 MB and its fresh pages for a 3 s
-    prompt on the 0.5B flow, ~60 ms on one core) was on the path to a lone stream's first audio; during
-    the prefill the flow workers are idle. `take` waits for a copy still under way; `drop` forgets it."""
-
-    def __init__(self, prefix: VoicePrefixCache) -> None:
-        self.prefix = prefix
-        self._pending: dict[str, concurrent.futures.Future[FlowStreamState | None]] = {}
-        self._lock = threading.Lock()
-        # one intra-op thread (the copy is memory-bound); set on the thread now, then the process default
-        # (which threads created later inherit) put back, as kernels/runtime/shards.py does
-        default = torch.get_num_threads()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cosyserve-prefix")
-        self._pool.submit(_one_thread).result()
-        torch.set_num_threads(default)
-
-    def start(self, request_id: str, key: bytes, prompt_tokens: int) -> bool:
-        """Begin the copy when the voice has a stored prefix (False: none, the first call computes it)."""
-        if self.prefix.prefix_tokens(prompt_tokens) == 0 or not self.prefix.holds(key):
-            return False
-        future = self._pool.submit(self._restore, key, prompt_tokens)
-        with self._lock:
-            self._pending[request_id] = future
-        return True
-
-    def take(self, request_id: str) -> FlowStreamState | None:
-        """The stream's restored state (waiting for it), once; None when none was started or it failed."""
-        with self._lock:
-            future = self._pending.pop(request_id, None)
-        if future is None:
-            return None
-        try:
-            return future.result()
-        except Exception:  # the first call then restores or computes the prefix itself
-            log.exception("early voice-prefix restore failed")
-            return None
-
-    def drop(self, request_id: str) -> None:
-        with self._lock:
-            future = self._pending.pop(request_id, None)
-        if future is not None:
-            future.cancel()  # a copy already running finishes and is dropped with its future
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    @torch.inference_mode()
-    def _restore(self, key: bytes, prompt_tokens: int) -> FlowStreamState | None:
-        return self.prefix.restore(key, prompt_tokens)
-
-
-def _one_thread() -> None:
-    torch.get_num_threads()  # torch's once-per-thread lazy init first, or it would undo the 1 later
-    torch.set_num_threads(1)
