@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.outputs import write_json, write_results
 from bench.provenance import commit, cpu_name, now_iso
 from kernels.config import FlowConfig
 from kernels.runtime.auto_settings import settings_for
@@ -828,13 +829,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         runs.extend(merge_runs(done[mode]) for mode in modes)
         if args.json:  # partial results survive a run cut short
             partial = {**report(runs, base), "meta": meta(label, device, args), "complete": False}
-            args.json.write_text(json.dumps(partial, indent=2) + "\n")
+            write_json(args.json, partial)
     result = {**report(runs, base), "meta": meta(label, device, args), "complete": True}
-    print(markdown(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(result))
+    text = markdown(result)
+    print(text)
+    write_results(result, text, args.json, args.markdown)
     return result
 
 

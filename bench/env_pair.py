@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import markdown, merge_runs, ratios
+from bench.outputs import write_results
 
 
 def parse_env(spec: str) -> dict[str, str]:
@@ -88,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "ratios_vs_baseline": ratios(runs, "baseline"), "meta": meta, "complete": True}
     text = markdown(result)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_results(result, text, args.json, args.markdown)
     return result
 
 

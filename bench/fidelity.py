@@ -27,7 +27,6 @@ HiFT always runs in fp32, so the same mel gives the same waveform.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from bench.engine import UPSTREAM_FLOW_STEPS, llm_prompt_embeds, make_voice
+from bench.outputs import write_results
 from bench.provenance import commit, cpu_name, now_iso
 from kernels.runtime.auto_settings import settings_for
 from kernels.runtime.engine import weight_dtype
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  args.first_chunk_tokens)
     text = markdown(result)
     print(text, end="")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_results(result, text, args.json, args.markdown, indent=1)
     return result
 
 

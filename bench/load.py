@@ -55,6 +55,7 @@ from bench.load_stats import (
     overload_stats,
     request_result,
 )
+from bench.outputs import write_json
 from bench.provenance import commit, machine, now_iso
 from bench.servers import build_tiny_model, spawn_server, spawn_split
 
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(out, results, overloads)
     print(md)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+        write_json(args.json, out, indent=1, ensure_ascii=False)
     if args.markdown:
         args.markdown.write_text(md + "\n")
     if args.plot:

@@ -18,7 +18,6 @@ grow, or anything is lost (bench.soak_report). JSON and a PNG plot (bench.soak_p
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import signal
 import sys
@@ -31,6 +30,7 @@ import requests
 
 from bench import texts
 from bench.load import Target, upload_voice
+from bench.outputs import write_json
 from bench.provenance import commit, machine, now_iso
 from bench.servers import spawn_server
 from bench.soak_report import build_json
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 "server_args": args.server_args}  # fmt: skip
         result = soak(target, pid, workers, args, meta)
     plot_path = args.plot or args.json.with_suffix(".png")
-    args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_json(args.json, result, indent=1, ensure_ascii=False)
     from bench.soak_plot import plot  # lazy: matplotlib is a bench extra
 
     plot(result, plot_path)

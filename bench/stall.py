@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench.engine import make_voice
+from bench.outputs import write_results
 from bench.provenance import commit, cpu_name, now_iso
 from kernels.runtime.auto_settings import settings_for
 from kernels.runtime.host_memory import usable_cores
@@ -218,11 +219,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                        "commit": commit(), "settings": settings.summary(), "streams": args.streams,
                        "chars": args.chars, "tokens": args.tokens},
               "rounds": rounds}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    if args.markdown:
-        args.markdown.write_text(table)
+    write_results(result, table, args.json, args.markdown)
     print(table)
     return result
 
