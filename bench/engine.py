@@ -495,6 +495,7 @@ def meta(model_label: str, device: str, args: argparse.Namespace) -> dict[str, A
         "dtypes": {"llm": args.llm_dtype, "flow": args.flow_dtype},
         "flow_steps": args.flow_steps or UPSTREAM_FLOW_STEPS,
         "llm_int8": bool(args.llm_int8),
+        "packed_linears": bool(args.packed_linears),
         "first_chunk_tokens": args.first_chunk_tokens,
         "overlap_stages": args.overlap,
         "cuda_graphs": device == "cuda" and not args.no_cuda_graphs,
@@ -602,6 +603,8 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"- dtypes: {json.dumps(m['dtypes'])}"] if "dtypes" in m else []),
         *([f"- flow steps: {m['flow_steps']}"] if "flow_steps" in m else []),
         *(["- LLM int8 weights for steps of <= 8 rows (--llm-int8 1)"] if m.get("llm_int8") else []),
+        *([f"- packed linears: {'on' if m['packed_linears'] else 'off'} (--packed-linears)"]
+          if "packed_linears" in m else []),
         *([f"- first chunk: {m['first_chunk_tokens']} tokens (--first-chunk-tokens)"]
           if m.get("first_chunk_tokens") else []),
         *([f"- baseline (\"vs baseline\" rows: measured / baseline): {json.dumps(result['baseline'])}"]
@@ -639,6 +642,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Euler steps of the flow's ODE on the measured path (default 0: upstream's 10)")
     p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
                    help="int8 copies of the LLM's decoder-layer weights for small steps (CPU, opt-in)")
+    p.add_argument("--packed-linears", type=int, choices=(0, 1), default=1,
+                   help="LLM and flow linears on oneDNN-packed weights (CPU; as the server's default)")
     p.add_argument("--prompt-seconds", type=float, default=3.0,
                    help="the voice's prompt audio (25 tokens a second; where it ends on the flow's 25-token "
                         "grid decides how much of the first chunk's flow the voice prefix holds)")
@@ -685,7 +690,8 @@ def parse_path(spec: str) -> dict[str, str]:
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
                "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
-               "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul")}
+               "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul"),
+               "packed": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -704,7 +710,8 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     from kernels.weights.model import load_model
 
     measured = {"llm": args.llm_dtype, "flow": args.flow_dtype,
-                "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), "llm_int8": str(args.llm_int8)}
+                "flow_steps": str(args.flow_steps or UPSTREAM_FLOW_STEPS), "llm_int8": str(args.llm_int8),
+                "packed": str(args.packed_linears)}
     spec = {**measured, "voice_prefix": "1", **args.baseline}
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
     spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
@@ -712,7 +719,8 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     base_model = model if same else load_model(args.model_dir, device=device,
                                                llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
                                                flow_dtype=weight_dtype(spec["flow"], False),
-                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1")
+                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1",
+                                               packed_linears=spec["packed"] == "1")
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     for key, switch in (("first_alone", "first_chunk_alone"), ("lone_worker", "lone_flow_worker"),
                         ("flow_ahead", "flow_ahead")):
@@ -778,7 +786,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
                        flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
-                       llm_int8=bool(args.llm_int8))
+                       llm_int8=bool(args.llm_int8), packed_linears=bool(args.packed_linears))
     voice = make_voice(args.model_dir, args.prompt_seconds)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",

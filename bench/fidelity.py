@@ -157,7 +157,7 @@ def compare_first_chunk(ref: Any, voice: Any, tokens: list[int], lead: int) -> d
 
 
 def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_steps: int = 0,
-        llm_int8: bool = False, first_chunk: int = 0) -> dict[str, Any]:
+        llm_int8: bool = False, first_chunk: int = 0, packed_linears: bool = True) -> dict[str, Any]:
     from kernels.weights.model import load_model
 
     settings = settings_for(model_dir, llm_dtype=llm_dtype, flow_dtype=flow_dtype)
@@ -167,7 +167,8 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
     start = time.perf_counter()
     ref = load_model(model_dir)
     cand = load_model(model_dir, llm_dtype=weight_dtype(settings.llm_dtype, False),
-                      flow_dtype=weight_dtype(settings.flow_dtype, False), flow_steps=flow_steps or None, llm_int8=llm_int8)
+                      flow_dtype=weight_dtype(settings.flow_dtype, False), flow_steps=flow_steps or None, llm_int8=llm_int8,
+                      packed_linears=packed_linears)
     voice = make_voice(model_dir)
     with torch.inference_mode():
         llm = compare_llm(ref, cand, model_dir, voice, tokens)
@@ -179,7 +180,8 @@ def run(model_dir: Path, llm_dtype: str, flow_dtype: str, tokens: int, flow_step
         "meta": {"date": now_iso(), "commit": commit(), "cpu": cpu_name(), "model_dir": str(model_dir),
                  "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1)},
         "candidate": {"llm": settings.llm_dtype, "flow": settings.flow_dtype,
-                      "flow_steps": cand.config.flow.n_timesteps, "llm_int8": llm_int8},
+                      "flow_steps": cand.config.flow.n_timesteps, "llm_int8": llm_int8,
+                      "packed_linears": packed_linears},
         "reasons": list(settings.reasons),
         "llm": llm,
         "flow": flow,
@@ -190,6 +192,7 @@ def markdown(result: dict[str, Any]) -> str:
     c, llm, meta = result["candidate"], result["llm"], result["meta"]
     steps = c.get("flow_steps", UPSTREAM_FLOW_STEPS)
     int8 = " + int8 weights" if c.get("llm_int8") else ""
+    int8 += ", packed linears" if c.get("packed_linears") else ""
     lines = [(f"Candidate llm {c['llm']}{int8}, flow {c['flow']}"
               f"{f' ({steps} ODE steps)' if steps != UPSTREAM_FLOW_STEPS else ''} "
               f"against fp32 eager ({UPSTREAM_FLOW_STEPS} steps) · {meta['model_dir']} · "
@@ -213,13 +216,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--flow-steps", type=int, default=0, help="Euler steps of the candidate's flow (0: upstream's 10)")
     p.add_argument("--llm-int8", type=int, choices=(0, 1), default=0,
                    help="the candidate's LLM with int8 weights for small steps (as --llm-int8 1 on the server)")
+    p.add_argument("--packed-linears", type=int, choices=(0, 1), default=1,
+                   help="the candidate's linears on oneDNN-packed weights (the server's default on a CPU)")
     p.add_argument("--first-chunk-tokens", type=int, default=0,
                    help="also measure a first streaming chunk of this many tokens (fp32 reference, see above)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
     result = run(args.model_dir, args.llm_dtype, args.flow_dtype, args.tokens, args.flow_steps, bool(args.llm_int8),
-                 args.first_chunk_tokens)
+                 args.first_chunk_tokens, bool(args.packed_linears))
     text = markdown(result)
     print(text, end="")
     write_results(result, text, args.json, args.markdown, indent=1)

@@ -142,6 +142,7 @@ def build_engine(config: ServerConfig, model_dir: Path | None = None) -> EngineP
         flow_dtype=settings.flow_dtype,
         flow_steps=options.flow_steps,
         llm_int8=options.llm_int8,
+        packed_linears=bool(config.packed_linears),
         flow_cache_pool_bytes=config.flow_cache_mb << 20 if config.flow_cache_mb >= 0 else -1,
         heap_trim_s=config.heap_trim_s,
         voice_prefix_bytes=config.voice_prefix_mb << 20,

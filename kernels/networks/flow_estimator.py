@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from kernels.config import EstimatorConfig
 from kernels.networks.chunk_attention import chunk_causal_attention
 from kernels.networks.flow_encoder import additive_mask, attention_mask
+from kernels.networks.packed_linear import PackedLinear, pack_weight, packed_linear, runs_packed
 from kernels.networks.step_cache import (
     NO_CACHE,
     KVStore,
@@ -97,6 +98,18 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self._qkv: Tensor | None = None  # q/k/v weights as one packed matmul (`pack_linears`)
+
+    def pack_linears(self) -> int:
+        """One packed matmul for q/k/v (kernels/networks/packed_linear.py), the output projection packed."""
+        self._qkv = pack_weight(torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+        self.to_out[0] = PackedLinear.of(self.to_out[0])
+        return 4
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self._qkv is not None and runs_packed(x, self.to_q.weight, self._qkv):
+            return packed_linear(x, self._qkv, None).split(self.to_q.out_features, dim=-1)
+        return self.to_q(x), self.to_k(x), self.to_v(x)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.step(x, mask)[0]
@@ -110,7 +123,7 @@ class Attention(nn.Module):
         def heads(y: Tensor) -> Tensor:
             return y.view(b, t, self.heads, -1).transpose(1, 2)
 
-        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        q, k, v = (heads(y) for y in self._project(x))
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -127,8 +140,13 @@ class GELUProj(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, inner)
 
+    def pack_linears(self) -> int:
+        self.proj = PackedLinear.of(self.proj, activation="gelu")  # the GELU inside the matmul call
+        return 1
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x))  # exact (erf) GELU
+        y = self.proj(x)
+        return y if isinstance(self.proj, PackedLinear) and self.proj.activation == "gelu" else F.gelu(y)  # exact (erf)
 
 
 class FeedForward(nn.Module):

@@ -5,7 +5,10 @@ parameters, 716 MB in bf16 for every token. Symmetric per-output-channel int8 ha
 CPU kernel for it (`aten._weight_int8pack_mm`) runs the 96 big matmuls of a one-row step in 10 ms instead
 of 29 ms (AMD Zen 4, 2 threads). With more rows the matmul stops being bound by memory and that kernel
 loses (8 rows: 27 vs 32 ms; 16 rows: 43 vs 39 ms), so batches of more than `INT8_MAX_ROWS` rows and every
-prefill keep using the float weights, which stay loaded (+1 byte per weight).
+prefill keep using the float weights, which stay loaded (+1 byte per weight). Where those are packed for
+oneDNN (kernels/networks/packed_linear.py, the server's default) a bf16 float path is faster and the line
+moves to `INT8_MAX_ROWS_PACKED_BF16`: a whole decode step, int8 vs packed bf16, 4 rows 18.6 vs 24.4 ms, 5 rows
+27.3 vs 25.1, 8 rows 31.2 vs 28.0 (same machine, 2 threads). Packed fp32 stays slower (8 rows: 47 vs 32 ms).
 
 The kernel always gets bf16 activations, an fp32 LLM's too (cast in, result cast back): torch vectorises it
 for bf16 only. One 896x4864 matmul, 2 threads: 1 row 59 us (bf16 activations) vs 1478 us (fp32) vs 361 us
@@ -19,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.networks.packed_linear import PackedLinear, packed_linear, runs_packed
+
 INT8_MAX_ROWS = 8  # rows at or under which the int8 kernel is faster (measured above)
+INT8_MAX_ROWS_PACKED_BF16 = 4  # the same beside packed bf16 weights
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,20 +37,27 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8WeightLinear(nn.Module):
-    """A Linear's float weight and bias plus an int8 copy of the weight, used for inputs of few rows."""
+    """A Linear's float weight and bias plus an int8 copy of the weight, used for inputs of few rows; more
+    rows take the float weight (pre-packed when the linear was a `PackedLinear`)."""
 
-    def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS) -> None:
+    def __init__(self, linear: nn.Linear | PackedLinear, max_rows: int | None = None) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
+        self.packed = linear.packed if isinstance(linear, PackedLinear) else None
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("qscale", scale.to(torch.bfloat16))  # the kernel's activation dtype
+        if max_rows is None:
+            packed_bf16 = self.packed is not None and self.weight.dtype == torch.bfloat16
+            max_rows = INT8_MAX_ROWS_PACKED_BF16 if packed_bf16 else INT8_MAX_ROWS
         self.max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > self.max_rows or x.device.type != "cpu":
+            if self.packed is not None and runs_packed(x, self.weight, self.packed):
+                return packed_linear(x, self.packed, self.bias)
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)  # see the module docstring
         y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.qscale).to(x.dtype)
@@ -53,11 +66,11 @@ class Int8WeightLinear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def quantize_decoder_linears(module: nn.Module, max_rows: int = INT8_MAX_ROWS) -> int:
-    """Replace every nn.Linear under `module` by an Int8WeightLinear; returns how many."""
+def quantize_decoder_linears(module: nn.Module, max_rows: int | None = None) -> int:
+    """Replace every nn.Linear (or PackedLinear) under `module` by an Int8WeightLinear; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
+        if isinstance(child, (nn.Linear, PackedLinear)):
             setattr(module, name, Int8WeightLinear(child, max_rows))
             count += 1
         else:

@@ -129,10 +129,13 @@ def load_model(
     progress_file: IO[str] | None = None,
     flow_steps: int | None = None,
     llm_int8: bool = False,
+    packed_linears: bool = False,
 ) -> CosyVoice2Model:
     """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32. `flow_steps`: Euler
     steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel). `llm_int8` (CPU):
-    the LLM's decoder-layer linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py)."""
+    the LLM's decoder-layer linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py).
+    `packed_linears` (CPU): the LLM's and the flow's linears run on weights pre-packed for oneDNN, same numbers
+    (kernels/networks/packed_linear.py); skipped for a dtype this CPU or torch build cannot run packed."""
     from kernels.networks.flow import CausalMaskedDiffWithXvec
     from kernels.networks.hift import HiFTGenerator, fold_weight_norm
     from kernels.networks.llm import Qwen2LM
@@ -170,11 +173,17 @@ def load_model(
     del llm_state, flow_state, hift_state
 
     llm = _finish(llm, device, llm_dtype)
+    flow = _finish(flow, device, flow_dtype)
+    if packed_linears and device.type == "cpu":
+        from kernels.networks.packed_linear import pack_linears, packing_works
+
+        for module in (llm, flow):
+            if packing_works(next(module.parameters()).dtype):
+                pack_linears(module)
     if llm_int8:
         from kernels.networks.int8_linear import quantize_decoder_linears
 
         quantize_decoder_linears(llm.backbone.layers)
-    flow = _finish(flow, device, flow_dtype)
     if flow.decoder.rand_noise.dtype != torch.float32:  # the fixed CFM noise stays exact in fp32
         from kernels.networks.flow import fixed_noise
 
