@@ -1,4 +1,5 @@
-"""Linears on oneDNN-packed weights: the same numbers as `F.linear`, the same state_dict, a fallback."""
+"""Linears on oneDNN-packed weights: the same numbers as `F.linear`, the same state_dict without a second copy
+of the weight, a fallback."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.networks.flow_estimator import Attention, GELUProj
+from kernels.networks.flow_estimator import Attention, GELUProj, PackableConv1d
 from kernels.networks.int8_linear import Int8WeightLinear
-from kernels.networks.packed_linear import PackedLinear, pack_linears, packed_count, packing_works
+from kernels.networks.packed_linear import (
+    IM2COL_MAX_ROWS,
+    PackedLinear,
+    conv_runs_packed,
+    pack_conv1d,
+    pack_linears,
+    packed_count,
+    packing_works,
+)
 from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.weights.model import load_model
 
@@ -53,6 +62,16 @@ def test_gelu_runs_inside_and_is_the_erf_one() -> None:
     assert (got - tanh).abs().max() > 1e-4
 
 
+def test_holds_only_the_packing_and_unpacks_the_same_weight() -> None:
+    lin, _ = _inputs(torch.float32, seed=8)
+    packed = PackedLinear.of(lin)
+    assert [name for name, _ in packed.named_parameters()] == ["bias"]
+    assert torch.equal(packed.weight, lin.weight)
+    state = packed.state_dict()
+    assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], lin.weight)
+    assert (packed.in_features, packed.out_features) == (64, 48)
+
+
 def test_other_inputs_fall_back_to_the_float_weight_exactly() -> None:
     lin, x = _inputs(torch.float32, seed=2)
     packed = PackedLinear.of(lin, activation="gelu")
@@ -87,7 +106,7 @@ def test_pack_linears_fuses_the_estimators_qkv_and_gelu_and_keeps_the_keys() -> 
 def test_an_int8_linear_keeps_the_packing_for_many_rows() -> None:
     lin, _ = _inputs(torch.float32, seed=4)
     q = Int8WeightLinear(PackedLinear.of(lin))
-    assert q.packed is not None
+    assert isinstance(q.full, PackedLinear)
     x = torch.randn(12, 64, generator=torch.Generator().manual_seed(5))  # > 8 rows: the float path
     with torch.inference_mode():
         torch.testing.assert_close(q(x), lin(x), rtol=1e-5, atol=1e-5)
@@ -123,3 +142,32 @@ def test_an_int8_linear_beside_packed_bf16_hands_over_sooner() -> None:
     assert Int8WeightLinear(PackedLinear.of(lin)).max_rows == 8
     assert Int8WeightLinear(lin.to(torch.bfloat16)).max_rows == 8
     assert Int8WeightLinear(PackedLinear.of(lin.to(torch.bfloat16))).max_rows == 4
+
+
+def test_the_encoders_position_projection_stays_memoised(tiny_model_dir) -> None:
+    """linear_pos is not packed: `positions` memoises its projection against the weight's identity."""
+    flow = load_model(tiny_model_dir, packed_linears=True).flow
+    attn = flow.encoder.encoders[0].self_attn
+    assert isinstance(attn.linear_q, PackedLinear) and isinstance(attn.linear_pos, nn.Linear)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("batch,frames", [(2, 20), (8, 40)])  # 40 and 320 output rows: im2col, then the conv
+def test_a_packable_conv_matches_the_conv(kernel: int, batch: int, frames: int) -> None:
+    gen = torch.Generator().manual_seed(9)
+    conv = PackableConv1d(16, 24, kernel).requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / 4)
+    x = torch.randn(batch, 16, frames + kernel - 1, generator=gen)
+    with torch.inference_mode():
+        want = conv(x)
+        assert conv.pack_linears() == 1
+        im2col = kernel == 1 or batch * frames <= IM2COL_MAX_ROWS
+        assert conv_runs_packed(x, conv._packed, kernel) is im2col
+        got = conv(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_plain_conv_packs() -> None:
+    with pytest.raises(ValueError, match="stride-1"):
+        pack_conv1d(nn.Conv1d(4, 4, 3, padding=1))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kernels.config import EncoderConfig
 from kernels.networks.chunk_attention import chunk_hidden
+from kernels.networks.packed_linear import PackedLinear
 from kernels.networks.step_cache import (
     NO_CACHE,
     KVStore,
@@ -148,6 +149,13 @@ class RelPositionAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
         self._projected: tuple[tuple, Tensor] | None = None  # memo of linear_pos(table), see positions()
+
+    def pack_linears(self) -> int:
+        """Pack q/k/v/out (kernels/networks/packed_linear.py); linear_pos stays: its projection is memoised
+        against its weight (`positions`), which a packing would hand out as a new copy on every read."""
+        for name in ("linear_q", "linear_k", "linear_v", "linear_out"):
+            setattr(self, name, PackedLinear.of(getattr(self, name)))
+        return 4
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)

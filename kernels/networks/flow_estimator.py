@@ -22,7 +22,15 @@ from torch import Tensor, nn
 from kernels.config import EstimatorConfig
 from kernels.networks.chunk_attention import chunk_causal_attention
 from kernels.networks.flow_encoder import additive_mask, attention_mask
-from kernels.networks.packed_linear import PackedLinear, pack_weight, packed_linear, runs_packed
+from kernels.networks.packed_linear import (
+    PackedLinear,
+    conv_runs_packed,
+    pack_conv1d,
+    pack_weight,
+    packed_conv1d,
+    packed_linear,
+    runs_packed,
+)
 from kernels.networks.step_cache import (
     NO_CACHE,
     KVStore,
@@ -44,7 +52,27 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
 
 
-class CausalConv1d(nn.Conv1d):
+class PackableConv1d(nn.Conv1d):
+    """A Conv1d that can also run as a packed matmul (kernels/networks/packed_linear.py `packed_conv1d`) where
+    that is faster; its weight stays for the rest."""
+
+    _packed: Tensor | None = None
+
+    def pack_linears(self) -> int:
+        self._packed = pack_conv1d(self)
+        return 1
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return self.convolve(x)
+
+    def convolve(self, x: Tensor) -> Tensor:
+        k = self.kernel_size[0]
+        if conv_runs_packed(x, self._packed, k):
+            return packed_conv1d(x, self._packed, self.bias, k)
+        return super().forward(x)
+
+
+class CausalConv1d(PackableConv1d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return self.step(x)[0]
 
@@ -53,7 +81,7 @@ class CausalConv1d(nn.Conv1d):
         (output, the k-1 frames before row b's frame ends[b]: the next call's tail)."""
         width = self.kernel_size[0] - 1
         full = with_left(x, tail, width)
-        return super().forward(full), last_frames(full, ends, width)
+        return self.convolve(full), last_frames(full, ends, width)
 
 
 class CausalBlock1D(nn.Module):
@@ -79,7 +107,7 @@ class CausalResnetBlock1D(nn.Module):
         self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
         self.block1 = CausalBlock1D(dim, dim_out)
         self.block2 = CausalBlock1D(dim_out, dim_out)
-        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+        self.res_conv = PackableConv1d(dim, dim_out, 1)
 
     def forward(self, x: Tensor, mask: Tensor, temb: Tensor, cache: StepCache = NO_CACHE) -> Tensor:
         h = self.block1(x, mask, cache) + self.mlp(temb).unsqueeze(-1)
@@ -107,7 +135,7 @@ class Attention(nn.Module):
         return 4
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self._qkv is not None and runs_packed(x, self.to_q.weight, self._qkv):
+        if self._qkv is not None and runs_packed(x, self._qkv):
             return packed_linear(x, self._qkv, None).split(self.to_q.out_features, dim=-1)
         return self.to_q(x), self.to_k(x), self.to_v(x)
 
@@ -214,7 +242,7 @@ class CausalConditionalDecoder(nn.Module):
         self.up_blocks = nn.ModuleList([nn.ModuleList([
             CausalResnetBlock1D(2 * ch, ch, time_dim), _transformers(cfg, ch), CausalConv1d(ch, ch, 3)])])
         self.final_block = CausalBlock1D(ch, ch)
-        self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+        self.final_proj = PackableConv1d(ch, cfg.out_channels, 1)
 
     def prepare(self, mask: Tensor, mu: Tensor, spks: Tensor, cond: Tensor, streaming: bool,
                 cached: bool = False) -> EstimatorInputs:

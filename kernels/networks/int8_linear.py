@@ -19,10 +19,9 @@ gains too; fp32 activations there made a batch-8 decode step 6.7x slower than fp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.networks.packed_linear import PackedLinear, packed_linear, runs_packed
+from kernels.networks.packed_linear import PackedLinear
 
 INT8_MAX_ROWS = 8  # rows at or under which the int8 kernel is faster (measured above)
 INT8_MAX_ROWS_PACKED_BF16 = 4  # the same beside packed bf16 weights
@@ -37,32 +36,28 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8WeightLinear(nn.Module):
-    """A Linear's float weight and bias plus an int8 copy of the weight, used for inputs of few rows; more
-    rows take the float weight (pre-packed when the linear was a `PackedLinear`)."""
+    """A linear plus an int8 copy of its weight, used for inputs of few rows; more rows take the linear itself
+    (`full`: an nn.Linear, or a `PackedLinear`)."""
 
     def __init__(self, linear: nn.Linear | PackedLinear, max_rows: int | None = None) -> None:
         super().__init__()
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.packed = linear.packed if isinstance(linear, PackedLinear) else None
+        self.full = linear
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("qscale", scale.to(torch.bfloat16))  # the kernel's activation dtype
         if max_rows is None:
-            packed_bf16 = self.packed is not None and self.weight.dtype == torch.bfloat16
+            packed_bf16 = isinstance(linear, PackedLinear) and linear.packed.dtype == torch.bfloat16
             max_rows = INT8_MAX_ROWS_PACKED_BF16 if packed_bf16 else INT8_MAX_ROWS
         self.max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > self.max_rows or x.device.type != "cpu":
-            if self.packed is not None and runs_packed(x, self.weight, self.packed):
-                return packed_linear(x, self.packed, self.bias)
-            return F.linear(x, self.weight, self.bias)
+            return self.full(x)
         flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)  # see the module docstring
         y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.qscale).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        if self.full.bias is not None:
+            y = y + self.full.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
