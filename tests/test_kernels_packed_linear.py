@@ -122,11 +122,12 @@ def _stream_mel(flow: nn.Module, tiny_voice: tuple) -> torch.Tensor:
     return torch.cat([first, second], dim=1)
 
 
-def test_load_model_packs_both_networks_with_the_same_output(tiny_model_dir) -> None:
+def test_load_model_packs_the_flow_with_the_same_output(tiny_model_dir) -> None:
     plain = load_model(tiny_model_dir)
     packed = load_model(tiny_model_dir, packed_linears=True)
     assert packed_count(plain.llm) == packed_count(plain.flow) == 0
-    assert packed_count(packed.llm) > 0 and packed_count(packed.flow) > 0
+    assert packed_count(packed.flow) > 0
+    assert packed_count(packed.llm) == 0  # the tiny LLM is narrower than MIN_PACKED_LLM_WIDTH
     gen = torch.Generator().manual_seed(6)
     tokens = torch.randint(0, 50, (30,), generator=gen)
     voice = (tokens, torch.randn(60, 80, generator=gen), torch.randn(192, generator=gen))

@@ -134,7 +134,7 @@ def load_model(
     """Strictly load llm.pt / flow.pt / hift.pt of `model_dir`; HiFT always stays fp32. `flow_steps`: Euler
     steps of the flow's ODE instead of upstream's 10 (fewer: faster, and a different mel). `llm_int8` (CPU):
     the LLM's decoder-layer linears also get int8 weights for steps of few rows (kernels/networks/int8_linear.py).
-    `packed_linears` (CPU): the LLM's and the flow's linears run on weights pre-packed for oneDNN, same numbers
+    `packed_linears` (CPU): the flow's linears, and a wide LLM's, run on weights pre-packed for oneDNN, same numbers
     (kernels/networks/packed_linear.py); skipped for a dtype this CPU or torch build cannot run packed."""
     from kernels.networks.flow import CausalMaskedDiffWithXvec
     from kernels.networks.hift import HiFTGenerator, fold_weight_norm
@@ -175,9 +175,10 @@ def load_model(
     llm = _finish(llm, device, llm_dtype)
     flow = _finish(flow, device, flow_dtype)
     if packed_linears and device.type == "cpu":
-        from kernels.networks.packed_linear import pack_linears, packing_works
+        from kernels.networks.packed_linear import MIN_PACKED_LLM_WIDTH, pack_linears, packing_works
 
-        for module in (llm, flow):
+        wide_llm = cfg.llm.qwen.hidden_size >= MIN_PACKED_LLM_WIDTH
+        for module in (llm, flow) if wide_llm else (flow,):
             if packing_works(next(module.parameters()).dtype):
                 pack_linears(module)
     if llm_int8:
