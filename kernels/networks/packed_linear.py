@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 ACTIVATIONS = ("none", "gelu")
 # A packed call costs ~12 us however small (F.linear: ~2.5 us at 64x64), so an LLM narrower than this, whose
-# decode steps are a few rows through small matrices, stays unpacked: the tiny model's LLM steps ran at 0.54x
-# packed (the first run of bench/results/2026-12-07-cpu2-tiny-packed.md, before this rule: C1 LLM-stage tok/s 0.54x); at 896 wide a decode step is 1.4x (bf16) to 2x (fp32)
-# faster packed. The flow always packs: its matmuls see 2 CFG rows per frame.
+# decode steps are a few rows through small matrices, stays unpacked: packed, the tiny model's LLM steps ran
+# at 0.54x (C1 LLM-stage tok/s in a bench.engine run before this rule); at 896 wide a decode step is 1.4x
+# (bf16) to 2x (fp32) faster packed. The flow always packs: its matmuls see 2 CFG rows per frame.
 MIN_PACKED_LLM_WIDTH = 512
 
 
