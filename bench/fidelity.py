@@ -192,9 +192,9 @@ def markdown(result: dict[str, Any]) -> str:
     c, llm, meta = result["candidate"], result["llm"], result["meta"]
     steps = c.get("flow_steps", UPSTREAM_FLOW_STEPS)
     int8 = " + int8 weights" if c.get("llm_int8") else ""
-    int8 += ", packed linears" if c.get("packed_linears") else ""
+    packed = " (linears packed)" if c.get("packed_linears") else ""
     lines = [(f"Candidate llm {c['llm']}{int8}, flow {c['flow']}"
-              f"{f' ({steps} ODE steps)' if steps != UPSTREAM_FLOW_STEPS else ''} "
+              f"{f' ({steps} ODE steps)' if steps != UPSTREAM_FLOW_STEPS else ''}{packed} "
               f"against fp32 eager ({UPSTREAM_FLOW_STEPS} steps) · {meta['model_dir']} · "
              f"{meta['cpu']} · {meta['date']} · {meta['commit']}"), "",
              "| figure | value |", "| --- | --- |",

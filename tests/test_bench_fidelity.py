@@ -1,4 +1,5 @@
-"""bench.fidelity on the tiny model: the same path agrees with itself exactly; bf16 stays close."""
+"""bench.fidelity on the tiny model: the same path agrees with itself exactly; packed linears within rounding;
+bf16 stays close."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from bench import fidelity
 
 @pytest.fixture(scope="module")
 def same(tiny_model_dir: Path) -> dict:
-    return fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30)
+    return fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30, packed_linears=False)
 
 
 def test_fp32_against_itself_is_identical(same: dict) -> None:
@@ -25,12 +26,23 @@ def test_fp32_against_itself_is_identical(same: dict) -> None:
             assert f["frames"] > 0 and (f["mel_rel_mean"], f["mel_max_abs"]) == (0.0, 0.0)
 
 
+def test_packed_linears_move_the_mel_by_rounding_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    md = tmp_path / "f.md"
+    result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "fp32", "--flow-dtype", "fp32",
+                            "--tokens", "20", "--markdown", str(md)])  # packed: the default
+    assert result["candidate"]["packed_linears"] is True
+    assert result["llm"]["teacher_forced_top1"] == 1.0  # the tiny LLM stays unpacked
+    for f in result["flow"].values():
+        assert f["mel_rel_mean"] < 1e-5  # oneDNN's fp32 sums in another order (full-size: 1e-6; tiny rounds to 0)
+    assert "(linears packed)" in md.read_text()
+
+
 def test_bf16_is_close_and_the_report_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.json"
     result = fidelity.main(["--model-dir", str(tiny_model_dir), "--llm-dtype", "bf16", "--flow-dtype", "bf16",
                             "--tokens", "30", "--json", str(out), "--markdown", str(tmp_path / "f.md")])
     assert json.loads(out.read_text())["candidate"] == {"llm": "bf16", "flow": "bf16", "flow_steps": 10,
-                                                              "llm_int8": False}
+                                                              "llm_int8": False, "packed_linears": True}
     assert result["llm"]["teacher_forced_top1"] >= 0.9  # measured 98 % over 60 tokens
     for f in result["flow"].values():
         assert 0 < f["mel_rel_mean"] < 0.02 and f["mel_max_abs"] < 0.15  # measured ~0.65 %, 0.05
@@ -57,11 +69,11 @@ def test_int8_llm_is_measured_on_decode_steps(tiny_model_dir: Path) -> None:
     assert 0 < llm["logp_max_abs_diff"] < 0.5
     assert llm["teacher_forced_top1"] >= 0.8
     for f in result["flow"].values():
-        assert f["mel_rel_mean"] == 0.0  # same reference tokens into the same fp32 flow
+        assert f["mel_rel_mean"] < 1e-5  # same reference tokens into the same fp32 flow (packed: rounding)
 
 
 def test_a_short_first_chunk_moves_its_own_frames_only_by_a_little(tiny_model_dir: Path) -> None:
-    result = fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30, first_chunk=10)
+    result = fidelity.run(tiny_model_dir, "fp32", "fp32", tokens=30, first_chunk=10, packed_linears=False)
     (first,) = [v for k, v in result["flow"].items() if k.startswith("first 10 tokens")]
     assert first["frames"] == 20 and first["tokens"] == 10
     assert 0 < first["mel_rel_mean"] < 0.5  # an incomplete flow chunk: other frames, same kind of mel
