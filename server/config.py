@@ -141,13 +141,13 @@ class ServerConfig:
         choices=("none", "cpu-fast")))
     llm_int8: int = field(default=0, metadata=_doc(
         "CPU: the LLM's decoder layers also get int8 weights (per channel) for decode steps of up to 8 "
-        "requests, fed bf16 activations (an fp32 LLM's too): ~1.8x faster one-request decode (bf16 LLM), "
-        "~3x (fp32 LLM); opt-in, numerics move (README CPU section)",
+        "requests (4 beside packed bf16 weights), fed bf16 activations (an fp32 LLM's too): ~1.8x faster "
+        "one-request decode (bf16 LLM), ~3x (fp32 LLM); opt-in, numerics move (README CPU section)",
         choices=(0, 1)))
     packed_linears: int = field(default=1, metadata=_doc(
-        "CPU: run the LLM's and the flow's linears on weights pre-packed for oneDNN at start-up: the same "
-        "numbers, faster (bf16 1.1-1.4x, fp32 ~2x per matmul on an AMD Zen 4); costs a second copy of those "
-        "weights in memory (0: torch's linears)", choices=(0, 1)))
+        "CPU: run the flow's linears, and the full-size LLM's, on weights packed once for oneDNN at start-up: "
+        "the same numbers, faster (bf16 1.05-1.45x, fp32 ~2x per matmul on an AMD Zen 4; README CPU section); "
+        "0: torch's linears", choices=(0, 1)))
     flow_cache_mb: int = field(default=-1, metadata=_doc(
         "streaming flow caches of all requests together, MiB (-1: half the RAM or a third of free GPU "
         "memory; 0: recompute the prefix, as upstream)"))

@@ -105,7 +105,7 @@ def test_a_baseline_path_runs_beside_each_level(tiny_model_dir, tmp_path):
                              "--markdown", str(md)])
     assert [r["mode"] for r in res["runs"]] == ["batched", "baseline"]
     assert res["baseline"] == {"llm": "fp32", "flow": "bf16", "voice_prefix": "0", "flow_steps": "10",
-                               "llm_int8": "0"}  # unnamed: as measured
+                               "llm_int8": "0", "packed": "1"}  # unnamed: as measured
     b, base = res["runs"]
     assert res["ratios_vs_baseline"]["2"]["llm_tokens_per_second"] == pytest.approx(
         b["llm_tokens_per_second"] / base["llm_tokens_per_second"], rel=1e-2)
@@ -117,8 +117,9 @@ def test_a_baseline_spec_names_known_settings_only():
     assert bench_engine.parse_path("flow_steps=5,llm_int8=1,threads=1") == {
         "flow_steps": "5", "llm_int8": "1", "threads": "1"}
     assert bench_engine.parse_path("overlap=0,first_alone=0") == {"overlap": "0", "first_alone": "0"}
+    assert bench_engine.parse_path("packed=0") == {"packed": "0"}
     for bad in ("llm=int8", "prefix=0", "voice_prefix=yes", "flow_steps=0", "threads=0", "llm_int8=2",
-                "overlap=2", "first_alone=yes"):
+                "overlap=2", "first_alone=yes", "packed=2"):
         with pytest.raises(Exception, match="expected one of"):
             bench_engine.parse_path(bad)
 
@@ -173,3 +174,14 @@ def test_a_baseline_with_other_threads_gives_its_engine_thread_those_and_restore
     assert seen == [1] and torch.get_num_threads() == before
     with bench_engine.intra_op_threads(0):  # 0: unchanged
         assert torch.get_num_threads() == before
+
+
+def test_a_packed_0_baseline_loads_its_model_unpacked(tiny_model_dir):
+    from kernels.networks.packed_linear import packed_count
+    from kernels.weights.model import load_model
+
+    measured = load_model(tiny_model_dir, packed_linears=True)
+    args = bench_engine.parse_args(["--model-dir", str(tiny_model_dir), "--baseline", "packed=0"])
+    base = bench_engine.baseline_path(args, measured, "cpu")
+    assert base is not None and base["spec"]["packed"] == "0" and base["model"] is not measured
+    assert packed_count(base["model"].flow) == 0 < packed_count(measured.flow)

@@ -69,12 +69,12 @@ class EngineConfig:
     # Euler steps of the flow's ODE (0 = upstream's 10). Opt-in speed for a different mel: the flow's
     # time is proportional to it (bench/results/2026-12-07-cpu2-full-flow-steps.md).
     flow_steps: int = 0
-    # CPU: int8 copies of the LLM's decoder-layer weights for steps of <= 8 rows (opt-in, numerics move;
-    # kernels/networks/int8_linear.py).
+    # CPU: int8 copies of the LLM's decoder-layer weights for steps of <= 8 rows, <= 4 beside packed bf16 ones
+    # (opt-in, numerics move; kernels/networks/int8_linear.py).
     llm_int8: bool = False
-    # CPU: the LLM's and the flow's linears on weights pre-packed for oneDNN (kernels/networks/packed_linear.py):
-    # the same numbers, 1.1-1.4x faster bf16 and ~2x faster fp32 matmuls on an AMD Zen 4; each packed weight
-    # is a second copy of it in memory.
+    # CPU: the flow's linears, and the full-size LLM's, on weights packed once for oneDNN
+    # (kernels/networks/packed_linear.py): the same numbers, 1.05-1.45x faster bf16 and ~2x faster fp32
+    # matmuls on an AMD Zen 4; the packing replaces the float weight.
     packed_linears: bool = True
     # Run each step's flow/vocoder chunks on a stage thread (its own CUDA stream on a GPU) while the
     # engine thread goes on decoding: the LLM no longer waits for a chunk batch, so new requests reach
