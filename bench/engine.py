@@ -691,7 +691,7 @@ def parse_path(spec: str) -> dict[str, str]:
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
                "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
                "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul"),
-               "packed": ("0", "1"), "map_pool": ("0", "1")}
+               "packed": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -732,7 +732,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     print(f"baseline: {spec}", file=sys.stderr)
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),
-            "overlap": overlap, "sdpa": spec.get("attention") == "sdpa", "no_map_pool": spec.get("map_pool") == "0"}
+            "overlap": overlap, "sdpa": spec.get("attention") == "sdpa"}
 
 
 @contextlib.contextmanager
@@ -758,21 +758,6 @@ def sdpa_only(on: bool) -> Iterator[None]:
     finally:
         if before is not None:
             use_cpu_bf16_matmuls(before)
-
-
-@contextlib.contextmanager
-def no_mapping_pool(on: bool) -> Iterator[None]:
-    """Flow-cache mappings unmapped when they die, none reused, while inside (`map_pool=0`)."""
-    from kernels.runtime.host_buffers import POOL
-
-    before = POOL.limit_bytes
-    if on:
-        POOL.limit_bytes = 0
-        POOL.clear()
-    try:
-        yield
-    finally:
-        POOL.limit_bytes = before
 
 
 def report(runs: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
@@ -838,8 +823,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                     path_model, path_kw = ((base["model"], base["engine"]) if baseline
                                            else (model, {"lead_hop": args.first_chunk_tokens}))
                     overlap = base["overlap"] if baseline and base["overlap"] is not None else args.overlap
-                    with (intra_op_threads(base["threads"] if baseline else 0), sdpa_only(baseline and base["sdpa"]),
-                          no_mapping_pool(baseline and base["no_map_pool"])):
+                    with intra_op_threads(base["threads"] if baseline else 0), sdpa_only(baseline and base["sdpa"]):
                         run = run_engine(
                             path_model, args.model_dir, jobs, c, sequential, cuda_graphs, slot_len, args.timeout,
                             overlap, mode, **path_kw,

@@ -87,15 +87,3 @@ def test_the_trimmer_asks_its_policy_with_the_heap_and_the_engine_state() -> Non
     assert trimmer.check() and not trimmer.check()
     idle[0], now[0] = False, 16
     assert trimmer.check()
-
-
-def test_falling_idle_also_releases_what_the_engine_asked_for() -> None:
-    if heap_stats() is None:
-        pytest.skip("not glibc: the trimmer never starts")
-    now, idle, released = [0.0], [False], []
-    trimmer = HeapTrimmer(TrimPolicy(interval_s=10, floor_bytes=0), idle=lambda: idle[0], clock=lambda: now[0],
-                          release_idle=lambda: released.append(now[0]))
-    assert trimmer.check() and released == []  # a trim under load keeps the mapping pool
-    idle[0], now[0] = True, 3
-    assert trimmer.check() and released == [3]
-    assert not trimmer.check() and released == [3]  # once per idle spell

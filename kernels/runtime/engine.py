@@ -24,7 +24,6 @@ from kernels.networks.packed_linear import packed_count
 from kernels.runtime.device import default_device
 from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.runtime.heap_trim import HeapTrimmer, TrimPolicy
-from kernels.runtime.host_buffers import POOL
 from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
 from kernels.runtime.runner import ModelRunner
 from kernels.runtime.voice_prefix import DEFAULT_BUDGET_BYTES as VOICE_PREFIX_BYTES
@@ -188,7 +187,7 @@ class Engine:
         if device.startswith("cuda") or self.config.heap_trim_s <= 0:
             return None
         trimmer = HeapTrimmer(TrimPolicy(interval_s=self.config.heap_trim_s),
-                              idle=lambda: not self.loop.busy(), clock=time.monotonic, release_idle=POOL.clear)
+                              idle=lambda: not self.loop.busy(), clock=time.monotonic)
         return trimmer if trimmer.start() else None
 
     def _build_runner(self, model: CosyVoice2Model) -> ModelRunner:

@@ -50,11 +50,8 @@ class HeapTrimmer:
     """A daemon thread applying a TrimPolicy to this process's heap (glibc only: elsewhere it never starts)."""
 
     def __init__(self, policy: TrimPolicy, idle: Callable[[], bool], clock: Callable[[], float],
-                 poll_s: float = 1.0, release_idle: Callable[[], object] | None = None) -> None:
-        """`release_idle`: also run on the trim when the engine falls idle (the flow caches' mapping pool,
-        kernels/runtime/host_buffers.py, gives its mappings back)."""
+                 poll_s: float = 1.0) -> None:
         self.policy, self.idle, self.clock, self.poll_s = policy, idle, clock, poll_s
-        self.release_idle = release_idle
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -66,8 +63,6 @@ class HeapTrimmer:
         idle, now = self.idle(), self.clock()
         if not self.policy.due(now, heap["free"], idle):
             return False
-        if idle and self.release_idle is not None:
-            self.release_idle()
         if trim_heap():
             self.policy.trimmed(self.clock(), idle)
             return True
