@@ -18,7 +18,8 @@ time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
 "baseline": its own dtypes, the voice prefix on or off, its flow steps, int8, threads, stage overlap
-`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1` (EngineConfig.first_chunk_alone, .lone_flow_worker)),
+`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1`, `llm_yields=0|1` (EngineConfig.first_chunk_alone,
+.lone_flow_worker, .llm_yields_cores)),
 right after the measured one in
 the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
@@ -689,7 +690,7 @@ def parse_path(spec: str) -> dict[str, str]:
     allowed = {"llm": LLM_DTYPES, "flow": FLOW_DTYPES, "voice_prefix": ("0", "1"),
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
-               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"),
+               "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"), "llm_yields": ("0", "1"),
                "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul"),
                "packed": ("0", "1")}
     out: dict[str, str] = {}
@@ -723,6 +724,7 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
                                                packed_linears=spec["packed"] == "1")
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     for key, switch in (("first_alone", "first_chunk_alone"), ("lone_worker", "lone_flow_worker"),
+                        ("llm_yields", "llm_yields_cores"),
                         ("flow_ahead", "flow_ahead")):
         if spec.get(key) == "0":
             engine[switch] = False

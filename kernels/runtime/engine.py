@@ -87,6 +87,9 @@ class EngineConfig:
     # CPU, overlapped stages: a lone request's flow call beside its decoding LLM runs on one 1-thread stage
     # worker instead of the stage thread's intra-op threads (ModelRunner.lone_flow_beside_llm says why).
     lone_flow_worker: bool = True
+    # CPU, overlapped stages: an LLM step while a chunk batch runs uses only the cores the batch leaves (at
+    # least one) as intra-op threads (ModelRunner.llm_yields_cores says why).
+    llm_yields_cores: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.
     heap_trim_s: float = 60.0
@@ -168,6 +171,8 @@ class Engine:
         self.runner = self._build_runner(model)
         self.runner.lone_flow_beside_llm = (config.lone_flow_worker and config.overlap_stages
                                             and not device.startswith("cuda"))
+        self.runner.llm_yields_cores = (config.llm_yields_cores and config.overlap_stages
+                                        and not device.startswith("cuda"))
         stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage") if config.overlap_stages else None
         if stage is not None and device.startswith("cuda"):
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))

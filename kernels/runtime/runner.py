@@ -118,6 +118,12 @@ class ModelRunner:
         # those would oversubscribe the cores: a 100-frame first chunk took 1.36 s on 2 threads, 1.20 s on 1
         # (cpu-fast path; 2.53 vs 2.35 s on the default path), the decode steps alike.
         self.lone_flow_beside_llm = False
+        # CPU, stages overlapped (the engine sets it): an LLM step while a chunk batch runs takes only the
+        # cores that batch leaves (at least one), not all its intra-op threads: on 2 cores beside a lone
+        # stream's flow worker, 1 thread decoded faster than 2 fighting the flow for a core, and the flow
+        # gained (C1 speech-s/s 1.04x, TTFC 0.96x; C8 unchanged: bench/results/2026-12-07-cpu2-full-llm-yields.md)
+        self.llm_yields_cores = False
+        self._stage_cores = 0  # cores the running chunk batch occupies (0: none running)
 
     # ------------------------------------------------------------------ request state
 
@@ -180,6 +186,17 @@ class ModelRunner:
     def execute_llm(self, plan: StepPlan) -> StepResult:
         """The plan's new requests' state, then prefills + one decode position for every running request +
         sampling (the plan's chunks are ignored). A new request whose state cannot be made fails alone."""
+        with _intra_op_threads(self._llm_threads()):
+            return self._execute_llm(plan)
+
+    def _llm_threads(self) -> int:
+        """Intra-op threads for an LLM step now (0: the calling thread's own)."""
+        busy = self._stage_cores
+        if not (self.llm_yields_cores and busy):
+            return 0
+        return max(1, torch.get_num_threads() - busy)
+
+    def _execute_llm(self, plan: StepPlan) -> StepResult:
         timings = StepTimings()
         sampled: dict[str, int] = {}
         failed: dict[str, str] = {}
@@ -213,6 +230,14 @@ class ModelRunner:
     def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
         """Flow + vocoder for these chunks. May run on a stage thread while the engine thread runs
         `execute_llm`: it touches only the chunks' requests, whose state must not be released meanwhile."""
+        # a lone chunk runs on one worker (or the stage thread), a batch on up to every shard worker
+        self._stage_cores = 1 if len(chunks) == 1 else min(len(chunks), self.shards.workers)
+        try:
+            return self._execute_chunks(chunks)
+        finally:
+            self._stage_cores = 0
+
+    def _execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
         timings = StepTimings()
         failed: dict[str, str] = {}
         recomputed: set[str] = set()
@@ -476,6 +501,19 @@ class ModelRunner:
         emb = torch.stack([st.embedding for st in states])
         mel, mel_lens = flow.inference(tokens, lens.to(dev), feat, feat_lens.to(dev), emb, streaming, finalize)
         return [mel[row, :, c.token_offset * self.ratio : int(mel_lens[row])].float() for row, c in enumerate(group)]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):  # type: ignore[no-untyped-def]
+    """This thread's intra-op threads set to `n` while inside (0: unchanged)."""
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n and n != before:
+            torch.set_num_threads(before)
 
 
 def ahead_joins(ahead: Tensor, ahead_from: int, keep_from: int, cache_end: int) -> bool:
