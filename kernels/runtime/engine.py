@@ -87,8 +87,8 @@ class EngineConfig:
     # CPU, overlapped stages: a lone request's flow call beside its decoding LLM runs on one 1-thread stage
     # worker instead of the stage thread's intra-op threads (ModelRunner.lone_flow_beside_llm says why).
     lone_flow_worker: bool = True
-    # CPU, overlapped stages: an LLM step while a chunk batch runs uses only the cores the batch leaves (at
-    # least one) as intra-op threads (ModelRunner.llm_yields_cores says why).
+    # CPU, overlapped stages: an LLM step while a chunk batch leaves cores free uses only those as intra-op
+    # threads (ModelRunner.llm_yields_cores says why).
     llm_yields_cores: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.

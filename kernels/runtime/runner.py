@@ -118,10 +118,11 @@ class ModelRunner:
         # those would oversubscribe the cores: a 100-frame first chunk took 1.36 s on 2 threads, 1.20 s on 1
         # (cpu-fast path; 2.53 vs 2.35 s on the default path), the decode steps alike.
         self.lone_flow_beside_llm = False
-        # CPU, stages overlapped (the engine sets it): an LLM step while a chunk batch runs takes only the
-        # cores that batch leaves (at least one), not all its intra-op threads: on 2 cores beside a lone
-        # stream's flow worker, 1 thread decoded faster than 2 fighting the flow for a core, and the flow
-        # gained (C1 speech-s/s 1.04x, TTFC 0.96x; C8 unchanged: bench/results/2026-12-07-cpu2-full-llm-yields.md)
+        # CPU, stages overlapped (the engine sets it): an LLM step while a chunk batch leaves some cores free
+        # takes only those, not all its intra-op threads: on 2 cores beside a lone stream's flow worker, 1
+        # thread decoded faster than 2 fighting the flow for a core, and the flow gained (C1 speech-s/s
+        # 1.06x, TTFC 0.97x: bench/results/2026-12-07-cpu2-full-llm-yields.md). Beside a batch on every core
+        # it keeps its threads (yielding there too measured C8 0.98x).
         self.llm_yields_cores = False
         self._stage_cores = 0  # cores the running chunk batch occupies (0: none running)
 
@@ -194,7 +195,8 @@ class ModelRunner:
         busy = self._stage_cores
         if not (self.llm_yields_cores and busy):
             return 0
-        return max(1, torch.get_num_threads() - busy)
+        left = torch.get_num_threads() - busy
+        return left if left >= 1 else 0
 
     def _execute_llm(self, plan: StepPlan) -> StepResult:
         timings = StepTimings()
