@@ -25,6 +25,7 @@ from kernels.weights.model import load_model
 from scheduler.chunk_policy import ChunkPolicyConfig
 from scheduler.config import SchedulerConfig
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob
+from scheduler.plan import StepPlan
 
 TEXT = "你好，这是一个测试。"
 
@@ -647,3 +648,43 @@ def test_scheduler_config_takes_the_model_constants_and_keeps_the_limits(tiny_mo
     assert cfg.stop_token_ids == (6561, 6562, 6563) and cfg.fill_token == 6563 and cfg.num_slots == 3
     assert (cfg.chunk.first_hop, cfg.chunk.lookahead, cfg.chunk.samples_per_token) == (25, 3, 960)
     assert cfg.max_running == 3 and cfg.chunk.max_chunks_per_step == ChunkPolicyConfig().max_chunks_per_step
+
+
+@pytest.mark.parametrize("kw, yields", [({}, True), ({"overlap_stages": False}, False),
+                                        ({"llm_yields_cores": False}, False)])
+def test_on_a_cpu_the_llm_takes_only_the_cores_a_chunk_batch_leaves(model, tiny_model_dir, kw, yields):
+    engine = _engine(model, tiny_model_dir, stage_workers=2, **kw)
+    runner = engine.runner
+    try:
+        assert runner.llm_yields_cores is yields
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            runner._stage_cores = 1  # a lone stream's chunk on one worker: one core is left
+            assert runner._llm_threads() == (1 if yields else 0)
+            runner._stage_cores = 2  # a batch on both workers: the LLM keeps its threads (0: unchanged)
+            assert runner._llm_threads() == 0
+            runner._stage_cores = 0
+            assert runner._llm_threads() == 0
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_an_llm_step_beside_a_chunk_runs_on_the_threads_it_was_given(model, tiny_model_dir):
+    engine = _engine(model, tiny_model_dir, stage_workers=2)
+    runner, seen = engine.runner, []
+    inner = runner._execute_llm
+    runner._execute_llm = lambda plan: (seen.append(torch.get_num_threads()), inner(plan))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner._stage_cores = 1
+        runner.execute_llm(StepPlan(step=1))
+        runner._stage_cores = 0
+        runner.execute_llm(StepPlan(step=2))
+        assert seen == [1, 2] and torch.get_num_threads() == 2  # restored after the step
+    finally:
+        torch.set_num_threads(before)
+        engine.shutdown(1.0)
