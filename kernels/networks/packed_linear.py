@@ -1,16 +1,17 @@
-"""Linears with their weights pre-packed for oneDNN on the CPU (the flow's, by default where it works).
+"""Linears with their weights packed once for oneDNN on the CPU (the flow's, and the full-size LLM's).
 
 `F.linear` on a CPU tensor reorders its weight into oneDNN's blocked layout on every call (bf16), or runs
 through torch's BLAS (fp32: MKL, which on AMD CPUs takes a slow generic path). Packing once at load time
 and calling oneDNN's linear directly gives the same numbers and, measured on an AMD Zen 4 core with the
 flow's shapes (40-400 rows, 256-1536 wide): bf16 1.05-1.45x, fp32 2.1-2.2x. A GELU can run inside the same
-call (`activation="gelu"`, the exact erf GELU, applied before the bf16 rounding), and the estimator's
-q/k/v projections become one matmul (kernels/networks/flow_estimator.py `Attention.fuse_qkv`).
+call (`activation="gelu"`, the exact erf GELU, applied before the bf16 rounding); the estimator's q/k/v
+projections become one matmul and its convs run as packed matmuls where that is faster
+(kernels/networks/flow_estimator.py: the `pack_linears` methods, which `pack_linears` here defers to).
 
-A `PackedLinear` keeps only the packing and the bias: `weight` unpacks a copy (state_dict keys are unchanged;
-an input the kernel cannot take, e.g. with autograd on, falls back to `F.linear` on that copy). The kernel is `torch.ops.mkldnn._linear_pointwise`, the one
-torch's inductor uses for frozen CPU linears; `packing_works` probes it once, and nothing is packed where
-it is missing or disagrees with `F.linear`.
+A `PackedLinear` keeps only the packing and the bias: `weight` unpacks a copy (state_dict keys are
+unchanged; an input the kernel cannot take, e.g. with autograd on, falls back to `F.linear` on that copy).
+The kernel is `torch.ops.mkldnn._linear_pointwise`, the one torch's inductor uses for frozen CPU linears;
+`packing_works` probes it once, and nothing is packed where it is missing or disagrees with `F.linear`.
 """
 from __future__ import annotations
 
