@@ -120,9 +120,9 @@ class ModelRunner:
         self.lone_flow_beside_llm = False
         # CPU, stages overlapped (the engine sets it): an LLM step while a chunk batch leaves some cores free
         # takes only those, not all its intra-op threads: on 2 cores beside a lone stream's flow worker, 1
-        # thread decoded faster than 2 fighting the flow for a core, and the flow gained (C1 speech-s/s
-        # 1.06x, TTFC 0.97x: bench/results/2026-12-07-cpu2-full-llm-yields.md). Beside a batch on every core
-        # it keeps its threads (yielding there too measured C8 0.98x).
+        # thread decoded faster than 2 fighting the flow for a core (LLM steps 1.08-1.11x; C1 speech-s/s
+        # 1.03-1.06x, TTFC p50 0.97-1.00x: bench/results/2026-12-07-cpu2-full-llm-yields{,-2}.md). Beside a
+        # batch on every core it keeps its threads (yielding there too measured C8 0.98x).
         self.llm_yields_cores = False
         self._stage_cores = 0  # cores the running chunk batch occupies (0: none running)
 
