@@ -57,6 +57,7 @@ from bench.outputs import write_json, write_results
 from bench.provenance import commit, cpu_name, now_iso
 from kernels.config import FlowConfig
 from kernels.runtime.auto_settings import settings_for
+from kernels.runtime.device import intra_op_threads
 from scheduler.jobs import AudioChunk, Failed, Finished, Mode, SpeechJob, VoicePrompt
 from server.config import FLOW_DTYPES, LLM_DTYPES
 
@@ -735,18 +736,6 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     overlap = None if "overlap" not in spec else spec["overlap"] == "1"
     return {"spec": spec, "model": base_model, "engine": engine, "threads": int(spec.get("threads", 0)),
             "overlap": overlap, "sdpa": spec.get("attention") == "sdpa"}
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Engines made inside run with `n` intra-op threads (0: unchanged): the engine thread inherits them."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

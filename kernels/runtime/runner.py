@@ -24,6 +24,7 @@ from torch import Tensor
 from kernels.networks.kv_cache import KVCache
 from kernels.networks.sampling import ras_sample, recent_window
 from kernels.runtime.cuda_graphs import DecodeGraphs
+from kernels.runtime.device import intra_op_threads
 from kernels.runtime.flow_cache import FlowStreamState, IncrementalFlow, StreamCall
 from kernels.runtime.shards import ShardPool
 from kernels.runtime.vocoder_stream import VocoderState, stretch_mel, vocode_chunks
@@ -187,7 +188,7 @@ class ModelRunner:
     def execute_llm(self, plan: StepPlan) -> StepResult:
         """The plan's new requests' state, then prefills + one decode position for every running request +
         sampling (the plan's chunks are ignored). A new request whose state cannot be made fails alone."""
-        with _intra_op_threads(self._llm_threads()):
+        with intra_op_threads(self._llm_threads()):
             return self._execute_llm(plan)
 
     def _llm_threads(self) -> int:
@@ -503,19 +504,6 @@ class ModelRunner:
         emb = torch.stack([st.embedding for st in states])
         mel, mel_lens = flow.inference(tokens, lens.to(dev), feat, feat_lens.to(dev), emb, streaming, finalize)
         return [mel[row, :, c.token_offset * self.ratio : int(mel_lens[row])].float() for row, c in enumerate(group)]
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int):  # type: ignore[no-untyped-def]
-    """This thread's intra-op threads set to `n` while inside (0: unchanged)."""
-    before = torch.get_num_threads()
-    if n and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n and n != before:
-            torch.set_num_threads(before)
 
 
 def ahead_joins(ahead: Tensor, ahead_from: int, keep_from: int, cache_end: int) -> bool:
