@@ -18,8 +18,8 @@ time limit keeps the levels it finished.
 
 `--baseline "llm=bf16,flow=bf16,voice_prefix=0"` also runs every level batched on another path (mode
 "baseline": its own dtypes, the voice prefix on or off, its flow steps, int8, threads, stage overlap
-`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1`, `llm_yields=0|1` (EngineConfig.first_chunk_alone,
-.lone_flow_worker, .llm_yields_cores)),
+`overlap=0|1`, `first_alone=0|1`, `lone_worker=0|1`, `llm_yields=0|1`, `lone_first=0|1`, `one_team=0|1`
+(EngineConfig.first_chunk_alone, .lone_flow_worker, .llm_yields_cores, .lone_first_alone, .one_thread_team)),
 right after the measured one in
 the same process, and reports measured / baseline ("vs baseline" rows): a new path against today's, side by side. Each
 engine computes the bench voice's streaming-flow prefix before it is timed (`Engine.warm_voice`), as a
@@ -267,7 +267,8 @@ def run_engine(
         )
     engine = Engine(model_dir, model=model, config=config)
     if jobs and jobs[0].stream and jobs[0].voice is not None:
-        engine.warm_voice(jobs[0].voice)  # a server that serves the voice has its prefix (off: a no-op)
+        with intra_op_threads(1):  # this thread keeps no OpenMP pool (EngineConfig.one_thread_team)
+            engine.warm_voice(jobs[0].voice)  # a server that serves the voice has its prefix (off: a no-op)
     cuda = engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -692,7 +693,7 @@ def parse_path(spec: str) -> dict[str, str]:
                "flow_steps": tuple(str(n) for n in range(1, UPSTREAM_FLOW_STEPS + 1)), "llm_int8": ("0", "1"),
                "threads": tuple(str(n) for n in range(1, 257)), "overlap": ("0", "1"), "first_alone": ("0", "1"),
                "lone_worker": ("0", "1"), "flow_ahead": ("0", "1"), "llm_yields": ("0", "1"),
-               "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul"),
+               "lone_first": ("0", "1"), "one_team": ("0", "1"), "first_chunk": tuple(str(n) for n in range(101)), "attention": ("sdpa", "matmul"),
                "packed": ("0", "1")}
     out: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
@@ -718,14 +719,17 @@ def baseline_path(args: argparse.Namespace, model: Any, device: str) -> dict[str
     settings = settings_for(args.model_dir, cuda=device == "cuda", llm_dtype=spec["llm"], flow_dtype=spec["flow"])
     spec["llm"], spec["flow"] = settings.llm_dtype, settings.flow_dtype
     same = all(spec[key] == value for key, value in measured.items())
-    base_model = model if same else load_model(args.model_dir, device=device,
-                                               llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
-                                               flow_dtype=weight_dtype(spec["flow"], False),
-                                               flow_steps=int(spec["flow_steps"]), llm_int8=spec["llm_int8"] == "1",
-                                               packed_linears=spec["packed"] == "1")
+    with intra_op_threads(1 if device == "cpu" else 0):  # as the measured model (see _main)
+        base_model = model if same else load_model(args.model_dir, device=device,
+                                                   llm_dtype=weight_dtype(spec["llm"], device == "cuda"),
+                                                   flow_dtype=weight_dtype(spec["flow"], False),
+                                                   flow_steps=int(spec["flow_steps"]),
+                                                   llm_int8=spec["llm_int8"] == "1",
+                                                   packed_linears=spec["packed"] == "1")
     engine: dict[str, Any] = {} if spec["voice_prefix"] == "1" else {"voice_prefix_bytes": 0}
     for key, switch in (("first_alone", "first_chunk_alone"), ("lone_worker", "lone_flow_worker"),
-                        ("llm_yields", "llm_yields_cores"),
+                        ("llm_yields", "llm_yields_cores"), ("lone_first", "lone_first_alone"),
+                        ("one_team", "one_thread_team"),
                         ("flow_ahead", "flow_ahead")):
         if spec.get(key) == "0":
             engine[switch] = False
@@ -775,10 +779,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
 
     llm_dtype = weight_dtype(args.llm_dtype, device == "cuda")
     t0 = time.perf_counter()
-    model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
-                       flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
-                       llm_int8=bool(args.llm_int8), packed_linears=bool(args.packed_linears))
-    voice = make_voice(args.model_dir, args.prompt_seconds)
+    with intra_op_threads(1 if device == "cpu" else 0):  # this thread keeps no OpenMP pool (one_thread_team)
+        model = load_model(args.model_dir, device=device, llm_dtype=llm_dtype,
+                           flow_dtype=weight_dtype(args.flow_dtype, False), flow_steps=args.flow_steps or None,
+                           llm_int8=bool(args.llm_int8), packed_linears=bool(args.packed_linears))
+        voice = make_voice(args.model_dir, args.prompt_seconds)
     print(
         f"model loaded in {time.perf_counter() - t0:.1f} s; prompt {len(voice.speech_tokens)} tokens",
         file=sys.stderr,

@@ -40,7 +40,8 @@ class RunnerPort(Protocol):
     """What the loop needs of a model runner (kernels' ModelRunner; tests' fakes)."""
 
     def execute_llm(self, plan: StepPlan) -> StepResult: ...  # prefills, decodes, sampling
-    def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]: ...
+    # alone: no LLM step runs meanwhile (the loop's own thread runs it, with every core)
+    def execute_chunks(self, chunks: tuple[ChunkItem, ...], alone: bool = False) -> tuple[StepResult, list[ChunkOutput]]: ...
     def release(self, request_id: str) -> None: ...  # drop a request's runner-side state
 
 
@@ -86,17 +87,22 @@ class EngineLoop:
         max_jobs: int = 0,
         idle_wait_s: float = 0.05,
         first_alone_batch: int = 0,
+        lone_first_alone: bool = False,
     ) -> None:
         """`stage`: where chunk batches run beside the LLM (None: serial steps); `max_jobs`: jobs in flight
         at once (0 = no limit beyond the scheduler's queue); `idle_wait_s`: how long the thread waits on its
         inbox with nothing to do; `first_alone_batch`: a batch holding a listener's first audio with at least
         this many requests (it keeps the cores busy) pauses the LLM of the streams whose first audio it
-        holds too (0 = never)."""
+        holds too (0 = never); `lone_first_alone`: the first audio of every live stream (a lone stream's, in
+        practice) goes first, alone: their decodes wait from the step that plans it, the flow ahead of it
+        counts as that audio, and a lone chunk planned with no LLM work runs on this thread, which then has
+        every core, instead of the stage thread (see `_step_overlapped`)."""
         self.scheduler = scheduler
         self.runner = runner
         self.stage = stage
         self.idle_wait_s = idle_wait_s
         self.first_alone_batch = first_alone_batch
+        self.lone_first_alone = lone_first_alone
         self.book = JobBook(scheduler, self._release, clock, max_jobs)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # submitted (callers, under a lock) - taken (this thread): jobs still in the inbox
@@ -197,7 +203,8 @@ class EngineLoop:
         # both (bench/results/2026-12-07-cpu2-full-first-alone.md)
         in_flight: frozenset[str] = frozenset()
         if flight is not None:
-            alone = first and 0 < self.first_alone_batch <= len(flight.request_ids)
+            alone = first and (0 < self.first_alone_batch <= len(flight.request_ids)
+                               or (self.lone_first_alone and len(flight.first_ids) >= self.scheduler.num_live))
             in_flight = flight.request_ids - flight.first_ids if alone else flight.request_ids
         plan = self.scheduler.schedule(with_chunks=flight is None, chunks_ahead=1 if first else 2,
                                        in_flight=in_flight)
@@ -229,14 +236,23 @@ class EngineLoop:
         self._apply_result(plan, merged, outputs)
 
     def _step_overlapped(self, plan: StepPlan) -> None:
-        """Hand the chunks to the stage thread first, then run the LLM part here meanwhile."""
+        """Hand the chunks to the stage thread first, then run the LLM part here meanwhile. With
+        `lone_first_alone`, a lone chunk planned with no LLM work (a lone stream's first audio, its decode held;
+        its last chunk) runs right here instead: on a CPU this thread's intra-op threads are the only ones
+        (kernels/runtime/engine.py says why), so the chunk gets every core."""
         assert self.stage is not None
+        if self.lone_first_alone:
+            plan = self._hold_lone_first(plan)
+            if len(plan.chunks) == 1 and not (plan.prefills or plan.decodes or plan.admitted):
+                self._step_alone(plan)
+                return
         if plan.chunks:
             future = self.stage.submit(self.runner.execute_chunks, plan.chunks)
             self._in_flight = _InFlight(StepPlan(plan.step, chunks=plan.chunks), future,
                                         frozenset(c.request_id for c in plan.chunks),
                                         frozenset(c.request_id for c in plan.chunks
-                                                  if not c.advance and self.book.starts_playback(c.request_id)))
+                                                  if (not c.advance or self.lone_first_alone)
+                                                  and self.book.starts_playback(c.request_id)))
         llm_plan = replace(plan, chunks=())
         if llm_plan.is_empty:
             return
@@ -247,6 +263,24 @@ class EngineLoop:
             self._fail_plan(llm_plan, f"internal error: {exc}")
             return
         self._apply_result(llm_plan, result, [])
+
+    def _hold_lone_first(self, plan: StepPlan) -> StepPlan:
+        """`plan` without the decodes of its chunks' streams when those chunks hold the first audio of every
+        live stream: they have their first chunk's tokens, and their next ones can wait for its audio."""
+        firsts = {c.request_id for c in plan.chunks if not c.advance and self.book.starts_playback(c.request_id)}
+        if not firsts or len(firsts) < self.scheduler.num_live:
+            return plan
+        return replace(plan, decodes=tuple(d for d in plan.decodes if d.request_id not in firsts))
+
+    def _step_alone(self, plan: StepPlan) -> None:
+        """The plan's chunks on this thread, with no LLM step beside them."""
+        try:
+            result, outputs = self.runner.execute_chunks(plan.chunks, alone=True)
+        except Exception as exc:
+            log.exception("engine chunk step failed")
+            self._fail_plan(plan, f"internal error: {exc}")
+            return
+        self._apply_result(plan, result, outputs)
 
     def _collect(self, wait_s: float | None = 0.0) -> None:
         """Apply the stage thread's chunk batch if it is done, waiting up to wait_s for it (None: until done)."""

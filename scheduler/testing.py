@@ -74,6 +74,8 @@ class FakeRunner:
         self.fail_chunks = False
         self.llm_plans: list[StepPlan] = []
         self.chunk_batches: list[tuple[ChunkItem, ...]] = []
+        self.alone_batches: list[tuple[ChunkItem, ...]] = []  # those run with no LLM step beside them
+        self.alone_after: list[int] = []  # how many LLM plans had run before each of them
 
     def execute_llm(self, plan: StepPlan) -> StepResult:
         self.llm_plans.append(plan)
@@ -83,8 +85,11 @@ class FakeRunner:
             raise RuntimeError("fake LLM failure")
         return answer(StepPlan(plan.step, plan.prefills, plan.decodes), self.token)
 
-    def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
+    def execute_chunks(self, chunks: tuple[ChunkItem, ...], alone: bool = False) -> tuple[StepResult, list[ChunkOutput]]:
         self.chunk_batches.append(chunks)
+        if alone:
+            self.alone_batches.append(chunks)
+            self.alone_after.append(len(self.llm_plans))
         if self.fail_chunks:
             self.fail_chunks = False
             raise RuntimeError("fake chunk failure")

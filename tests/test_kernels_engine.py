@@ -19,6 +19,7 @@ from kernels.config import read_model_config
 from kernels.features.extractor import PromptExtractor
 from kernels.features.mel import flow_prompt_mel
 from kernels.reference.synthesis import Synthesizer
+from kernels.runtime.device import intra_op_threads
 from kernels.runtime.engine import Engine, EngineConfig, scheduler_config
 from kernels.runtime.flow_cache import IncrementalFlow
 from kernels.weights.model import load_model
@@ -111,14 +112,16 @@ def run_jobs(model, model_dir, jobs: list[SpeechJob], trace: Trace | None = None
 def test_engine_equals_reference_path(model, tiny_model_dir, voice, stream):
     ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
                       final_streaming=ChunkPolicyConfig().final_streaming)
-    expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
+    with intra_op_threads(1):  # one thread on both sides: the same reduction order on every CPU (see below)
+        expected = np.concatenate(list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)))
     # the reference computes the prompt frames in each stream's first call, so the engine does too here: with
     # the voice prefix (its own call, other matmul shapes) the mel moves ~1e-6 and HiFT's phase integration
     # makes that ~1e-3 in the waveform (test_streams_from_the_voice_prefix_equal_streams_that_compute_it);
     # so is the flow's work ahead of chunks (test_flow_ahead_gives_the_frames_of_chunk_calls), and a flow call
-    # on a 1-thread stage worker against the reference's threads (lone_flow_worker: other reduction orders)
+    # on a 1-thread stage worker against the reference's threads (other reduction orders; on an AMD Zen 5
+    # even two threads on each side differed by 1e-3): both sides run on one thread
     got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=stream, seed=11)],
-                   flow_ahead=False, voice_prefix_bytes=0, lone_flow_worker=False)["a"]
+                   flow_ahead=False, voice_prefix_bytes=0, intra_op_threads=1)["a"]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -128,9 +131,10 @@ def test_a_lead_hop_equals_the_reference_with_that_schedule(model, tiny_model_di
     the same hop schedule (its flow cache stops at the grid point before the first chunk's end)."""
     ref = Synthesizer(model, TextFrontend(tiny_model_dir), incremental=IncrementalFlow(model.flow),
                       final_streaming=ChunkPolicyConfig().final_streaming, lead_hop=8)
-    chunks = list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5))
+    with intra_op_threads(1):  # one thread on both sides: the same reduction order on every CPU (see above)
+        chunks = list(ref.synthesize(Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5))
     got = run_jobs(model, tiny_model_dir, [SpeechJob("a", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=5)],
-                   flow_ahead=False, lead_hop=8, voice_prefix_bytes=0, lone_flow_worker=False)["a"]
+                   flow_ahead=False, lead_hop=8, voice_prefix_bytes=0, intra_op_threads=1)["a"]
     assert chunks[0].shape[0] == 960 * 8 - 3840  # the first chunk: 8 tokens of audio, less HiFT's held tail
     np.testing.assert_allclose(got, np.concatenate(chunks), atol=1e-5)
 
@@ -423,7 +427,8 @@ def test_overlapped_and_serial_stages_give_the_same_audio(model, tiny_model_dir,
         # flow work ahead of chunks goes where the flow is idle, which depends on timing with overlap, and
         # splits calls differently: the same frames ~1e-6 apart (test_flow_ahead_gives_the_frames_of_chunk_calls);
         # a lone flow call on a 1-thread worker (overlap only) runs other reduction orders than inline
-        engine = _engine(model, tiny_model_dir, overlap_stages=overlap, flow_ahead=False, lone_flow_worker=False)
+        engine = _engine(model, tiny_model_dir, overlap_stages=overlap, flow_ahead=False, lone_flow_worker=False,
+                         lone_first_alone=False, one_thread_team=False)
         try:
             sinks = {job.request_id: Collector() for job in jobs}
             for prepared in [engine.prepare(job) for job in jobs]:  # all text first: the jobs arrive together
@@ -449,7 +454,8 @@ def test_on_a_cpu_a_first_audio_batch_as_big_as_the_stage_workers_runs_alone(mod
 @pytest.mark.parametrize("kw, beside", [({}, True), ({"overlap_stages": False}, False),
                                         ({"lone_flow_worker": False}, False)])
 def test_on_a_cpu_a_lone_flow_call_beside_the_llm_goes_to_a_worker(model, tiny_model_dir, voice, kw, beside):
-    engine = _engine(model, tiny_model_dir, stage_workers=2, flow_ahead=False, **kw)  # each step: flow, vocoder
+    engine = _engine(model, tiny_model_dir, stage_workers=2, flow_ahead=False, lone_first_alone=False,
+                     **kw)  # each step: flow, vocoder
     calls = []
     shard_map = engine.runner.shards.map
 
@@ -482,12 +488,12 @@ class GatedChunks:
         runner = engine.runner
         chunks, llm = runner.execute_chunks, runner.execute_llm
 
-        def gated(items):
+        def gated(items, alone=False):
             self.entered.set()
             assert self.open.wait(60)
             if self.fail:
                 raise RuntimeError("flow exploded")
-            return chunks(items)
+            return chunks(items, alone)
 
         def counted(plan):
             if self.entered.is_set() and not self.open.is_set():
@@ -498,7 +504,7 @@ class GatedChunks:
 
 
 def test_llm_decodes_while_a_chunk_batch_runs(model, tiny_model_dir, voice):
-    engine = _engine(model, tiny_model_dir)
+    engine = _engine(model, tiny_model_dir, lone_first_alone=False)  # its chunks beside the LLM
     gate = GatedChunks(engine)
     try:
         sink = Collector()
@@ -513,7 +519,7 @@ def test_llm_decodes_while_a_chunk_batch_runs(model, tiny_model_dir, voice):
 
 
 def test_cancel_while_its_chunk_runs_keeps_runner_state_until_the_chunk_is_back(model, tiny_model_dir, voice):
-    engine = _engine(model, tiny_model_dir)
+    engine = _engine(model, tiny_model_dir, lone_first_alone=False)  # its chunks beside the LLM
     gate = GatedChunks(engine)
     try:
         first = Collector()
@@ -532,7 +538,7 @@ def test_cancel_while_its_chunk_runs_keeps_runner_state_until_the_chunk_is_back(
 
 
 def test_a_failing_chunk_batch_fails_its_requests_only(model, tiny_model_dir, voice):
-    engine = _engine(model, tiny_model_dir)
+    engine = _engine(model, tiny_model_dir, lone_first_alone=False)  # its chunks beside the LLM
     gate = GatedChunks(engine, fail=True)
     try:
         broken = Collector()
@@ -687,4 +693,31 @@ def test_an_llm_step_beside_a_chunk_runs_on_the_threads_it_was_given(model, tiny
         assert seen == [1, 2] and torch.get_num_threads() == 2  # restored after the step
     finally:
         torch.set_num_threads(before)
+        engine.shutdown(1.0)
+
+
+@pytest.mark.parametrize("one_team, stage_threads", [(True, 1), (False, 2)])
+def test_on_a_cpu_only_the_engine_thread_runs_torch_on_several_threads(model, tiny_model_dir, one_team,
+                                                                       stage_threads):
+    """EngineConfig.one_thread_team: the building thread (while the engine lives) and the stage thread run
+    torch on one thread, so the engine thread's OpenMP pool is the only one."""
+    before = torch.get_num_threads()
+    engine = _engine(model, tiny_model_dir, stage_workers=2, one_thread_team=one_team, intra_op_threads=2)
+    try:
+        assert engine.threads == 2
+        assert torch.get_num_threads() == (1 if one_team else before)
+        assert engine.loop.stage.submit(torch.get_num_threads).result() == stage_threads
+    finally:
+        engine.shutdown(1.0)
+    assert torch.get_num_threads() == (2 if one_team else before)
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kw, alone", [({}, True), ({"overlap_stages": False}, False),
+                                       ({"lone_first_alone": False}, False)])
+def test_on_a_cpu_a_lone_streams_first_audio_runs_alone_on_the_engine_thread(model, tiny_model_dir, kw, alone):
+    engine = _engine(model, tiny_model_dir, stage_workers=2, **kw)
+    try:
+        assert engine.loop.lone_first_alone is alone
+    finally:
         engine.shutdown(1.0)

@@ -47,14 +47,15 @@ class Sink:
 
 class Harness:
     def __init__(self, overlap: bool = False, max_jobs: int = 0, max_waiting: int = 256, num_slots: int = 4,
-                 first_alone_batch: int = 0) -> None:
+                 first_alone_batch: int = 0, lone_first_alone: bool = False) -> None:
         self.clock = FakeClock()
         self.scheduler = Scheduler(SchedulerConfig(num_slots=num_slots, slot_len=1024, max_waiting=max_waiting),
                                    self.clock)
         self.runner = FakeRunner(fill=piece_number)
         self.stage = ManualExecutor() if overlap else None
         self.loop = EngineLoop(self.scheduler, self.runner, stage=self.stage, clock=self.clock, max_jobs=max_jobs,
-                               idle_wait_s=0.0, first_alone_batch=first_alone_batch)
+                               idle_wait_s=0.0, first_alone_batch=first_alone_batch,
+                               lone_first_alone=lone_first_alone)
 
     def submit(self, rid: str, pieces: tuple[tuple[int, ...], ...] = ((1, 2, 3),), tokens: int = 30,
                duplex: bool = False, refusal: str | None = None) -> Sink:
@@ -211,6 +212,27 @@ def test_only_the_streams_whose_first_audio_is_out_hold_with_it(first_alone_batc
     h.loop._in_flight = _InFlight(StepPlan(0), Future(), frozenset({"a#0", "b#0"}), frozenset({"b#0"}))
     h.loop.run_pass()
     assert seen[-1]["chunks_ahead"] == 1 and set(seen[-1]["in_flight"]) == expected
+
+
+@pytest.mark.parametrize("lone_first_alone", [True, False])
+def test_a_lone_streams_first_and_last_chunks_run_alone_on_the_loop_thread(lone_first_alone: bool) -> None:
+    """`lone_first_alone`: the lone stream's decode stops at its first chunk's tokens and that chunk runs on
+    the loop's thread (not the stage), as does its last one (its LLM is done); the audio is the same."""
+    h = Harness(overlap=True, lone_first_alone=lone_first_alone)
+    assert h.stage is not None
+    sink = h.submit("a", tokens=200)
+    h.run(lambda: sink.ended)
+    assert isinstance(sink.events[-1], Finished) and len(sink.audio) == 200 * SAMPLES_PER_TOKEN
+    alone = [c for batch in h.runner.alone_batches for c in batch]
+    if not lone_first_alone:
+        assert alone == []
+        return
+    assert [(c.is_first, c.is_last) for c in alone] == [(True, False), (False, True)]
+    staged = [c for batch in h.runner.chunk_batches for c in batch if c not in alone]
+    assert staged and all(not c.is_first and not c.is_last for c in staged)
+    # sampled before the first chunk ran: exactly its tokens (hop + look-ahead), no decode beside it
+    sampled = sum(len(p.decodes) + len(p.prefills) for p in h.runner.llm_plans[: h.runner.alone_after[0]])
+    assert sampled == alone[0].token_end == 25 + 3
 
 
 def test_a_failing_step_fails_its_jobs_and_the_loop_goes_on() -> None:

@@ -21,7 +21,7 @@ from frontend.text_process import TextProcess
 from kernels.config import ModelConfig
 from kernels.networks.attention import use_flash
 from kernels.networks.packed_linear import packed_count
-from kernels.runtime.device import default_device
+from kernels.runtime.device import default_device, intra_op_threads
 from kernels.runtime.flow_cache import DEFAULT_BUDGET_BYTES, flow_budget_config
 from kernels.runtime.heap_trim import HeapTrimmer, TrimPolicy
 from kernels.runtime.host_memory import host_ram_bytes, tune_allocator, usable_cores
@@ -90,6 +90,18 @@ class EngineConfig:
     # CPU, overlapped stages: an LLM step while a chunk batch leaves cores free uses only those as intra-op
     # threads (ModelRunner.llm_yields_cores says why).
     llm_yields_cores: bool = True
+    # CPU: only the engine thread runs torch ops on several threads; the thread that builds the engine (while
+    # it lives), the stage thread, its workers and any thread started later use one. libgomp, torch's OpenMP,
+    # keeps a pool of helper threads per thread that ever ran a parallel region, and once those helpers
+    # outnumber the cores every pool stops spinning between regions and sleeps instead: the flow's many
+    # small ops then ran 2x slower on 2 threads (an advance call of 50 frames: 350 ms with one pool, 660-740
+    # ms with two). 0 intra-op threads below: the building thread's count.
+    one_thread_team: bool = True
+    intra_op_threads: int = 0
+    # CPU, overlapped stages: a lone stream's first audio goes first, alone (EngineLoop `lone_first_alone`): its
+    # decode waits once it holds the first chunk's tokens, and that chunk runs on the engine thread with
+    # every core instead of a 1-thread stage worker beside the decode; so does a lone final chunk.
+    lone_first_alone: bool = True
     # CPU: at most one malloc_trim per this many seconds under load, one when idle (0: off);
     # kernels/runtime/heap_trim.py says why and what it costs.
     heap_trim_s: float = 60.0
@@ -155,6 +167,10 @@ class Engine:
         self.config = config
         device = default_device(device)
         _configure_device(device)
+        self.threads = config.intra_op_threads or torch.get_num_threads()  # the engine thread's
+        self._one_team = config.one_thread_team and not device.startswith("cuda")
+        if self._one_team:
+            torch.set_num_threads(1)  # this thread, and threads started from now on (see EngineConfig)
         if model is None:
             model = load_model(model_dir, device=device, llm_dtype=weight_dtype(config.llm_dtype, device.startswith("cuda")),
                                flow_dtype=weight_dtype(config.flow_dtype, False), flow_steps=config.flow_steps or None,
@@ -173,13 +189,21 @@ class Engine:
                                             and not device.startswith("cuda"))
         self.runner.llm_yields_cores = (config.llm_yields_cores and config.overlap_stages
                                         and not device.startswith("cuda"))
-        stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage") if config.overlap_stages else None
+        stage_threads = 1 if self._one_team else self.threads
+        stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage",
+                                   initializer=lambda: torch.set_num_threads(stage_threads)
+                                   ) if config.overlap_stages else None
         if stage is not None and device.startswith("cuda"):
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
-                               idle_wait_s=config.idle_wait_s, first_alone_batch=self._first_alone_batch(device))
-        self.loop.start(on_thread_start=lambda: torch.set_grad_enabled(False))
+                               idle_wait_s=config.idle_wait_s, first_alone_batch=self._first_alone_batch(device),
+                               lone_first_alone=config.lone_first_alone and self.runner.lone_flow_beside_llm)
+        self.loop.start(on_thread_start=self._start_engine_thread)
         self.heap_trimmer = self._start_heap_trimmer(device)
+
+    def _start_engine_thread(self) -> None:
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
 
     def _first_alone_batch(self, device: str) -> int:
         """EngineLoop's `first_alone_batch`: on a CPU a batch as large as the stage workers (0: off; on a GPU
@@ -219,8 +243,10 @@ class Engine:
 
     def warm_voice(self, voice: VoicePrompt) -> bool:
         """Compute a voice's streaming-flow prefix ahead of its first stream (any thread; uses the CPU/GPU
-        beside the engine). False when nothing is kept for it."""
-        return self.runner.warm_voice(voice)
+        beside the engine, on a CPU one core: see EngineConfig.one_thread_team). False when nothing is kept
+        for it."""
+        with intra_op_threads(1 if self._one_team else 0):
+            return self.runner.warm_voice(voice)
 
     def can_admit(self) -> bool:
         return self.loop.can_admit()
@@ -269,3 +295,5 @@ class Engine:
             if self.loop.stage is not None:
                 self.loop.stage.shutdown(wait=True)
             self.runner.shards.close()
+        if self._one_team:
+            torch.set_num_threads(self.threads)  # the building thread's count back (in-process callers)

@@ -126,6 +126,7 @@ class ModelRunner:
         # batch on every core it keeps its threads (yielding there too measured C8 0.98x).
         self.llm_yields_cores = False
         self._stage_cores = 0  # cores the running chunk batch occupies (0: none running)
+        self._chunks_alone = False  # the running chunk batch has no LLM step beside it (execute_chunks)
 
     # ------------------------------------------------------------------ request state
 
@@ -230,15 +231,19 @@ class ModelRunner:
         return StepResult(sampled=sampled, chunk_samples={}, failed=failed)
 
     @torch.inference_mode()
-    def execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
+    def execute_chunks(self, chunks: tuple[ChunkItem, ...], alone: bool = False) -> tuple[StepResult, list[ChunkOutput]]:
         """Flow + vocoder for these chunks. May run on a stage thread while the engine thread runs
-        `execute_llm`: it touches only the chunks' requests, whose state must not be released meanwhile."""
-        # a lone chunk runs on one worker (or the stage thread), a batch on up to every shard worker
+        `execute_llm`: it touches only the chunks' requests, whose state must not be released meanwhile.
+        alone: no LLM step runs meanwhile, so a lone chunk runs on the calling thread with its intra-op
+        threads (the engine thread's: every core) instead of a 1-thread worker beside the decode."""
+        # a lone chunk runs on one worker (or the calling thread), a batch on up to every shard worker
         self._stage_cores = 1 if len(chunks) == 1 else min(len(chunks), self.shards.workers)
+        self._chunks_alone = alone
         try:
             return self._execute_chunks(chunks)
         finally:
             self._stage_cores = 0
+            self._chunks_alone = False
 
     def _execute_chunks(self, chunks: tuple[ChunkItem, ...]) -> tuple[StepResult, list[ChunkOutput]]:
         timings = StepTimings()
@@ -447,7 +452,8 @@ class ModelRunner:
             items.append((c, None))
             costs.append(float(total * (total + 100)))
         # on an exception the states stay dropped (popped by the caller); the batch's requests fail
-        beside_llm = self.lone_flow_beside_llm and not any(c.is_last for c, _ in items)  # last: its LLM is done
+        beside_llm = (self.lone_flow_beside_llm and not self._chunks_alone
+                      and not any(c.is_last for c, _ in items))  # last: its LLM is done
         mels = self.shards.map(lambda part: self._flow_part(part, streaming, finalize), items, costs,
                                lone_inline=not beside_llm)
         with self._flow_lock:
