@@ -227,7 +227,36 @@ class ClosedLoop:
         return [self.first_t[rid] - self.submit_t[rid] for rid in self.first_t]
 
 
-def run_engine(
+def run_engine(*args: Any, **kw: Any) -> dict[str, Any]:
+    """`run_engine_here` on a thread of its own that ends with the run. A thread that runs torch on several
+    threads keeps an OpenMP pool until it exits, and a second pool in the process slows every 2-thread
+    region (EngineConfig.one_thread_team): built here, an engine with `one_thread_team=False` (a baseline of
+    the old path) would leave one on this thread and slow the runs after it."""
+    threads = torch.get_num_threads()
+
+    def run() -> dict[str, Any]:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            return run_engine_here(*args, **kw)
+
+    result: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.update(run())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="bench-run")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+def run_engine_here(
     model: Any,
     model_dir: Path,
     jobs: list[SpeechJob],
