@@ -208,6 +208,21 @@ def test_flow_ahead_gives_the_frames_of_chunk_calls(model, tiny_model_dir, voice
         torch.testing.assert_close(traces["ahead"].mel(rid), traces["off"].mel(rid), atol=1e-4, rtol=0)
 
 
+def test_a_lone_streams_first_audio_alone_gives_the_same_audio(model, tiny_model_dir, voice):
+    """EngineConfig.lone_first_alone moves where and when chunks run, never what they compute: on one thread
+    (the same reduction order on both sides) the audio is the same, with the flow ahead of the first chunk."""
+    jobs = [SpeechJob(f"s{i}", Mode.ZERO_SHOT, voice, TEXT, stream=True, seed=7 + i, fixed_tokens=60 + 45 * i)
+            for i in range(2)]
+    audio: dict[bool, dict[str, np.ndarray]] = {True: {}, False: {}}
+    for alone in (True, False):
+        for job in jobs:  # one at a time: a lone stream
+            audio[alone].update(run_jobs(model, tiny_model_dir, [job], lone_first_alone=alone, intra_op_threads=1))
+    for job in jobs:
+        got, expected = audio[True][job.request_id], audio[False][job.request_id]
+        assert got.shape == expected.shape and got.size > 0
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_the_engine_keeps_a_voice_prefix_and_reuses_it(model, tiny_model_dir, voice):
     engine = _engine(model, tiny_model_dir)
     try:
