@@ -95,8 +95,10 @@ class EngineConfig:
     # keeps a pool of helper threads per thread that ever ran a parallel region, and once those helpers
     # outnumber the cores every pool stops spinning between regions and sleeps instead: the flow's many
     # small ops then ran 2x slower on 2 threads (an advance call of 50 frames: 350 ms with one pool, 660-740
-    # ms with two). 0 intra-op threads below: the building thread's count.
+    # ms with two).
     one_thread_team: bool = True
+    # The engine thread's intra-op threads; 0 = the building thread's count (an engine built while another
+    # one_thread_team engine lives would read that one's 1, so pass the count there).
     intra_op_threads: int = 0
     # CPU, overlapped stages: a lone stream's first audio goes first, alone (EngineLoop `lone_first_alone`): its
     # decode waits once it holds the first chunk's tokens, and that chunk runs on the engine thread with
@@ -197,7 +199,8 @@ class Engine:
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
                                idle_wait_s=config.idle_wait_s, first_alone_batch=self._first_alone_batch(device),
-                               lone_first_alone=config.lone_first_alone and self.runner.lone_flow_beside_llm)
+                               lone_first_alone=(config.lone_first_alone and config.overlap_stages
+                                                 and not device.startswith("cuda")))
         self.loop.start(on_thread_start=self._start_engine_thread)
         self.heap_trimmer = self._start_heap_trimmer(device)
 
