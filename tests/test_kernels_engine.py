@@ -654,10 +654,11 @@ def test_warm_up_runs_both_jobs_to_the_end_and_leaves_nothing(model, tiny_model_
 
 
 def test_describe_names_what_the_engine_runs_with(model, tiny_model_dir):
-    engine = _engine(model, tiny_model_dir, overlap_stages=False, stage_workers=2)
+    engine = _engine(model, tiny_model_dir, overlap_stages=False, stage_workers=2, intra_op_threads=2)
     try:
         line = engine.describe()
-        for part in ("device cpu", "llm fp32", "flow fp32", "threads ", "stage workers 2", "overlap off",
+        for part in ("device cpu", "llm fp32", "flow fp32", "threads 2 (engine thread only)", "stage workers 2",
+                     "lone first audio beside the LLM", "overlap off",
                      "max batch 4", "attention torch SDPA", "flow cache ", "flow steps 10", "heap trim ", "voice prefix 1.0 GiB"):
             assert part in line, (part, line)
     finally:

@@ -374,7 +374,7 @@ def test_startup_line_names_url_and_the_auto_chosen_settings(server: ServerThrea
     from server.wiring import startup_line
 
     line = startup_line(server.app, server.port)
-    assert line.startswith(f"http://127.0.0.1:{server.port} · device cpu, llm fp32, flow fp32, flow steps 10, threads 1, ")
+    assert line.startswith(f"http://127.0.0.1:{server.port} · device cpu, llm fp32, flow fp32, flow steps 10, threads 1 (engine thread only), ")
     for part in ("stage workers", "attention torch SDPA", "flow cache", "max batch 32", "max inflight 256"):
         assert part in line, (part, line)
 

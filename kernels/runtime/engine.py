@@ -276,7 +276,9 @@ class Engine:
         parts = [
             f"device {runner.device}", f"llm {names.get(llm_dtype, '?')}{int8}", f"flow {names.get(flow_dtype, '?')}",
             f"flow steps {model.config.flow.n_timesteps}",
-            f"threads {torch.get_num_threads()}" if cpu else f"cuda graphs {'on' if runner.graphs else 'off'}",
+            (f"threads {self.threads}{' (engine thread only)' if self._one_team else ''}" if cpu
+             else f"cuda graphs {'on' if runner.graphs else 'off'}"),
+            *([f"lone first audio {'alone' if self.loop.lone_first_alone else 'beside the LLM'}"] if cpu else []),
             *([f"stage workers {runner.shards.workers}"] if cpu else []),
             *([f"linears {f'{packed} packed (oneDNN)' if packed else 'unpacked'}"] if cpu else []),
             *([f"heap trim {f'every {cfg.heap_trim_s:g} s' if self.heap_trimmer else 'off'}"] if cpu else []),
