@@ -38,6 +38,7 @@ the time to the first sampled speech token.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -239,21 +240,8 @@ def run_engine(*args: Any, **kw: Any) -> dict[str, Any]:
         with torch.no_grad():
             return run_engine_here(*args, **kw)
 
-    result: dict[str, Any] = {}
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.update(run())
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="bench-run")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-run") as own:  # its thread ends here
+        return own.submit(run).result()
 
 
 def run_engine_here(
@@ -296,8 +284,7 @@ def run_engine_here(
         )
     engine = Engine(model_dir, model=model, config=config)
     if jobs and jobs[0].stream and jobs[0].voice is not None:
-        with intra_op_threads(1):  # this thread keeps no OpenMP pool (EngineConfig.one_thread_team)
-            engine.warm_voice(jobs[0].voice)  # a server that serves the voice has its prefix (off: a no-op)
+        engine.warm_voice(jobs[0].voice)  # a server that serves the voice has its prefix (off: a no-op)
     cuda = engine.runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -187,10 +187,9 @@ class Engine:
                                         flow_pool_bytes(config.flow_cache_pool_bytes, device))
         self.scheduler = Scheduler(replace(scheduler_config(model.config, config.scheduler), flow_cache=flow_cache))
         self.runner = self._build_runner(model)
-        self.runner.lone_flow_beside_llm = (config.lone_flow_worker and config.overlap_stages
-                                            and not device.startswith("cuda"))
-        self.runner.llm_yields_cores = (config.llm_yields_cores and config.overlap_stages
-                                        and not device.startswith("cuda"))
+        cpu_overlap = config.overlap_stages and not device.startswith("cuda")  # the CPU stage rules' condition
+        self.runner.lone_flow_beside_llm = config.lone_flow_worker and cpu_overlap
+        self.runner.llm_yields_cores = config.llm_yields_cores and cpu_overlap
         stage_threads = 1 if self._one_team else self.threads
         stage = ThreadPoolExecutor(1, thread_name_prefix="cosyserve-stage",
                                    initializer=lambda: torch.set_num_threads(stage_threads)
@@ -199,8 +198,7 @@ class Engine:
             self.runner.stage_stream = torch.cuda.Stream(torch.device(device))
         self.loop = EngineLoop(self.scheduler, self.runner, stage=stage, max_jobs=config.max_jobs,
                                idle_wait_s=config.idle_wait_s, first_alone_batch=self._first_alone_batch(device),
-                               lone_first_alone=(config.lone_first_alone and config.overlap_stages
-                                                 and not device.startswith("cuda")))
+                               lone_first_alone=config.lone_first_alone and cpu_overlap)
         self.loop.start(on_thread_start=self._start_engine_thread)
         self.heap_trimmer = self._start_heap_trimmer(device)
 
